@@ -1,0 +1,199 @@
+"""Built-in Flux-architecture pipelines with seeded random weights.
+
+`tiny` is the embedded default for demos and tests: the real Flux code path (transformer,
+VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `small` is a
+CPU benchmark size (about 9M transformer parameters, a 4-level VAE like the real one).
+
+Weights are not left to torch's initialisers: those draw from the global RNG in module
+construction order and some use vectorised transcendental maths whose last bits may depend
+on the CPU. Instead every tensor is drawn from its own NumPy PCG64 stream (seeded by the
+profile seed and the tensor's name) with exact integer-to-float arithmetic, so every machine
+builds the same bits and a test can pin their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from dippy_studio.engine.tokenizers import clip_tokenizer, t5_tokenizer
+
+# Flux-dev's scheduler settings (resolution-dependent shift), so the built-ins exercise them.
+FLUX_SCHEDULER = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+@dataclass(frozen=True)
+class BuiltinConfig:
+    """Architecture sizes of a built-in pipeline; the seed decides the weights."""
+
+    seed: int
+    max_sequence_length: int
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    clip_width: int
+    clip_layers: int
+    t5_width: int
+    t5_layers: int
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULER))
+
+
+TINY = BuiltinConfig(
+    seed=20261125,
+    max_sequence_length=32,
+    transformer=dict(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True,
+    ),
+    vae=dict(
+        block_out_channels=(4,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1,
+        latent_channels=1,
+        norm_num_groups=1,
+    ),
+    clip_width=32,
+    clip_layers=2,
+    t5_width=32,
+    t5_layers=2,
+)
+
+SMALL = BuiltinConfig(
+    seed=20261126,
+    max_sequence_length=64,
+    transformer=dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=8,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        axes_dims_rope=(8, 12, 12),
+        guidance_embeds=True,
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=8,
+    ),
+    clip_width=64,
+    clip_layers=2,
+    t5_width=64,
+    t5_layers=2,
+)
+
+
+def build_pipeline(config: BuiltinConfig) -> FluxPipeline:
+    """Build a FluxPipeline from `config` with its seeded weights, in eval mode, float32 on CPU."""
+    clip_tok = clip_tokenizer()
+    t5_tok = t5_tokenizer(config.max_sequence_length)
+    transformer = FluxTransformer2DModel(**config.transformer)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        **config.vae,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            hidden_size=config.clip_width,
+            intermediate_size=config.clip_width * 4,
+            num_attention_heads=4,
+            num_hidden_layers=config.clip_layers,
+            projection_dim=config.clip_width,
+            max_position_embeddings=clip_tok.model_max_length,
+            hidden_act="gelu",
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=config.t5_width,
+            d_kv=config.t5_width // 4,
+            d_ff=config.t5_width * 2,
+            num_layers=config.t5_layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=t5_tok.pad_token_id,
+            eos_token_id=t5_tok.eos_token_id,
+            decoder_start_token_id=t5_tok.pad_token_id,
+        )
+    )
+    for name, module in (
+        ("transformer", transformer),
+        ("vae", vae),
+        ("text_encoder", text_encoder),
+        ("text_encoder_2", text_encoder_2),
+    ):
+        seed_weights(module, seed=config.seed, prefix=name)
+        # Modules built from a config start in train mode; T5 dropout would eat RNG.
+        module.eval()
+        module.requires_grad_(False)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+@torch.no_grad()
+def seed_weights(module: torch.nn.Module, *, seed: int, prefix: str) -> None:
+    """Overwrite every parameter with machine-independent seeded values.
+
+    Matrices and kernels get U(-1/sqrt(fan_in), 1/sqrt(fan_in)) like torch's Linear default.
+    Vectors keep their constant init when they have one (norm scales of 1, zero biases
+    would be random otherwise) and are otherwise drawn with a small bound.
+    """
+    for name, param in module.named_parameters():
+        full_name = f"{prefix}.{name}"
+        data = param.data
+        if data.ndim <= 1:
+            first = data.flatten()[0]
+            if data.numel() > 0 and bool(torch.all(data == first)):
+                continue  # a constant init (LayerNorm/RMSNorm scale, zero bias): keep it
+            fan_in = 1
+        else:
+            fan_in = int(np.prod(data.shape[1:]))
+        bound = 1.0 / np.sqrt(fan_in) if data.ndim > 1 else 0.02
+        stream_seed = int.from_bytes(hashlib.sha256(f"{seed}:{full_name}".encode()).digest()[:8], "little")
+        rng = np.random.Generator(np.random.PCG64(stream_seed))
+        values = (rng.random(data.numel(), dtype=np.float64) * 2.0 - 1.0) * bound
+        param.data = torch.from_numpy(values.astype(np.float32).reshape(tuple(data.shape))).clone()

@@ -1,0 +1,17 @@
+"""Errors the engine raises for bad input; every one carries a message meant for a person."""
+
+
+class EngineError(Exception):
+    """Base class for engine errors a caller can report back to a user."""
+
+
+class RequestError(EngineError, ValueError):
+    """The generation request is invalid for this profile (size, steps, prompt...)."""
+
+
+class LoraError(EngineError, ValueError):
+    """A LoRA file is missing, unreadable, malformed, or does not fit the profile."""
+
+
+class ProfileError(EngineError, ValueError):
+    """A model profile cannot be built or loaded as asked (unknown name, missing directory...)."""

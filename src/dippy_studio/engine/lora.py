@@ -1,0 +1,264 @@
+"""LoRA files: reading and checking them, and an LRU cache of adapters loaded into a pipeline.
+
+Adapters are applied unfused (PEFT layers beside frozen base weights), so the base weights
+never change and switching adapters is a matter of choosing which ones are active.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from dippy_studio.engine.errors import LoraError
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+MAX_LORA_BYTES = 2 * 1024**3
+LORA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class LoraRef(BaseModel):
+    """A LoRA to apply: a file path or an id in the engine's LoRA directory, with a scale."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path | None = None
+    id: str | None = None
+    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraRef:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("a LoRA needs exactly one of 'path' or 'id'")
+        if self.id is not None and (not LORA_ID.match(self.id) or ".." in self.id):
+            raise ValueError(f"invalid LoRA id {self.id!r}: use letters, digits, '_', '-', '.'")
+        return self
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A LoRA read from disk and checked: its content hash and raw tensors."""
+
+    path: Path
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+
+
+def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
+    """Read a .safetensors LoRA, refusing pickles, malformed files and non-finite values."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraError(f"{path}: pickle checkpoints ({path.suffix}) are refused; use .safetensors")
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise LoraError(f"{path}: not a file")
+        if size > max_bytes:
+            raise LoraError(f"{path}: {size} bytes is over the {max_bytes}-byte limit for a LoRA")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LoraError(f"LoRA file {path} does not exist") from None
+    except PermissionError:
+        raise LoraError(f"LoRA file {path} is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise LoraError(f"{path}: is a directory, not a LoRA file") from None
+    _check_safetensors_header(path, data)
+    try:
+        state_dict = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise LoraError(f"{path}: not a valid safetensors file: {exc}") from None
+    if not state_dict:
+        raise LoraError(f"{path}: the file holds no tensors")
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise LoraError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise LoraError(f"{path}: tensor {name!r} contains NaN or Inf values")
+    return LoraFile(path=path, sha256=hashlib.sha256(data).hexdigest(), state_dict=state_dict)
+
+
+def _check_safetensors_header(path: Path, data: bytes) -> None:
+    # A safetensors file starts with a little-endian u64 header length and a JSON object.
+    # Pickles (torch.save) start with b"\x80" or a zip signature; say so plainly.
+    if data[:2] == b"PK" or data[:1] == b"\x80":
+        raise LoraError(f"{path}: this is a pickle/torch.save checkpoint; pickle files are refused")
+    if len(data) < 10:
+        raise LoraError(f"{path}: too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8 or data[8:9] != b"{":
+        raise LoraError(f"{path}: not a safetensors file (bad header)")
+
+
+def check_lora_fits(pipe: FluxPipeline, lora: LoraFile) -> None:
+    """Check that every tensor of the LoRA targets a real Linear layer with matching shapes.
+
+    Kohya / ai-toolkit / XLabs formats are converted by diffusers first, exactly as
+    `load_lora_weights` would.
+    """
+    try:
+        converted = FluxPipeline.lora_state_dict(dict(lora.state_dict))
+    except Exception as exc:  # diffusers raises assorted types for unknown layouts
+        raise LoraError(f"{lora.path}: not a Flux LoRA diffusers can read: {exc}") from None
+    if not converted:
+        raise LoraError(f"{lora.path}: no LoRA weights for a Flux transformer or text encoder")
+    problems: list[str] = []
+    ranks: dict[str, int] = {}
+    for key, tensor in converted.items():
+        problem = _check_key(pipe, key, tuple(tensor.shape), ranks)
+        if problem:
+            problems.append(problem)
+    if problems:
+        shown = "; ".join(problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise LoraError(f"{lora.path}: does not fit this profile: {shown}{more}")
+
+
+_LORA_KEY = re.compile(r"^(transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.(weight|bias)$")
+
+
+def _check_key(pipe: FluxPipeline, key: str, shape: tuple[int, ...], ranks: dict[str, int]) -> str | None:
+    match = _LORA_KEY.match(key)
+    if not match:
+        return f"unexpected key {key!r}"
+    component, module_path, which, kind = match.groups()
+    try:
+        module = getattr(pipe, component).get_submodule(module_path)
+    except AttributeError:
+        return f"{key!r} targets no layer of the {component}"
+    module = getattr(module, "base_layer", module)  # already wrapped by a loaded adapter
+    if not isinstance(module, torch.nn.Linear):
+        return f"{key!r} targets a {type(module).__name__}, not a Linear layer"
+    if kind == "bias":
+        expected_bias = (module.out_features,)
+        return None if which == "lora_B" and shape == expected_bias else f"{key!r} has shape {shape}"
+    if len(shape) != 2:
+        return f"{key!r} has shape {shape}, expected a matrix"
+    rank = shape[0] if which == "lora_A" else shape[1]
+    expected = (rank, module.in_features) if which == "lora_A" else (module.out_features, rank)
+    if shape != expected:
+        return f"{key!r} has shape {shape}, the layer needs {expected}"
+    if ranks.setdefault(f"{component}.{module_path}", rank) != rank:
+        return f"{key!r}: lora_A and lora_B ranks disagree"
+    return None
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    file_reads: int = 0
+    evictions: int = 0
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    sha256: str
+    scale: float
+
+
+@dataclass
+class LoraCache:
+    """Keeps up to `capacity` adapters loaded in the pipeline, least recently used evicted first.
+
+    A file whose (device, inode, size, mtime) is unchanged since it was read is not read again:
+    its content hash is remembered, and the adapter under that hash is reused.
+    """
+
+    pipe: FluxPipeline
+    capacity: int
+    lora_dir: Path | None = None
+    stats: CacheStats = field(default_factory=CacheStats)
+    _loaded: OrderedDict[str, str] = field(default_factory=OrderedDict)  # sha256 -> adapter name
+    _hashes: dict[Path, tuple[tuple[int, int, int, int], str]] = field(default_factory=dict)
+
+    def resolve(self, ref: LoraRef) -> Path:
+        if ref.path is not None:
+            return ref.path
+        if self.lora_dir is None:
+            raise LoraError(f"LoRA id {ref.id!r} given but this engine has no LoRA directory")
+        return self.lora_dir / f"{ref.id}.safetensors"
+
+    @property
+    def loaded(self) -> list[str]:
+        """Content hashes of the loaded adapters, least recently used first."""
+        return list(self._loaded)
+
+    def activate(self, refs: list[LoraRef]) -> list[ActiveLora]:
+        """Make exactly these LoRAs active with their scales; no LoRAs means the base model."""
+        if len(refs) > self.capacity:
+            raise LoraError(f"{len(refs)} LoRAs in one request; this engine holds at most {self.capacity}")
+        scales: dict[str, float] = {}
+        for ref in refs:
+            sha = self._ensure_loaded(self.resolve(ref), keep=set(scales))
+            scales[sha] = scales.get(sha, 0.0) + ref.scale  # LoRA deltas are linear in scale
+        self._apply(scales)
+        return [ActiveLora(sha, scale) for sha, scale in scales.items()]
+
+    def _ensure_loaded(self, path: Path, keep: set[str]) -> str:
+        sha = self._known_hash(path)
+        if sha is not None and sha in self._loaded:
+            self.stats.hits += 1
+            self._loaded.move_to_end(sha)
+            return sha
+        lora = read_lora(path)
+        self.stats.file_reads += 1
+        self._remember_hash(path, lora.sha256)
+        if lora.sha256 in self._loaded:
+            self.stats.hits += 1
+            self._loaded.move_to_end(lora.sha256)
+            return lora.sha256
+        self.stats.misses += 1
+        check_lora_fits(self.pipe, lora)
+        while len(self._loaded) >= self.capacity:
+            self._evict(keep)
+        name = f"lora_{lora.sha256[:16]}"
+        try:
+            with warnings.catch_warnings():
+                # PEFT warns whenever a second adapter joins a model; that is the point of the cache.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
+        except Exception as exc:  # diffusers/peft raise assorted types for bad weights
+            raise LoraError(f"{path}: could not be loaded: {exc}") from exc
+        self._loaded[lora.sha256] = name
+        return lora.sha256
+
+    def _evict(self, keep: set[str]) -> None:
+        for sha, name in self._loaded.items():
+            if sha not in keep:
+                self.pipe.delete_adapters(name)
+                del self._loaded[sha]
+                self.stats.evictions += 1
+                return
+        raise LoraError("LoRA cache is full of adapters this request needs")
+
+    def _apply(self, scales: dict[str, float]) -> None:
+        if not self._loaded:
+            return  # no adapter was ever loaded: the model has no LoRA layers at all
+        if not scales:
+            self.pipe.disable_lora()
+            return
+        names = [self._loaded[sha] for sha in scales]
+        self.pipe.set_adapters(names, adapter_weights=list(scales.values()))
+        self.pipe.enable_lora()
+
+    def _known_hash(self, path: Path) -> str | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        entry = self._hashes.get(path)
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        return entry[1] if entry and entry[0] == key else None
+
+    def _remember_hash(self, path: Path, sha: str) -> None:
+        stat = path.stat()
+        self._hashes[path] = ((stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns), sha)
