@@ -84,11 +84,8 @@ def parse_lora(spec: str):
 
     path, scale = spec, 1.0
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            path, scale = head, float(tail)
-        except ValueError:
-            pass
+    if sep and head and _is_number(tail):
+        path, scale = head, float(tail)
     try:
         return LoraRef(path=Path(path), scale=scale)
     except ValidationError as exc:
@@ -235,6 +232,14 @@ def demo(
             table.add_row(str(path), result.sha256[:16], f"{result.timings.total:.3f}")
             progress.advance(task)
     out.print(table)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _progress(disabled: bool) -> Progress:
