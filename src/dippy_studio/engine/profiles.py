@@ -14,7 +14,9 @@ from typing import Literal
 
 import torch
 from diffusers import FluxPipeline
+from diffusers.utils import logging as diffusers_logging
 from pydantic import BaseModel, ConfigDict, Field
+from transformers.utils import logging as transformers_logging
 
 from dippy_studio.engine import builtin
 from dippy_studio.engine.determinism import configure_cuda, configure_threads, realign_parameters
@@ -165,6 +167,9 @@ def _load_directory(path: Path, dtype: torch.dtype) -> FluxPipeline:
         raise ProfileError(f"model directory {path} does not exist")
     if not (path / "model_index.json").is_file():
         raise ProfileError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    # Library progress bars would interleave with our own output (and break --json on stderr+stdout).
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:

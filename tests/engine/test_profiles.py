@@ -1,0 +1,106 @@
+"""Profiles on disk: save in diffusers layout, load with stock diffusers and with --model-path."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+from PIL import Image
+
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError
+from dippy_studio.engine.images import encode_png
+from dippy_studio.engine.profiles import load_pipeline, save_pipeline
+
+REQUEST = GenerationRequest(prompt="a lighthouse at dusk", seed=3, width=64, height=64, steps=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_engine) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-model")
+    save_pipeline(tiny_engine.pipe, "tiny", directory)
+    return directory
+
+
+def test_saved_profile_loads_in_stock_diffusers(tiny_dir, tiny_engine):
+    pipe = FluxPipeline.from_pretrained(tiny_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        image = pipe(
+            REQUEST.prompt,
+            height=REQUEST.height,
+            width=REQUEST.width,
+            num_inference_steps=REQUEST.steps,
+            guidance_scale=REQUEST.guidance,
+            generator=torch.Generator("cpu").manual_seed(REQUEST.seed),
+            max_sequence_length=tiny_engine.spec.max_sequence_length,
+        ).images[0]
+    ours = tiny_engine.generate(REQUEST).png
+    stock = encode_png(image)
+    # Stock loading keeps safetensors' memory-mapped (unaligned) tensors, which can move the
+    # last float bits; after our realignment the bytes are identical. Allow at most 1/255.
+    if stock != ours:
+        a = np.asarray(Image.open(io.BytesIO(stock)), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(ours)), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_model_path_gives_the_same_fingerprint_and_bytes(tiny_dir, tiny_engine):
+    loaded = Engine(EngineOptions(profile="tiny", model_path=tiny_dir))
+    assert loaded.fingerprint_parts == tiny_engine.fingerprint_parts
+    assert loaded.generate(REQUEST).png == tiny_engine.generate(REQUEST).png
+
+
+def test_fingerprint_tracks_what_decides_bits(tiny_engine):
+    base = tiny_engine.fingerprint_parts
+    assert Engine(EngineOptions()).fingerprint == tiny_engine.fingerprint  # stable across builds
+    assert len(tiny_engine.fingerprint) == 16
+    threads = Engine(EngineOptions(threads=1))
+    assert threads.fingerprint != base.id and threads.fingerprint_parts.threads == 1
+    bf16 = Engine(EngineOptions(dtype="bfloat16"))
+    assert bf16.fingerprint != base.id
+    assert bf16.fingerprint_parts.weights_sha256 != base.weights_sha256
+    for part in ("torch", "diffusers", "cpu_capability", "lora_mode", "device"):
+        assert getattr(base, part)
+
+
+def test_bfloat16_generates(tiny_engine):
+    result = Engine(EngineOptions(dtype="bfloat16")).generate(REQUEST)
+    assert result.png.startswith(b"\x89PNG")
+
+
+def test_real_profile_loads_from_a_directory(tmp_path_factory):
+    """The flux-dev loading path, exercised with a small Flux-architecture model saved to disk."""
+    directory = tmp_path_factory.mktemp("flux-dev-like")
+    save_pipeline(load_pipeline(EngineOptions(profile="small")), "small", directory)
+    engine = Engine(EngineOptions(profile="flux-dev", model_path=directory, dtype="bfloat16"))
+    assert engine.pipe.transformer.dtype == torch.bfloat16
+    assert engine.spec.max_sequence_length == 512
+    request = GenerationRequest(prompt="a lighthouse", seed=1, width=256, height=256, steps=2)
+    assert engine.generate(request).png == engine.generate(request).png
+
+
+def test_flux_profiles_need_a_model_path():
+    with pytest.raises(ProfileError, match="--model-path"):
+        Engine(EngineOptions(profile="flux-dev"))
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(ProfileError, match="does not exist"):
+        Engine(EngineOptions(profile="flux-dev", model_path=tmp_path / "missing"))
+    with pytest.raises(ProfileError, match="no model_index.json"):
+        Engine(EngineOptions(profile="flux-dev", model_path=tmp_path))
+    (tmp_path / "model_index.json").write_text("{not json")
+    with pytest.raises(ProfileError, match="could not load"):
+        Engine(EngineOptions(profile="flux-dev", model_path=tmp_path))
+
+
+def test_unknown_profile_and_cuda_without_gpu():
+    with pytest.raises(ProfileError, match="unknown profile 'sdxl'"):
+        Engine(EngineOptions(profile="sdxl"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ProfileError, match="no CUDA device"):
+            Engine(EngineOptions(device="cuda"))

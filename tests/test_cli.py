@@ -1,0 +1,140 @@
+"""The command line as a user meets it: outputs, determinism across processes, and clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from conftest import run_cli
+from dippy_studio.cli import app
+from dippy_studio.engine.synthetic import write_random_lora
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_generate_is_byte_identical_across_processes(tmp_path):
+    """Two fresh interpreters, same request: same sha256, same file bytes, same fingerprint."""
+    outputs = []
+    for name in ("a.png", "b.png"):
+        proc = run_cli(
+            "generate", "a red cat", "--seed", "7", "--steps", "4", "--width", "64", "--height", "64",
+            "-o", str(tmp_path / name), "--json",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(proc.stdout))
+    first, second = outputs
+    assert first["sha256"] == second["sha256"]
+    assert first["fingerprint"] == second["fingerprint"]
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest() == first["sha256"]
+    assert set(first["timings"]) >= {"load", "text_encode", "denoise", "decode", "encode"}
+
+
+def test_generate_prints_sha_and_fingerprint(tmp_path, tiny_engine):
+    out = tmp_path / "x.png"
+    result = invoke("generate", "a red cat", "--seed", "0", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    sha = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert sha in result.output
+    assert tiny_engine.fingerprint in result.output
+
+
+def test_generate_with_loras(tmp_path, tiny_engine):
+    lora = write_random_lora(tiny_engine.pipe, tmp_path / "style.safetensors", seed=4)
+    shas = []
+    for spec in (None, str(lora), f"{lora}:0.5"):
+        args = ["generate", "a red cat", "-o", str(tmp_path / "x.png"), "--json"]
+        result = invoke(*args, *(["--lora", spec] if spec else []))
+        assert result.exit_code == 0, result.output
+        shas.append(json.loads(result.output)["sha256"])
+    assert len(set(shas)) == 3
+
+
+def test_profile_prints_fingerprint_parts(tiny_engine):
+    result = invoke("profile", "--json")
+    assert result.exit_code == 0, result.output
+    parts = json.loads(result.output)
+    assert parts["fingerprint"] == tiny_engine.fingerprint
+    for key in ("weights_sha256", "dtype", "device", "torch", "diffusers", "threads", "lora_mode",
+                "cpu_capability"):  # fmt: skip
+        assert key in parts
+    table = invoke("profile")
+    assert tiny_engine.fingerprint in table.output and "weights_sha256" in table.output
+
+
+def test_profile_save_then_generate_from_model_path(tmp_path):
+    saved = tmp_path / "tiny"
+    assert invoke("profile", "--save", str(saved)).exit_code == 0
+    assert (saved / "model_index.json").is_file()
+    direct = json.loads(invoke("generate", "a cat", "-o", str(tmp_path / "a.png"), "--json").output)
+    loaded = invoke("generate", "a cat", "--model-path", str(saved), "-o", str(tmp_path / "b.png"), "--json")
+    assert loaded.exit_code == 0, loaded.output
+    assert json.loads(loaded.output)["sha256"] == direct["sha256"]
+    again = invoke("profile", "--save", str(saved))
+    assert again.exit_code != 0 and "not empty" in again.output
+
+
+def _nan_lora(path: Path) -> Path:
+    save_file(
+        {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), float("nan"))}, path
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "63"], "not a multiple of 16"),
+        (["--height", "1024"], "outside 16..512"),
+        (["--steps", "0"], "greater than or equal to 1"),
+        (["--steps", "500"], "less than or equal to 100"),
+        (["--lora", "/nonexistent/lora.safetensors"], "does not exist"),
+        (["--profile", "flux-dev"], "--model-path"),
+        (["--profile", "nope"], "unknown profile"),
+        (["--model-path", "/nonexistent"], "dippy_profile.json"),
+        (["--threads", "0"], "threads"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_a_message(tmp_path, args, message):
+    result = invoke("generate", "a cat", "-o", str(tmp_path / "x.png"), *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "x" * 2001])
+def test_bad_prompts(tmp_path, prompt):
+    result = invoke("generate", prompt, "-o", str(tmp_path / "x.png"))
+    assert result.exit_code == 2 and "prompt" in result.output
+
+
+def test_bad_lora_files(tmp_path):
+    pickled = tmp_path / "lora.pt"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    for path, message in [(pickled, "pickle"), (_nan_lora(tmp_path / "nan.safetensors"), "NaN or Inf")]:
+        result = invoke("generate", "a cat", "--lora", str(path), "-o", str(tmp_path / "x.png"))
+        assert result.exit_code == 2 and message in result.output
+
+
+def test_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("generate", "a cat", "-o", str(blocker / "x.png"))
+    assert result.exit_code == 2 and "cannot write" in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["generate"], ["profile"], ["demo"]])
+def test_help_everywhere(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
