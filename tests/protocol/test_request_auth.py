@@ -88,9 +88,7 @@ def test_header_names_are_case_insensitive(scheme: Scheme, alice: Signer, bob: S
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_signatures_within_the_window_are_accepted(scheme: Scheme, alice: Signer, bob: Signer) -> None:
     early = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 - DEFAULT_MAX_AGE + 0.5)
-    late = sign_request(
-        alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 + DEFAULT_ALLOWED_SKEW - 0.5
-    )
+    late = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 + DEFAULT_ALLOWED_SKEW - 0.5)
     store = MemoryNonceStore()
     verify(early, bob, store)
     verify(late, bob, store)
@@ -160,9 +158,7 @@ def test_tampered_body_is_rejected(scheme: Scheme, alice: Signer, bob: Signer, s
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_wrong_receiver_is_rejected(
-    scheme: Scheme, alice: Signer, bob: Signer, charlie: Signer, store
-) -> None:
+def test_wrong_receiver_is_rejected(scheme: Scheme, alice: Signer, bob: Signer, charlie: Signer, store) -> None:
     headers = sign_request(alice, METHOD, PATH, BODY, charlie.ss58_address, scheme, now=T0)
     with pytest.raises(WrongReceiver):
         verify(headers, bob, store)
@@ -198,9 +194,7 @@ def test_stale_timestamp_is_rejected(scheme: Scheme, alice: Signer, bob: Signer,
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_future_timestamp_is_rejected(scheme: Scheme, alice: Signer, bob: Signer, store) -> None:
-    headers = sign_request(
-        alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 + DEFAULT_ALLOWED_SKEW + 1
-    )
+    headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 + DEFAULT_ALLOWED_SKEW + 1)
     with pytest.raises(FutureRequest):
         verify(headers, bob, store)
 
@@ -274,9 +268,7 @@ def test_missing_header_is_malformed(scheme: Scheme, header: str, alice: Signer,
         ("Epistula-Signed-By", "5notanaddress"),
     ],
 )
-def test_unparseable_epistula_header_is_malformed(
-    header: str, value: str, alice: Signer, bob: Signer, store
-) -> None:
+def test_unparseable_epistula_header_is_malformed(header: str, value: str, alice: Signer, bob: Signer, store) -> None:
     headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, "epistula", now=T0)
     headers[header] = value
     with pytest.raises(MalformedAuth):

@@ -7,9 +7,9 @@ Two wire schemes, one entry point (`verify_request`):
   sender and the receiver.
 - Epistula v2, which most existing subnet orchestrators speak: the signature covers
   `sha256(body).hexdigest() + "." + uuid + "." + timestamp_ms + "." + signed_for`. It does
-  not cover the method or the path, so a captured request could be re-aimed at another
-  endpoint of the same receiver; the UUID replay check (one store per receiver) is what
-  stops that.
+  not cover the method or the path: an intercepted request could be re-aimed at another
+  endpoint of the same receiver. The UUID replay check (one store per receiver) makes
+  sure it is accepted at most once, wherever it lands; TLS keeps it from being seen.
 
 Verification order, for both: header shape, receiver binding, freshness, signature,
 sender policy, replay. The replay store is written last, so neither forged requests nor
@@ -276,9 +276,7 @@ def sign_btauth(
 ) -> dict[str, str]:
     """btauth/1 headers. `path` is the request target as sent, query string included."""
     nonce_ns = _fresh_nonce_ns() if now is None else round(now * 1e9)
-    return http_auth.sign(
-        signer, method=method, path=path, body=body, receiver_ss58=receiver_ss58, nonce_ns=nonce_ns
-    )
+    return http_auth.sign(signer, method=method, path=path, body=body, receiver_ss58=receiver_ss58, nonce_ns=nonce_ns)
 
 
 def epistula_message(body: bytes, uuid: str, timestamp_ms: str, signed_for: str) -> bytes:
@@ -448,9 +446,7 @@ def _check_epistula(
     # accepting them could be fed requests that were signed for someone else.
     signed_for = lowered.get(HEADER_EPISTULA_SIGNED_FOR.lower(), "")
     if not signed_for:
-        raise WrongReceiver(
-            f"missing {HEADER_EPISTULA_SIGNED_FOR}: this server requires receiver-bound requests"
-        )
+        raise WrongReceiver(f"missing {HEADER_EPISTULA_SIGNED_FOR}: this server requires receiver-bound requests")
     if signed_for != receiver_ss58:
         raise WrongReceiver("request was signed for a different receiving hotkey")
 
@@ -470,9 +466,7 @@ def _check_epistula(
     if not valid:
         raise BadSignature("signature does not verify against the claimed hotkey")
 
-    caller = Caller(
-        hotkey_ss58=sender, scheme="epistula", request_id=request_uuid, signed_at=timestamp_ms / 1000
-    )
+    caller = Caller(hotkey_ss58=sender, scheme="epistula", request_id=request_uuid, signed_at=timestamp_ms / 1000)
     # Prefixed like btauth nonces in the store, so the two kinds never collide.
     return _Checked(caller, lambda store: store.claim(sender, f"epistula:{request_uuid}"))
 

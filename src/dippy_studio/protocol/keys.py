@@ -109,8 +109,10 @@ def signer_from_wallet(
 ) -> Signer:
     """The hotkey of wallet `name` under `path` (default `~/.bittensor/wallets`).
 
-    An encrypted hotkey needs `password`, or the per-key `BT_PW_...` environment
-    variable bittensor uses; this never prompts, since services run unattended.
+    An encrypted hotkey needs `password`, or the per-key `BT_PW_...` environment variable
+    in the encoded form bittensor's `Keyfile.save_password_to_env` writes; this never
+    prompts, since services run unattended. Unlocking takes several seconds (bittensor's
+    key derivation is deliberately slow): load the signer once at startup.
     """
     wallet_dir = Path(path).expanduser() / name
     wallet = Wallet(name=name, hotkey=hotkey, path=str(Path(path).expanduser()))
@@ -126,7 +128,10 @@ def signer_from_wallet(
         raise SigningKeyError(f"hotkey file {keyfile.path} is not readable by this user")
 
     if keyfile.is_encrypted():
-        password = resolve_key_password(password, env_var_name=keyfile.env_var_name(), allow_prompt=False)
+        try:
+            password = resolve_key_password(password, env_var_name=keyfile.env_var_name(), allow_prompt=False)
+        except KeyfileError as error:
+            raise WalletLockedError(f"cannot read {keyfile.env_var_name()}: {error}") from None
         if password is None:
             raise WalletLockedError(
                 f"hotkey {keyfile.path} is encrypted; pass a password or set {keyfile.env_var_name()}"
@@ -169,27 +174,32 @@ def create_dev_wallet(
     """Write an UNENCRYPTED wallet (coldkey and hotkey) for local development.
 
     Keys come from the given URIs (deterministic, e.g. `//Alice`) or fresh mnemonics
-    that are not shown anywhere. A local chain needs the coldkey to register the
-    hotkey, which is why both are written. Never use this for keys that hold value.
+    that are not shown anywhere. A local chain needs the coldkey to register the hotkey,
+    which is why both are written. Adding a hotkey to an existing wallet keeps its
+    coldkey. Never use this for keys that hold value.
     """
     root = str(Path(path).expanduser())
     wallet = Wallet(name=name, hotkey=hotkey, path=root)
-    if not overwrite:
-        for keyfile in (wallet.coldkey_file, wallet.hotkey_file):
-            # Checked here because bittensor asks on a TTY instead of refusing.
-            if keyfile.exists_on_device():
-                raise WalletExistsError(f"{keyfile.path} exists; pass overwrite=True to replace it")
+    # Checked here rather than left to bittensor, which asks on a TTY instead of refusing.
+    if wallet.hotkey_file.exists_on_device() and not overwrite:
+        raise WalletExistsError(f"{wallet.hotkey_file.path} exists; pass overwrite=True to replace it")
+    keep_coldkey = wallet.coldkey_file.exists_on_device() and not overwrite
+    if keep_coldkey and coldkey_uri is not None:
+        wanted = signer_from_uri(coldkey_uri).ss58_address
+        if not wallet.coldkeypub_file.exists_on_device() or wallet.coldkeypub.ss58_address != wanted:
+            raise WalletExistsError(
+                f"wallet {name!r} already has a different coldkey; pass overwrite=True to replace it"
+            )
 
-    coldkey = _keypair_from(coldkey_uri)
+    if not keep_coldkey:
+        coldkey = _keypair_from(coldkey_uri)
+        wallet.coldkey_file.set_keypair(coldkey, encrypt=False, overwrite=overwrite)
+        wallet.regenerate_coldkeypub(
+            ss58_address=coldkey.ss58_address, overwrite=overwrite, crypto_type=coldkey.crypto_type
+        )
     hot = _keypair_from(hotkey_uri)
-    wallet.coldkey_file.set_keypair(coldkey, encrypt=False, overwrite=overwrite)
-    wallet.regenerate_coldkeypub(
-        ss58_address=coldkey.ss58_address, overwrite=overwrite, crypto_type=coldkey.crypto_type
-    )
     wallet.hotkey_file.set_keypair(hot, encrypt=False, overwrite=overwrite)
-    wallet.regenerate_hotkeypub(
-        ss58_address=hot.ss58_address, overwrite=overwrite, crypto_type=hot.crypto_type
-    )
+    wallet.regenerate_hotkeypub(ss58_address=hot.ss58_address, overwrite=overwrite, crypto_type=hot.crypto_type)
     return Signer(hot, source=f"wallet:{name}/{hotkey}")
 
 
