@@ -55,16 +55,22 @@ def interleave(
     progress: Progress,
     description: str,
     on_round: Callable[[dict[str, T]], None] | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Run the variants in alternating order (A B, B A, ...) and return seconds per variant.
 
     Warmup rounds run the same way but are not timed. `on_round` sees each round's outputs
-    (warmup included), so callers can check that the variants agree.
+    (warmup included), so callers can check that the variants agree. Past `budget_s` seconds
+    the timed rounds stop early (after at least MIN_REPS), so a busy machine cannot stretch
+    a run without bound; callers read the number of rounds from the result.
     """
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     task = progress.add_task(description, total=warmup + reps)
+    started = perf_counter()
     for round_index in range(warmup + reps):
+        if over_budget(started, budget_s, done=round_index - warmup, wanted=reps):
+            break
         order = names if round_index % 2 == 0 else names[::-1]
         outputs: dict[str, T] = {}
         for name in order:
@@ -76,6 +82,16 @@ def interleave(
         progress.advance(task)
     progress.remove_task(task)
     return seconds
+
+
+MIN_REPS = 5
+
+
+def over_budget(started: float, budget_s: float | None, done: int, wanted: int) -> bool:
+    """Whether to stop timing: the budget is spent and enough repetitions are in."""
+    if budget_s is None or done < min(MIN_REPS, wanted):
+        return False
+    return perf_counter() - started > budget_s
 
 
 def median_ms(seconds: list[float]) -> float:

@@ -46,7 +46,10 @@ BENCHMARKS: dict[str, Runner] = {
 def table(result: BenchResult) -> Table:
     shown = Table(title=result.title, title_justify="left", caption="\n".join(result.notes))
     for column in result.columns:
-        shown.add_column(column.header, justify="left" if column.key == "config" else "right")
+        if column.key == "config":
+            shown.add_column(column.header, no_wrap=True)
+        else:
+            shown.add_column(column.header, justify="right")
     for row in result.rows:
         cells = []
         for column in result.columns:
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        console.width = 160  # logs and pipes: keep each table row on one line
     names = args.only or list(BENCHMARKS)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     results: list[BenchResult] = []

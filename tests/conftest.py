@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +18,3 @@ def tiny_engine():
     from dippy_studio.engine import Engine, EngineOptions
 
     return Engine(EngineOptions(profile="tiny"))
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run `dippy-studio ARGS` in a fresh interpreter, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "dippy_studio.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )

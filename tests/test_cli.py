@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from conftest import run_cli
 from dippy_studio.cli import app
 from dippy_studio.engine.synthetic import write_random_lora
+from helpers import run_cli
 
 runner = CliRunner()
 
@@ -85,9 +85,7 @@ def test_profile_save_then_generate_from_model_path(tmp_path):
 
 
 def _nan_lora(path: Path) -> Path:
-    save_file(
-        {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), float("nan"))}, path
-    )
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), float("nan"))}, path)
     return path
 
 
@@ -95,7 +93,7 @@ def _nan_lora(path: Path) -> Path:
     ("args", "message"),
     [
         (["--width", "63"], "not a multiple of 16"),
-        (["--height", "1024"], "outside 16..512"),
+        (["--height", "512"], "outside 16..256"),
         (["--steps", "0"], "greater than or equal to 1"),
         (["--steps", "500"], "less than or equal to 100"),
         (["--lora", "/nonexistent/lora.safetensors"], "does not exist"),

@@ -28,9 +28,7 @@ out = Console()
 ProfileOpt = Annotated[
     str | None, typer.Option("--profile", help="Model profile: tiny, small, flux-dev, flux-schnell.")
 ]
-ModelPathOpt = Annotated[
-    Path | None, typer.Option("--model-path", help="Local diffusers-layout model directory.")
-]
+ModelPathOpt = Annotated[Path | None, typer.Option("--model-path", help="Local diffusers-layout model directory.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 or bfloat16.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads (part of the fingerprint).")]
@@ -167,9 +165,7 @@ def profile(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     threads: ThreadsOpt = None,
-    save: Annotated[
-        Path | None, typer.Option("--save", help="Write the pipeline here in diffusers layout.")
-    ] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Write the pipeline here in diffusers layout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Print a profile's fingerprint and its parts; optionally save its pipeline to a directory."""
@@ -232,6 +228,17 @@ def demo(
             table.add_row(str(path), result.sha256[:16], f"{result.timings.total:.3f}")
             progress.advance(task)
     out.print(table)
+
+
+def _register_subcommands() -> None:
+    from dippy_studio.chain.cli import chain_app
+    from dippy_studio.miner.cli import miner_app
+
+    app.add_typer(miner_app, name="miner")
+    app.add_typer(chain_app, name="chain")
+
+
+_register_subcommands()
 
 
 def _is_number(text: str) -> bool:

@@ -96,7 +96,7 @@ def test_invalid_requests_are_refused_with_a_reason(overrides, message):
 
 
 def test_profile_limits_are_checked(tiny_engine):
-    with pytest.raises(RequestError, match="width 1024 is outside 16..512"):
-        tiny_engine.generate(request(width=1024))
+    with pytest.raises(RequestError, match="width 512 is outside 16..256"):
+        tiny_engine.generate(request(width=512))
     with pytest.raises(RequestError, match="steps 60 is over 50"):
         tiny_engine.generate(request(steps=60))

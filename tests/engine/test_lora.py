@@ -98,9 +98,7 @@ def test_cache_evicts_least_recently_used(engine, lora_dir):
     evictions = engine.loras.stats.evictions
     engine.generate(request(lora(lora_dir, 3)))
     assert engine.loras.stats.evictions == evictions + 1
-    sha = {
-        i: hashlib.sha256((lora_dir / f"style-{i}.safetensors").read_bytes()).hexdigest() for i in range(4)
-    }
+    sha = {i: hashlib.sha256((lora_dir / f"style-{i}.safetensors").read_bytes()).hexdigest() for i in range(4)}
     assert set(engine.loras.loaded) == {sha[0], sha[2], sha[3]}
     assert len(engine.pipe.get_list_adapters()["transformer"]) == 3
 

@@ -15,3 +15,11 @@ class LoraError(EngineError, ValueError):
 
 class ProfileError(EngineError, ValueError):
     """A model profile cannot be built or loaded as asked (unknown name, missing directory...)."""
+
+
+class DatasetError(EngineError, ValueError):
+    """A training or evaluation dataset is missing, unsafe, malformed, or outside the limits."""
+
+
+class TrainingError(EngineError, RuntimeError):
+    """LoRA training cannot start, cannot resume, or diverged (NaN/Inf loss)."""

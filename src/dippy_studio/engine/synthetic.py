@@ -38,9 +38,7 @@ def random_lora_state_dict(
     return state
 
 
-def write_random_lora(
-    pipe: FluxPipeline, path: Path, seed: int, rank: int = 4, strength: float = 0.5
-) -> Path:
+def write_random_lora(pipe: FluxPipeline, path: Path, seed: int, rank: int = 4, strength: float = 0.5) -> Path:
     """Write a seeded random LoRA for `pipe`'s transformer to `path` (.safetensors)."""
     layers = random_lora_state_dict(pipe.transformer, seed=seed, rank=rank, strength=strength)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,379 @@
+"""The miner's HTTP service: an ASGI app built from settings by `create_app`.
+
+Every /v1 route is signed (btauth/1 or Epistula v2) by a hotkey the sender policy admits;
+jobs are visible only to the hotkey that submitted them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dippy_studio.engine import Engine, GenerationRequest
+from dippy_studio.engine.errors import EngineError
+from dippy_studio.miner.callbacks import CallbackSender
+from dippy_studio.miner.metrics import MinerMetrics
+from dippy_studio.miner.net import DownloadCache, OutboundError, UrlPolicy, check_url
+from dippy_studio.miner.runners import InferenceRunner
+from dippy_studio.miner.settings import MinerSettings
+from dippy_studio.miner.store import JobRecord, JobStore
+from dippy_studio.miner.workers import Runner, WorkerPool
+from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, verify_request
+from dippy_studio.protocol.keys import Signer, load_signer
+from dippy_studio.protocol.nonces import SqliteNonceStore
+from dippy_studio.protocol.schemas import (
+    JOB_ID_PATTERN,
+    Accepted,
+    Capacity,
+    InferenceJob,
+    JobKind,
+    JobStatus,
+    JobView,
+    LaneCapacity,
+    TrainJob,
+)
+
+log = logging.getLogger("dippy_studio.miner")
+
+RESULT_MEDIA_TYPES = {JobKind.inference: "image/png", JobKind.training: "application/octet-stream"}
+
+
+class Miner:
+    """Everything a running miner holds: keys, stores, engine, lanes, callbacks."""
+
+    def __init__(
+        self,
+        settings: MinerSettings,
+        *,
+        engine: Engine | None = None,
+        signer: Signer | None = None,
+        stake_lookup: StakeLookup | None = None,
+        inference_runner: Runner | None = None,
+        training_runner: Runner | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.signer = signer or load_signer(
+            uri=settings.dev_key,
+            wallet_name=settings.wallet_name,
+            hotkey=settings.wallet_hotkey,
+            **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
+        )
+        data = settings.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(data / "jobs.sqlite", clock=clock)
+        # Nonces must outlive the whole acceptance window, or a replay could slip in after expiry.
+        retention = settings.max_signature_age + settings.allowed_clock_skew + 5.0
+        self.nonces = SqliteNonceStore(data / "nonces.sqlite", retention=retention)
+        self.policy = SenderPolicy(
+            allowed_hotkeys=settings.allow_hotkeys,
+            min_stake=settings.min_stake,
+            stake_lookup=stake_lookup,
+            allow_any=settings.allow_any_sender,
+        )
+        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.downloads = DownloadCache(
+            data / "downloads", settings.download_cache_bytes, self.url_policy, settings.download_timeout
+        )
+        self.engine = engine or Engine(settings.engine)
+        runners: dict[JobKind, Runner] = {}
+        if settings.serve_inference:
+            runners[JobKind.inference] = inference_runner or InferenceRunner(
+                self.engine, self.downloads, data / "results", settings.max_lora_bytes
+            )
+        if settings.serve_training and training_runner is not None:
+            runners[JobKind.training] = training_runner
+        self.callbacks = CallbackSender(
+            self.store,
+            self.signer,
+            self.url_policy,
+            attempts=settings.callback_attempts,
+            backoff=settings.callback_backoff,
+            timeout=settings.callback_timeout,
+        )
+        self.pool = WorkerPool(
+            self.store,
+            runners,
+            {JobKind.inference: settings.inference_workers, JobKind.training: settings.training_workers},
+            on_finished=self._finished,
+            clock=clock,
+        )
+        self.metrics = MinerMetrics(self.store, self._cache_stats, self.pool.alive)
+
+    def start(self) -> None:
+        pending = self.store.recover()
+        self.callbacks.start()
+        for record in pending:
+            self.callbacks.submit(record.job_id)
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.callbacks.stop()
+
+    def _finished(self, record: JobRecord) -> None:
+        self.metrics.observe(record)
+        if record.callback_url:
+            self.callbacks.submit(record.job_id)
+
+    def _cache_stats(self) -> dict[str, int]:
+        stats = self.engine.loras.stats
+        return {
+            "lora_cache_hits": stats.hits,
+            "lora_cache_misses": stats.misses,
+            "download_cache_hits": self.downloads.hits,
+            "download_cache_misses": self.downloads.misses,
+        }
+
+    def lane(self, kind: JobKind) -> LaneCapacity:
+        configured = self.pool.configured(kind)
+        alive = self.pool.alive(kind)
+        limit = self.settings.inference_queue_limit if kind == JobKind.inference else self.settings.training_queue_limit
+        return LaneCapacity(
+            available=configured > 0 and alive > 0,
+            workers_alive=alive,
+            workers=configured,
+            queue_depth=self.store.depth(kind),
+            queue_limit=limit,
+        )
+
+    def capacity(self) -> Capacity:
+        return Capacity(
+            hotkey=self.signer.ss58_address,
+            profile=self.engine.spec.name,
+            fingerprints=[self.engine.fingerprint],
+            inference=self.lane(JobKind.inference),
+            training=self.lane(JobKind.training),
+        )
+
+
+def _work(request: dict[str, Any]) -> dict[str, Any]:
+    """The fields that decide a job's result; a resend may carry a new deadline or callback."""
+    return {k: v for k, v in request.items() if k not in ("deadline", "callback_url")}
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over `limit` bytes with 413, before they
+    are buffered (Content-Length when given, and a running count for chunked bodies)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await _too_large(send, self.limit)
+                return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = JSONResponse({"detail": f"request body over the {limit}-byte limit"}, status_code=413).body
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
+    """Build the miner app. `components` (engine, signer, stake_lookup, inference_runner,
+    training_runner, clock)
+    replace what settings would build, for tests and the local subnet."""
+    miner = Miner(settings, **components)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        miner.start()
+        try:
+            yield
+        finally:
+            miner.stop()
+
+    app = FastAPI(
+        title="Dippy Studio miner",
+        version="1",
+        description="Signed job API: Flux inference and LoRA training.",
+        lifespan=lifespan,
+    )
+    app.state.miner = miner
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    async def authenticated(request: Request) -> Caller:
+        body = await request.body()
+        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if request.scope.get("query_string"):
+            path += "?" + request.scope["query_string"].decode("latin-1")
+        try:
+            return verify_request(
+                request.headers,
+                body,
+                method=request.method,
+                path=path,
+                receiver_ss58=miner.signer.ss58_address,
+                nonce_store=miner.nonces,
+                policy=miner.policy,
+                max_age=settings.max_signature_age,
+                allowed_skew=settings.allowed_clock_skew,
+            )
+        except AuthError as exc:
+            raise HTTPException(exc.status_code, detail=exc.reason) from None
+
+    def own_job(job_id: str, caller: Caller) -> JobRecord:
+        if not re.match(JOB_ID_PATTERN, job_id):
+            raise HTTPException(422, detail="invalid job_id: use letters, digits, '_' and '-' (at most 128)")
+        record = miner.store.get(job_id)
+        if record is None or record.sender != caller.hotkey_ss58:
+            raise HTTPException(404, detail=f"no job {job_id}")
+        return record
+
+    def submit(kind: JobKind, job: InferenceJob | TrainJob, caller: Caller) -> JSONResponse:
+        lane = miner.lane(kind)
+        if not lane.available:
+            raise HTTPException(503, detail=f"this miner is not serving {kind.value} jobs right now")
+        deadline = job.deadline.timestamp()
+        if deadline <= miner.clock():
+            raise HTTPException(422, detail="deadline has already passed")
+        urls = [job.callback_url] if job.callback_url else []
+        urls += [lora.url for lora in job.loras] if isinstance(job, InferenceJob) else [job.dataset_url]
+        for url in urls:
+            try:
+                check_url(url, miner.url_policy)
+            except OutboundError as exc:
+                raise HTTPException(422, detail=str(exc)) from None
+        request = job.model_dump(mode="json")
+        created = miner.store.create(
+            job_id=job.job_id,
+            kind=kind,
+            sender=caller.hotkey_ss58,
+            request=request,
+            callback_url=job.callback_url,
+            deadline=deadline,
+            queue_limit=lane.queue_limit,
+        )
+        if created is None:
+            return JSONResponse(
+                {"detail": f"{kind.value} queue is full ({lane.queue_limit} jobs)"},
+                status_code=429,
+                headers={"Retry-After": str(settings.retry_after_seconds)},
+            )
+        record, is_new = created
+        if not is_new:
+            if record.sender != caller.hotkey_ss58 or record.kind != kind or _work(record.request) != _work(request):
+                raise HTTPException(409, detail=f"job_id {job.job_id} is already used by a different job")
+            if not record.status.terminal:
+                raise HTTPException(409, detail=f"job {job.job_id} is still {record.status.value}")
+            # Finished already: report its state, never recompute.
+            return JSONResponse(record.view().model_dump(mode="json"), status_code=200)
+        miner.pool.notify(kind)
+        return JSONResponse(Accepted(job_id=record.job_id, status=record.status).model_dump(), status_code=202)
+
+    errors = {401: {"description": "bad or missing signature"}, 403: {"description": "sender not admitted"}}
+
+    @app.post("/v1/inference", status_code=202, response_model=Accepted, responses=errors)
+    def post_inference(job: InferenceJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
+        try:
+            miner.engine.check(
+                GenerationRequest(
+                    prompt=job.prompt,
+                    seed=job.seed,
+                    width=job.width,
+                    height=job.height,
+                    steps=job.steps,
+                    guidance=job.guidance,
+                )
+            )
+        except (EngineError, ValueError) as exc:
+            raise HTTPException(422, detail=str(exc)) from None
+        return submit(JobKind.inference, job, caller)
+
+    @app.post("/v1/train", status_code=202, response_model=Accepted, responses=errors)
+    def post_train(job: TrainJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
+        return submit(JobKind.training, job, caller)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=errors)
+    def get_job(job_id: str, caller: Caller = Depends(authenticated)) -> JobView:
+        return own_job(job_id, caller).view()
+
+    @app.get("/v1/jobs/{job_id}/result", responses=errors)
+    def get_result(job_id: str, caller: Caller = Depends(authenticated)) -> FileResponse:
+        record = own_job(job_id, caller)
+        if record.status != JobStatus.succeeded or not record.result_path:
+            raise HTTPException(409, detail=f"job {job_id} has no result: it is {record.status.value}")
+        return FileResponse(
+            record.result_path,
+            media_type=RESULT_MEDIA_TYPES[record.kind],
+            headers={"X-Result-Sha256": record.result_sha256 or ""},
+        )
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses=errors)
+    def cancel_job(job_id: str, caller: Caller = Depends(authenticated)) -> JobView:
+        record = own_job(job_id, caller)
+        if record.status.terminal:
+            raise HTTPException(409, detail=f"job {job_id} already {record.status.value}")
+        updated = miner.pool.cancel(record)
+        return (updated or record).view()
+
+    @app.get("/v1/capacity", response_model=Capacity, responses=errors)
+    def capacity(caller: Caller = Depends(authenticated)) -> Capacity:
+        return miner.capacity()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> JSONResponse:
+        cap = miner.capacity()
+        lanes = {"inference": cap.inference, "training": cap.training}
+        problems = [
+            f"{name}: {lane.workers_alive}/{lane.workers} workers alive"
+            for name, lane in lanes.items()
+            if lane.workers and lane.workers_alive < lane.workers
+        ]
+        if not miner.callbacks.alive:
+            problems.append("callback sender is not running")
+        if not any(lane.available for lane in lanes.values()):
+            problems.append("no lane is serving")
+        body = {"ready": not problems, "problems": problems, "fingerprint": miner.engine.fingerprint}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(miner.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/check/{hotkey}")
+    def check_hotkey(hotkey: str) -> dict[str, str]:
+        if hotkey != miner.signer.ss58_address:
+            raise HTTPException(404, detail="not this miner's hotkey")
+        return {"hotkey": hotkey}
+
+    return app

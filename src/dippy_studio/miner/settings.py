@@ -1,0 +1,84 @@
+"""Miner settings: DIPPY_MINER_* environment variables, an optional TOML file, or flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from dippy_studio.engine.profiles import EngineOptions
+
+
+class MinerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIPPY_MINER_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8091, ge=0, le=65535)
+    data_dir: Path = Path(".dippy/miner")
+
+    # Signing key: a dev URI (local subnets) or a bittensor wallet.
+    dev_key: str | None = None
+    wallet_name: str | None = None
+    wallet_hotkey: str = "default"
+    wallet_path: Path | None = None
+
+    # Who may send jobs: allow-listed hotkeys, and/or registered hotkeys with enough stake.
+    allow_hotkeys: list[str] = Field(default_factory=list)
+    min_stake: float | None = None
+    allow_any_sender: bool = False  # local development only
+    max_signature_age: float = 10.0
+    allowed_clock_skew: float = 2.0
+
+    engine: EngineOptions = EngineOptions()
+    serve_inference: bool = True
+    serve_training: bool = True
+    inference_workers: int = Field(default=1, ge=0, le=64)
+    training_workers: int = Field(default=1, ge=0, le=16)
+    inference_queue_limit: int = Field(default=64, ge=1)
+    training_queue_limit: int = Field(default=4, ge=1)
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_lora_bytes: int = Field(default=512 << 20, ge=1)
+    max_dataset_bytes: int = Field(default=1 << 30, ge=1)
+    download_timeout: float = Field(default=120.0, gt=0)
+    download_cache_bytes: int = Field(default=20 << 30, ge=1)
+    # Outbound URLs to private/loopback/link-local addresses are refused unless allowed.
+    allow_loopback_urls: bool = False
+    allow_private_urls: bool = False
+
+    callback_attempts: int = Field(default=6, ge=1, le=50)
+    callback_backoff: float = Field(default=1.0, gt=0)
+    callback_timeout: float = Field(default=30.0, gt=0)
+    retry_after_seconds: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> MinerSettings:
+        if self.dev_key and self.wallet_name:
+            raise ValueError("give either dev_key or wallet_name, not both")
+        return self
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> MinerSettings:
+        """Flags (overrides) win over environment variables, which win over the TOML file."""
+        if config_file is not None and not config_file.is_file():
+            raise ValueError(f"config file {config_file} does not exist")
+
+        class _WithFile(cls):  # type: ignore[valid-type, misc]
+            @classmethod
+            def settings_customise_sources(
+                cls,
+                settings_cls: type[BaseSettings],
+                init_settings: PydanticBaseSettingsSource,
+                env_settings: PydanticBaseSettingsSource,
+                dotenv_settings: PydanticBaseSettingsSource,
+                file_secret_settings: PydanticBaseSettingsSource,
+            ) -> tuple[PydanticBaseSettingsSource, ...]:
+                sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+                if config_file is not None:
+                    sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+                return sources
+
+        loaded = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(loaded.model_dump())

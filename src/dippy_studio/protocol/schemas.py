@@ -1,0 +1,131 @@
+"""Wire schemas shared by the miner, the orchestrator and the validator.
+
+Both sides import these models, so a field changes in one place. Times on the wire are
+timezone-aware ISO 8601 datetimes; sizes and limits that depend on the model profile are
+checked by the engine, not here.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def _http_url(url: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", url):
+        raise ValueError("must be an http:// or https:// URL")
+    if len(url) > 2048:
+        raise ValueError("URL longer than 2048 characters")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, description="Letters, digits, '_' and '-'; at most 128.")]
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="Lower-case hex sha256.")]
+
+
+class JobKind(StrEnum):
+    inference = "inference"
+    training = "training"
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    expired = "expired"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.expired, JobStatus.canceled})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraDownload(_Strict):
+    url: HttpUrl
+    sha256: Sha256
+    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+
+
+class InferenceJob(_Strict):
+    job_id: JobId
+    prompt: str = Field(min_length=1, max_length=2000)
+    seed: int = Field(ge=0, le=2**63 - 1)
+    width: int = Field(ge=16, le=4096)
+    height: int = Field(ge=16, le=4096)
+    steps: int = Field(ge=1, le=100)
+    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    loras: list[LoraDownload] = Field(default_factory=list, max_length=8)
+    callback_url: HttpUrl | None = None
+    deadline: AwareDatetime
+
+
+class TrainJob(_Strict):
+    job_id: JobId
+    dataset_url: HttpUrl
+    dataset_sha256: Sha256
+    trigger_word: str = Field(default="", max_length=64)
+    rank: int = Field(default=16, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0, le=1024, allow_inf_nan=False)
+    steps: int = Field(default=1000, ge=1, le=100_000)
+    lr: float = Field(default=1e-4, gt=0, le=1.0, allow_inf_nan=False)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    max_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    callback_url: HttpUrl | None = None
+    deadline: AwareDatetime
+
+
+class Accepted(BaseModel):
+    job_id: str
+    status: JobStatus
+
+
+class JobView(BaseModel):
+    """A job's state as the miner reports it (GET /v1/jobs/{id} and callbacks)."""
+
+    job_id: str
+    kind: JobKind
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline: datetime
+    error: str | None = None
+    result_sha256: str | None = None
+    result_bytes: int | None = None
+    fingerprint: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class LaneCapacity(BaseModel):
+    available: bool
+    workers_alive: int
+    workers: int
+    queue_depth: int
+    queue_limit: int
+
+
+class Capacity(BaseModel):
+    """What the miner serves right now. A lane with no live worker is not available."""
+
+    hotkey: str
+    profile: str
+    fingerprints: list[str]
+    inference: LaneCapacity
+    training: LaneCapacity

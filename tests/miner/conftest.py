@@ -1,0 +1,1 @@
+from miner_kit import make_miner, server  # noqa: F401  (fixtures)

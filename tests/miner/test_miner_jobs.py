@@ -1,0 +1,230 @@
+"""Miner inference jobs end to end: signed submission, callbacks, results, idempotency, limits."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+
+from dippy_studio.engine import GenerationRequest, LoraRef
+from dippy_studio.engine.synthetic import write_random_lora
+from dippy_studio.miner.runners import InferenceRunner
+from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
+from miner_kit import MINER, ORCHESTRATOR, inference_job, miner_settings
+
+
+def test_inference_round_trip(make_miner, server, tiny_engine):
+    client = make_miner()
+    response = client.post("/v1/inference", inference_job("job-1", server))
+    assert response.status_code == 202, response.text
+    assert response.json() == {"job_id": "job-1", "status": "queued"}
+
+    (callback,) = server.wait_for(lambda got: len(got) >= 1)
+    # The callback is signed by the miner's hotkey, for the orchestrator that sent the job.
+    caller = verify_request(
+        callback.headers, callback.body, method="POST", path="/callback/job-1",
+        receiver_ss58=ORCHESTRATOR.ss58_address, nonce_store=MemoryNonceStore(),
+        policy=SenderPolicy.allow_list([MINER.ss58_address]),
+    )  # fmt: skip
+    assert caller.hotkey_ss58 == MINER.ss58_address
+    meta = callback.meta()
+    png = callback.parts()["result"]
+    expected = tiny_engine.generate(GenerationRequest(prompt="a lighthouse at dusk", seed=7, steps=4))
+    assert meta["status"] == "succeeded"
+    assert meta["result_sha256"] == hashlib.sha256(png).hexdigest() == expected.sha256
+    assert meta["fingerprint"] == tiny_engine.fingerprint
+    assert set(meta["timings"]) >= {"load", "text_encode", "denoise", "decode", "encode"}
+
+    view = client.get("/v1/jobs/job-1").json()
+    assert view["status"] == "succeeded" and view["started_at"] and view["finished_at"]
+    result = client.get("/v1/jobs/job-1/result")
+    assert result.status_code == 200 and result.content == png
+    assert result.headers["content-type"] == "image/png"
+    assert result.headers["x-result-sha256"] == expected.sha256
+
+
+def test_inference_with_a_downloaded_lora(make_miner, server, tiny_engine, tmp_path):
+    path = write_random_lora(tiny_engine.pipe, tmp_path / "style.safetensors", seed=3)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    server.files["/loras/style.safetensors"] = data
+    client = make_miner()
+    lora = {"url": server.url("/loras/style.safetensors"), "sha256": sha, "scale": 0.7}
+    assert client.post("/v1/inference", inference_job("lora-1", loras=[lora])).status_code == 202
+    view = client.wait_status("lora-1", {"succeeded", "failed"})
+    assert view["status"] == "succeeded", view
+    direct = tiny_engine.generate(
+        GenerationRequest(prompt="a lighthouse at dusk", seed=7, steps=4, loras=[LoraRef(path=path, scale=0.7)])
+    )
+    assert view["result_sha256"] == direct.sha256
+
+    wrong = {**lora, "sha256": "0" * 64}
+    assert client.post("/v1/inference", inference_job("lora-2", loras=[wrong])).status_code == 202
+    view = client.wait_status("lora-2", {"succeeded", "failed"})
+    assert view["status"] == "failed" and "expected " + "0" * 64 in view["error"]
+
+
+def test_resubmitting_is_idempotent(make_miner, server):
+    client = make_miner()
+    job = inference_job("same", server)
+    assert client.post("/v1/inference", job).status_code == 202
+    first = client.wait_status("same", {"succeeded"})
+    again = client.post("/v1/inference", job)
+    assert again.status_code == 200
+    assert again.json()["finished_at"] == first["finished_at"], "a finished job must not be recomputed"
+    assert again.json()["result_sha256"] == first["result_sha256"]
+    changed = client.post("/v1/inference", {**job, "seed": 8})
+    assert changed.status_code == 409 and "different job" in changed.json()["detail"]
+
+
+def test_active_job_id_conflicts(make_miner, tmp_path, tiny_engine):
+    gate = threading.Event()
+    real = InferenceRunner(tiny_engine, None, tmp_path / "results", 1 << 20)  # type: ignore[arg-type]
+
+    def blocked(record, check):
+        gate.wait(30)
+        return real(record, check)
+
+    client = make_miner(inference_runner=blocked)
+    assert client.post("/v1/inference", inference_job("busy")).status_code == 202
+    response = client.post("/v1/inference", inference_job("busy"))
+    assert response.status_code == 409 and "still" in response.json()["detail"]
+    gate.set()
+    client.wait_status("busy", {"succeeded"})
+
+
+def test_queue_full_answers_429_with_retry_after(make_miner, tmp_path, tiny_engine):
+    gate = threading.Event()
+    real = InferenceRunner(tiny_engine, None, tmp_path / "results", 1 << 20)  # type: ignore[arg-type]
+
+    def blocked(record, check):
+        gate.wait(30)
+        return real(record, check)
+
+    client = make_miner(miner_settings(tmp_path, inference_queue_limit=2), inference_runner=blocked)
+    assert client.post("/v1/inference", inference_job("q0")).status_code == 202
+    client.wait_status("q0", {"running"})
+    assert client.post("/v1/inference", inference_job("q1")).status_code == 202
+    assert client.post("/v1/inference", inference_job("q2")).status_code == 202
+    full = client.post("/v1/inference", inference_job("q3"))
+    assert full.status_code == 429
+    assert int(full.headers["retry-after"]) > 0 and "queue is full" in full.json()["detail"]
+    gate.set()
+    for job_id in ("q0", "q1", "q2"):
+        assert client.wait_status(job_id, {"succeeded"})["status"] == "succeeded"
+    assert client.get("/v1/jobs/q3").status_code == 404
+
+
+def test_deadlines(make_miner, tmp_path, tiny_engine, server):
+    gate = threading.Event()
+    real = InferenceRunner(tiny_engine, None, tmp_path / "results", 1 << 20)  # type: ignore[arg-type]
+
+    def runner(record, check):
+        if record.job_id == "slow":
+            while not gate.is_set():  # a long job: checks its deadline as it goes
+                check()
+                time.sleep(0.02)
+        return real(record, check)
+
+    client = make_miner(inference_runner=runner)
+    from miner_kit import deadline
+
+    assert client.post("/v1/inference", inference_job("slow", server, deadline=deadline(1.0))).status_code == 202
+    assert client.post("/v1/inference", inference_job("late", server, deadline=deadline(0.5))).status_code == 202
+    slow = client.wait_status("slow", {"expired"}, timeout=10)
+    assert "abandoned" in slow["error"]
+    late = client.wait_status("late", {"expired"}, timeout=10)
+    assert late["started_at"] is None, "a job past its deadline must not start"
+    gate.set()
+    got = server.wait_for(lambda r: len(r) >= 2)
+    assert sorted(r.meta()["status"] for r in got) == ["expired", "expired"]
+    assert all("result" not in r.parts() for r in got)
+
+    past = client.post("/v1/inference", inference_job("past", deadline=deadline(-5)))
+    assert past.status_code == 422 and "deadline" in past.json()["detail"]
+
+
+def test_cancel(make_miner, tmp_path, tiny_engine):
+    started = threading.Event()
+    real = InferenceRunner(tiny_engine, None, tmp_path / "results", 1 << 20)  # type: ignore[arg-type]
+
+    def runner(record, check):
+        started.set()
+        while True:
+            check()
+            time.sleep(0.02)
+
+    client = make_miner(inference_runner=runner)
+    assert client.post("/v1/inference", inference_job("run")).status_code == 202
+    assert client.post("/v1/inference", inference_job("wait")).status_code == 202
+    started.wait(10)
+    assert client.post("/v1/jobs/wait/cancel").json()["status"] == "canceled"
+    client.post("/v1/jobs/run/cancel")
+    assert client.wait_status("run", {"canceled"})["error"] == "canceled by the sender"
+    again = client.post("/v1/jobs/run/cancel")
+    assert again.status_code == 409
+    del real
+
+
+def test_callback_is_retried(make_miner, server):
+    server.fail_first = 2
+    client = make_miner()
+    assert client.post("/v1/inference", inference_job("retry", server)).status_code == 202
+    (callback,) = server.wait_for(lambda got: len(got) >= 1)
+    assert server.attempts == 3
+    assert callback.meta()["status"] == "succeeded"
+
+
+def test_jobs_are_private_to_their_sender(make_miner, tmp_path):
+    from miner_kit import STRANGER
+
+    client = make_miner(miner_settings(tmp_path, allow_hotkeys=[ORCHESTRATOR.ss58_address, STRANGER.ss58_address]))
+    assert client.post("/v1/inference", inference_job("mine")).status_code == 202
+    other = client.get("/v1/jobs/mine", signer=STRANGER)
+    assert other.status_code == 404
+    assert client.post("/v1/jobs/mine/cancel", signer=STRANGER).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "message"),
+    [
+        ({"job_id": "../etc/passwd"}, 422, "job_id"),
+        ({"job_id": ""}, 422, "job_id"),
+        ({"width": 63}, 422, "multiple of 16"),
+        ({"width": 512}, 422, "outside 16..256"),
+        ({"steps": 0}, 422, "steps"),
+        ({"prompt": ""}, 422, "prompt"),
+        ({"seed": -1}, 422, "seed"),
+        ({"callback_url": "ftp://example.com/x"}, 422, "http"),
+        ({"callback_url": "http://10.1.2.3/cb"}, 422, "private address"),
+        ({"callback_url": "http://169.254.169.254/latest"}, 422, "not a routable"),
+        ({"loras": [{"url": "http://127.0.0.1/x", "sha256": "abc", "scale": 1}]}, 422, "sha256"),
+        ({"deadline": "tomorrow"}, 422, "deadline"),
+        ({"surprise": 1}, 422, "surprise"),
+    ],
+)
+def test_bad_input_gets_4xx_with_a_reason(make_miner, overrides, status, message):
+    client = make_miner()
+    response = client.post("/v1/inference", {**inference_job("bad"), **overrides})
+    assert response.status_code == status
+    assert message in response.text
+
+
+def test_bad_job_id_in_path(make_miner):
+    client = make_miner()
+    assert client.get("/v1/jobs/bad%20id").status_code == 422
+    assert client.get("/v1/jobs/unknown").status_code == 404
+
+
+def test_oversized_body_is_refused(make_miner, tmp_path):
+    client = make_miner(miner_settings(tmp_path, max_body_bytes=2048))
+    response = client.post("/v1/inference", inference_job("big", prompt="x" * 1900, negative="y" * 1000))
+    assert response.status_code == 413
+
+
+def test_loopback_is_refused_unless_allowed(make_miner, tmp_path, server):
+    client = make_miner(miner_settings(tmp_path, allow_loopback_urls=False))
+    response = client.post("/v1/inference", inference_job("loop", server))
+    assert response.status_code == 422 and "loopback" in response.json()["detail"]

@@ -1,0 +1,46 @@
+"""The benchmarks run end to end at the tiniest settings and their variants agree byte for byte."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/ is a folder of scripts, not a package: import its modules the way run.py sees them."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield {name: importlib.import_module(name) for name in ("bench_overhead", "bench_lora_switch", "run")}
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_overhead_variants_give_identical_pngs(bench):
+    module = bench["bench_overhead"]
+    result = module.run((module.Config("tiny", 32, 1, reps=1, warmup=0),))
+
+    (row,) = result.rows
+    assert row["identical"]
+    assert row["ours_ms"] > 0 and row["bare_ms"] > 0
+    assert result.failed_checks == []
+
+
+def test_lora_switch_streams_give_identical_pngs(bench):
+    module = bench["bench_lora_switch"]
+    result = module.run((module.Config("tiny", 32, 1, cycles=1, loras=2),))
+
+    (row,) = result.rows
+    assert row["identical"]
+    assert row["checks"] == {"lora_changes_image": True, "all_switches_were_cache_hits": True}
+    assert row["ours_ms"] > 0 and row["naive_load_ms"] > 0 and row["naive_unload_ms"] > 0
+    assert result.failed_checks == []
+
+
+def test_runner_lists_both_benchmarks(bench):
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch"}
