@@ -35,7 +35,7 @@ ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

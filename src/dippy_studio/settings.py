@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dippy_studio.engine.profiles import EngineOptions
+from dippy_studio.engine.options import EngineOptions
 
 
 class Settings(BaseSettings):

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from diffusers import FluxPipeline
 from diffusers.utils import logging as diffusers_logging
-from pydantic import BaseModel, ConfigDict, Field
 from transformers.utils import logging as transformers_logging
 
 from dippy_studio.engine import builtin
 from dippy_studio.engine.determinism import configure_cuda, configure_threads, realign_parameters
 from dippy_studio.engine.errors import ProfileError
+from dippy_studio.engine.options import EngineOptions
 
 PROFILE_MARKER = "dippy_profile.json"
 # One LoRA application mode per profile: PEFT layers computed beside the frozen base weights.
@@ -96,23 +95,6 @@ PROFILES: dict[str, ProfileSpec] = {
 }
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class EngineOptions(BaseModel):
-    """How to build an engine: which profile, where its weights live, and how to run it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    profile: str = "tiny"
-    model_path: Path | None = None
-    device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Thread count changes results on larger models, so it is fixed (and fingerprinted)
-    # rather than taken from the machine's core count.
-    threads: int = Field(default=2, ge=1, le=256)
-    lora_cache_size: int = Field(default=8, ge=1, le=256)
-    lora_dir: Path | None = None
-    compile: bool = False
 
 
 def get_profile(name: str) -> ProfileSpec:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from dippy_studio.engine.profiles import EngineOptions
+from dippy_studio.engine.options import EngineOptions
 
 
 class MinerSettings(BaseSettings):
