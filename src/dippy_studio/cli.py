@@ -233,8 +233,10 @@ def demo(
 def _register_subcommands() -> None:
     from dippy_studio.chain.cli import chain_app
     from dippy_studio.miner.cli import miner_app
+    from dippy_studio.orchestrator.cli import orchestrator_app
 
     app.add_typer(miner_app, name="miner")
+    app.add_typer(orchestrator_app, name="orchestrator")
     app.add_typer(chain_app, name="chain")
 
 
@@ -258,6 +260,191 @@ def _progress(disabled: bool) -> Progress:
         console=err,
         disable=disabled,
         transient=True,
+    )
+
+
+@app.command()
+def train(
+    dataset: Annotated[
+        Path, typer.Argument(help="Folder or .zip of images (png/jpg/webp) with same-name .txt captions.")
+    ],
+    trigger: Annotated[
+        str | None, typer.Option("--trigger", help="Trigger word: replaces [trigger] in captions, else is prepended.")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="LoRA rank (profile default: 16 for Flux, 4 for tiny).")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (profile default: 1000 for Flux).")] = None,
+    lr: Annotated[float | None, typer.Option(help="AdamW learning rate (profile default: 1e-4 for Flux).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Images per step.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Square training resolution, a multiple of 16.")] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target", help="Transformer layer name to adapt; repeatable (default: to_q to_k to_v to_out.0)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Training seed: same data, config, seed and profile give the same file.")
+    ] = 0,
+    max_seconds: Annotated[
+        float | None, typer.Option("--max-seconds", help="Time budget; stops early and still writes the LoRA.")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option("--checkpoint-every", help="Save a checkpoint every N steps, as OUTPUT_NAME.ckpt.safetensors."),
+    ] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue from this checkpoint.")] = None,
+    profile: ProfileOpt = None,
+    model_path: ModelPathOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the LoRA (.safetensors).")] = Path(
+        "lora.safetensors"
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Train a Flux LoRA on a captioned image dataset and write it as diffusers-format .safetensors."""
+    from dippy_studio.engine.training import TrainConfig, train_lora
+
+    options = engine_options(profile, model_path, device, dtype, threads)
+    try:
+        config = TrainConfig(
+            profile=options.profile,
+            trigger=trigger,
+            rank=rank,
+            alpha=alpha,
+            steps=steps,
+            lr=lr,
+            batch_size=batch_size,
+            resolution=resolution,
+            targets=tuple(target) if target else None,
+            seed=seed,
+        )
+    except (ValidationError, EngineError) as exc:
+        fail(describe_validation(exc) if isinstance(exc, ValidationError) else str(exc))
+    with _train_progress(disabled=as_json) as progress:
+        task = progress.add_task("loading model and encoding the dataset", total=config.steps, loss="", eta="")
+
+        def report(update) -> None:
+            progress.update(
+                task,
+                description="training",
+                completed=update.step,
+                loss=f"loss {update.loss:.4f}",
+                eta=f"eta {update.eta:.0f}s" if update.eta is not None else "",
+            )
+
+        try:
+            result = train_lora(
+                dataset,
+                output,
+                config,
+                options=options,
+                resume=resume,
+                checkpoint_every=checkpoint_every,
+                max_seconds=max_seconds,
+                on_progress=report,
+            )
+        except EngineError as exc:
+            progress.stop()
+            fail(str(exc))
+    summary = {
+        "output": str(result.path),
+        "sha256": result.sha256,
+        "steps": result.steps,
+        "planned_steps": result.planned_steps,
+        "stopped_early": result.stopped_early,
+        "final_loss": result.final_loss,
+        "seconds": round(result.seconds, 3),
+        "steps_per_second": round(result.steps_per_second, 3),
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "metadata": result.metadata,
+    }
+    if as_json:
+        print(json.dumps(summary))
+        return
+    out.print(f"wrote {result.path}")
+    out.print(f"sha256      {result.sha256}")
+    note = " (stopped by --max-seconds)" if result.stopped_early else ""
+    out.print(f"steps       {result.steps}/{result.planned_steps}{note}")
+    if result.final_loss is not None:
+        out.print(f"final loss  {result.final_loss:.4f}")
+    out.print(f"speed       {result.steps_per_second:.1f} steps/s")
+    if result.checkpoint:
+        out.print(f"checkpoint  {result.checkpoint}")
+
+
+@app.command("eval-lora")
+def eval_lora(
+    lora: Annotated[Path, typer.Argument(help="The LoRA (.safetensors) to judge.")],
+    heldout_dataset: Annotated[Path, typer.Argument(help="Held-out images: a folder or .zip with .txt captions.")],
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", help="Evaluation seed; repeatable (default: 0 1 2).")
+    ] = None,
+    trigger: Annotated[
+        str | None, typer.Option("--trigger", help="Trigger word for the captions (default: the LoRA's own).")
+    ] = None,
+    resolution: Annotated[
+        int | None, typer.Option(help="Evaluation resolution (default: the LoRA's training resolution).")
+    ] = None,
+    profile: ProfileOpt = None,
+    model_path: ModelPathOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Held-out flow-matching loss of the base model and with the LoRA, and the relative improvement."""
+    from dippy_studio.engine.evaluation import DEFAULT_SEEDS, evaluate_lora
+    from dippy_studio.engine.training import META, read_metadata
+
+    if profile is None and model_path is None:
+        try:  # the LoRA names the profile it was trained on; a bad file is reported by evaluate_lora
+            profile = read_metadata(lora).get(f"{META}profile")
+        except EngineError:
+            profile = None
+    options = engine_options(profile, model_path, device, dtype, threads)
+    try:
+        result = evaluate_lora(
+            options,
+            lora,
+            heldout_dataset,
+            tuple(seed) if seed else DEFAULT_SEEDS,
+            trigger=trigger,
+            resolution=resolution,
+        )
+    except EngineError as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    table = Table(title=f"{lora.name} on {heldout_dataset.name} ({result.images} images, profile {options.profile})")
+    for column in ("noise level", "base loss", "LoRA loss", "improvement"):
+        table.add_column(column, justify="right")
+    for sigma, base, with_lora in result.by_sigma:
+        table.add_row(f"{sigma:g}", f"{base:.4f}", f"{with_lora:.4f}", f"{(base - with_lora) / base:+.1%}")
+    table.add_row(
+        "all", f"{result.base_loss:.4f}", f"{result.lora_loss:.4f}", f"{result.improvement:+.1%}", style="bold"
+    )
+    out.print(table)
+    out.print(f"base loss   {result.base_loss:.6f}")
+    out.print(f"LoRA loss   {result.lora_loss:.6f}")
+    out.print(f"improvement {result.improvement:+.2%}")
+
+
+def _train_progress(disabled: bool) -> Progress:
+    # The ETA column is the trainer's own estimate: it also knows about --max-seconds.
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[eta]}"),
+        console=err,
+        disable=disabled,
+        transient=False,
     )
 
 

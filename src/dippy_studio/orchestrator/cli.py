@@ -1,0 +1,146 @@
+"""`dippy-studio orchestrator ...`: administration that needs no running server.
+
+`keys create|list|revoke` work on the same database as the server (`--data-dir` or `--db`), and
+bring its schema up to date first, so they also work before the server has ever started.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from dippy_studio.orchestrator.models import ApiKey
+    from dippy_studio.orchestrator.store import Store
+
+orchestrator_app = typer.Typer(help="The orchestrator: the subnet's front door for clients.", no_args_is_help=True)
+keys_app = typer.Typer(help="Client API keys: create, list, revoke.", no_args_is_help=True)
+orchestrator_app.add_typer(keys_app, name="keys")
+
+err = Console(stderr=True)
+out = Console()
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="DIPPY_DATA_DIR",
+        help="Data directory; the database is DIR/orchestrator.sqlite. Default: .dippy",
+        show_default=False,
+    ),
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", help="Database URL (sqlite:///path or postgresql://...); overrides --data-dir."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _open_store(data_dir: Path | None, db: str | None) -> Store:
+    # Imported here so `dippy-studio --help` does not pay for SQLAlchemy and Alembic.
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dippy_studio.orchestrator.db import DatabaseUrlError, default_url, safe_url
+    from dippy_studio.orchestrator.store import Store
+
+    url = db or default_url(data_dir or Path(".dippy"))
+    try:
+        return Store.open(url)
+    except DatabaseUrlError as exc:
+        _fail(str(exc), 2)
+    except SQLAlchemyError as exc:
+        # The driver's first line says what went wrong (host unreachable, auth failed, ...).
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _fail(f"cannot open database {safe_url(url)}: {reason}", 2)
+    except OSError as exc:
+        _fail(f"cannot open database {safe_url(url)}: {exc}", 2)
+
+
+def _public(key: ApiKey) -> dict[str, Any]:
+    """What may be shown about a key at any time: never its hash or webhook secret."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "rate_limit_per_minute": key.rate_limit_per_minute,
+        "created_at": key.created_at.isoformat(),
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+@keys_app.command("create")
+def create_key(
+    name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],
+    rate_limit: Annotated[int, typer.Option("--rate-limit", min=1, help="Requests per minute.")] = 60,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Create a key. Its secret and webhook signing secret are printed once and never again."""
+    if not name.strip():
+        _fail("--name must not be empty", 2)
+    store = _open_store(data_dir, db)
+    try:
+        created = store.create_api_key(name, rate_limit_per_minute=rate_limit)
+    finally:
+        store.close()
+    key = created.key
+    if as_json:
+        print(json.dumps({**_public(key), "key": created.secret, "webhook_secret": key.webhook_secret}))
+        return
+    # Plain output for the secrets: a terminal-width wrap would break copy and paste.
+    typer.echo(f"Created API key {key.id} ({key.name}, {key.rate_limit_per_minute}/min)")
+    typer.echo(f"  key:            {created.secret}")
+    typer.echo(f"  webhook secret: {key.webhook_secret}")
+    out.print("Store both now: they are not shown again.", style="yellow")
+
+
+@keys_app.command("list")
+def list_keys(as_json: JsonOpt = False, data_dir: DataDirOpt = None, db: DbOpt = None) -> None:
+    """List keys (never their secrets)."""
+    store = _open_store(data_dir, db)
+    try:
+        keys = store.list_api_keys()
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps([_public(k) for k in keys]))
+        return
+    if not keys:
+        out.print("No API keys yet: dippy-studio orchestrator keys create --name NAME")
+        return
+    table = Table("id", "name", "rate/min", "created", "status")
+    for key in keys:
+        status = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        created = f"{key.created_at:%Y-%m-%d %H:%M}"
+        table.add_row(key.id, escape(key.name), str(key.rate_limit_per_minute), created, status)
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def revoke_key(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...), as `keys list` shows it.")],
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Revoke a key: requests with it fail from now on. Its jobs and LoRAs are kept."""
+    from dippy_studio.orchestrator.store import UnknownApiKey
+
+    store = _open_store(data_dir, db)
+    try:
+        revoked = store.revoke_api_key(key_id)
+    except UnknownApiKey:
+        _fail(f"no API key with id {key_id!r} (see `keys list`)")
+    finally:
+        store.close()
+    typer.echo(f"Revoked {key_id}." if revoked else f"{key_id} was already revoked.")

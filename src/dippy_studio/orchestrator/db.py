@@ -1,0 +1,116 @@
+"""Engines and migrations. SQLite (a file under the data dir) by default, PostgreSQL by URL.
+
+SQLite runs in WAL mode with foreign keys on and a busy timeout, and writes start with
+`BEGIN IMMEDIATE`: a deferred transaction that reads and then writes can fail at once with
+SQLITE_BUSY when another process committed in between (the busy timeout does not cover that),
+while an immediate one waits its turn for the write lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+DB_FILENAME = "orchestrator.sqlite"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Fail a connection attempt to an unreachable PostgreSQL in seconds, not the OS's minutes.
+PG_CONNECT_TIMEOUT_S = 10
+# Execution option a connection carries when its transaction will write (see module docstring).
+WRITE_OPTION = "dippy_write"
+
+
+class DatabaseUrlError(ValueError):
+    """The database URL cannot be used (bad syntax, unknown backend, missing driver)."""
+
+
+def default_url(data_dir: Path | str) -> str:
+    return f"sqlite:///{Path(data_dir) / DB_FILENAME}"
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def parse_url(url: str | URL) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUrlError(f"not a database URL: {url!r}") from exc
+    # psycopg 3 is the driver we ship; `postgresql://` would otherwise ask for psycopg2.
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise DatabaseUrlError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
+    return parsed
+
+
+def make_engine(url: str | URL) -> Engine:
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(parsed)
+    try:
+        # pool_pre_ping: a replica that sat idle behind a proxy should not fail its next request.
+        connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+    except NoSuchModuleError as exc:
+        raise DatabaseUrlError(f"no driver for {parsed.drivername!r}") from exc
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = create_engine(url)
+    except NoSuchModuleError as exc:
+        raise DatabaseUrlError(f"no driver for {url.drivername!r}") from exc
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record) -> None:
+        # Take transaction control away from the sqlite3 module so `_begin` decides how each starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Safe with WAL (a power cut may lose the last commits, never corrupt) and much faster.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE_OPTION) else "BEGIN")
+
+    return engine
+
+
+def alembic_config(engine: Engine) -> Config:
+    """Alembic configured in code: the scripts ship inside the package, no alembic.ini needed."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(url_or_engine: str | URL | Engine, revision: str = "head") -> None:
+    """Bring the schema up to `revision`. Safe to run on every start, from several processes."""
+    from alembic import command
+
+    engine = url_or_engine if isinstance(url_or_engine, Engine) else make_engine(url_or_engine)
+    try:
+        command.upgrade(alembic_config(engine), revision)
+    finally:
+        if engine is not url_or_engine:
+            engine.dispose()

@@ -1,0 +1,1 @@
+"""Alembic migrations for the orchestrator database (run by `db.upgrade`)."""

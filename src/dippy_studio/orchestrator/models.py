@@ -1,0 +1,223 @@
+"""The orchestrator's tables as SQLAlchemy 2 typed models. Queries live in `store`; the schema
+changes only through migrations in `migrations/versions` (a test checks that both agree).
+
+Times are stored in UTC and always come back timezone-aware, on SQLite as on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from dippy_studio.orchestrator.states import RequestStatus
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware datetime in, an aware UTC datetime out. SQLite has no time zones, so it stores
+    naive UTC; a naive value coming in is a bug we refuse rather than guess at."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware one")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
+
+
+_STATUSES = ", ".join(f"'{s.value}'" for s in RequestStatus)
+
+
+class ApiKey(Base):
+    """A client's API key. The secret (`dsk_<id hex>_<random>`) is shown once at creation; only its
+    sha256 is kept. The secret has 256 random bits, so a fast hash is enough (nothing to brute-force).
+
+    `webhook_secret` is kept in plain text on purpose: Standard Webhooks signatures are HMACs, and
+    the server needs the secret itself to sign each delivery. Protect the database accordingly.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    webhook_secret: Mapped[str] = mapped_column(String(200))
+    rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    """One client request (`req_<uuid hex>`): an inference or a training job, and where it stands."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_STATUSES})", name="status"),
+        CheckConstraint("kind IN ('inference', 'training')", name="kind"),
+        # The dispatcher's queue scan and the sweeper's timeout scan.
+        Index(None, "status", "created_at"),
+        Index(None, "status", "dispatch_deadline"),
+        Index(None, "api_key_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    # The client's deadline for the whole request, across every attempt.
+    deadline: Mapped[datetime]
+    # Dispatches so far (counted when claimed, so a dispatcher that dies mid-send still uses one up).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # How long one miner gets before the sweeper takes the job back.
+    attempt_timeout_s: Mapped[float] = mapped_column(Float)
+    # The current attempt: cleared when the job goes back to the queue.
+    miner_hotkey: Mapped[str | None] = mapped_column(String(64))
+    miner_uid: Mapped[int | None] = mapped_column(Integer)
+    dispatched_at: Mapped[datetime | None]
+    dispatch_deadline: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    # What the miner claimed, and the blob-store key once the bytes were checked and stored.
+    result_sha256: Mapped[str | None] = mapped_column(String(64))
+    result_blob: Mapped[str | None] = mapped_column(String(64))
+    result_bytes: Mapped[int | None] = mapped_column(Integer)
+    fingerprint: Mapped[str | None] = mapped_column(String(128))
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048))
+    # none | pending | delivered | failed
+    webhook_state: Mapped[str] = mapped_column(String(16), default="none")
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Picked for an audit by re-run; verdicts live in `audits`.
+    audit: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class JobAttempt(Base):
+    """One dispatch of a job to one miner. The dispatcher uses it to avoid retrying a miner that
+    already failed the job, and the scorer to see latencies and failures."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "attempt"), Index(None, "miner_hotkey", "dispatched_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    miner_hotkey: Mapped[str] = mapped_column(String(64))
+    miner_uid: Mapped[int | None] = mapped_column(Integer)
+    dispatched_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+    # None while open; then succeeded | failed | timeout | canceled.
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    latency_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Miner(Base):
+    """A miner as the orchestrator last saw it on the metagraph and through health probes."""
+
+    __tablename__ = "miners"
+
+    hotkey: Mapped[str] = mapped_column(String(64), primary_key=True)
+    uid: Mapped[int] = mapped_column(Integer)
+    coldkey: Mapped[str | None] = mapped_column(String(64))
+    endpoint: Mapped[str | None] = mapped_column(String(2048))
+    stake: Mapped[float] = mapped_column(Float, default=0.0)
+    healthy: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_probe_at: Mapped[datetime | None]
+    capacity: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    fingerprints: Mapped[list[Any]] = mapped_column(default=list)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class Lora(Base):
+    """A trained LoRA a client can name in later inference requests. The file is the blob whose
+    name is `sha256` (`BlobStore.path(sha256)`); no path is stored, so the data dir can move."""
+
+    __tablename__ = "loras"
+    __table_args__ = (Index(None, "api_key_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    trigger_word: Mapped[str] = mapped_column(String(64), default="")
+    rank: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+
+
+class Audit(Base):
+    """The verdict of re-running one job on a reference engine, with the evidence behind it."""
+
+    __tablename__ = "audits"
+    __table_args__ = (Index(None, "miner_hotkey", "created_at"), Index(None, "job_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    miner_hotkey: Mapped[str] = mapped_column(String(64))
+    # pass | fail | inconclusive
+    verdict: Mapped[str] = mapped_column(String(16))
+    evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class RateWindow(Base):
+    """Requests per API key per one-minute window: a fixed-window counter that every orchestrator
+    process shares through the database. Old windows are pruned as new ones start."""
+
+    __tablename__ = "rate_windows"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,61 @@
+"""The job state machine, as data. The store refuses any transition that is not listed here.
+
+    queued ──claim──> dispatched ──miner accepted──> running ──> succeeded | failed
+      ^                   │                            │
+      └──── miner timeout / failure: re-dispatch ──────┘
+    queued ──client deadline passed──> failed
+    any non-terminal ──client──> canceled
+
+There is no separate `expired` state: a job whose client deadline passes is `failed` with an
+error that says so, which keeps the public status list to the six the API documents.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RequestStatus(StrEnum):
+    queued = "queued"
+    dispatched = "dispatched"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[RequestStatus] = frozenset({RequestStatus.succeeded, RequestStatus.failed, RequestStatus.canceled})
+ACTIVE: frozenset[RequestStatus] = frozenset({RequestStatus.dispatched, RequestStatus.running})
+NON_TERMINAL: frozenset[RequestStatus] = frozenset(RequestStatus) - TERMINAL
+
+_Q, _D, _R = RequestStatus.queued, RequestStatus.dispatched, RequestStatus.running
+_S, _F, _C = RequestStatus.succeeded, RequestStatus.failed, RequestStatus.canceled
+
+TRANSITIONS: frozenset[tuple[RequestStatus, RequestStatus]] = frozenset(
+    {
+        (_Q, _D),  # claimed by a dispatcher
+        (_Q, _F),  # the client's deadline passed before any miner took it
+        (_D, _R),  # the miner accepted the job (or reported that it started)
+        (_D, _Q),  # the miner refused, failed or timed out: try another one
+        (_R, _Q),
+        (_D, _S),  # a fast miner may call back before we saw it running
+        (_D, _F),
+        (_R, _S),
+        (_R, _F),
+        (_Q, _C),
+        (_D, _C),
+        (_R, _C),
+    }
+)
+
+
+def can_transition(frm: RequestStatus | str, to: RequestStatus | str) -> bool:
+    """True when the state machine allows moving a job from `frm` to `to`."""
+    try:
+        return (RequestStatus(frm), RequestStatus(to)) in TRANSITIONS
+    except ValueError:
+        return False

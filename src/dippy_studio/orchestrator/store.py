@@ -1,0 +1,622 @@
+"""Every query the orchestrator makes, in one place.
+
+SQLite and PostgreSQL differ only here, and only in how a write is made safe under concurrency:
+PostgreSQL locks the rows it takes with `SELECT ... FOR UPDATE SKIP LOCKED`, so several
+orchestrator processes can claim from one queue without waiting on or double-taking each other;
+SQLite has no row locks, so writes run in `BEGIN IMMEDIATE` transactions (see `db`), which take
+the database's single write lock up front (and the `FOR UPDATE` clause compiles to nothing).
+Upserts use each dialect's own `INSERT ... ON CONFLICT` construct.
+
+Every job status change is a compare-and-set against the state machine in `states`: an UPDATE
+that names the states it may come from, so a job cannot be finished twice or revived once done.
+Methods take `now` so tests (and a sweeper with its own clock) control time; it defaults to
+the current UTC time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session, sessionmaker
+
+from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
+from dippy_studio.orchestrator.models import ApiKey, Audit, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
+from dippy_studio.orchestrator.states import ACTIVE, NON_TERMINAL, RequestStatus, can_transition
+from dippy_studio.protocol.schemas import JobKind
+
+KEY_PREFIX = "dsk_"
+_KEY_SECRET = re.compile(r"^dsk_([0-9a-f]{16})_[A-Za-z0-9_-]{32,128}$")
+DEFAULT_RATE_LIMIT_PER_MINUTE = 60
+RATE_WINDOW = timedelta(minutes=1)
+DEFAULT_MAX_ATTEMPTS = 3
+# A re-dispatch with less time than this left before the client's deadline would only fail later.
+DEFAULT_MIN_ATTEMPT_S = 5.0
+SWEEP_BATCH = 500
+AUDIT_VERDICTS = frozenset({"pass", "fail", "inconclusive"})
+WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
+
+# Columns a transition may set besides the status (the id, owner and request never change).
+_TRANSITION_FIELDS = frozenset(Job.__table__.columns.keys()) - {"id", "api_key_id", "kind", "payload", "status"}
+# What a transition out of an attempt says about that attempt, unless the caller says otherwise.
+_ATTEMPT_OUTCOME = {
+    RequestStatus.queued: "failed",
+    RequestStatus.succeeded: "succeeded",
+    RequestStatus.failed: "failed",
+    RequestStatus.canceled: "canceled",
+}
+
+
+class StoreError(Exception):
+    """Base class for the store's own errors."""
+
+
+class IllegalTransition(StoreError, ValueError):
+    """The state machine has no such transition: a bug in the caller, not a race."""
+
+
+class UnknownApiKey(StoreError, LookupError):
+    """No API key has this id."""
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """A freshly created key. `secret` and `key.webhook_secret` must be shown to the client now:
+    the secret is never stored and cannot be recovered."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_job_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+class Store:
+    def __init__(self, url_or_engine: str | URL | Engine) -> None:
+        self.engine = url_or_engine if isinstance(url_or_engine, Engine) else make_engine(url_or_engine)
+        self.dialect = self.engine.dialect.name
+        # expire_on_commit=False: returned rows stay readable after their session is gone.
+        self._reads = sessionmaker(self.engine, expire_on_commit=False)
+        self._writes = sessionmaker(self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str | URL, migrate: bool = True) -> Store:
+        """A store on `url`, its schema brought up to date first (the usual way to start)."""
+        store = cls(url)
+        if migrate:
+            upgrade(store.engine)
+        return store
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with self._reads() as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    def _insert(self, model: type) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
+
+    # ---- API keys ---------------------------------------------------------------------------
+
+    def create_api_key(
+        self, name: str, rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE, now: datetime | None = None
+    ) -> NewApiKey:
+        if not name.strip():
+            raise ValueError("an API key needs a name")
+        if rate_limit_per_minute < 1:
+            raise ValueError("rate_limit_per_minute must be at least 1")
+        short_id = secrets.token_hex(8)
+        secret = f"{KEY_PREFIX}{short_id}_{secrets.token_urlsafe(32)}"
+        key = ApiKey(
+            id=f"key_{short_id}",
+            name=name.strip(),
+            key_hash=hash_secret(secret),
+            # Standard Webhooks secret format: "whsec_" + base64 of the HMAC key bytes.
+            webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            rate_limit_per_minute=rate_limit_per_minute,
+            created_at=now or utcnow(),
+        )
+        with self._write() as session:
+            session.add(key)
+        return NewApiKey(key=key, secret=secret)
+
+    def list_api_keys(self, include_revoked: bool = True) -> list[ApiKey]:
+        query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+        if not include_revoked:
+            query = query.where(ApiKey.revoked_at.is_(None))
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def get_api_key(self, key_id: str) -> ApiKey | None:
+        with self._read() as session:
+            return session.get(ApiKey, key_id)
+
+    def revoke_api_key(self, key_id: str, now: datetime | None = None) -> bool:
+        """True when this call revoked the key, False when it was already revoked."""
+        with self._write() as session:
+            key = session.get(ApiKey, key_id)
+            if key is None:
+                raise UnknownApiKey(key_id)
+            if key.revoked_at is not None:
+                return False
+            key.revoked_at = now or utcnow()
+            return True
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        """The live key whose secret this is, or None. Looks up by the id inside the secret and
+        compares hashes in constant time, so neither plaintext nor timing gives a key away."""
+        match = _KEY_SECRET.match(secret)
+        if match is None:
+            return None
+        with self._read() as session:
+            key = session.get(ApiKey, f"key_{match.group(1)}")
+        if key is None or key.revoked_at is not None:
+            return None
+        return key if hmac.compare_digest(key.key_hash, hash_secret(secret)) else None
+
+    def hit_rate_limit(self, api_key_id: str, now: datetime | None = None) -> float | None:
+        """Count one request for the key. None when it is within its per-minute limit, else the
+        seconds until the next window opens. One atomic upsert per call, so every process sharing
+        the database shares the count. Fixed windows may let a client burst up to twice its limit
+        across a window boundary; that is the price of one row per key per minute."""
+        now = now or utcnow()
+        window = now.replace(second=0, microsecond=0)
+        with self._write() as session:
+            limit = session.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
+            if limit is None:
+                raise UnknownApiKey(api_key_id)
+            upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
+            upsert = upsert.on_conflict_do_update(
+                index_elements=[RateWindow.api_key_id, RateWindow.window_start],
+                set_={"count": RateWindow.count + 1},
+            ).returning(RateWindow.count)
+            count = session.scalar(upsert)
+            if count == 1:
+                # First request of a new window: the key's older windows will never be read again.
+                session.execute(
+                    RateWindow.__table__.delete().where(
+                        RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
+                    )
+                )
+        if count <= limit:
+            return None
+        return (window + RATE_WINDOW - now).total_seconds()
+
+    # ---- jobs -------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        api_key_id: str,
+        kind: JobKind | str,
+        payload: Mapping[str, Any],
+        deadline: datetime,
+        attempt_timeout_s: float,
+        *,
+        webhook_url: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        audit: bool = False,
+        job_id: str | None = None,
+        now: datetime | None = None,
+    ) -> Job:
+        if attempt_timeout_s <= 0:
+            raise ValueError("attempt_timeout_s must be positive")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        now = now or utcnow()
+        job = Job(
+            id=job_id or new_job_id(),
+            api_key_id=api_key_id,
+            kind=JobKind(kind).value,
+            status=RequestStatus.queued.value,
+            payload=dict(payload),
+            created_at=now,
+            updated_at=now,
+            deadline=deadline,
+            attempts=0,
+            max_attempts=max_attempts,
+            attempt_timeout_s=float(attempt_timeout_s),
+            timings={},
+            webhook_url=webhook_url,
+            webhook_state="pending" if webhook_url else "none",
+            webhook_attempts=0,
+            audit=audit,
+        )
+        with self._write() as session:
+            session.add(job)
+        return job
+
+    def get_job(self, job_id: str, api_key_id: str) -> Job | None:
+        """The job if it belongs to this key; a client never learns that another key's job exists."""
+        with self._read() as session:
+            return session.scalar(select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id))
+
+    def load_job(self, job_id: str) -> Job | None:
+        """Any job by id, for the orchestrator itself (callbacks, audits); never for client requests."""
+        with self._read() as session:
+            return session.get(Job, job_id)
+
+    def list_jobs(
+        self,
+        api_key_id: str,
+        *,
+        status: RequestStatus | str | None = None,
+        before: datetime | None = None,
+        limit: int = 50,
+    ) -> list[Job]:
+        """A key's jobs, newest first; `before` pages back through older ones."""
+        query = select(Job).where(Job.api_key_id == api_key_id)
+        if status is not None:
+            query = query.where(Job.status == RequestStatus(status).value)
+        if before is not None:
+            query = query.where(Job.created_at < before)
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def transition(
+        self,
+        job_id: str,
+        frm: RequestStatus | str | Iterable[RequestStatus | str],
+        to: RequestStatus | str,
+        *,
+        now: datetime | None = None,
+        attempt_outcome: str | None = None,
+        attempt_error: str | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move a job from one of the states `frm` to `to`, setting `fields` with it, if and only if
+        it is still in one of those states. False when it was not (another process got there first).
+
+        Timestamps follow the state (dispatched_at, started_at, finished_at) unless given; going back
+        to `queued` clears the current miner. Leaving an attempt (re-queue or a terminal state)
+        closes the open JobAttempt row with `attempt_outcome` (default: what the new state implies).
+        """
+        sources = {RequestStatus(frm)} if isinstance(frm, str) else {RequestStatus(s) for s in frm}
+        target = RequestStatus(to)
+        illegal = sorted(s.value for s in sources if not can_transition(s, target))
+        if not sources or illegal:
+            raise IllegalTransition(f"{', '.join(illegal) or '(nothing)'} -> {target.value} is not a job transition")
+        unknown = set(fields) - _TRANSITION_FIELDS
+        if unknown:
+            raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
+        now = now or utcnow()
+        values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
+        with self._write() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_([s.value for s in sources]))
+                .values(values)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return False
+            if target in _ATTEMPT_OUTCOME:
+                _close_attempt(session, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
+            return True
+
+    def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
+        """Cancel a key's own job if it has not finished; False if it had (or is not theirs)."""
+        now = now or utcnow()
+        with self._write() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.api_key_id == api_key_id,
+                    Job.status.in_([s.value for s in NON_TERMINAL]),
+                )
+                .values(
+                    status=RequestStatus.canceled.value, finished_at=now, updated_at=now, error="canceled by client"
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                return False
+            _close_attempt(session, job_id, "canceled", None, now)
+            return True
+
+    def claim_for_dispatch(
+        self, limit: int, now: datetime | None = None, kinds: Iterable[JobKind | str] | None = None
+    ) -> list[Job]:
+        """Take up to `limit` queued jobs, oldest first, and mark them dispatched: each is returned
+        to exactly one caller, however many processes claim at once. Counts the attempt and sets its
+        timeout, capped by the client's deadline. The caller then picks a miner (`assign_miner`) or
+        hands the job back (`transition(id, "dispatched", "queued")`)."""
+        now = now or utcnow()
+        query = (
+            select(Job)
+            .where(Job.status == RequestStatus.queued.value, Job.deadline > now)
+            .order_by(Job.created_at, Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        if kinds is not None:
+            query = query.where(Job.kind.in_([JobKind(k).value for k in kinds]))
+        with self._write() as session:
+            jobs = list(session.scalars(query))
+            for job in jobs:
+                job.status = RequestStatus.dispatched.value
+                job.attempts += 1
+                job.dispatched_at = now
+                job.dispatch_deadline = min(now + timedelta(seconds=job.attempt_timeout_s), job.deadline)
+                job.miner_hotkey = job.miner_uid = job.started_at = None
+                job.updated_at = now
+        return jobs
+
+    def assign_miner(
+        self, job_id: str, miner_hotkey: str, miner_uid: int | None, now: datetime | None = None
+    ) -> JobAttempt | None:
+        """Record that this dispatched job is being sent to this miner, opening its JobAttempt.
+        None when the job is no longer dispatched or already has a miner for this attempt."""
+        now = now or utcnow()
+        with self._write() as session:
+            job = session.scalar(
+                select(Job)
+                .where(Job.id == job_id, Job.status == RequestStatus.dispatched.value, Job.miner_hotkey.is_(None))
+                .with_for_update()
+            )
+            if job is None:
+                return None
+            job.miner_hotkey, job.miner_uid, job.dispatched_at, job.updated_at = miner_hotkey, miner_uid, now, now
+            attempt = JobAttempt(
+                job_id=job_id, attempt=job.attempts, miner_hotkey=miner_hotkey, miner_uid=miner_uid, dispatched_at=now
+            )
+            session.add(attempt)
+        return attempt
+
+    def list_attempts(
+        self, job_id: str | None = None, *, miner_hotkey: str | None = None, since: datetime | None = None
+    ) -> list[JobAttempt]:
+        """Attempts in dispatch order: one job's (to skip miners that failed it), or a miner's."""
+        query = select(JobAttempt).order_by(JobAttempt.dispatched_at, JobAttempt.id)
+        if job_id is not None:
+            query = query.where(JobAttempt.job_id == job_id)
+        if miner_hotkey is not None:
+            query = query.where(JobAttempt.miner_hotkey == miner_hotkey)
+        if since is not None:
+            query = query.where(JobAttempt.dispatched_at >= since)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    def sweep(self, now: datetime | None = None, min_attempt_s: float = DEFAULT_MIN_ATTEMPT_S) -> SweepResult:
+        """Take back jobs whose miner ran out of time, and fail jobs whose client deadline passed.
+
+        A timed-out job goes back to the queue (for another miner; its attempt is recorded as a
+        timeout) while it has attempts left and at least `min_attempt_s` before the client's
+        deadline; otherwise it fails. Queued jobs past their deadline fail. Rows another sweeper
+        holds are skipped, so several orchestrators may sweep at once.
+        """
+        now = now or utcnow()
+        result = SweepResult()
+        with self._write() as session:
+            # Materialized: the loop below runs queries of its own on this session.
+            stuck = list(
+                session.scalars(
+                    select(Job)
+                    .where(Job.status.in_([s.value for s in ACTIVE]), Job.dispatch_deadline <= now)
+                    .order_by(Job.dispatch_deadline)
+                    .limit(SWEEP_BATCH)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for job in stuck:
+                miner = f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
+                _close_attempt(session, job.id, "timeout", f"no result within {job.attempt_timeout_s:g}s", now)
+                left = (job.deadline - now).total_seconds()
+                if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
+                    job.status = RequestStatus.queued.value
+                    for name, value in _implied_fields(RequestStatus.queued, now).items():
+                        setattr(job, name, value)
+                    result.requeued.append(job.id)
+                else:
+                    job.status = RequestStatus.failed.value
+                    job.finished_at = now
+                    where = miner if job.miner_hotkey else "before a miner was assigned"
+                    job.error = f"attempt {job.attempts} timed out ({where}); no time or attempts left for another"
+                    result.failed.append(job.id)
+                job.updated_at = now
+            expired = session.scalars(
+                select(Job)
+                .where(Job.status == RequestStatus.queued.value, Job.deadline <= now)
+                .limit(SWEEP_BATCH)
+                .with_for_update(skip_locked=True)
+            )
+            for job in expired:
+                job.status = RequestStatus.failed.value
+                job.finished_at = job.updated_at = now
+                job.error = "deadline passed before a miner could finish the job"
+                result.failed.append(job.id)
+        return result
+
+    # ---- miners -----------------------------------------------------------------------------
+
+    def upsert_miner(
+        self,
+        hotkey: str,
+        uid: int,
+        *,
+        coldkey: str | None = None,
+        endpoint: str | None = None,
+        stake: float = 0.0,
+        now: datetime | None = None,
+    ) -> None:
+        """Insert or refresh a miner from the metagraph; its health and score are left alone."""
+        now = now or utcnow()
+        chain = {"uid": uid, "coldkey": coldkey, "endpoint": endpoint, "stake": stake, "updated_at": now}
+        upsert = self._insert(Miner).values(
+            hotkey=hotkey, healthy=False, capacity={}, fingerprints=[], score=0.0, created_at=now, **chain
+        )
+        with self._write() as session:
+            session.execute(upsert.on_conflict_do_update(index_elements=[Miner.hotkey], set_=chain))
+
+    def record_probe(
+        self,
+        hotkey: str,
+        healthy: bool,
+        *,
+        capacity: Mapping[str, Any] | None = None,
+        fingerprints: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> bool:
+        """Store a health probe's outcome. False for a miner the store does not know."""
+        now = now or utcnow()
+        values: dict[str, Any] = {"healthy": healthy, "last_probe_at": now, "updated_at": now}
+        if capacity is not None:
+            values["capacity"] = dict(capacity)
+        if fingerprints is not None:
+            values["fingerprints"] = list(fingerprints)
+        with self._write() as session:
+            result = session.execute(update(Miner).where(Miner.hotkey == hotkey).values(values))
+            return result.rowcount == 1
+
+    def set_scores(self, scores: Mapping[str, float], now: datetime | None = None) -> None:
+        now = now or utcnow()
+        with self._write() as session:
+            for hotkey, score in scores.items():
+                session.execute(update(Miner).where(Miner.hotkey == hotkey).values(score=score, updated_at=now))
+
+    def get_miner(self, hotkey: str) -> Miner | None:
+        with self._read() as session:
+            return session.get(Miner, hotkey)
+
+    def list_miners(self, healthy_only: bool = False) -> list[Miner]:
+        query = select(Miner).order_by(Miner.uid, Miner.hotkey)
+        if healthy_only:
+            query = query.where(Miner.healthy.is_(True))
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    # ---- LoRAs ------------------------------------------------------------------------------
+
+    def create_lora(
+        self,
+        api_key_id: str,
+        name: str,
+        sha256: str,
+        rank: int,
+        *,
+        trigger_word: str = "",
+        source_job_id: str | None = None,
+        lora_id: str | None = None,
+        now: datetime | None = None,
+    ) -> Lora:
+        lora = Lora(
+            id=lora_id or f"lora_{uuid.uuid4().hex}",
+            api_key_id=api_key_id,
+            name=name,
+            sha256=sha256,
+            rank=rank,
+            trigger_word=trigger_word,
+            source_job_id=source_job_id,
+            created_at=now or utcnow(),
+        )
+        with self._write() as session:
+            session.add(lora)
+        return lora
+
+    def get_lora(self, lora_id: str, api_key_id: str) -> Lora | None:
+        with self._read() as session:
+            return session.scalar(select(Lora).where(Lora.id == lora_id, Lora.api_key_id == api_key_id))
+
+    def list_loras(self, api_key_id: str) -> list[Lora]:
+        query = select(Lora).where(Lora.api_key_id == api_key_id).order_by(Lora.created_at.desc(), Lora.id)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+    # ---- audits -----------------------------------------------------------------------------
+
+    def add_audit(
+        self,
+        job_id: str,
+        miner_hotkey: str,
+        verdict: str,
+        evidence: Mapping[str, Any] | None = None,
+        now: datetime | None = None,
+    ) -> Audit:
+        if verdict not in AUDIT_VERDICTS:
+            raise ValueError(f"verdict must be one of {sorted(AUDIT_VERDICTS)}")
+        audit = Audit(
+            job_id=job_id,
+            miner_hotkey=miner_hotkey,
+            verdict=verdict,
+            evidence=dict(evidence or {}),
+            created_at=now or utcnow(),
+        )
+        with self._write() as session:
+            session.add(audit)
+        return audit
+
+    def list_audits(
+        self, *, job_id: str | None = None, miner_hotkey: str | None = None, since: datetime | None = None
+    ) -> list[Audit]:
+        query = select(Audit).order_by(Audit.created_at, Audit.id)
+        if job_id is not None:
+            query = query.where(Audit.job_id == job_id)
+        if miner_hotkey is not None:
+            query = query.where(Audit.miner_hotkey == miner_hotkey)
+        if since is not None:
+            query = query.where(Audit.created_at >= since)
+        with self._read() as session:
+            return list(session.scalars(query))
+
+
+def _implied_fields(target: RequestStatus, now: datetime) -> dict[str, Any]:
+    if target is RequestStatus.queued:
+        # Back in the queue: the next dispatch starts clean; history stays in job_attempts.
+        return {
+            "miner_hotkey": None,
+            "miner_uid": None,
+            "dispatched_at": None,
+            "dispatch_deadline": None,
+            "started_at": None,
+        }
+    if target is RequestStatus.dispatched:
+        return {"dispatched_at": now}
+    if target is RequestStatus.running:
+        return {"started_at": now}
+    return {"finished_at": now}
+
+
+def _close_attempt(session: Session, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
+    attempt = session.scalar(
+        select(JobAttempt)
+        .where(JobAttempt.job_id == job_id, JobAttempt.outcome.is_(None))
+        .order_by(JobAttempt.attempt.desc())
+    )
+    if attempt is None:
+        return
+    attempt.outcome = outcome
+    attempt.error = error
+    attempt.finished_at = now
+    attempt.latency_s = max(0.0, (now - attempt.dispatched_at).total_seconds())

@@ -1,0 +1,22 @@
+"""Runs in a separate OS process (spawned by test_orch_concurrency): claims until the queue is empty."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from dippy_studio.orchestrator.store import Store
+
+
+def claim_until_empty(url: str, start: Any, results: Any, batch: int) -> None:
+    store = Store(url)
+    try:
+        store.list_api_keys()  # connect before the start line, so both processes race from the same point
+        start.wait(timeout=60)
+        claimed: list[str] = []
+        while jobs := store.claim_for_dispatch(batch):
+            claimed += [job.id for job in jobs]
+            time.sleep(0.002)  # let the other process in between batches, as a real dispatcher would
+        results.put(claimed)
+    finally:
+        store.close()

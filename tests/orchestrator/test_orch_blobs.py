@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from dippy_studio.orchestrator.blobs import BlobStore
+
+
+def test_put_is_content_addressed_and_idempotent(tmp_path):
+    blobs = BlobStore(tmp_path / "blobs")
+    data = b"\x89PNG not really"
+    sha = blobs.put(data)
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert blobs.path(sha) == tmp_path / "blobs" / sha[:2] / sha[2:4] / sha
+    assert blobs.exists(sha) and blobs.get(sha) == data
+    assert blobs.put(data) == sha
+    # No temporary files are left behind next to the blob.
+    assert [p.name for p in blobs.path(sha).parent.iterdir()] == [sha]
+
+
+def test_put_file_streams_and_agrees_with_put(tmp_path):
+    source = tmp_path / "lora.safetensors"
+    source.write_bytes(b"x" * (3 << 20) + b"tail")
+    blobs = BlobStore(tmp_path / "blobs")
+    sha = blobs.put_file(source)
+    assert sha == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert blobs.get(sha) == source.read_bytes()
+    assert blobs.put(source.read_bytes()) == sha
+
+
+def test_missing_and_malformed_names(tmp_path):
+    blobs = BlobStore(tmp_path)
+    absent = "0" * 64
+    assert not blobs.exists(absent)
+    with pytest.raises(FileNotFoundError):
+        blobs.get(absent)
+    for bad in ["../../etc/passwd", "A" * 64, "abc"]:
+        with pytest.raises(ValueError):
+            blobs.path(bad)

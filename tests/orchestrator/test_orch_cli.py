@@ -1,0 +1,75 @@
+"""`dippy-studio orchestrator keys ...` against the same database the server uses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.store import Store
+
+runner = CliRunner()
+
+
+def keys(*args: str):
+    return runner.invoke(orchestrator_app, ["keys", *args])
+
+
+def test_create_list_revoke_on_the_servers_database(db_url: str):
+    made = keys("create", "--name", "acme app", "--rate-limit", "120", "--json", "--db", db_url)
+    assert made.exit_code == 0, made.output
+    created = json.loads(made.stdout)
+    assert created["key"].startswith("dsk_") and created["webhook_secret"].startswith("whsec_")
+    assert (created["name"], created["rate_limit_per_minute"], created["revoked_at"]) == ("acme app", 120, None)
+
+    store = Store(db_url)
+    try:
+        assert store.authenticate(created["key"]).id == created["id"]
+
+        listed = keys("list", "--json", "--db", db_url)
+        assert listed.exit_code == 0, listed.output
+        assert [k["id"] for k in json.loads(listed.stdout)] == [created["id"]]
+        assert created["key"] not in listed.output and created["webhook_secret"] not in listed.output
+        table = keys("list", "--db", db_url)
+        assert created["id"] in table.output and created["key"] not in table.output
+
+        revoked = keys("revoke", created["id"], "--db", db_url)
+        assert revoked.exit_code == 0 and "Revoked" in revoked.output
+        assert store.authenticate(created["key"]) is None
+        assert keys("revoke", created["id"], "--db", db_url).exit_code == 0  # already revoked: nothing to do
+        assert json.loads(keys("list", "--json", "--db", db_url).stdout)[0]["revoked_at"] is not None
+    finally:
+        store.close()
+
+
+def test_data_dir_default_layout_and_human_output(tmp_path):
+    made = keys("create", "--name", "laptop", "--data-dir", str(tmp_path))
+    assert made.exit_code == 0, made.output
+    assert "not shown again" in made.output and "dsk_" in made.output and "whsec_" in made.output
+    assert (tmp_path / "orchestrator.sqlite").is_file()
+    listed = json.loads(keys("list", "--json", "--data-dir", str(tmp_path)).stdout)
+    assert [k["name"] for k in listed] == ["laptop"]
+
+
+def test_unknown_key_id_fails_clearly(tmp_path):
+    result = keys("revoke", "key_0123456789abcdef", "--data-dir", str(tmp_path))
+    assert result.exit_code != 0
+    assert "no API key with id 'key_0123456789abcdef'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "not a database URL"),
+        ("mysql://db/x", "unsupported database"),
+        ("postgresql://nobody:hunter2@127.0.0.1:1/nowhere", "cannot open database"),
+    ],
+)
+def test_bad_database_urls_fail_clearly(url: str, message: str):
+    result = keys("list", "--db", url)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "hunter2" not in result.output  # never echo a password
+    assert "Traceback" not in result.output

@@ -1,0 +1,243 @@
+"""The store on SQLite and PostgreSQL: what the API, dispatcher and sweeper rely on."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import text
+
+from dippy_studio.orchestrator.models import Base
+from dippy_studio.orchestrator.store import IllegalTransition, Store, SweepResult, UnknownApiKey
+
+T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def sec(n: float) -> datetime:
+    return T0 + timedelta(seconds=n)
+
+
+def make_job(store: Store, key_id: str, *, deadline_s: float = 600, timeout_s: float = 30, created_s: float = 0, **kw):
+    return store.create_job(
+        key_id, "inference", {"prompt": "a cat"}, sec(deadline_s), timeout_s, now=sec(created_s), **kw
+    )
+
+
+def dispatch(store: Store, job_id: str, hotkey: str, uid: int, at: float) -> None:
+    claimed = store.claim_for_dispatch(10, now=sec(at))
+    assert [j.id for j in claimed] == [job_id]
+    assert store.assign_miner(job_id, hotkey, uid, now=sec(at)) is not None
+
+
+@pytest.fixture
+def key_id(store: Store) -> str:
+    return store.create_api_key("client").key.id
+
+
+# ---- job state machine ------------------------------------------------------------------------
+
+
+def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, key_id: str):
+    job = make_job(store, key_id)
+    assert store.load_job(job.id).status == "queued"
+    with pytest.raises(IllegalTransition):
+        store.transition(job.id, "queued", "running")
+    dispatch(store, job.id, "hk1", 1, at=1)
+    assert store.transition(job.id, "dispatched", "running", now=sec(2))
+    assert store.transition(job.id, ["dispatched", "running"], "succeeded", now=sec(5), result_sha256="ab" * 32)
+    # The callback arrives twice, or a sweeper races it: the second writer loses, nothing changes.
+    assert not store.transition(job.id, ["dispatched", "running"], "succeeded", now=sec(6), result_sha256="cd" * 32)
+    assert not store.transition(job.id, ["dispatched", "running"], "failed", now=sec(6), error="late")
+    with pytest.raises(IllegalTransition):
+        store.transition(job.id, "succeeded", "queued")
+    with pytest.raises(TypeError):
+        store.transition(job.id, "running", "failed", api_key_id="someone else")
+
+    done = store.load_job(job.id)
+    assert (done.status, done.result_sha256, done.error) == ("succeeded", "ab" * 32, None)
+    assert (done.miner_hotkey, done.miner_uid, done.attempts) == ("hk1", 1, 1)
+    assert (done.dispatched_at, done.started_at, done.finished_at) == (sec(1), sec(2), sec(5))
+    [attempt] = store.list_attempts(job.id)
+    assert (attempt.outcome, attempt.latency_s, attempt.miner_hotkey) == ("succeeded", 4.0, "hk1")
+
+
+def test_times_come_back_timezone_aware_utc(store: Store, key_id: str):
+    local = datetime(2030, 1, 1, 14, 0, tzinfo=UTC).astimezone(ZoneInfo("Europe/Berlin"))
+    job = store.create_job(key_id, "training", {}, local, 10, now=T0)
+    loaded = store.load_job(job.id)
+    assert loaded.deadline == local and loaded.deadline.tzinfo == UTC
+    assert loaded.created_at == T0
+    with pytest.raises(Exception, match="naive datetime"):
+        store.create_job(key_id, "training", {}, datetime(2030, 1, 1), 10, now=T0)
+
+
+def test_cancel_only_own_unfinished_jobs(store: Store, key_id: str):
+    other = store.create_api_key("other").key.id
+    job = make_job(store, key_id)
+    assert not store.cancel_job(job.id, other, now=sec(1))
+    assert store.cancel_job(job.id, key_id, now=sec(1))
+    assert not store.cancel_job(job.id, key_id, now=sec(2))
+    assert store.load_job(job.id).status == "canceled"
+    assert store.claim_for_dispatch(10, now=sec(3)) == []
+
+
+# ---- API keys ---------------------------------------------------------------------------------
+
+
+def test_keys_are_hashed_at_rest_and_revocation_is_immediate(store: Store):
+    created = store.create_api_key("acme", rate_limit_per_minute=5)
+    secret = created.secret
+    assert secret.startswith("dsk_") and created.key.webhook_secret.startswith("whsec_")
+    assert store.authenticate(secret).id == created.key.id
+
+    # The plaintext secret is nowhere in the database; only its sha256 is.
+    with store.engine.connect() as conn:
+        dump = " ".join(
+            str(row) for table in Base.metadata.sorted_tables for row in conn.execute(text(f"SELECT * FROM {table}"))
+        )
+    assert secret not in dump and secret.split("_", 2)[2] not in dump
+    assert hashlib.sha256(secret.encode()).hexdigest() in dump
+
+    assert store.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
+    assert store.authenticate("dsk_0000000000000000_" + "x" * 43) is None
+    assert store.authenticate("") is None and store.authenticate("Bearer nonsense") is None
+
+    assert store.revoke_api_key(created.key.id)
+    assert not store.revoke_api_key(created.key.id)
+    assert store.authenticate(secret) is None
+    with pytest.raises(UnknownApiKey):
+        store.revoke_api_key("key_doesnotexist")
+    assert [k.id for k in store.list_api_keys(include_revoked=False)] == []
+    assert [k.id for k in store.list_api_keys()] == [created.key.id]
+
+
+def test_each_key_sees_only_its_own_requests_and_loras(store: Store):
+    alice, bob = store.create_api_key("alice").key.id, store.create_api_key("bob").key.id
+    a1, a2 = make_job(store, alice), make_job(store, alice)
+    b1 = make_job(store, bob)
+    assert store.get_job(a1.id, alice).id == a1.id
+    assert store.get_job(a1.id, bob) is None
+    assert {j.id for j in store.list_jobs(alice)} == {a1.id, a2.id}
+    assert [j.id for j in store.list_jobs(bob)] == [b1.id]
+    assert store.list_jobs(bob, status="succeeded") == []
+
+    lora = store.create_lora(alice, "my-character", "ef" * 32, 16, trigger_word="ohwx", source_job_id=a1.id)
+    assert store.get_lora(lora.id, alice).sha256 == "ef" * 32
+    assert store.get_lora(lora.id, bob) is None
+    assert [x.id for x in store.list_loras(alice)] == [lora.id] and store.list_loras(bob) == []
+
+
+def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_url: str):
+    limited = store.create_api_key("limited", rate_limit_per_minute=3).key.id
+    free = store.create_api_key("other", rate_limit_per_minute=3).key.id
+    second = Store(db_url)  # another orchestrator replica
+    try:
+        base = T0 + timedelta(seconds=10)
+        hits = [(store, 0), (second, 1), (store, 2)]
+        assert [s.hit_rate_limit(limited, now=base + timedelta(seconds=t)) for s, t in hits] == [None] * 3
+        assert second.hit_rate_limit(limited, now=base + timedelta(seconds=20)) == pytest.approx(30.0)
+        assert store.hit_rate_limit(free, now=base) is None  # limits are per key
+        # A new minute, a new window.
+        assert store.hit_rate_limit(limited, now=T0 + timedelta(minutes=1)) is None
+        with pytest.raises(UnknownApiKey):
+            second.hit_rate_limit("key_nope", now=base)
+    finally:
+        second.close()
+
+
+# ---- dispatch and the sweeper -----------------------------------------------------------------
+
+
+def test_claim_takes_oldest_first_and_caps_the_attempt_by_the_deadline(store: Store, key_id: str):
+    early = store.create_job(key_id, "inference", {}, sec(100), 30, now=sec(0))
+    tight = store.create_job(key_id, "inference", {}, sec(40), 30, now=sec(1))
+    training = store.create_job(key_id, "training", {}, sec(1000), 300, now=sec(2))
+    late = store.create_job(key_id, "inference", {}, sec(5), 30, now=sec(3))  # deadline passes first
+
+    assert [j.id for j in store.claim_for_dispatch(10, now=sec(20), kinds=["training"])] == [training.id]
+    claimed = store.claim_for_dispatch(10, now=sec(20))
+    assert [j.id for j in claimed] == [early.id, tight.id]  # `late` is past its deadline
+    assert [j.dispatch_deadline for j in claimed] == [sec(50), sec(40)]
+    assert all(j.status == "dispatched" and j.attempts == 1 for j in claimed)
+    assert store.claim_for_dispatch(10, now=sec(20)) == []
+    assert store.load_job(late.id).status == "queued"
+
+
+def test_sweeper_requeues_for_another_miner_while_the_deadline_allows(store: Store, key_id: str):
+    roomy = make_job(store, key_id, deadline_s=600, timeout_s=30)
+    dispatch(store, roomy.id, "slow-miner", 7, at=0)
+    assert store.sweep(now=sec(29)).requeued == []  # still within its attempt
+
+    swept = store.sweep(now=sec(31))
+    assert (swept.requeued, swept.failed) == ([roomy.id], [])
+    job = store.load_job(roomy.id)
+    assert (job.status, job.attempts, job.miner_hotkey, job.miner_uid, job.dispatch_deadline) == (
+        "queued",
+        1,
+        None,
+        None,
+        None,
+    )
+    [first] = store.list_attempts(roomy.id)
+    assert (first.miner_hotkey, first.outcome, first.latency_s) == ("slow-miner", "timeout", 31.0)
+
+    dispatch(store, roomy.id, "fast-miner", 8, at=32)
+    assert store.load_job(roomy.id).attempts == 2
+    assert store.transition(roomy.id, "dispatched", "succeeded", now=sec(35))
+    assert [(a.attempt, a.miner_hotkey, a.outcome) for a in store.list_attempts(roomy.id)] == [
+        (1, "slow-miner", "timeout"),
+        (2, "fast-miner", "succeeded"),
+    ]
+    assert store.sweep(now=sec(1000)) == SweepResult()  # finished jobs are never touched
+
+
+def test_sweeper_fails_jobs_when_the_client_deadline_leaves_no_room(store: Store, key_id: str):
+    tight = make_job(store, key_id, deadline_s=33, timeout_s=30)  # 3 s left after one attempt
+    dispatch(store, tight.id, "hk", 1, at=0)
+    assert store.transition(tight.id, "dispatched", "running", now=sec(1))
+    never_taken = make_job(store, key_id, deadline_s=20)
+    capped = make_job(store, key_id, deadline_s=10_000, timeout_s=10, max_attempts=1, created_s=1)
+
+    assert [j.id for j in store.claim_for_dispatch(1, now=sec(2))] == [never_taken.id]
+    assert store.transition(never_taken.id, "dispatched", "queued", now=sec(3))  # no miner free: hand back
+    assert [j.id for j in store.claim_for_dispatch(5, now=sec(4))] == [never_taken.id, capped.id]
+    assert store.transition(never_taken.id, "dispatched", "queued", now=sec(5))
+
+    swept = store.sweep(now=sec(31))
+    assert set(swept.failed) == {tight.id, never_taken.id, capped.id} and swept.requeued == []
+    for job_id in swept.failed:
+        job = store.load_job(job_id)
+        assert job.status == "failed" and job.finished_at == sec(31) and job.error
+    assert store.list_attempts(tight.id)[0].outcome == "timeout"
+
+
+# ---- miners and audits ------------------------------------------------------------------------
+
+
+def test_miners_upsert_and_list_healthy(store: Store):
+    store.upsert_miner("hk-a", 1, coldkey="ck", endpoint="http://10.0.0.1:8091", stake=12.5, now=T0)
+    store.upsert_miner("hk-b", 2, endpoint="http://10.0.0.2:8091", now=T0)
+    assert store.list_miners(healthy_only=True) == []
+    assert store.record_probe(
+        "hk-a", True, capacity={"inference": {"available": True}}, fingerprints=["fp"], now=sec(1)
+    )
+    assert not store.record_probe("hk-unknown", True, now=sec(1))
+    store.set_scores({"hk-a": 0.75})
+    # A later metagraph sync moves the endpoint but keeps health and score.
+    store.upsert_miner("hk-a", 1, coldkey="ck", endpoint="http://10.0.0.9:8091", stake=13.0, now=sec(2))
+    [miner] = store.list_miners(healthy_only=True)
+    assert (miner.hotkey, miner.endpoint, miner.stake, miner.score) == ("hk-a", "http://10.0.0.9:8091", 13.0, 0.75)
+    assert (miner.fingerprints, miner.last_probe_at, miner.created_at) == (["fp"], sec(1), T0)
+    assert [m.hotkey for m in store.list_miners()] == ["hk-a", "hk-b"]
+
+
+def test_audits_are_recorded_with_evidence(store: Store, key_id: str):
+    job = make_job(store, key_id)
+    store.add_audit(job.id, "hk-a", "fail", {"ssim": 0.41, "expected": "ab" * 32}, now=sec(1))
+    store.add_audit(job.id, "hk-a", "pass", now=sec(2))
+    assert [(a.verdict, a.evidence) for a in store.list_audits(miner_hotkey="hk-a", since=sec(2))] == [("pass", {})]
+    assert store.list_audits(job_id=job.id)[0].evidence["ssim"] == 0.41
+    with pytest.raises(ValueError):
+        store.add_audit(job.id, "hk-a", "maybe")
