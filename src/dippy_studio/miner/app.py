@@ -22,7 +22,7 @@ from dippy_studio.engine.errors import EngineError
 from dippy_studio.miner.callbacks import CallbackSender
 from dippy_studio.miner.metrics import MinerMetrics
 from dippy_studio.miner.net import DownloadCache, OutboundError, UrlPolicy, check_url
-from dippy_studio.miner.runners import InferenceRunner
+from dippy_studio.miner.runners import InferenceRunner, TrainingRunner
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.miner.workers import Runner, WorkerPool
@@ -90,8 +90,10 @@ class Miner:
             runners[JobKind.inference] = inference_runner or InferenceRunner(
                 self.engine, self.downloads, data / "results", settings.max_lora_bytes
             )
-        if settings.serve_training and training_runner is not None:
-            runners[JobKind.training] = training_runner
+        if settings.serve_training:
+            runners[JobKind.training] = training_runner or TrainingRunner(
+                settings.engine, self.downloads, data / "results", settings.max_dataset_bytes
+            )
         self.callbacks = CallbackSender(
             self.store,
             self.signer,

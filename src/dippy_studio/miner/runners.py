@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from dippy_studio.engine import Engine, GenerationRequest, LoraRef
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraRef
 from dippy_studio.miner.net import DownloadCache
 from dippy_studio.miner.store import JobRecord
 from dippy_studio.miner.workers import AbortCheck, Outcome
-from dippy_studio.protocol.schemas import InferenceJob
+from dippy_studio.protocol.schemas import InferenceJob, TrainJob
 
 
 class InferenceRunner:
@@ -46,4 +47,67 @@ class InferenceRunner:
             size=len(result.png),
             fingerprint=result.fingerprint,
             timings=result.timings.as_dict(),
+        )
+
+
+class TrainingRunner:
+    """Downloads the dataset (verified by sha256), trains a LoRA on this miner's profile, and
+    returns the .safetensors. The time budget is the job's max_seconds, cut short so the
+    LoRA is written before the deadline."""
+
+    # Seconds kept back from the deadline for writing the LoRA and calling back.
+    DEADLINE_MARGIN = 5.0
+
+    def __init__(self, options: EngineOptions, downloads: DownloadCache, results_dir: Path, max_dataset_bytes: int):
+        self.options = options
+        self.downloads = downloads
+        self.results_dir = results_dir
+        self.max_dataset_bytes = max_dataset_bytes
+        results_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, record: JobRecord, check: AbortCheck) -> Outcome:
+        # Imported here: training pulls in PEFT and the optimizer only when a job needs them.
+        from dippy_studio.engine.datasets import load_zip_bytes
+        from dippy_studio.engine.training import TrainConfig, train_lora
+
+        job = TrainJob.model_validate(record.request)
+        archive = self.downloads.fetch(job.dataset_url, job.dataset_sha256, self.max_dataset_bytes)
+        check()
+        dataset = load_zip_bytes(archive.read_bytes(), source=f"dataset {job.dataset_sha256[:12]}")
+        config = TrainConfig(
+            profile=self.options.profile,
+            trigger=job.trigger_word,
+            rank=job.rank,
+            alpha=job.alpha,
+            steps=job.steps,
+            lr=job.lr,
+            seed=job.seed,
+        )
+        budget = record.deadline - time.time() - self.DEADLINE_MARGIN
+        if job.max_seconds is not None:
+            budget = min(budget, job.max_seconds)
+        if budget <= 0:
+            check()  # reports the deadline if it has passed
+            budget = 1.0
+        output = self.results_dir / f"{record.job_id}.safetensors"
+        result = train_lora(
+            dataset, output, config, options=self.options, max_seconds=budget, on_progress=lambda _: check()
+        )
+        return Outcome(
+            result_path=str(output),
+            sha256=result.sha256,
+            size=output.stat().st_size,
+            fingerprint=result.metadata.get("dippy.fingerprint"),
+            timings={"train": result.train_seconds, "cache": result.cache_seconds, "total": result.seconds},
+            metrics={
+                "steps": result.steps,
+                "planned_steps": result.planned_steps,
+                "stopped_early": result.stopped_early,
+                "final_loss": result.final_loss,
+                "steps_per_second": result.steps_per_second,
+                "rank": config.rank,
+                "alpha": config.alpha,
+                "targets": list(config.targets),
+                "dataset_sha256": dataset.sha256,
+            },
         )

@@ -76,14 +76,17 @@ class InferenceJob(_Strict):
 
 
 class TrainJob(_Strict):
+    """A LoRA training job. Hyperparameters left out take the miner profile's defaults
+    (for real Flux models: rank 16, alpha 16, lr 1e-4, 1000 steps)."""
+
     job_id: JobId
     dataset_url: HttpUrl
     dataset_sha256: Sha256
-    trigger_word: str = Field(default="", max_length=64)
-    rank: int = Field(default=16, ge=1, le=256)
-    alpha: float = Field(default=16.0, gt=0, le=1024, allow_inf_nan=False)
-    steps: int = Field(default=1000, ge=1, le=100_000)
-    lr: float = Field(default=1e-4, gt=0, le=1.0, allow_inf_nan=False)
+    trigger_word: str | None = Field(default=None, min_length=1, max_length=64)
+    rank: int | None = Field(default=None, ge=1, le=256)
+    alpha: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)
+    steps: int | None = Field(default=None, ge=1, le=100_000)
+    lr: float | None = Field(default=None, gt=0, le=1.0, allow_inf_nan=False)
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     max_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     callback_url: HttpUrl | None = None
