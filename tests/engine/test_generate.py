@@ -6,12 +6,11 @@ import hashlib
 import io
 
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, RequestError, generate
-from dippy_studio.engine.images import encode_png
+from helpers import stock_png
 
 
 def request(**overrides) -> GenerationRequest:
@@ -62,17 +61,8 @@ def test_matches_stock_diffusers_exactly(tiny_engine):
     """Our staged generation is the stock FluxPipeline call, bit for bit."""
     pipe = tiny_engine.pipe
     req = request(seed=11, width=80, height=48)
-    with torch.inference_mode():
-        image = pipe(
-            req.prompt,
-            height=req.height,
-            width=req.width,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            generator=torch.Generator("cpu").manual_seed(req.seed),
-            max_sequence_length=tiny_engine.spec.max_sequence_length,
-        ).images[0]
-    assert tiny_engine.generate(req).png == encode_png(image)
+    stock = stock_png(pipe, req, tiny_engine.spec.max_sequence_length)
+    assert tiny_engine.generate(req).png == stock
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraError, LoraRef
 from dippy_studio.engine.synthetic import random_lora_state_dict, write_random_lora
+from helpers import stock_png
 
 
 def request(*loras: LoraRef, seed: int = 7) -> GenerationRequest:
@@ -169,7 +170,6 @@ def test_kohya_format_is_converted(tmp_path, engine):
 def test_matches_stock_load_lora_weights(lora_dir):
     """Our cached adapters give the same bytes as a stock FluxPipeline loading the file itself."""
     from dippy_studio.engine.builtin import TINY, build_pipeline
-    from dippy_studio.engine.images import encode_png
 
     path = lora_dir / "style-5.safetensors"
     req = request(LoraRef(path=path, scale=0.8))
@@ -177,17 +177,8 @@ def test_matches_stock_load_lora_weights(lora_dir):
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(path), adapter_name="stock")
     pipe.set_adapters(["stock"], adapter_weights=[0.8])
-    with torch.inference_mode():
-        image = pipe(
-            req.prompt,
-            height=req.height,
-            width=req.width,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            generator=torch.Generator("cpu").manual_seed(req.seed),
-            max_sequence_length=TINY.max_sequence_length,
-        ).images[0]
-    assert Engine(EngineOptions()).generate(req).png == encode_png(image)
+    stock = stock_png(pipe, req, TINY.max_sequence_length)
+    assert Engine(EngineOptions()).generate(req).png == stock
 
 
 # --- bad LoRA files -------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError
-from dippy_studio.engine.images import encode_png
 from dippy_studio.engine.profiles import load_pipeline, save_pipeline
+from helpers import stock_png
 
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", seed=3, width=64, height=64, steps=4)
 
@@ -28,18 +28,8 @@ def tiny_dir(tmp_path_factory, tiny_engine) -> Path:
 def test_saved_profile_loads_in_stock_diffusers(tiny_dir, tiny_engine):
     pipe = FluxPipeline.from_pretrained(tiny_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    with torch.inference_mode():
-        image = pipe(
-            REQUEST.prompt,
-            height=REQUEST.height,
-            width=REQUEST.width,
-            num_inference_steps=REQUEST.steps,
-            guidance_scale=REQUEST.guidance,
-            generator=torch.Generator("cpu").manual_seed(REQUEST.seed),
-            max_sequence_length=tiny_engine.spec.max_sequence_length,
-        ).images[0]
+    stock = stock_png(pipe, REQUEST, tiny_engine.spec.max_sequence_length)
     ours = tiny_engine.generate(REQUEST).png
-    stock = encode_png(image)
     # Stock loading keeps safetensors' memory-mapped (unaligned) tensors, which can move the
     # last float bits; after our realignment the bytes are identical. Allow at most 1/255.
     if stock != ours:

@@ -17,12 +17,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dippy_studio.engine import Engine, GenerationRequest
+from dippy_studio.engine import Engine
 from dippy_studio.engine.errors import EngineError
 from dippy_studio.miner.callbacks import CallbackSender
 from dippy_studio.miner.metrics import MinerMetrics
 from dippy_studio.miner.net import DownloadCache, OutboundError, UrlPolicy, check_url
-from dippy_studio.miner.runners import InferenceRunner, TrainingRunner
+from dippy_studio.miner.runners import InferenceRunner, TrainingRunner, generation_request
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.miner.workers import Runner, WorkerPool
@@ -303,16 +303,7 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
     @app.post("/v1/inference", status_code=202, response_model=Accepted, responses=errors)
     def post_inference(job: InferenceJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
         try:
-            miner.engine.check(
-                GenerationRequest(
-                    prompt=job.prompt,
-                    seed=job.seed,
-                    width=job.width,
-                    height=job.height,
-                    steps=job.steps,
-                    guidance=job.guidance,
-                )
-            )
+            miner.engine.check(generation_request(job))
         except (EngineError, ValueError) as exc:
             raise HTTPException(422, detail=str(exc)) from None
         return submit(JobKind.inference, job, caller)

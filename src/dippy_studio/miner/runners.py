@@ -12,6 +12,19 @@ from dippy_studio.miner.workers import AbortCheck, Outcome
 from dippy_studio.protocol.schemas import InferenceJob, TrainJob
 
 
+def generation_request(job: InferenceJob, loras: list[LoraRef] | None = None) -> GenerationRequest:
+    """The engine request for a wire job (LoRAs resolved to local files by the caller)."""
+    return GenerationRequest(
+        prompt=job.prompt,
+        seed=job.seed,
+        width=job.width,
+        height=job.height,
+        steps=job.steps,
+        guidance=job.guidance,
+        loras=loras or [],
+    )
+
+
 class InferenceRunner:
     def __init__(self, engine: Engine, downloads: DownloadCache, results_dir: Path, max_lora_bytes: int) -> None:
         self.engine = engine
@@ -27,16 +40,7 @@ class InferenceRunner:
             path = self.downloads.fetch(lora.url, lora.sha256, self.max_lora_bytes)
             loras.append(LoraRef(path=path, scale=lora.scale))
             check()
-        request = GenerationRequest(
-            prompt=job.prompt,
-            seed=job.seed,
-            width=job.width,
-            height=job.height,
-            steps=job.steps,
-            guidance=job.guidance,
-            loras=loras,
-        )
-        result = self.engine.generate(request, on_step=lambda done, total: check())
+        result = self.engine.generate(generation_request(job, loras), on_step=lambda done, total: check())
         path = self.results_dir / f"{record.job_id}.png"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(result.png)
