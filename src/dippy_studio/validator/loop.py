@@ -1,0 +1,227 @@
+"""The validator loop: every tempo, scores -> weights -> chain, surviving outages.
+
+One round (`Validator.run_round`):
+1. read the chain (block, hyperparameters, metagraph); wait out weights_rate_limit;
+2. fetch the orchestrator's signed scores and verify signature, signer and freshness;
+3. compute weights with the pure `next_weights` (win rates, softmax, burn, EMA, conformance);
+4. set them with the configured version_key, and persist the EMA state.
+A bad or missing score payload never zeroes miners: the round re-sets the previous weights
+(so the validator stays active) and leaves the EMA state untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dippy_studio.chain.base import Chain, ChainError, ChainUnavailable, InvalidWeights, RateLimited
+from dippy_studio.chain.conformance import blocks_until_allowed
+from dippy_studio.protocol.keys import Signer
+from dippy_studio.protocol.nonces import MemoryNonceStore
+from dippy_studio.validator.scores import ScoresRejected, ScoresUnavailable, fetch_scores
+from dippy_studio.validator.weights import DEFAULT_EMA_ALPHA, drop_reassigned, next_weights
+
+log = logging.getLogger("dippy_studio.validator")
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    orchestrator_url: str
+    orchestrator_hotkey: str
+    state_path: Path
+    alpha: float = DEFAULT_EMA_ALPHA
+    burn_uid: int | None = None
+    burn_share: float = 0.0
+    banned_hotkeys: frozenset[str] = frozenset()
+    banned_coldkeys: frozenset[str] = frozenset()
+    version_key: int = 0
+    max_scores_age_s: float = 3600.0
+    http_timeout_s: float = 10.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    tempo: int | None = None  # blocks between rounds; None: the chain's tempo
+
+
+@dataclass
+class RoundReport:
+    """What a round did and why; `rows` feed the operator's table."""
+
+    block: int
+    action: str  # "set", "kept previous", "waiting", "dry run", "nothing to set"
+    reason: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    weights: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    smoothed: dict[int, float] = field(default_factory=dict)
+    hotkeys: dict[int, str] = field(default_factory=dict)
+    chain: dict[int, int] = field(default_factory=dict)
+    last_round_block: int | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> State:
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        return cls(
+            smoothed={int(k): float(v) for k, v in data.get("smoothed", {}).items()},
+            hotkeys={int(k): str(v) for k, v in data.get("hotkeys", {}).items()},
+            chain={int(k): int(v) for k, v in data.get("chain", {}).items()},
+            last_round_block=data.get("last_round_block"),
+        )
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(
+            {"smoothed": self.smoothed, "hotkeys": self.hotkeys, "chain": self.chain,
+             "last_round_block": self.last_round_block}, indent=2, sort_keys=True,
+        ))  # fmt: skip
+        tmp.replace(path)
+
+
+def with_retries(call: Callable[[], Any], *, retries: int, backoff_s: float, retry_on: tuple[type[Exception], ...]):
+    """Call, retrying `retry_on` errors with exponential backoff; the last error propagates."""
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except retry_on as exc:
+            if attempt == retries:
+                raise
+            delay = backoff_s * 2**attempt
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class Validator:
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        chain: Chain,
+        signer: Signer,
+        http: httpx.Client | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.chain = chain
+        self.signer = signer
+        self.http = http or httpx.Client(base_url=config.orchestrator_url, timeout=config.http_timeout_s)
+        self.clock = clock
+        self.nonces = MemoryNonceStore(retention=30.0)
+        self.state = State.load(config.state_path)
+
+    def _retry(self, call, retry_on):
+        return with_retries(call, retries=self.config.retries, backoff_s=self.config.backoff_s, retry_on=retry_on)
+
+    def run_round(self, *, dry_run: bool = False) -> RoundReport:
+        cfg = self.config
+        block = self._retry(self.chain.block, (ChainUnavailable,))
+        hp = self._retry(self.chain.hyperparameters, (ChainUnavailable,))
+        graph = self._retry(self.chain.metagraph, (ChainUnavailable,))
+        me = graph.by_hotkey(self.signer.ss58_address)
+        if me is None:
+            return RoundReport(
+                block, "waiting", f"this validator's hotkey {self.signer.ss58_address} is not registered"
+            )
+        wait = blocks_until_allowed(me.last_update, block, hp.weights_rate_limit)
+        if wait and not dry_run:
+            return RoundReport(block, "waiting", f"weights_rate_limit: {wait} more blocks")
+
+        hotkeys = {n.uid: n.hotkey for n in graph.neurons}
+        coldkeys = {n.uid: n.coldkey for n in graph.neurons}
+        try:
+            sheet = self._retry(
+                lambda: fetch_scores(
+                    self.http,
+                    me=self.signer,
+                    orchestrator_hotkey=cfg.orchestrator_hotkey,
+                    nonce_store=self.nonces,
+                    max_age_s=cfg.max_scores_age_s,
+                    now=self.clock(),
+                ),
+                (ScoresUnavailable,),
+            )
+        except (ScoresUnavailable, ScoresRejected) as exc:
+            return self._keep_previous(block, str(exc), dry_run)
+
+        scores = {graph.uid_of(hk): s for hk, s in sheet.scores.items() if graph.uid_of(hk) is not None}
+        previous = drop_reassigned(self.state.smoothed, self.state.hotkeys, hotkeys)
+        try:
+            round_ = next_weights(
+                scores, previous, hyperparameters=hp, alpha=cfg.alpha, hotkeys=hotkeys, coldkeys=coldkeys,
+                banned_hotkeys=cfg.banned_hotkeys, banned_coldkeys=cfg.banned_coldkeys,
+                burn_uid=cfg.burn_uid, burn_share=cfg.burn_share, self_uid=me.uid,
+            )  # fmt: skip
+        except InvalidWeights as exc:
+            return self._keep_previous(block, f"weights cannot meet the subnet's rules: {exc}", dry_run)
+        rows = [
+            {"uid": uid, "hotkey": hotkeys.get(uid, "?"), "score": scores.get(uid, 0.0),
+             "target": round_.target.get(uid, 0.0), "smoothed": round_.smoothed.get(uid, 0.0),
+             "u16": round_.chain.get(uid, 0)}
+            for uid in sorted(set(round_.smoothed) | set(scores))
+        ]  # fmt: skip
+        if not round_.chain:
+            return RoundReport(block, "nothing to set", "no miner earned weight and no burn uid is set", rows)
+        if dry_run:
+            return RoundReport(block, "dry run", "computed, not set", rows, round_.chain)
+        try:
+            set_ = self._set(me.hotkey, round_.chain)
+        except (RateLimited, ChainError) as exc:
+            return RoundReport(block, "kept previous", f"chain refused the weights: {exc}", rows)
+        self.state = State(round_.smoothed, hotkeys, set_, block)
+        self.state.save(cfg.state_path)
+        window = f"{sheet.window_start:%H:%M:%S}-{sheet.window_end:%H:%M:%S}"
+        return RoundReport(block, "set", f"scores for window {window} from {len(sheet.scores)} miners", rows, set_)
+
+    def _set(self, hotkey: str, row: dict[int, int]) -> dict[int, int]:
+        uids = sorted(row)
+        return self._retry(
+            lambda: self.chain.set_weights(
+                hotkey, uids, [float(row[u]) for u in uids], version_key=self.config.version_key
+            ),
+            (ChainUnavailable,),
+        )
+
+    def _keep_previous(self, block: int, reason: str, dry_run: bool) -> RoundReport:
+        rows = [
+            {"uid": uid, "hotkey": self.state.hotkeys.get(uid, "?"), "score": None, "target": None,
+             "smoothed": w, "u16": self.state.chain.get(uid, 0)}
+            for uid, w in sorted(self.state.smoothed.items())
+        ]  # fmt: skip
+        if not self.state.chain or dry_run:
+            return RoundReport(block, "kept previous", reason, rows, dict(self.state.chain))
+        try:
+            self._set(self.signer.ss58_address, self.state.chain)
+        except ChainError as exc:
+            reason += f"; re-setting the previous weights failed too: {exc}"
+        return RoundReport(block, "kept previous", reason, rows, dict(self.state.chain))
+
+    def run_forever(self, block_time_s: float, on_report: Callable[[RoundReport], None], stop=None) -> None:
+        """A round every tempo (or sooner when a round had to wait), until `stop()` is true."""
+        while not (stop and stop()):
+            try:
+                report = self.run_round()
+            except ChainError as exc:
+                report = RoundReport(-1, "waiting", f"chain unavailable: {exc}")
+            on_report(report)
+            tempo = self.config.tempo or self._tempo()
+            blocks = tempo if report.action in ("set", "kept previous") else 1
+            deadline = time.monotonic() + blocks * block_time_s
+            while time.monotonic() < deadline and not (stop and stop()):
+                time.sleep(min(1.0, block_time_s))
+
+    def _tempo(self) -> int:
+        try:
+            return self.chain.hyperparameters().tempo
+        except ChainError:
+            return 1
