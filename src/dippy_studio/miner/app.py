@@ -88,7 +88,7 @@ class Miner:
         runners: dict[JobKind, Runner] = {}
         if settings.serve_inference:
             runners[JobKind.inference] = inference_runner or InferenceRunner(
-                self.engine, self.downloads, data / "results", settings.max_lora_bytes
+                self.engine, self.downloads, data / "results", settings.max_lora_bytes, settings.cheat_rate
             )
         if settings.serve_training:
             runners[JobKind.training] = training_runner or TrainingRunner(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -26,8 +27,11 @@ def generation_request(job: InferenceJob, loras: list[LoraRef] | None = None) ->
 
 
 class InferenceRunner:
-    def __init__(self, engine: Engine, downloads: DownloadCache, results_dir: Path, max_lora_bytes: int) -> None:
+    def __init__(
+        self, engine: Engine, downloads: DownloadCache, results_dir: Path, max_lora_bytes: int, cheat_rate: float = 0.0
+    ) -> None:
         self.engine = engine
+        self.cheat_rate = cheat_rate
         self.downloads = downloads
         self.results_dir = results_dir
         self.max_lora_bytes = max_lora_bytes
@@ -40,6 +44,8 @@ class InferenceRunner:
             path = self.downloads.fetch(lora.url, lora.sha256, self.max_lora_bytes)
             loras.append(LoraRef(path=path, scale=lora.scale))
             check()
+        if self.cheat_rate and secrets.SystemRandom().random() < self.cheat_rate:
+            job = job.model_copy(update={"seed": (job.seed + 1) % 2**63})  # the demo's dishonest miner
         result = self.engine.generate(generation_request(job, loras), on_step=lambda done, total: check())
         path = self.results_dir / f"{record.job_id}.png"
         tmp = path.with_suffix(".tmp")

@@ -51,6 +51,7 @@ def run(
     dev_key: Annotated[str | None, typer.Option("--dev-key", help="Validator dev key URI, e.g. //Alice.")] = None,
     wallet: Annotated[str | None, typer.Option("--wallet", help="Bittensor wallet name.")] = None,
     hotkey: Annotated[str, typer.Option("--hotkey", help="Hotkey name in the wallet.")] = "default",
+    wallet_path: Annotated[Path | None, typer.Option("--wallet-path", help="Wallets directory.")] = None,
     network: Annotated[str | None, typer.Option("--network", help="finney, test, or ws://... (real chain).")] = None,
     netuid: Annotated[int | None, typer.Option("--netuid", help="Subnet uid on the real chain.")] = None,
     alpha: Annotated[float, typer.Option(help="EMA weight of the new round (0..1].")] = 0.1,
@@ -68,14 +69,15 @@ def run(
     local = _subnet_file(data_dir) if network is None else {}
     orchestrator_url = orchestrator_url or local.get("orchestrator_url")
     orchestrator_hotkey = orchestrator_hotkey or local.get("orchestrator_hotkey")
-    if not wallet:
-        dev_key = dev_key or local.get("validator_key")
+    if not (wallet or dev_key) and local.get("validator_wallet"):
+        wallet, wallet_path = local["validator_wallet"], wallet_path or data_dir / "wallets"
     if not orchestrator_url or not orchestrator_hotkey:
         fail("need --orchestrator-url and --orchestrator-hotkey (or a --data-dir made by `dippy-studio up`)")
     if not (0 < alpha <= 1) or not (0 <= burn_share <= 1):
         fail("--alpha must be in (0, 1] and --burn-share in [0, 1]")
     try:
-        signer = load_signer(uri=dev_key, wallet_name=wallet, hotkey=hotkey) if (dev_key or wallet) else None
+        extra = {"wallet_path": wallet_path} if wallet_path else {}
+        signer = load_signer(uri=dev_key, wallet_name=wallet, hotkey=hotkey, **extra) if (dev_key or wallet) else None
     except SigningKeyError as exc:
         fail(str(exc))
     if signer is None:

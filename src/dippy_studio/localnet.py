@@ -1,0 +1,226 @@
+"""`dippy-studio up`: a whole local subnet on one machine, supervised as child processes.
+
+Layout of the data directory (a second `up` on it resumes the same subnet):
+
+    DIR/subnet.json          ports, hotkeys and addresses (read by `validator run --data-dir`)
+    DIR/chain.sqlite         the LocalChain
+    DIR/wallets/             dev wallets: owner, orchestrator, validator, miner-0..N-1
+    DIR/orchestrator.sqlite  jobs, API keys, scores (the orchestrator's database)
+    DIR/miners/miner-I/      each miner's jobs, results and caches
+    DIR/logs/NAME.log        each process's output (also shown, prefixed, on the terminal)
+
+Keys are deterministic dev keys (`//dippy/NAME`): fine on a laptop, never for real value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from dippy_studio.chain.base import AlreadyRegistered, Hyperparameters
+from dippy_studio.chain.local import LocalChain
+from dippy_studio.protocol.keys import WalletExistsError, create_dev_wallet, signer_from_wallet
+
+SUBNET_FILE = "subnet.json"
+COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
+VALIDATOR_STAKE = 1000.0
+
+
+@dataclass
+class MinerSpec:
+    name: str
+    port: int
+    hotkey: str
+    cheater: bool = False
+
+
+@dataclass
+class SubnetLayout:
+    data_dir: str
+    block_time: float
+    tempo: int
+    orchestrator_port: int
+    orchestrator_url: str
+    orchestrator_hotkey: str
+    validator_hotkey: str
+    owner_hotkey: str
+    miners: list[MinerSpec] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir)
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["validator_wallet"] = "validator"
+        (self.root / SUBNET_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, root: Path) -> SubnetLayout | None:
+        path = root / SUBNET_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        data.pop("validator_wallet", None)
+        data["miners"] = [MinerSpec(**m) for m in data.get("miners", [])]
+        return cls(**data)
+
+
+def free_port(preferred: int | None = None) -> int:
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def dev_wallet(root: Path, name: str) -> str:
+    """Create (or reuse) the dev wallet `name`; returns its hotkey address."""
+    path = root / "wallets"
+    try:
+        return create_dev_wallet(
+            name, "default", path, hotkey_uri=f"//dippy/{name}", coldkey_uri=f"//dippy/{name}/cold"
+        ).ss58_address
+    except WalletExistsError:
+        return signer_from_wallet(name, "default", path).ss58_address
+
+
+def prepare(
+    root: Path, *, port: int, miners: int, cheaters: int, block_time: float, tempo: int, console: Console
+) -> SubnetLayout:
+    """Create the subnet (wallets, chain, registrations, stake, endpoints) or resume it."""
+    root.mkdir(parents=True, exist_ok=True)
+    layout = SubnetLayout.load(root)
+    if layout is not None and len(layout.miners) != miners:
+        console.print(f"resuming {root}: it has {len(layout.miners)} miners (ignoring --miners {miners})")
+    if layout is None:
+        names = [f"miner-{i}" for i in range(miners)]
+        layout = SubnetLayout(
+            data_dir=str(root), block_time=block_time, tempo=tempo, orchestrator_port=port,
+            orchestrator_url=f"http://127.0.0.1:{port}", orchestrator_hotkey=dev_wallet(root, "orchestrator"),
+            validator_hotkey=dev_wallet(root, "validator"), owner_hotkey=dev_wallet(root, "owner"),
+            miners=[MinerSpec(name, free_port(), dev_wallet(root, name)) for name in names],
+        )  # fmt: skip
+    layout.orchestrator_port = port
+    layout.orchestrator_url = f"http://127.0.0.1:{port}"
+    for i, miner in enumerate(layout.miners):
+        miner.cheater = i >= len(layout.miners) - cheaters
+        miner.port = free_port(miner.port)
+    chain = LocalChain(
+        root / "chain.sqlite",
+        block_time=layout.block_time,
+        hyperparameters=Hyperparameters(tempo=layout.tempo, weights_rate_limit=max(1, layout.tempo // 2)),
+    )
+    cold = {"owner": "owner", "validator": "validator", "orchestrator": "orchestrator"}
+    for name, hotkey in [("owner", layout.owner_hotkey), ("validator", layout.validator_hotkey),
+                         *((m.name, m.hotkey) for m in layout.miners)]:  # fmt: skip
+        coldkey = signer_from_wallet(cold.get(name, name), "default", root / "wallets").ss58_address
+        with contextlib.suppress(AlreadyRegistered):
+            chain.register(hotkey, coldkey)
+    if (chain.metagraph().stake_of(layout.validator_hotkey) or 0.0) < VALIDATOR_STAKE:
+        chain.add_stake(layout.validator_hotkey, VALIDATOR_STAKE)
+    for miner in layout.miners:
+        chain.commit(miner.hotkey, f"http://127.0.0.1:{miner.port}")
+    layout.save()
+    return layout
+
+
+class Supervisor:
+    """Starts child processes in their own process groups, prefixes their output, and stops
+    them all (TERM, then KILL) on exit, so no orphans are left behind."""
+
+    def __init__(self, root: Path, console: Console) -> None:
+        self.root = root
+        self.console = console
+        self.procs: dict[str, subprocess.Popen] = {}
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        color = COLORS[len(self.procs) % len(COLORS)]
+        log = open(self.root / "logs" / f"{name}.log", "a", buffering=1)  # noqa: SIM115 (closed by the pump)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dippy_studio.cli", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                self.console.print(f"[{color}]{name:>12}[/] | {line.rstrip()}", highlight=False, markup=True)
+            log.close()
+
+        threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()
+        self.procs[name] = proc
+        return proc
+
+    def dead(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def wait_ready(url: str, name: str, supervisor: Supervisor, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if name in supervisor.dead():
+            raise RuntimeError(f"{name} exited while starting; see {supervisor.root}/logs/{name}.log")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} did not come up at {url} within {timeout:.0f}s")
+
+
+def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) -> None:
+    root = layout.root
+    wallets = str(root / "wallets")
+    for miner in layout.miners:
+        env = {"DIPPY_MINER_CHEAT_RATE": "0.3"} if miner.cheater else {}
+        supervisor.start(miner.name, [
+            "miner", "serve", "--wallet", miner.name, "--hotkey", "default", "--wallet-path", wallets,
+            "--port", str(miner.port), "--allow-hotkey", layout.orchestrator_hotkey, "--allow-loopback",
+            "--data-dir", str(root / "miners" / miner.name), "--profile", profile,
+        ], env)  # fmt: skip
+    orch_env = {
+        "DIPPY_ORCH_WALLET_NAME": "orchestrator", "DIPPY_ORCH_WALLET_PATH": wallets,
+        "DIPPY_ORCH_CHAIN_PATH": str(root / "chain.sqlite"), "DIPPY_ORCH_PUBLIC_URL": layout.orchestrator_url,
+        "DIPPY_ORCH_ALLOW_LOOPBACK_URLS": "true", "DIPPY_ORCH_PROFILE": profile,
+        "DIPPY_ORCH_SCORE_INTERVAL_S": "5", "DIPPY_ORCH_SYNC_INTERVAL_S": "5", "DIPPY_ORCH_PROBE_INTERVAL_S": "3",
+    }  # fmt: skip
+    supervisor.start("orchestrator", ["orchestrator", "serve", "--data-dir", str(root),
+                                      "--port", str(layout.orchestrator_port)], orch_env)  # fmt: skip
+    for miner in layout.miners:
+        wait_ready(f"http://127.0.0.1:{miner.port}/health", miner.name, supervisor)
+    wait_ready(f"{layout.orchestrator_url}/health", "orchestrator", supervisor)
+    supervisor.start("validator", ["validator", "run", "--data-dir", str(root)])
