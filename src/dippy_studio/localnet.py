@@ -224,3 +224,117 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
         wait_ready(f"http://127.0.0.1:{miner.port}/health", miner.name, supervisor)
     wait_ready(f"{layout.orchestrator_url}/health", "orchestrator", supervisor)
     supervisor.start("validator", ["validator", "run", "--data-dir", str(root)])
+
+
+def create_api_key(root: Path, name: str = "local") -> tuple[str, str]:
+    """A fresh client key in the orchestrator's database: (key, webhook secret)."""
+    from dippy_studio.orchestrator.db import default_url
+    from dippy_studio.orchestrator.store import Store
+
+    store = Store.open(default_url(root))
+    try:
+        created = store.create_api_key(name, rate_limit_per_minute=6000)
+        return created.key, created.secret
+    finally:
+        store.close()
+
+
+def wait_for_weights(layout: SubnetLayout, after_block: int, timeout: float) -> bool:
+    """Wait until the validator has set weights at a block after `after_block`."""
+    chain = LocalChain(layout.root / "chain.sqlite", create=False)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        me = chain.metagraph().by_hotkey(layout.validator_hotkey)
+        if me is not None and me.last_update is not None and me.last_update > after_block:
+            return True
+        time.sleep(1.0)
+    return False
+
+
+def run_up(
+    root: Path,
+    *,
+    port: int,
+    miners: int,
+    demo: bool,
+    cheaters: int,
+    exit_after: bool,
+    block_time: float,
+    tempo: int,
+    profile: str,
+    console: Console,
+) -> int:
+    """Bring the subnet up, optionally run the demo, and supervise until Ctrl-C (or the demo ends)."""
+    layout = prepare(
+        root, port=port, miners=miners, cheaters=cheaters, block_time=block_time, tempo=tempo, console=console
+    )
+    supervisor = Supervisor(root, console)
+    try:
+        console.print(f"starting a local subnet in {root}: orchestrator, {len(layout.miners)} miners, a validator")
+        start_processes(layout, supervisor, profile)
+        key, _secret = create_api_key(root)
+        url = layout.orchestrator_url
+        console.print(f"\n[bold]Subnet is up.[/] Dashboard: {url}/dashboard")
+        console.print(f"API key (shown once): {key}")
+        console.print(
+            f"Try:\n  curl -s -X POST {url}/v1/images -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' -H 'Prefer: wait=30' "
+            '-d \'{"prompt": "a lighthouse at dusk", "width": 64, "height": 64}\'\n',
+            highlight=False,
+            soft_wrap=True,
+        )
+        if demo:
+            return _demo(layout, key, supervisor, console, exit_after)
+        if exit_after:
+            return 0
+        while not supervisor.dead():
+            time.sleep(1.0)
+        console.print(f"[red]{', '.join(supervisor.dead())} exited; stopping the subnet[/]")
+        return 1
+    except KeyboardInterrupt:
+        console.print("\nstopping the subnet (data kept in " + str(root) + ")")
+        return 130
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+    finally:
+        supervisor.stop()
+
+
+def _demo(layout: SubnetLayout, key: str, supervisor: Supervisor, console: Console, exit_after: bool) -> int:
+    from dippy_studio.demo import run_demo, summary_table
+    from dippy_studio.orchestrator.db import default_url
+    from dippy_studio.orchestrator.store import Store
+
+    _wait_until_ready(layout.orchestrator_url, timeout=120)
+    result = run_demo(layout, key, console)
+    chain = LocalChain(layout.root / "chain.sqlite", create=False)
+    demo_end = chain.block()
+    console.print("waiting for the orchestrator to score and the validator to set weights...")
+    wait_for_weights(layout, demo_end, timeout=layout.tempo * layout.block_time * 2 + 60)
+    scores = httpx.get(f"{layout.orchestrator_url}/v1/scores", timeout=10).json().get("scores", {})
+    store = Store.open(default_url(layout.root), migrate=False)
+    audits: dict[str, list[str]] = {}
+    for audit in store.list_audits():
+        audits.setdefault(audit.miner_hotkey, []).append(audit.verdict)
+    store.close()
+    table, _weights = summary_table(layout, result, scores, audits)
+    console.print(table)
+    if exit_after:
+        return 0
+    while not supervisor.dead():
+        time.sleep(1.0)
+    return 1
+
+
+def _wait_until_ready(url: str, timeout: float) -> None:
+    """The orchestrator is ready once it has found a healthy miner."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the orchestrator found no healthy miner in time")

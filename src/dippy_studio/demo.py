@@ -1,0 +1,125 @@
+"""The `up --demo` workload: real client traffic through the public API of a local subnet,
+then a per-miner summary (jobs, latency, audits, score, on-chain weight)."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dippy_studio.chain.local import LocalChain
+from dippy_studio.localnet import SubnetLayout
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@dataclass
+class DemoResult:
+    requests: list[dict[str, Any]]
+    lora_id: str | None
+
+
+class DemoClient:
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+
+    def image(self, prompt: str, seed: int, loras: list[dict[str, Any]] | None = None) -> str:
+        body = {"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": 4, "loras": loras or []}
+        response = self.http.post("/v1/images", json=body)
+        response.raise_for_status()
+        return response.json()["request_id"]
+
+    def train(self, dataset: bytes, trigger: str) -> str:
+        response = self.http.post(
+            "/v1/loras",
+            files={"dataset": ("dataset.zip", dataset, "application/zip")},
+            data={"trigger_word": trigger, "name": f"{trigger} style", "rank": "4", "steps": "60"},
+        )
+        response.raise_for_status()
+        return response.json()["request_id"]
+
+    def status(self, request_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/requests/{request_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def wait(self, ids: list[str], progress: Progress, label: str, timeout: float = 600) -> list[dict[str, Any]]:
+        task = progress.add_task(label, total=len(ids))
+        done: dict[str, dict[str, Any]] = {}
+        end = time.monotonic() + timeout
+        while len(done) < len(ids) and time.monotonic() < end:
+            for request_id in ids:
+                if request_id not in done:
+                    view = self.status(request_id)
+                    if view["status"] in TERMINAL:
+                        done[request_id] = view
+                        progress.advance(task)
+            time.sleep(0.3)
+        return [done.get(i) or self.status(i) for i in ids]
+
+
+def run_demo(layout: SubnetLayout, api_key: str, console: Console) -> DemoResult:
+    from dippy_studio.engine.synthetic_data import write_dataset
+
+    client = DemoClient(layout.orchestrator_url, api_key)
+    views: list[dict[str, Any]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        prompts = ["a lighthouse at dusk", "a red fox in snow", "a city of glass", "a quiet harbour"]
+        first = [client.image(prompts[i % len(prompts)], seed=i) for i in range(12)]
+        views += client.wait(first, progress, "1/3 inference without LoRAs")
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = write_dataset(Path(tmp) / "sunset.zip", style="sunset", count=6, seed=1)
+            train_id = client.train(archive.read_bytes(), "sunsetstyle")
+        trained = client.wait([train_id], progress, "2/3 LoRA training", timeout=900)[0]
+        views.append(trained)
+        lora_id = (trained.get("result") or {}).get("lora_id")
+        if lora_id:
+            lora = [{"id": lora_id, "scale": 1.0}]
+            third = [client.image(f"sunsetstyle {p}", seed=100 + i, loras=lora) for i, p in enumerate(prompts * 2)]
+            views += client.wait(third, progress, "3/3 inference with the trained LoRA")
+        else:
+            console.print(f"[red]training did not produce a LoRA:[/] {trained.get('error')}")
+    return DemoResult(views, lora_id)
+
+
+def summary_table(layout: SubnetLayout, result: DemoResult, scores: dict[str, float], audits: dict[str, list[str]]):
+    chain = LocalChain(layout.root / "chain.sqlite", create=False)
+    graph = chain.metagraph()
+    weights = chain.weights().get(graph.uid_of(layout.validator_hotkey) or -1, {})
+    per_miner: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for view in result.requests:
+        if view.get("miner_hotkey"):
+            per_miner[view["miner_hotkey"]].append(view)
+    table = Table(title="local subnet: per-miner summary", title_justify="left")
+    for column in ("miner", "uid", "cheater", "done", "failed", "p50 s", "p95 s", "audits ok", "audits failed",
+                   "score", "weight"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "miner" else "right")
+    for miner in layout.miners:
+        views = per_miner.get(miner.hotkey, [])
+        latencies = [v["timings"].get("total_s") for v in views if v["status"] == "succeeded"]
+        latencies = sorted(x for x in latencies if x is not None)
+        uid = graph.uid_of(miner.hotkey)
+        verdicts = audits.get(miner.hotkey, [])
+        table.add_row(
+            miner.name, str(uid), "yes" if miner.cheater else "",
+            str(sum(v["status"] == "succeeded" for v in views)), str(sum(v["status"] == "failed" for v in views)),
+            f"{statistics.median(latencies):.2f}" if latencies else "-",
+            f"{_p95(latencies):.2f}" if latencies else "-",
+            str(verdicts.count("pass")), str(verdicts.count("fail")),
+            f"{scores.get(miner.hotkey, 0.0):.3f}", f"{weights.get(uid, 0.0):.3f}" if uid is not None else "-",
+        )  # fmt: skip
+    return table, {m.name: weights.get(graph.uid_of(m.hotkey), 0.0) for m in layout.miners}
+
+
+def _p95(values: list[float]) -> float:
+    return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
