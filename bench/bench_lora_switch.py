@@ -9,6 +9,7 @@ generate every request and their PNGs must match byte for byte.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ def measure(config: Config, lora_dir: Path, progress: Progress) -> dict:
             "all_switches_were_cache_hits": ours.loras.stats.misses == misses_after_fill,
         },
         "requests": len(ours_s),
+        "load_average_1m": os.getloadavg()[0],  # other jobs on the machine while this ran
         "lora_file_bytes": paths[0].stat().st_size,
         "ours_s": ours_s,
         "naive_load_s": loads,

@@ -8,6 +8,7 @@ median times is the engine's overhead (staging, timings, LoRA bookkeeping, hashi
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -118,6 +119,7 @@ def measure(config: Config, progress: Progress) -> dict:
         "target": "-",
         "identical": not mismatches,
         "reps": len(seconds["ours"]),
+        "load_average_1m": os.getloadavg()[0],  # other jobs on the machine while this ran
         "warmup": config.warmup,
         "ours_min_ms": min(seconds["ours"]) * 1e3,
         "bare_min_ms": min(seconds["bare"]) * 1e3,

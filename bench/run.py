@@ -12,11 +12,11 @@ target is reported but does not fail the run, since shared machines make timings
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 # Keep stray BLAS/OpenMP pools from oversubscribing the cores the engine pins (2 threads).
@@ -26,21 +26,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import bench_lora_switch
-import bench_overhead
 from common import BenchResult, environment
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
-Runner = Callable[[bool, Progress], BenchResult]
-BENCHMARKS: dict[str, Runner] = {
-    "overhead": lambda quick, progress: bench_overhead.run(
-        bench_overhead.QUICK if quick else bench_overhead.FULL, progress
-    ),
-    "lora_switch": lambda quick, progress: bench_lora_switch.run(
-        bench_lora_switch.QUICK if quick else bench_lora_switch.FULL, progress
-    ),
+# name -> module under bench/. A module provides FULL and QUICK (tuples of its configs) and
+# run(configs, progress) -> BenchResult. Imported only when run, so one benchmark's heavy or
+# broken imports do not stop the others.
+BENCHMARKS: dict[str, str] = {
+    "overhead": "bench_overhead",
+    "lora_switch": "bench_lora_switch",
 }
+
+
+def run_benchmark(name: str, quick: bool, progress: Progress) -> BenchResult:
+    module = importlib.import_module(BENCHMARKS[name])
+    return module.run(module.QUICK if quick else module.FULL, progress)
 
 
 def table(result: BenchResult) -> Table:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in names:
         with progress:
-            result = BENCHMARKS[name](args.quick, progress)
+            result = run_benchmark(name, args.quick, progress)
         results.append(result)
         console.print(table(result))
         console.print()

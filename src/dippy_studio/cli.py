@@ -230,13 +230,43 @@ def demo(
     out.print(table)
 
 
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the subnet lives; reused if present.")] = Path(
+        ".dippy"
+    ),
+    port: Annotated[int, typer.Option("--port", help="The orchestrator's port (public API and dashboard).")] = 8090,
+    miners: Annotated[int, typer.Option("--miners", min=1, max=16, help="How many miners to start.")] = 3,
+    demo: Annotated[bool, typer.Option("--demo", help="Submit a mixed workload and print a summary.")] = False,
+    cheater: Annotated[int, typer.Option("--cheater", min=0, help="Make this many miners dishonest.")] = 0,
+    exit_after: Annotated[bool, typer.Option("--exit-after", help="Stop once the demo summary is printed.")] = False,
+    block_time: Annotated[float, typer.Option("--block-time", help="Seconds per block of the local chain.")] = 1.0,
+    tempo: Annotated[int, typer.Option("--tempo", help="Blocks between weight settings.")] = 20,
+    profile: Annotated[str, typer.Option("--profile", help="Model profile every miner serves.")] = "tiny",
+) -> None:
+    """Bring up a whole local subnet: local chain, orchestrator, miners and a validator."""
+    from dippy_studio.localnet import run_up
+
+    if cheater > miners:
+        fail(f"--cheater {cheater} is more than --miners {miners}")
+    if block_time <= 0 or tempo < 2:
+        fail("--block-time must be positive and --tempo at least 2")
+    code = run_up(
+        data_dir, port=port, miners=miners, demo=demo, cheaters=cheater, exit_after=exit_after,
+        block_time=block_time, tempo=tempo, profile=profile, console=out,
+    )  # fmt: skip
+    raise typer.Exit(code)
+
+
 def _register_subcommands() -> None:
     from dippy_studio.chain.cli import chain_app
     from dippy_studio.miner.cli import miner_app
     from dippy_studio.orchestrator.cli import orchestrator_app
+    from dippy_studio.validator.cli import validator_app
 
     app.add_typer(miner_app, name="miner")
     app.add_typer(orchestrator_app, name="orchestrator")
+    app.add_typer(validator_app, name="validator")
     app.add_typer(chain_app, name="chain")
 
 
@@ -305,6 +335,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Train a Flux LoRA on a captioned image dataset and write it as diffusers-format .safetensors."""
+    from dippy_studio.engine.datasets import load_dataset
     from dippy_studio.engine.training import TrainConfig, train_lora
 
     options = engine_options(profile, model_path, device, dtype, threads)
@@ -321,8 +352,12 @@ def train(
             targets=tuple(target) if target else None,
             seed=seed,
         )
-    except (ValidationError, EngineError) as exc:
-        fail(describe_validation(exc) if isinstance(exc, ValidationError) else str(exc))
+    except ValidationError as exc:
+        fail(describe_validation(exc))
+    try:
+        data = load_dataset(dataset)
+    except EngineError as exc:
+        fail(str(exc))
     with _train_progress(disabled=as_json) as progress:
         task = progress.add_task("loading model and encoding the dataset", total=config.steps, loss="", eta="")
 
@@ -337,7 +372,7 @@ def train(
 
         try:
             result = train_lora(
-                dataset,
+                data,
                 output,
                 config,
                 options=options,
@@ -364,7 +399,7 @@ def train(
     if as_json:
         print(json.dumps(summary))
         return
-    out.print(f"wrote {result.path}")
+    out.print(f"wrote {result.path}", soft_wrap=True)
     out.print(f"sha256      {result.sha256}")
     note = " (stopped by --max-seconds)" if result.stopped_early else ""
     out.print(f"steps       {result.steps}/{result.planned_steps}{note}")
@@ -372,7 +407,7 @@ def train(
         out.print(f"final loss  {result.final_loss:.4f}")
     out.print(f"speed       {result.steps_per_second:.1f} steps/s")
     if result.checkpoint:
-        out.print(f"checkpoint  {result.checkpoint}")
+        out.print(f"checkpoint  {result.checkpoint}", soft_wrap=True)
 
 
 @app.command("eval-lora")

@@ -88,14 +88,17 @@ def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
 
 def _check_safetensors_header(path: Path, data: bytes) -> None:
     # A safetensors file starts with a little-endian u64 header length and a JSON object.
-    # Pickles (torch.save) start with b"\x80" or a zip signature; say so plainly.
+    # Pickles (torch.save) start with b"\x80" or a zip signature; say so plainly. The header
+    # length is checked first: its low byte can be 0x80 (or "PK") in a valid file.
+    if len(data) >= 10:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        if header_len <= len(data) - 8 and data[8:9] == b"{":
+            return
     if data[:2] == b"PK" or data[:1] == b"\x80":
         raise LoraError(f"{path}: this is a pickle/torch.save checkpoint; pickle files are refused")
     if len(data) < 10:
         raise LoraError(f"{path}: too short to be a safetensors file")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or data[8:9] != b"{":
-        raise LoraError(f"{path}: not a safetensors file (bad header)")
+    raise LoraError(f"{path}: not a safetensors file (bad header)")
 
 
 def check_lora_fits(pipe: FluxPipeline, lora: LoraFile) -> None:

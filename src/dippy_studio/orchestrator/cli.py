@@ -1,12 +1,14 @@
-"""`dippy-studio orchestrator ...`: administration that needs no running server.
+"""`dippy-studio orchestrator ...`: run the server, and administration that needs no running server.
 
-`keys create|list|revoke` work on the same database as the server (`--data-dir` or `--db`), and
-bring its schema up to date first, so they also work before the server has ever started.
+`serve` runs the orchestrator API. `keys create|list|revoke` work on the same database as the
+server (`--data-dir` or `--db`), and bring its schema up to date first, so they also work before
+the server has ever started.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -144,3 +146,93 @@ def revoke_key(
     finally:
         store.close()
     typer.echo(f"Revoked {key_id}." if revoked else f"{key_id} was already revoked.")
+
+
+@orchestrator_app.command("serve")
+def serve(
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    host: Annotated[str | None, typer.Option("--host", help="Interface to listen on. Default: 127.0.0.1")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port to listen on. Default: 8090")] = None,
+    dev_key: Annotated[str | None, typer.Option("--dev-key", help="Dev key URI such as //Alice (local use).")] = None,
+    wallet: Annotated[str | None, typer.Option("--wallet", help="Bittensor wallet name.")] = None,
+    hotkey: Annotated[str | None, typer.Option("--hotkey", help="Hotkey name in the wallet.")] = None,
+    wallet_path: Annotated[Path | None, typer.Option("--wallet-path", help="Wallets directory.")] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option("--public-url", help="URL miners use to reach this server. Default: http://HOST:PORT"),
+    ] = None,
+    chain_data_dir: Annotated[
+        Path | None,
+        typer.Option("--chain-data-dir", help="Local chain (DIR/chain.sqlite) to sync miners from."),
+    ] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="Model profile jobs are for. Default: tiny")] = None,
+    allow_loopback: Annotated[
+        bool | None,
+        typer.Option("--allow-loopback/--no-allow-loopback", help="Allow loopback URLs (local subnets)."),
+    ] = None,
+) -> None:
+    """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* environment."""
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from dippy_studio.orchestrator.settings import OrchestratorSettings
+    from dippy_studio.protocol.keys import SigningKeyError
+
+    chain_path = None
+    if chain_data_dir is not None:
+        chain_path = chain_data_dir / "chain.sqlite"
+        if not chain_path.is_file():
+            _fail(f"no local chain in {chain_data_dir}; create one with `dippy-studio chain init --data-dir DIR`", 2)
+    overrides = {
+        "data_dir": data_dir,
+        "db_url": db,
+        "host": host,
+        "port": port,
+        "dev_key": dev_key,
+        "wallet_name": wallet,
+        "wallet_hotkey": hotkey,
+        "wallet_path": wallet_path,
+        "public_url": public_url,
+        "chain_path": chain_path,
+        "profile": profile,
+        "allow_loopback_urls": allow_loopback,
+    }
+    try:
+        settings = OrchestratorSettings(**{k: v for k, v in overrides.items() if v is not None})
+        if public_url is None and "DIPPY_ORCH_PUBLIC_URL" not in os.environ:
+            settings = settings.model_copy(update={"public_url": f"http://{settings.host}:{settings.port}"})
+        if not (settings.dev_key or settings.wallet_name):
+            _fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use", 2)
+        app = _build_app(settings)
+    except ValidationError as exc:
+        from dippy_studio.cli import describe_validation
+
+        _fail(describe_validation(exc), 2)
+    except (ValueError, SigningKeyError) as exc:
+        _fail(str(exc), 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    orch = app.state.orchestrator
+    typer.echo(
+        f"orchestrator {orch.signer.ss58_address} on http://{settings.host}:{settings.port} "
+        f"(public {settings.public_url}, profile {settings.profile})",
+        err=True,
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+
+
+def _build_app(settings: Any) -> Any:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dippy_studio.orchestrator.app import create_app
+    from dippy_studio.orchestrator.db import DatabaseUrlError, safe_url
+
+    try:
+        return create_app(settings)
+    except DatabaseUrlError as exc:
+        _fail(str(exc), 2)
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _fail(f"cannot open database {safe_url(settings.database_url)}: {reason}", 2)

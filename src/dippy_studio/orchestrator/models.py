@@ -139,6 +139,13 @@ class Job(Base):
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Picked for an audit by re-run; verdicts live in `audits`.
     audit: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the next webhook delivery is due (also a lease while one is in flight; migration 0002).
+    webhook_next_at: Mapped[datetime | None]
+    webhook_error: Mapped[str | None] = mapped_column(Text)
+
+
+# The webhook sender's scan for due deliveries (migration 0002).
+Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_next_at)
 
 
 class JobAttempt(Base):

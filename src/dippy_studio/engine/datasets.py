@@ -1,0 +1,341 @@
+"""Training datasets: a folder or a .zip of images with same-name .txt captions.
+
+This is the ai-toolkit/kohya convention: `cat_01.png` is captioned by `cat_01.txt`. A client
+uploads such a dataset and a miner trains on it, so everything here treats the input as
+hostile: archives are read in memory (nothing is extracted), and every limit is checked
+before the bytes it guards are decompressed or decoded.
+
+A `Dataset` is the validated content: images (still encoded) and captions, in name order,
+with a sha256 over that canonical content, so the same data in a folder or a zip hashes
+the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import stat
+import warnings
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dippy_studio.engine.errors import DatasetError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+CAPTION_SUFFIX = ".txt"
+TRIGGER_PLACEHOLDER = "[trigger]"
+_SKIPPED_DIRS = {"__MACOSX"}
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """What a dataset may hold. The defaults suit client uploads; tests pass tiny limits."""
+
+    max_files: int = 5000  # archive entries or folder files, of any kind
+    max_total_bytes: int = 2 * 1024**3  # uncompressed
+    max_file_bytes: int = 64 * 1024**2
+    max_compression_ratio: float = 100.0
+    # Small entries can compress well without being dangerous (a short repetitive caption).
+    ratio_exempt_bytes: int = 64 * 1024
+    min_side: int = 16
+    max_pixels: int = 25_000_000
+    max_caption_bytes: int = 16 * 1024
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    """One training image: its path inside the dataset, its encoded bytes and its caption."""
+
+    name: str
+    data: bytes
+    caption: str | None
+    width: int
+    height: int
+
+    def image(self) -> Image.Image:
+        """The decoded image in RGB, upright (EXIF orientation applied), transparency over white."""
+        with Image.open(io.BytesIO(self.data)) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, rgba)
+            return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    items: tuple[DatasetItem, ...]
+    sha256: str
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def captions(self, trigger: str | None = None) -> list[str]:
+        """The training prompts: each caption with the trigger word applied."""
+        return [apply_trigger(item.caption, trigger) for item in self.items]
+
+
+def apply_trigger(caption: str | None, trigger: str | None) -> str:
+    """Put the trigger word into a caption, ai-toolkit style.
+
+    `[trigger]` is replaced by the word; a caption that lacks the word gets it prepended; a
+    missing or empty caption becomes the word alone. Without a trigger word, `[trigger]` is
+    dropped.
+    """
+    if caption is None or not caption.strip():
+        return trigger or ""
+    if trigger is None:
+        return _tidy(caption.replace(TRIGGER_PLACEHOLDER, ""))
+    if TRIGGER_PLACEHOLDER in caption:
+        return _tidy(caption.replace(TRIGGER_PLACEHOLDER, trigger))
+    if re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger}, {caption}"
+
+
+def _tidy(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip(" ,;:")
+
+
+def load_dataset(source: Path, limits: DatasetLimits | None = None) -> Dataset:
+    """Read and check a dataset folder or .zip archive."""
+    limits = limits or DatasetLimits()
+    if source.is_dir():
+        files = _folder_files(source, limits)
+    elif source.is_file():
+        try:
+            if source.stat().st_size > limits.max_total_bytes:
+                raise DatasetError(f"{source}: the archive is larger than {limits.max_total_bytes} bytes")
+            data = source.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"cannot read {source}: {exc.strerror}") from None
+        return load_zip_bytes(data, limits, source=str(source))
+    else:
+        raise DatasetError(f"dataset {source} does not exist")
+    return _build(files, limits, str(source))
+
+
+def load_zip_bytes(data: bytes, limits: DatasetLimits | None = None, source: str = "<zip>") -> Dataset:
+    """Read and check a dataset from the bytes of a .zip archive (as downloaded), in memory."""
+    limits = limits or DatasetLimits()
+    if len(data) > limits.max_total_bytes:
+        raise DatasetError(f"{source}: the archive is larger than {limits.max_total_bytes} bytes")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as exc:
+        raise DatasetError(f"{source} is not a dataset folder or a readable .zip archive: {exc}") from None
+    with archive:
+        return _build(_zip_files(archive, limits, source), limits, source)
+
+
+def _zip_files(archive: zipfile.ZipFile, limits: DatasetLimits, source: str) -> list[tuple[str, bytes]]:
+    infos = archive.infolist()
+    if len(infos) > limits.max_files:
+        raise DatasetError(f"{source}: {len(infos)} archive entries is over the limit of {limits.max_files}")
+    seen: set[str] = set()
+    wanted: list[tuple[str, zipfile.ZipInfo]] = []
+    total = compressed = 0
+    for info in infos:
+        name = _safe_entry_name(info.filename, source)
+        if info.is_dir():
+            continue
+        mode = info.external_attr >> 16
+        if stat.S_ISLNK(mode):
+            raise DatasetError(f"{source}: archive entry {info.filename!r} is a symbolic link")
+        if info.flag_bits & 0x1:
+            raise DatasetError(f"{source}: archive entry {info.filename!r} is encrypted")
+        if name in seen:
+            raise DatasetError(f"{source}: archive entry {name!r} appears twice")
+        seen.add(name)
+        if info.file_size > limits.max_file_bytes:
+            raise DatasetError(
+                f"{source}: {info.filename!r} is {info.file_size} bytes uncompressed, "
+                f"over the per-file limit of {limits.max_file_bytes}"
+            )
+        ratio = info.file_size / max(1, info.compress_size)
+        if info.file_size > limits.ratio_exempt_bytes and ratio > limits.max_compression_ratio:
+            raise DatasetError(
+                f"{source}: {info.filename!r} expands {ratio:.0f}x ({info.compress_size} -> {info.file_size} "
+                f"bytes), over the {limits.max_compression_ratio:.0f}x limit (a zip bomb?)"
+            )
+        total += info.file_size
+        compressed += info.compress_size
+        if total > limits.max_total_bytes:
+            raise DatasetError(
+                f"{source}: the archive expands to more than {limits.max_total_bytes} bytes (a zip bomb?)"
+            )
+        if not _skipped(name):
+            wanted.append((name, info))
+    overall = total / max(1, compressed)
+    if total > limits.ratio_exempt_bytes and overall > limits.max_compression_ratio:
+        raise DatasetError(
+            f"{source}: the archive expands {overall:.0f}x ({compressed} -> {total} bytes), "
+            f"over the {limits.max_compression_ratio:.0f}x limit (a zip bomb?)"
+        )
+    files = []
+    for name, info in wanted:
+        if not _relevant(name):
+            continue
+        try:
+            with archive.open(info) as member:
+                # zipfile never returns more than the declared size, and that size was checked above.
+                content = member.read(info.file_size + 1)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise DatasetError(f"{source}: archive entry {info.filename!r} is corrupt: {exc}") from None
+        files.append((name, content))
+    return _strip_common_folder(files)
+
+
+def _safe_entry_name(raw: str, source: str) -> str:
+    name = raw.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise DatasetError(f"{source}: archive entry {raw!r} has an absolute path")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise DatasetError(f"{source}: archive entry {raw!r} points outside the archive ('..')")
+    if "\x00" in name:
+        raise DatasetError(f"{source}: archive entry {raw!r} has a NUL byte in its name")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _strip_common_folder(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """A zip of a folder usually holds `folder/...`: drop that one shared top-level folder."""
+    tops = {name.split("/", 1)[0] for name, _ in files}
+    if len(tops) == 1 and all("/" in name for name, _ in files):
+        return [(name.split("/", 1)[1], data) for name, data in files]
+    return files
+
+
+def _folder_files(root: Path, limits: DatasetLimits) -> list[tuple[str, bytes]]:
+    paths: list[tuple[str, Path]] = []
+    count = total = 0
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
+        for filename in sorted(filenames):
+            count += 1
+            if count > limits.max_files:
+                raise DatasetError(f"{root}: more than {limits.max_files} files in the dataset folder")
+            path = Path(directory, filename)
+            name = path.relative_to(root).as_posix()
+            if _skipped(name) or not _relevant(name):
+                continue
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                raise DatasetError(f"{root}: {name} is a symbolic link; a dataset holds plain files only")
+            if info.st_size > limits.max_file_bytes:
+                raise DatasetError(
+                    f"{root}: {name} is {info.st_size} bytes, over the per-file limit of {limits.max_file_bytes}"
+                )
+            total += info.st_size
+            if total > limits.max_total_bytes:
+                raise DatasetError(f"{root}: the dataset is larger than {limits.max_total_bytes} bytes")
+            paths.append((name, path))
+    files = []
+    for name, path in paths:
+        try:
+            files.append((name, path.read_bytes()))
+        except OSError as exc:
+            raise DatasetError(f"{root}: cannot read {name}: {exc.strerror}") from None
+    return files
+
+
+def _skipped(name: str) -> bool:
+    """Hidden files and macOS archive litter are not part of a dataset."""
+    return any(part.startswith(".") or part in _SKIPPED_DIRS for part in name.split("/"))
+
+
+def _relevant(name: str) -> bool:
+    return name.lower().endswith((*IMAGE_SUFFIXES, CAPTION_SUFFIX))
+
+
+def _build(files: Iterable[tuple[str, bytes]], limits: DatasetLimits, source: str) -> Dataset:
+    by_name = dict(files)
+    captions = {
+        name[: -len(CAPTION_SUFFIX)]: (name, data)
+        for name, data in by_name.items()
+        if name.lower().endswith(CAPTION_SUFFIX)
+    }
+    items = []
+    for name in sorted(by_name):
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        data = by_name[name]
+        width, height = check_image(name, data, limits, source)
+        stem = name.rsplit(".", 1)[0]
+        caption = _decode_caption(*captions[stem], limits, source) if stem in captions else None
+        items.append(DatasetItem(name=name, data=data, caption=caption, width=width, height=height))
+    if not items:
+        kinds = ", ".join(IMAGE_SUFFIXES)
+        raise DatasetError(f"{source}: no images found (looked for {kinds} files)")
+    return Dataset(items=tuple(items), sha256=dataset_sha256(items), source=source)
+
+
+def check_image(name: str, data: bytes, limits: DatasetLimits, source: str = "dataset") -> tuple[int, int]:
+    """Check that `data` is a complete png/jpeg/webp image within the size limits; return its size."""
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit is lower than PIL's bomb warning threshold and checked first.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in IMAGE_FORMATS:
+                    raise DatasetError(f"{source}: {name} is a {image.format} image; use png, jpeg or webp")
+                width, height = image.size
+                if width * height > limits.max_pixels:
+                    raise DatasetError(
+                        f"{source}: {name} is {width}x{height}, over the limit of {limits.max_pixels} pixels"
+                    )
+                if min(width, height) < limits.min_side:
+                    raise DatasetError(
+                        f"{source}: {name} is {width}x{height}, too small (each side must be at least "
+                        f"{limits.min_side} pixels)"
+                    )
+                image.load()  # decodes every pixel: truncated or corrupt data fails here
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{source}: {name} is over the limit of {limits.max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"{source}: {name} is not a readable image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{source}: {name} is a corrupt image: {exc}") from None
+    return width, height
+
+
+def _decode_caption(name: str, data: bytes, limits: DatasetLimits, source: str) -> str:
+    if len(data) > limits.max_caption_bytes:
+        raise DatasetError(f"{source}: caption {name} is over {limits.max_caption_bytes} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{source}: caption {name} is not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8"
+        ) from None
+    return re.sub(r"\s+", " ", text.removeprefix("\ufeff")).strip()
+
+
+def dataset_sha256(items: Iterable[DatasetItem]) -> str:
+    """sha256 over the ordered (name, image bytes, caption) triples, length-prefixed."""
+    digest = hashlib.sha256()
+    for item in items:
+        for part in (
+            item.name.encode(),
+            item.data,
+            b"\x00" if item.caption is None else b"\x01" + item.caption.encode(),
+        ):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Scale the short side to `resolution` and crop the middle square, as the trainer sees it."""
+    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -1,0 +1,692 @@
+"""The orchestrator service: an ASGI app built from settings by `create_app`.
+
+`Orchestrator` holds the parts (store, blobs, keys, registry, dispatcher, callback handler,
+webhook sender) and the background loops that drive them; the app's lifespan starts and stops
+the loops. Besides the client API (`api`), the app serves miners (`/v1/miner-callbacks/{id}`,
+`/v1/blobs/{sha256}`), validators (`GET /v1/scores`, signed) and operators (`/health`, `/ready`).
+
+Every part takes the store and a clock, so several orchestrators can share one database (each
+claims jobs with SKIP LOCKED) and tests can build one in-process and wire it to real miners.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import re
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import text, update
+
+from dippy_studio.chain.base import Chain
+from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
+from dippy_studio.orchestrator.api import (
+    ImageRequest,
+    LoraInput,
+    Waiters,
+    build_router,
+    check_sha256,
+    deadline_after,
+    fetch,
+    new_seed,
+    request_view,
+)
+from dippy_studio.orchestrator.audit import Auditor, AuditSampler
+from dippy_studio.orchestrator.blobs import BlobStore
+from dippy_studio.orchestrator.callbacks import CallbackHandler, Reply, read_lora_bytes
+from dippy_studio.orchestrator.db import WRITE_OPTION
+from dippy_studio.orchestrator.dispatch import Dispatcher
+from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
+from dippy_studio.orchestrator.registry import Registry
+from dippy_studio.orchestrator.settings import OrchestratorSettings
+from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.webhooks import WebhookSender
+from dippy_studio.protocol.auth import sign_request
+from dippy_studio.protocol.keys import Signer, load_signer
+from dippy_studio.protocol.nonces import NonceStore, SqliteNonceStore
+from dippy_studio.protocol.schemas import JobKind
+
+log = logging.getLogger("dippy_studio.orchestrator")
+
+NONCE_FILE = "orchestrator-nonces.sqlite"
+JSON_BODY_LIMIT = 1 << 20
+_SS58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{46,48}$")
+# What the engine's training accepts as a trigger word (one line, no tabs or brackets).
+_TRIGGER = re.compile(r"^[^\t\r\n\[\]]+$")
+
+# (store, window start, window end) -> {hotkey: score}
+ScoreFn = Callable[[Store, datetime, datetime], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class ScoreSnapshot:
+    start: datetime
+    end: datetime
+    scores: dict[str, float]
+
+
+class Periodic:
+    """Runs `fn` in a thread every `interval` seconds, or at once when woken. With `eager`, a
+    truthy return value (work was found, so more may be waiting) runs it again without sleeping."""
+
+    def __init__(self, name: str, fn: Callable[[], Any], interval: float, eager: bool = False) -> None:
+        self.name = name
+        self.fn = fn
+        self.interval = interval
+        self.eager = eager
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"orch-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # Cleared before the run, so a wake-up that arrives during it starts the next one at once.
+            self._wake.clear()
+            more = False
+            try:
+                more = bool(self.fn()) and self.eager
+            except Exception:
+                # One bad round (database blip, bug) must not end the loop for good.
+                log.exception("%s loop failed; retrying in %.1fs", self.name, self.interval)
+            if not more:
+                self._wake.wait(self.interval)
+
+
+class Orchestrator:
+    """Everything a running orchestrator holds. Also the `JobEvents` its parts report to."""
+
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        *,
+        store: Store | None = None,
+        chain: Chain | None = None,
+        signer: Signer | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        nonces: NonceStore | None = None,
+        score_fn: ScoreFn | None = None,
+        auditor: Auditor | None = None,
+        sampler: AuditSampler | None = None,
+    ) -> None:
+        from dippy_studio.engine.profiles import get_profile
+
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.spec = get_profile(settings.profile)
+        self.signer = signer or load_signer(
+            uri=settings.dev_key,
+            wallet_name=settings.wallet_name,
+            hotkey=settings.wallet_hotkey,
+            **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._owns_store = store is None
+        self.store = store or Store.open(settings.database_url)
+        # Results (client images) are private; assets (datasets, LoRAs) are served to miners.
+        self.results = BlobStore(settings.blob_dir / "results")
+        self.assets = BlobStore(settings.blob_dir / "assets")
+        retention = settings.max_signature_age + settings.allowed_clock_skew + 5.0
+        self.nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
+        if chain is None and settings.chain_path is not None:
+            from dippy_studio.chain.local import LocalChain
+
+            chain = LocalChain(settings.chain_path, create=False)
+        self.chain = chain
+        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.waiters = Waiters()
+        self.registry = Registry(self.store, chain, self.signer, settings, clock=clock)
+        self.dispatcher = Dispatcher(self.store, self.registry, self.signer, settings, self, rng=self.rng, clock=clock)
+        self.callbacks = CallbackHandler(
+            self.store,
+            self.results,
+            self.assets,
+            self.signer,
+            self.nonces,
+            settings,
+            self,
+            clock=clock,
+            on_succeeded=self._succeeded,
+        )
+        self.webhooks = WebhookSender(
+            self.store, settings, lambda job: request_view(job, settings.public_url), clock=clock
+        )
+        lookback = timedelta(seconds=max(settings.inference_attempt_timeout_s, settings.training_attempt_timeout_s))
+        self.score_fn = score_fn or (lambda store, start, end: window_scores(store, start, end, lookback))
+        self._scores: ScoreSnapshot | None = None
+        self._http = httpx.Client(timeout=settings.download_timeout_s, follow_redirects=False)
+        self.audits = (
+            AuditQueue(
+                self.store, self.results, self.assets, sampler or AuditSampler(), auditor or settings, clock=clock
+            )
+            if settings.audit or auditor is not None
+            else None
+        )
+        self.tasks = {
+            "dispatch": Periodic("dispatch", self.dispatcher.dispatch_once, settings.dispatch_interval_s, eager=True),
+            "sweep": Periodic("sweep", self.dispatcher.sweep_once, settings.sweep_interval_s),
+            "sync": Periodic("sync", self.registry.sync, settings.sync_interval_s),
+            "probe": Periodic("probe", self.registry.probe_all, settings.probe_interval_s),
+            "webhooks": Periodic("webhooks", self.webhooks.deliver_due, settings.webhook_interval_s, eager=True),
+            "scores": Periodic("scores", self.refresh_scores, settings.score_interval_s),
+        }
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        # Miners first, so the first dispatch round has someone to send to.
+        try:
+            self.registry.refresh()
+        except Exception:
+            log.exception("first miner refresh failed; the loops will retry")
+        for task in self.tasks.values():
+            task.start()
+        if self.audits is not None:
+            self.audits.start()
+
+    def stop(self) -> None:
+        for task in self.tasks.values():
+            task.stop()
+        if self.audits is not None:
+            self.audits.stop()
+        self.dispatcher.close()
+        self.webhooks.close()
+        self.registry.close()
+        self._http.close()
+        if self._owns_store:
+            self.store.close()
+
+    # ---- JobEvents ----------------------------------------------------------------------------
+
+    def requeued(self, job_id: str) -> None:
+        self.tasks["dispatch"].wake()
+
+    def finished(self, job_id: str) -> None:
+        self.waiters.notify(job_id)
+        self.tasks["webhooks"].wake()
+
+    def _succeeded(self, job: Job) -> None:
+        if self.audits is not None:
+            self.audits.offer(job)
+
+    # ---- building jobs ------------------------------------------------------------------------
+
+    def create_image_job(self, key: ApiKey, body: ImageRequest) -> Job:
+        spec, settings = self.spec, self.settings
+        for name, side in (("width", body.width), ("height", body.height)):
+            if not spec.min_side <= side <= spec.max_side:
+                raise HTTPException(
+                    422, detail=f"{name} {side} is outside {spec.min_side}..{spec.max_side} for profile {spec.name}"
+                )
+        steps = body.steps if body.steps is not None else spec.default_steps
+        if steps > spec.max_steps:
+            raise HTTPException(422, detail=f"steps {steps} is over {spec.max_steps} for profile {spec.name}")
+        self._check_webhook(body.webhook_url)
+        now = self.clock()
+        deadline = deadline_after(now, body.deadline_s, settings.inference_deadline_s, settings.max_deadline_s)
+        payload = {
+            "prompt": body.prompt,
+            "seed": body.seed if body.seed is not None else new_seed(),
+            "width": body.width,
+            "height": body.height,
+            "steps": steps,
+            "guidance": body.guidance if body.guidance is not None else spec.default_guidance,
+            "loras": [self._resolve_lora(key, lora) for lora in body.loras],
+        }
+        return self._create(key, JobKind.inference, payload, now, deadline, body.webhook_url)
+
+    def create_training_job(
+        self,
+        key: ApiKey,
+        trigger_word: str,
+        name: str | None,
+        dataset: bytes | None,
+        dataset_url: str | None,
+        options: dict[str, Any],
+        webhook_url: str | None,
+        deadline_s: float | None,
+    ) -> Job:
+        # Imported here: the training defaults live beside the trainer (torch, diffusers).
+        from dippy_studio.engine.datasets import load_zip_bytes
+        from dippy_studio.engine.errors import DatasetError
+        from dippy_studio.engine.training import DEFAULT_TARGETS, PROFILE_DEFAULTS, REAL_MODEL_DEFAULTS
+
+        settings = self.settings
+        trigger_word = trigger_word.strip()
+        if not _TRIGGER.match(trigger_word):
+            raise HTTPException(422, detail="trigger_word must be one line of text without tabs or brackets")
+        for url in (dataset_url, webhook_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise HTTPException(422, detail=f"{url!r} is not an http:// or https:// URL")
+        self._check_webhook(webhook_url)
+        now = self.clock()
+        deadline = deadline_after(now, deadline_s, settings.training_deadline_s, settings.max_deadline_s)
+        if dataset is None:
+            assert dataset_url is not None
+            dataset = fetch(self._http, dataset_url, settings.max_dataset_bytes, self.url_policy, "dataset")
+        try:
+            load_zip_bytes(dataset, source="the dataset")
+        except DatasetError as exc:
+            raise HTTPException(422, detail=str(exc)) from None
+        defaults = PROFILE_DEFAULTS.get(self.spec.name, REAL_MODEL_DEFAULTS)
+        payload = {
+            "dataset_sha256": self.assets.put(dataset),
+            "trigger_word": trigger_word,
+            "name": (name or "").strip() or trigger_word,
+            **{k: v for k, v in options.items() if v is not None},
+            # The promise the result is checked against: explicit, so miners cannot differ on defaults.
+            "rank": options.get("rank") or defaults["rank"],
+            "targets": list(DEFAULT_TARGETS),
+        }
+        return self._create(key, JobKind.training, payload, now, deadline, webhook_url)
+
+    def _create(
+        self,
+        key: ApiKey,
+        kind: JobKind,
+        payload: dict[str, Any],
+        now: datetime,
+        deadline: datetime,
+        webhook: str | None,
+    ) -> Job:
+        settings = self.settings
+        per_attempt = (
+            settings.inference_attempt_timeout_s if kind is JobKind.inference else settings.training_attempt_timeout_s
+        )
+        job = self.store.create_job(
+            key.id,
+            kind,
+            payload,
+            deadline,
+            min(per_attempt, (deadline - now).total_seconds()),
+            webhook_url=webhook,
+            max_attempts=settings.max_attempts,
+            now=now,
+        )
+        self.requeued(job.id)
+        return job
+
+    def _resolve_lora(self, key: ApiKey, lora: LoraInput) -> dict[str, Any]:
+        if lora.id is not None:
+            found = self.store.get_lora(lora.id, key.id)
+            if found is None:
+                raise HTTPException(422, detail=f"no LoRA {lora.id} for this API key")
+            return {"id": lora.id, "sha256": found.sha256, "scale": lora.scale}
+        assert lora.url is not None
+        data = fetch(self._http, lora.url, self.settings.max_lora_bytes, self.url_policy, "LoRA")
+        sha256 = check_sha256(data, lora.sha256, f"the LoRA at {lora.url}")
+        if not self.assets.exists(sha256):
+            tensors, problem = read_lora_bytes(data)
+            if tensors is None:
+                raise HTTPException(422, detail=f"the LoRA at {lora.url} is not usable: {problem}")
+            self.assets.put(data)
+        return {"url": lora.url, "sha256": sha256, "scale": lora.scale}
+
+    def _check_webhook(self, url: str | None) -> None:
+        if url is None:
+            return
+        try:
+            check_url(url, self.url_policy)
+        except OutboundError as exc:
+            raise HTTPException(422, detail=f"webhook_url refused: {exc}") from None
+
+    # ---- results and scores -------------------------------------------------------------------
+
+    def result_path(self, job: Job) -> Path:
+        assert job.result_blob is not None
+        blobs = self.assets if job.kind == JobKind.training.value else self.results
+        return blobs.path(job.result_blob)
+
+    def result_bytes(self, job: Job) -> bytes:
+        return self.result_path(job).read_bytes()
+
+    def refresh_scores(self) -> ScoreSnapshot:
+        """Score the window ending now, keep it for `GET /v1/scores`, and feed routing."""
+        end = self.clock()
+        start = end - timedelta(seconds=self.settings.score_window_s)
+        scores = {hotkey: float(score) for hotkey, score in self.score_fn(self.store, start, end).items()}
+        # Miners with no work in the window score 0 for routing, not whatever they had before.
+        self.store.set_scores({m.hotkey: 0.0 for m in self.store.list_miners()} | scores, now=end)
+        self._scores = ScoreSnapshot(start, end, scores)
+        return self._scores
+
+    def scores(self) -> ScoreSnapshot:
+        return self._scores or self.refresh_scores()
+
+
+class AuditQueue:
+    """Audits by re-run, in one background thread (reference engines run one job at a time).
+
+    Every succeeded inference job is offered; the sampler (`audit.AuditSampler`) picks which to
+    audit, after the result is in, so a miner cannot tell audited work from the rest. A picked
+    job is flagged (`jobs.audit`), re-run by the `audit.Auditor`, and its verdict and evidence
+    stored as an `Audit` row; the reference image goes to the results blob store. A failed audit
+    puts the miner back on audit probation; scoring turns failures into penalties.
+
+    Not yet: training audits (they need held-out images the miner never saw, so the dataset
+    would have to be split at submission), and re-queuing flagged jobs after a restart.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        results: BlobStore,
+        assets: BlobStore,
+        sampler: AuditSampler,
+        auditor: Auditor | OrchestratorSettings,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.results = results
+        self.assets = assets
+        self.sampler = sampler
+        # Settings instead of an Auditor: build the reference engine at the first audit, so a
+        # server (or a test) that never audits never loads a model for it.
+        self._auditor = auditor if isinstance(auditor, Auditor) else None
+        self._settings = auditor if isinstance(auditor, OrchestratorSettings) else None
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="orch-audits", daemon=True)
+        self._writes = store.engine.execution_options(**{WRITE_OPTION: True})
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def idle(self) -> bool:
+        return self._queue.unfinished_tasks == 0
+
+    def offer(self, job: Job) -> bool:
+        """Decide whether to audit this succeeded job, and queue it if so."""
+        if job.kind != JobKind.inference.value or not job.miner_hotkey or not job.result_blob:
+            return False
+        with self._lock:  # the sampler keeps per-miner counts
+            decision = self.sampler.decide(job.miner_hotkey, job.kind)
+        if not decision.audit:
+            return False
+        with self._writes.begin() as conn:
+            conn.execute(update(Job).where(Job.id == job.id).values(audit=True))
+        self._queue.put(job.id)
+        return True
+
+    def _run(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            try:
+                self._audit(job_id)
+            except Exception:
+                log.exception("audit of %s crashed", job_id)
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _audit(self, job_id: str) -> None:
+        from dippy_studio.engine import GenerationRequest, LoraRef
+
+        job = self.store.load_job(job_id)
+        if job is None or job.miner_hotkey is None or job.result_blob is None:
+            return
+        payload = job.payload
+        request = GenerationRequest(
+            prompt=payload["prompt"],
+            seed=payload["seed"],
+            width=payload["width"],
+            height=payload["height"],
+            steps=payload["steps"],
+            guidance=payload["guidance"],
+            loras=[LoraRef(path=self.assets.path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
+        )
+        png = self.results.get(job.result_blob)
+        outcome = self.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint)
+        evidence = dict(outcome.evidence)
+        if outcome.reference_png is not None:
+            evidence["reference_blob"] = self.results.put(outcome.reference_png)
+        self.store.add_audit(job.id, job.miner_hotkey, outcome.verdict.label, evidence, now=self.clock())
+        if outcome.verdict.label == "fail":
+            log.warning("miner %s failed the audit of %s: %s", job.miner_hotkey, job.id, outcome.verdict.reason)
+            with self._lock:
+                self.sampler.record_failure(job.miner_hotkey)
+
+    def auditor(self) -> Auditor:
+        if self._auditor is None:
+            from dippy_studio.engine import Engine, EngineOptions
+
+            assert self._settings is not None
+            options = EngineOptions(profile=self._settings.profile, model_path=self._settings.audit_model_path)
+            self._auditor = Auditor([Engine(options)])
+        return self._auditor
+
+
+def window_scores(store: Store, start: datetime, end: datetime, lookback: timedelta) -> dict[str, float]:
+    """Per-miner scores for [start, end) from the attempts, jobs and audits in the store
+    (`scoring.score_window` does the arithmetic). `lookback` reaches back for attempts that were
+    dispatched before the window and finished in it: the longest attempt timeout."""
+    from dippy_studio.orchestrator.audit import DEFAULT_PENALTY
+    from dippy_studio.orchestrator.scoring import AttemptRecord, penalties_from_failures, score_window
+
+    verdicts: dict[tuple[str, str], str] = {}
+    for audit in store.list_audits(since=start):
+        verdicts[(audit.job_id, audit.miner_hotkey)] = audit.verdict  # the latest one wins
+    # Failures further back still escalate the penalty of a new one.
+    history = end - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown
+    failures: dict[str, list[datetime]] = {}
+    for audit in store.list_audits(since=history):
+        if audit.verdict == "fail":
+            failures.setdefault(audit.miner_hotkey, []).append(audit.created_at)
+
+    jobs: dict[str, Job | None] = {}
+    records = []
+    for attempt in store.list_attempts(since=start - lookback):
+        if attempt.outcome is None or attempt.finished_at is None:
+            continue  # still running: it counts once it ends
+        if attempt.job_id not in jobs:
+            jobs[attempt.job_id] = store.load_job(attempt.job_id)
+        job = jobs[attempt.job_id]
+        if job is None:
+            continue
+        succeeded = attempt.outcome == "succeeded"
+        verdict = verdicts.get((job.id, attempt.miner_hotkey))
+        records.append(
+            AttemptRecord(
+                hotkey=attempt.miner_hotkey,
+                kind=job.kind,  # type: ignore[arg-type]
+                finished_at=attempt.finished_at,
+                # "refused": the miner never took the job, which earns nothing but is no failure.
+                accepted=attempt.outcome != "refused",
+                completed=succeeded,
+                # Invalid results are recorded as "invalid", so a success is a validated one.
+                valid=succeeded,
+                latency_s=attempt.latency_s if succeeded else None,
+                timeout_s=job.attempt_timeout_s,
+                # Training quality (held-out loss improvement) needs the training audit; 1.0 until then.
+                quality=1.0,
+                audited=job.audit or verdict is not None,
+                audit_passed={"pass": True, "fail": False}.get(verdict or ""),
+            )
+        )
+    return score_window(records, start, end, penalties_from_failures(failures, end))
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over the limit for their path with 413, before
+    they are buffered or parsed (Content-Length when given, and a running count otherwise)."""
+
+    def __init__(self, app: Any, limit_for: Callable[[str], int]) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _too_large(send, limit)
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _too_large(send, limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Any, limit: int) -> None:
+    body = json.dumps({"detail": f"request body over the {limit}-byte limit"}).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
+    """Build the orchestrator app. `components` (store, chain, signer, clock, rng, nonces, score_fn,
+    auditor, sampler) replace what settings would build, for tests and the local subnet."""
+    orch = Orchestrator(settings, **components)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        orch.start()
+        try:
+            yield
+        finally:
+            orch.stop()
+
+    app = FastAPI(
+        title="Dippy Studio orchestrator",
+        version="1",
+        description="Generate images with Flux and train LoRAs on a Bittensor subnet. "
+        "Authenticate with `Authorization: Bearer <API key>`.",
+        lifespan=lifespan,
+    )
+    app.state.orchestrator = orch
+
+    def limit_for(path: str) -> int:
+        if path.startswith("/v1/miner-callbacks/"):
+            return settings.max_result_bytes + JSON_BODY_LIMIT
+        if path == "/v1/loras":
+            return settings.max_dataset_bytes + JSON_BODY_LIMIT
+        return JSON_BODY_LIMIT
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+    app.include_router(build_router(orch))
+
+    @app.post(
+        "/v1/miner-callbacks/{job_id}",
+        tags=["miners"],
+        responses={401: {"description": "bad signature"}, 403: {"description": "not this job's miner"}},
+    )
+    async def miner_callback(job_id: str, request: Request) -> JSONResponse:
+        """Where miners deliver results: a signed multipart POST (`meta` JobView, `result` file)."""
+        body = await request.body()
+        target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if request.scope.get("query_string"):
+            target += "?" + request.scope["query_string"].decode("latin-1")
+        checked = await run_in_threadpool(orch.callbacks.authenticate, job_id, request.headers, body, target)
+        if isinstance(checked, Reply):
+            return JSONResponse(checked.body, status_code=checked.status_code)
+        try:
+            form = await request.form(max_files=2, max_fields=2)
+        except Exception as exc:  # Starlette raises assorted types for a malformed multipart body
+            return JSONResponse({"detail": f"not a multipart form: {exc}"}, status_code=400)
+        meta, result = form.get("meta"), form.get("result")
+        if meta is None:
+            return JSONResponse({"detail": "no 'meta' part"}, status_code=422)
+        meta_bytes = meta.encode() if isinstance(meta, str) else await meta.read()
+        result_bytes = None if result is None else result.encode() if isinstance(result, str) else await result.read()
+        reply = await run_in_threadpool(orch.callbacks.accept, checked, meta_bytes, result_bytes)
+        return JSONResponse(reply.body, status_code=reply.status_code)
+
+    @app.get("/v1/scores", tags=["validators"], responses={200: {"description": "signed with btauth headers"}})
+    async def scores(request: Request) -> Response:
+        """`{scores: {hotkey: score}, window: {start, end}, orchestrator, netuid}`, signed by the
+        orchestrator's hotkey over the exact body (btauth/1 headers, method GET and this path).
+        Pass `?for=<your hotkey>` to have it signed for you as receiver (else for our own hotkey);
+        verify with `protocol.auth.verify_request`."""
+        receiver = request.query_params.get("for") or orch.signer.ss58_address
+        if not _SS58.match(receiver):
+            raise HTTPException(422, detail="'for' must be an SS58 hotkey address")
+        snapshot = await run_in_threadpool(orch.scores)
+        payload = {
+            "scores": dict(sorted(snapshot.scores.items())),
+            "window": {"start": snapshot.start.isoformat(), "end": snapshot.end.isoformat()},
+            "orchestrator": orch.signer.ss58_address,
+            "netuid": orch.chain.netuid if orch.chain is not None else None,
+        }
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = sign_request(orch.signer, "GET", target, body, receiver)
+        return Response(body, media_type="application/json", headers=headers)
+
+    @app.get("/health", tags=["operators"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operators"])
+    def ready() -> JSONResponse:
+        problems = [f"{name} loop is not running" for name, task in orch.tasks.items() if not task.alive]
+        try:
+            with orch.store.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            problems.append(f"database: {type(exc).__name__}")
+        miners = len(orch.store.list_miners(healthy_only=True)) if not problems else 0
+        if not problems and miners == 0:
+            problems.append("no healthy miner")
+        body = {"ready": not problems, "problems": problems, "healthy_miners": miners}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    return app

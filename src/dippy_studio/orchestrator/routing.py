@@ -1,0 +1,116 @@
+"""Which miner gets a job: a pure choice among candidates, weighted by stake and recent score.
+
+Only miners that are healthy, serve the orchestrator's profile, have a live lane for the job's
+kind and room in its queue are eligible. Among them, miners that have not tried this job yet
+come first (a job that failed or timed out somewhere goes elsewhere); when every eligible miner
+has tried it, the ones that tried it least are used again rather than letting the job starve.
+
+The weight of a miner is
+
+    (STAKE_FLOOR + stake / max_stake) * (SCORE_FLOOR + score / max_score) / (1 + queue_depth)
+
+The floors keep a miner with no stake or no score yet in the draw: scores come only from
+work, so a newcomer that got none could never earn one. Dividing by the queue depth spreads
+load towards idle miners. The random draw is injectable, so tests and audits can replay it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+STAKE_FLOOR = 0.1
+SCORE_FLOOR = 0.2
+
+
+@dataclass(frozen=True)
+class Lane:
+    available: bool
+    queue_depth: int = 0
+    queue_limit: int = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.available and (self.queue_limit <= 0 or self.queue_depth < self.queue_limit)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A miner as routing sees it: who, where, how trusted, and what it serves right now."""
+
+    hotkey: str
+    uid: int
+    endpoint: str
+    stake: float = 0.0
+    score: float = 0.0
+    healthy: bool = True
+    profile: str | None = None
+    lanes: Mapping[str, Lane] = field(default_factory=dict)
+
+    @classmethod
+    def from_capacity(
+        cls, hotkey: str, uid: int, endpoint: str, stake: float, score: float, healthy: bool, capacity: dict[str, Any]
+    ) -> Candidate:
+        """From the `Capacity` JSON a miner's probe returned (`protocol.schemas.Capacity`)."""
+        lanes = {}
+        for kind in ("inference", "training"):
+            lane = capacity.get(kind) or {}
+            lanes[kind] = Lane(
+                available=bool(lane.get("available")),
+                queue_depth=int(lane.get("queue_depth") or 0),
+                queue_limit=int(lane.get("queue_limit") or 0),
+            )
+        return cls(hotkey, uid, endpoint, stake, score, healthy, capacity.get("profile"), lanes)
+
+
+def eligible(candidates: Iterable[Candidate], kind: str, profile: str, exclude: Iterable[str] = ()) -> list[Candidate]:
+    """Candidates that could take a job of this kind and profile now, minus `exclude` (hotkeys)."""
+    skip = set(exclude)
+    result = []
+    for candidate in candidates:
+        lane = candidate.lanes.get(kind)
+        if candidate.hotkey in skip or not candidate.healthy or candidate.profile != profile:
+            continue
+        if lane is not None and lane.has_room and candidate.endpoint:
+            result.append(candidate)
+    return result
+
+
+def weights(candidates: Sequence[Candidate], kind: str) -> list[float]:
+    max_stake = max((max(c.stake, 0.0) for c in candidates), default=0.0)
+    max_score = max((max(c.score, 0.0) for c in candidates), default=0.0)
+    result = []
+    for c in candidates:
+        stake = max(c.stake, 0.0) / max_stake if max_stake > 0 else 0.0
+        score = max(c.score, 0.0) / max_score if max_score > 0 else 0.0
+        lane = c.lanes.get(kind)
+        depth = lane.queue_depth if lane is not None else 0
+        result.append((STAKE_FLOOR + stake) * (SCORE_FLOOR + score) / (1 + max(depth, 0)))
+    return result
+
+
+def choose_miner(
+    candidates: Iterable[Candidate],
+    kind: str,
+    profile: str,
+    *,
+    tried: Mapping[str, int] | None = None,
+    exclude: Iterable[str] = (),
+    rng: random.Random | None = None,
+) -> Candidate | None:
+    """Pick a miner for one job, or None when no miner can take it now.
+
+    `tried` counts earlier attempts of this job per hotkey; `exclude` removes miners outright
+    (cooling down after a refusal).
+    """
+    pool = eligible(candidates, kind, profile, exclude)
+    if not pool:
+        return None
+    tried = tried or {}
+    fewest = min(tried.get(c.hotkey, 0) for c in pool)
+    pool = [c for c in pool if tried.get(c.hotkey, 0) == fewest]
+    # Sorted so that the same candidates and the same random state give the same choice.
+    pool.sort(key=lambda c: (c.uid, c.hotkey))
+    return (rng or random).choices(pool, weights=weights(pool, kind), k=1)[0]

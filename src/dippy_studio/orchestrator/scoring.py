@@ -1,0 +1,140 @@
+"""Per-miner scores over a window of finished job attempts (ARCHITECTURE.md section 4).
+
+Pure: plain records in, `{hotkey: score}` out, no clock, no database. The orchestrator builds
+one `AttemptRecord` per dispatch of a job to a miner and one penalty end time per miner
+(`penalties_from_failures`), and calls `score_window`.
+
+The formula, all of it:
+
+- An attempt counts only if the miner accepted it, completed it before its timeout with a
+  valid result, and, when it was audited, passed the audit. Anything less counts zero.
+- Its latency score is `max(0, 1 - latency / timeout)`, and 0 once latency exceeds 90% of
+  the timeout: a result that arrives just in time is worth nothing, so miners gain nothing
+  by accepting work they cannot finish comfortably.
+- It is worth `weight(kind) * latency_score * quality`, with weights training 0.7 and
+  inference 0.3, and a quality factor in [0, 1] (inference 1.0; training from the LoRA's
+  held-out loss improvement, `training_quality`).
+- A miner's score is the sum over its counted attempts that finished in [start, end), and 0
+  while a failed-audit penalty is running at `end`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from dippy_studio.orchestrator.audit import PenaltyPolicy, penalty_until
+
+JobKind = Literal["inference", "training"]
+
+# The subnet's published design: training is the scarcer, costlier work.
+KIND_WEIGHTS: Mapping[str, float] = {"training": 0.7, "inference": 0.3}
+# Past this share of its timeout a result scores nothing.
+LATENCY_CUTOFF = 0.9
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One dispatch of one job to one miner, as the scorer needs it.
+
+    `audited` with `audit_passed` None means the verdict is pending or was inconclusive (the
+    reference could not re-run it): that is not the miner's fault, so the attempt counts.
+    """
+
+    hotkey: str
+    kind: JobKind
+    finished_at: datetime  # when the result came in, or when the attempt failed or timed out
+    accepted: bool
+    completed: bool
+    valid: bool
+    latency_s: float | None  # dispatch to result; None when there was no result
+    timeout_s: float
+    quality: float = 1.0
+    audited: bool = False
+    audit_passed: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KIND_WEIGHTS:
+            raise ValueError(f"unknown job kind {self.kind!r}")
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout_s}")
+        if self.latency_s is not None and not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
+            raise ValueError(f"latency must be a non-negative number of seconds, got {self.latency_s}")
+        if not 0.0 <= self.quality <= 1.0:
+            raise ValueError(f"quality must be in [0, 1], got {self.quality}")
+
+
+def latency_score(latency_s: float, timeout_s: float, cutoff: float = LATENCY_CUTOFF) -> float:
+    """`max(0, 1 - latency / timeout)`, and 0 when latency exceeds `cutoff` of the timeout."""
+    if latency_s > cutoff * timeout_s:
+        return 0.0
+    return max(0.0, 1.0 - latency_s / timeout_s)
+
+
+def counts(attempt: AttemptRecord) -> bool:
+    """Whether the attempt earns anything at all: accepted, completed in time, valid, not caught."""
+    if not (attempt.accepted and attempt.completed and attempt.valid) or attempt.latency_s is None:
+        return False
+    if attempt.latency_s > attempt.timeout_s:
+        return False
+    return not (attempt.audited and attempt.audit_passed is False)
+
+
+def attempt_score(attempt: AttemptRecord, weights: Mapping[str, float] = KIND_WEIGHTS) -> float:
+    """What one attempt adds to its miner's score."""
+    if not counts(attempt):
+        return 0.0
+    assert attempt.latency_s is not None  # counts() checked it
+    return weights[attempt.kind] * latency_score(attempt.latency_s, attempt.timeout_s) * attempt.quality
+
+
+def score_window(
+    attempts: Iterable[AttemptRecord],
+    start: datetime,
+    end: datetime,
+    penalized_until: Mapping[str, datetime | None] | None = None,
+    weights: Mapping[str, float] = KIND_WEIGHTS,
+) -> dict[str, float]:
+    """`{hotkey: score}` for attempts that finished in [start, end).
+
+    Every miner with an attempt in the window or a penalty entry gets a key, so a miner that
+    earned nothing shows up as 0.0 rather than missing. A miner whose penalty runs past `end`
+    (`penalized_until[hotkey] > end`) scores 0. Choose a base cooldown at least as long as the
+    window, so that when a cooldown ends no job from before the failure is still counted.
+    """
+    if end <= start:
+        raise ValueError("the window is empty: end must be after start")
+    penalized_until = penalized_until or {}
+    scores: dict[str, float] = {hotkey: 0.0 for hotkey in penalized_until}
+    for attempt in attempts:
+        if not start <= attempt.finished_at < end:
+            continue
+        scores[attempt.hotkey] = scores.get(attempt.hotkey, 0.0) + attempt_score(attempt, weights)
+    for hotkey, until in penalized_until.items():
+        if until is not None and until > end:
+            scores[hotkey] = 0.0
+    return scores
+
+
+def penalties_from_failures(
+    failures: Mapping[str, Sequence[datetime]], now: datetime, policy: PenaltyPolicy | None = None
+) -> dict[str, datetime | None]:
+    """Each miner's penalty end (None when none is running), from its failed-audit times."""
+    return {hotkey: penalty_until(times, now, policy) for hotkey, times in failures.items()}
+
+
+def training_quality(improvement: float, full_credit: float = 0.5) -> float:
+    """Quality factor of a LoRA from its held-out loss improvement (LoraEvaluation.improvement).
+
+    Linear from 0 (no better than the base model) to 1 at `full_credit` (e.g. 0.5: half the
+    base model's held-out loss) and capped there, so a miner gains from training well but
+    nothing from overfitting past the point clients notice.
+    """
+    if full_credit <= 0:
+        raise ValueError("full_credit must be positive")
+    if not math.isfinite(improvement):
+        return 0.0
+    return min(1.0, max(0.0, improvement / full_credit))

@@ -1,0 +1,106 @@
+"""Orchestrator settings: DIPPY_ORCH_* environment variables, or keyword arguments (flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dippy_studio.orchestrator.db import default_url
+
+
+class OrchestratorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DIPPY_ORCH_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8090, ge=0, le=65535)
+    # The database defaults to DIR/orchestrator.sqlite (the one `orchestrator keys` uses);
+    # blobs live in DIR/blobs, the replay cache of signed requests in DIR/orchestrator-nonces.sqlite.
+    data_dir: Path = Path(".dippy")
+    db_url: str | None = None
+    # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
+    chain_path: Path | None = None
+
+    # Signing key: a dev URI (local subnets) or a bittensor wallet.
+    dev_key: str | None = None
+    wallet_name: str | None = None
+    wallet_hotkey: str = "default"
+    wallet_path: Path | None = None
+
+    # What miners use to reach us: callbacks and blob downloads are built on it.
+    public_url: str = "http://127.0.0.1:8090"
+    # Every job is for this model profile; only miners serving it get work.
+    profile: str = "tiny"
+    # Outbound URLs (miner endpoints, webhooks, dataset and LoRA downloads) to loopback or private
+    # addresses are refused unless allowed: local subnets need loopback.
+    allow_loopback_urls: bool = False
+    allow_private_urls: bool = False
+    max_signature_age: float = Field(default=10.0, gt=0)
+    allowed_clock_skew: float = Field(default=2.0, ge=0)
+
+    # Jobs: the client's deadline (default and cap) and how long one miner gets per attempt.
+    inference_deadline_s: float = Field(default=120.0, gt=0)
+    training_deadline_s: float = Field(default=3600.0, gt=0)
+    max_deadline_s: float = Field(default=24 * 3600.0, gt=0)
+    inference_attempt_timeout_s: float = Field(default=60.0, gt=0)
+    training_attempt_timeout_s: float = Field(default=1800.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    # A retry with less time than this before the client's deadline would only fail later.
+    min_attempt_s: float = Field(default=5.0, ge=0)
+    # `Prefer: wait=N` is capped here so a client cannot hold a connection open indefinitely.
+    max_wait_s: float = Field(default=60.0, ge=0)
+
+    # Background loops (seconds between runs).
+    dispatch_interval_s: float = Field(default=0.5, gt=0)
+    dispatch_batch: int = Field(default=16, ge=1, le=1000)
+    dispatch_timeout_s: float = Field(default=10.0, gt=0)
+    dispatch_concurrency: int = Field(default=8, ge=1, le=256)
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    sync_interval_s: float = Field(default=60.0, gt=0)
+    probe_interval_s: float = Field(default=15.0, gt=0)
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    score_interval_s: float = Field(default=60.0, gt=0)
+    # A miner that refused a job (429, 5xx, unreachable) gets none for this long (or its Retry-After).
+    refusal_cooldown_s: float = Field(default=5.0, ge=0)
+
+    # Scores: the window `GET /v1/scores` covers.
+    score_window_s: float = Field(default=24 * 3600.0, gt=0)
+    # Audits: a sample of succeeded inference jobs (orchestrator.audit.SamplerPolicy) is re-run on a
+    # reference engine of `profile`, built at the first audit (weights from audit_model_path).
+    audit: bool = True
+    audit_model_path: Path | None = None
+
+    # Webhooks to clients: Standard Webhooks, retried with exponential backoff.
+    webhook_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_max_backoff_s: float = Field(default=600.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_interval_s: float = Field(default=1.0, gt=0)
+
+    # Uploads and downloads.
+    max_dataset_bytes: int = Field(default=256 << 20, ge=1024)
+    max_lora_bytes: int = Field(default=512 << 20, ge=1024)
+    max_result_bytes: int = Field(default=512 << 20, ge=1024)
+    download_timeout_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("public_url must be an http:// or https:// URL")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> OrchestratorSettings:
+        if self.dev_key and self.wallet_name:
+            raise ValueError("give either dev_key or wallet_name, not both")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or default_url(self.data_dir)
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"

@@ -1,0 +1,202 @@
+"""Webhooks to clients, signed per Standard Webhooks (https://www.standardwebhooks.com) and
+retried with exponential backoff.
+
+Each finished request with a `webhook_url` gets one event: `request.succeeded`,
+`request.failed` or `request.canceled`, whose `data` is the request's status (what
+`GET /v1/requests/{id}` returns). Headers:
+
+    webhook-id:        msg_<request id>   (the same on every retry: receivers deduplicate on it)
+    webhook-timestamp: unix seconds of this attempt
+    webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">
+
+keyed by the base64-decoded part of the API key's `whsec_` secret.
+
+Delivery state lives in the jobs table (`webhook_state`, `webhook_attempts`, `webhook_next_at`,
+`webhook_error`), so retries survive restarts. Taking a delivery pushes `webhook_next_at` forward
+by a lease first (rows locked with SKIP LOCKED on PostgreSQL), so replicas do not send it twice
+at once; a replica that dies mid-delivery leaves it to be retried when the lease ends. These few
+queries live here rather than in `store` because only the sender uses them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
+from dippy_studio.orchestrator.db import WRITE_OPTION
+from dippy_studio.orchestrator.models import Job, utcnow
+from dippy_studio.orchestrator.settings import OrchestratorSettings
+from dippy_studio.orchestrator.states import TERMINAL
+from dippy_studio.orchestrator.store import Store
+
+log = logging.getLogger("dippy_studio.orchestrator.webhooks")
+
+SECRET_PREFIX = "whsec_"
+DEFAULT_TOLERANCE_S = 300
+DELIVERY_THREADS = 4
+BATCH = 32
+
+
+class WebhookVerificationError(ValueError):
+    """A webhook's signature or timestamp does not check out."""
+
+
+def _key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The `webhook-signature` header value for one delivery."""
+    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def headers_for(secret: str, msg_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
+    timestamp = int(time.time() if now is None else now)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+) -> None:
+    """What a receiver does: check the signature (any of the space-separated `v1,` ones) and that
+    the timestamp is recent. Raises WebhookVerificationError."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    try:
+        msg_id, timestamp = lowered["webhook-id"], int(lowered["webhook-timestamp"])
+        signatures = lowered["webhook-signature"].split()
+    except (KeyError, ValueError):
+        raise WebhookVerificationError("missing or malformed webhook headers") from None
+    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
+        raise WebhookVerificationError("webhook timestamp outside the tolerance window")
+    expected = sign(secret, msg_id, timestamp, body)
+    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+        raise WebhookVerificationError("no webhook signature matches")
+
+
+def event_type(status: str) -> str:
+    return f"request.{status}"
+
+
+class WebhookSender:
+    def __init__(
+        self,
+        store: Store,
+        settings: OrchestratorSettings,
+        render: Callable[[Job], dict[str, Any]],
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.render = render
+        self.clock = clock
+        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self._writes = sessionmaker(store.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
+        self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="webhook")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._http.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with self._writes.begin() as session:
+            yield session
+
+    def deliver_due(self) -> int:
+        """Send every delivery that is due (in parallel, waiting for them); returns how many were tried."""
+        jobs = self._take_due(BATCH)
+        list(self._pool.map(self._deliver, jobs))
+        return len(jobs)
+
+    def _take_due(self, limit: int) -> list[Job]:
+        now = self.clock()
+        lease = timedelta(seconds=self.settings.webhook_timeout_s * 2 + 5)
+        with self._write() as session:
+            jobs = list(
+                session.scalars(
+                    select(Job)
+                    .where(
+                        Job.webhook_state == "pending",
+                        Job.status.in_([s.value for s in TERMINAL]),
+                        or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now),
+                    )
+                    .order_by(Job.finished_at)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for job in jobs:
+                job.webhook_next_at = now + lease
+        return jobs
+
+    def _deliver(self, job: Job) -> None:
+        try:
+            outcome = self._send(job)
+        except Exception as exc:  # a bug must not lose the delivery: record it and retry later
+            log.exception("webhook for %s crashed", job.id)
+            outcome = (False, f"internal error: {type(exc).__name__}", True)
+        delivered, error, retry = outcome
+        attempts = job.webhook_attempts + 1
+        now = self.clock()
+        values: dict[str, Any] = {"webhook_attempts": attempts, "webhook_error": error}
+        if delivered:
+            values.update(webhook_state="delivered", webhook_next_at=None)
+        elif not retry or attempts >= self.settings.webhook_attempts:
+            log.warning("webhook for %s failed for good after %d attempts: %s", job.id, attempts, error)
+            values.update(webhook_state="failed", webhook_next_at=None)
+        else:
+            delay = min(self.settings.webhook_backoff_s * 2 ** (attempts - 1), self.settings.webhook_max_backoff_s)
+            values.update(webhook_next_at=now + timedelta(seconds=delay))
+            log.info("webhook for %s failed (%s); retrying in %.1fs", job.id, error, delay)
+        with self._write() as session:
+            session.execute(update(Job).where(Job.id == job.id).values(values))
+
+    def _send(self, job: Job) -> tuple[bool, str | None, bool]:
+        """(delivered, error, worth retrying)."""
+        if not job.webhook_url:
+            return False, "no webhook_url", False
+        key = self.store.get_api_key(job.api_key_id)
+        if key is None:
+            return False, "the API key is gone", False
+        try:
+            # Checked again at delivery: the name may resolve elsewhere now than at submission.
+            check_url(job.webhook_url, self.url_policy)
+        except OutboundError as exc:
+            return False, str(exc), False
+        payload = {"type": event_type(job.status), "timestamp": self.clock().isoformat(), "data": self.render(job)}
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = headers_for(key.webhook_secret, f"msg_{job.id}", body)
+        try:
+            response = self._http.post(job.webhook_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return False, f"{type(exc).__name__}: {exc}"[:500], True
+        if 200 <= response.status_code < 300:
+            return True, None, False
+        # 410 Gone: the receiver says this endpoint will never take it (Standard Webhooks' advice).
+        return False, f"HTTP {response.status_code}", response.status_code != 410

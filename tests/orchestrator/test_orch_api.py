@@ -1,0 +1,303 @@
+"""The client API on its own (no miners): keys, isolation, rate limits, inputs, OpenAPI, blobs, scores."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import save as save_safetensors
+from typer.testing import CliRunner
+
+import miner_kit
+from dippy_studio.chain.local import LocalChain
+from dippy_studio.orchestrator.api import prefer_wait
+from dippy_studio.orchestrator.app import Orchestrator, create_app
+from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.settings import OrchestratorSettings
+from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, signer_from_uri, verify_request
+from dippy_studio.protocol.auth import BadSignature
+from orchestrator.orch_kit import ORCHESTRATOR, dataset_zip, image_body
+
+VALIDATOR = signer_from_uri("//Validator")
+
+server = miner_kit.server  # fixture: serves files on 127.0.0.1
+
+
+class Api:
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+        self.orch: Orchestrator = client.app.state.orchestrator
+
+    def key(self, rate: int = 10_000, name: str = "client") -> dict[str, str]:
+        created = self.orch.store.create_api_key(name, rate_limit_per_minute=rate)
+        return {"Authorization": f"Bearer {created.secret}", "id": created.key.id}
+
+    def call(self, method: str, path: str, key: dict[str, str] | None, **kwargs: Any):
+        headers = {**kwargs.pop("headers", {}), **({"Authorization": key["Authorization"]} if key else {})}
+        return self.client.request(method, path, headers=headers, **kwargs)
+
+
+@pytest.fixture
+def make_api(tmp_path) -> Iterator[Callable[..., Api]]:
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> Api:
+        components = {k: overrides.pop(k) for k in ("score_fn",) if k in overrides}
+        settings = OrchestratorSettings(data_dir=tmp_path / f"orch{len(clients)}", **overrides)
+        client = TestClient(create_app(settings, signer=ORCHESTRATOR, **components))
+        client.__enter__()
+        clients.append(client)
+        return Api(client)
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def api(make_api) -> Api:
+    return make_api()
+
+
+def lora_file(rank: int = 2) -> bytes:
+    tensors = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, 8),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, rank),
+    }
+    return save_safetensors(tensors)
+
+
+def test_openapi_and_docs_are_served(api: Api):
+    spec = api.client.get("/openapi.json").json()
+    for path in ("/v1/images", "/v1/loras", "/v1/requests/{request_id}", "/v1/requests/{request_id}/result",
+                 "/v1/requests/{request_id}/cancel", "/v1/loras/{lora_id}", "/v1/scores"):  # fmt: skip
+        assert path in spec["paths"], path
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert api.client.get("/docs").status_code == 200
+
+
+def test_requests_need_a_live_key(api: Api):
+    missing = api.call("GET", "/v1/requests", None)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in missing.json()["detail"]
+    bad = api.client.get("/v1/requests", headers={"Authorization": "Bearer dsk_0123456789abcdef_" + "x" * 40})
+    assert bad.status_code == 401 and bad.json()["detail"] == "invalid or revoked API key"
+    key = api.key()
+    assert api.call("GET", "/v1/requests", key).status_code == 200
+    api.orch.store.revoke_api_key(key["id"])
+    assert api.call("GET", "/v1/requests", key).status_code == 401
+
+
+def test_submit_status_cancel(api: Api):
+    key = api.key()
+    submitted = api.call("POST", "/v1/images", key, json=image_body(seed=None, steps=None))
+    assert submitted.status_code == 202, submitted.text
+    body = submitted.json()
+    request_id = body["request_id"]
+    assert body["status"] == "queued"
+    assert body["status_url"].endswith(f"/v1/requests/{request_id}")
+    assert body["result_url"] == body["status_url"] + "/result" and body["cancel_url"] == body["status_url"] + "/cancel"
+
+    view = api.call("GET", f"/v1/requests/{request_id}", key).json()
+    assert (view["status"], view["kind"], view["attempts"], view["miner_uid"]) == ("queued", "inference", 0, None)
+    # Left-out seed and steps were filled in (random seed, the profile's default steps).
+    assert isinstance(view["input"]["seed"], int) and view["input"]["steps"] == 4
+    assert [r["request_id"] for r in api.call("GET", "/v1/requests", key).json()] == [request_id]
+
+    early = api.call("GET", f"/v1/requests/{request_id}/result", key)
+    assert early.status_code == 409 and "it is queued" in early.json()["detail"]
+    canceled = api.call("POST", f"/v1/requests/{request_id}/cancel", key)
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    again = api.call("POST", f"/v1/requests/{request_id}/cancel", key)
+    assert again.status_code == 409 and "already canceled" in again.json()["detail"]
+    assert api.call("GET", "/v1/requests?status=canceled", key).json()[0]["request_id"] == request_id
+
+
+def test_each_key_sees_only_its_own_requests_and_loras(api: Api):
+    alice, bob = api.key(name="alice"), api.key(name="bob")
+    request_id = api.call("POST", "/v1/images", alice, json=image_body()).json()["request_id"]
+    for method, path in (("GET", ""), ("GET", "/result"), ("POST", "/cancel")):
+        response = api.call(method, f"/v1/requests/{request_id}{path}", bob)
+        assert response.status_code == 404 and response.json()["detail"] == f"no request {request_id}"
+    assert api.call("GET", "/v1/requests", bob).json() == []
+
+    lora = api.orch.store.create_lora(alice["id"], "style", "a" * 64, 4, trigger_word="sks")
+    assert [x["id"] for x in api.call("GET", "/v1/loras", alice).json()] == [lora.id]
+    assert api.call("GET", f"/v1/loras/{lora.id}", alice).json()["trigger_word"] == "sks"
+    assert api.call("GET", "/v1/loras", bob).json() == []
+    assert api.call("GET", f"/v1/loras/{lora.id}", bob).status_code == 404
+    used = api.call("POST", "/v1/images", bob, json=image_body(loras=[{"id": lora.id}]))
+    assert used.status_code == 422 and f"no LoRA {lora.id} for this API key" in used.json()["detail"]
+    assert api.call("POST", "/v1/images", alice, json=image_body(loras=[{"id": lora.id}])).status_code == 202
+
+
+def test_each_key_has_its_own_rate_limit(api: Api):
+    limited, other = api.key(rate=3), api.key(rate=3)
+    assert [api.call("GET", "/v1/requests", limited).status_code for _ in range(3)] == [200] * 3
+    refused = api.call("GET", "/v1/requests", limited)
+    assert refused.status_code == 429 and "3 requests per minute" in refused.json()["detail"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert api.call("GET", "/v1/requests", other).status_code == 200
+
+
+BAD_IMAGE_REQUESTS = [
+    ({"prompt": "   "}, "the prompt is empty"),
+    ({"width": 65}, "not a multiple of 16"),
+    ({"width": 512}, "width 512 is outside 16..256 for profile tiny"),
+    ({"steps": 80}, "steps 80 is over 50 for profile tiny"),
+    ({"seed": -1}, "greater than or equal to 0"),
+    ({"colour": "red"}, "Extra inputs are not permitted"),
+    ({"loras": [{"id": "x", "url": "http://example.com/a"}]}, "exactly one of 'id' or 'url'"),
+    ({"loras": [{"id": "x", "scale": 99}]}, "less than or equal to 8"),
+    ({"webhook_url": "ftp://example.com/hook"}, "http:// or https://"),
+    ({"webhook_url": "http://127.0.0.1:9/hook"}, "loopback address"),
+    ({"deadline_s": 10**9}, "over the 86400s maximum"),
+]
+
+
+def test_bad_image_requests_get_422_with_a_reason(api: Api):
+    key = api.key()
+    for change, reason in BAD_IMAGE_REQUESTS:
+        response = api.call("POST", "/v1/images", key, json=image_body(**change))
+        assert response.status_code == 422, change
+        assert reason in json.dumps(response.json()), (change, response.json())
+    assert api.call("GET", "/v1/requests", key).json() == []  # nothing was queued
+
+
+def test_malformed_and_oversized_bodies(api: Api):
+    key = api.key()
+    garbled = api.call("POST", "/v1/images", key, content=b"{not json", headers={"content-type": "application/json"})
+    assert garbled.status_code == 422 and "JSON decode error" in json.dumps(garbled.json())
+    huge = api.call("POST", "/v1/images", key, content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert huge.status_code == 413 and "limit" in huge.json()["detail"]
+    assert api.call("GET", "/v1/requests/req_nope", key).status_code == 404
+
+
+def test_prefer_wait_falls_back_to_202_when_not_done(api: Api):
+    assert prefer_wait("respond-async, wait=5", 60) == 5 and prefer_wait("wait=600", 60) == 60
+    assert prefer_wait(None, 60) == 0 and prefer_wait("handling=lenient", 60) == 0
+    started = time.monotonic()
+    response = api.call("POST", "/v1/images", api.key(), json=image_body(), headers={"Prefer": "wait=0.5"})
+    assert response.status_code == 202 and 0.4 < time.monotonic() - started < 5
+
+
+def test_lora_training_submissions_are_checked(api: Api):
+    key = api.key()
+
+    def submit(files=None, **data):
+        return api.call("POST", "/v1/loras", key, data={"trigger_word": "sks", **data}, files=files)
+
+    both = submit(files={"dataset": ("d.zip", dataset_zip())}, dataset_url="http://example.com/d.zip")
+    assert both.status_code == 422 and "exactly one of" in both.json()["detail"]
+    assert "exactly one of" in submit().json()["detail"]
+    not_zip = submit(files={"dataset": ("d.zip", b"not a zip")})
+    assert not_zip.status_code == 422 and "zip" in not_zip.json()["detail"]
+    empty = io.BytesIO()
+    zipfile.ZipFile(empty, "w").close()
+    no_images = submit(files={"dataset": ("d.zip", empty.getvalue())})
+    assert no_images.status_code == 422 and "image" in no_images.json()["detail"]
+    bracket = submit(files={"dataset": ("d.zip", dataset_zip())}, trigger_word="[sks]")
+    assert bracket.status_code == 422 and "without tabs or brackets" in bracket.json()["detail"]
+
+    ok = submit(files={"dataset": ("d.zip", dataset_zip())}, name="sunsets", steps="3")
+    assert ok.status_code == 202, ok.text
+    view = api.call("GET", f"/v1/requests/{ok.json()['request_id']}", key).json()
+    assert view["kind"] == "training"
+    # The promised rank is explicit (the tiny profile's default), and the dataset is served to miners.
+    assert (view["input"]["rank"], view["input"]["steps"], view["input"]["name"]) == (4, 3, "sunsets")
+    blob = api.client.get(f"/v1/blobs/{view['input']['dataset_sha256']}")
+    assert blob.status_code == 200 and blob.content == dataset_zip()
+
+
+def test_blobs_serve_only_assets(api: Api):
+    asset = api.orch.assets.put(b"lora bytes")
+    private = api.orch.results.put(b"a client's image")
+    assert api.client.get(f"/v1/blobs/{asset}").content == b"lora bytes"
+    assert api.client.get(f"/v1/blobs/{private}").status_code == 404
+    assert api.client.get("/v1/blobs/..%2f..%2fetc").status_code == 404
+
+
+def test_loras_by_url_are_fetched_checked_and_stored(make_api, server):
+    api = make_api(allow_loopback_urls=True)
+    key = api.key()
+    server.files = {"/good.safetensors": lora_file(), "/bad.safetensors": b"\x80\x04 pickle"}
+    url = server.url("/good.safetensors")
+    ok = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": url, "scale": 0.5}]))
+    assert ok.status_code == 202, ok.text
+    [lora] = api.call("GET", f"/v1/requests/{ok.json()['request_id']}", key).json()["input"]["loras"]
+    assert (lora["url"], lora["scale"]) == (url, 0.5)
+    assert api.client.get(f"/v1/blobs/{lora['sha256']}").content == lora_file()
+
+    wrong = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": url, "sha256": "0" * 64}]))
+    assert wrong.status_code == 422 and "not the 000" in wrong.json()["detail"]
+    bad = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": server.url("/bad.safetensors")}]))
+    assert bad.status_code == 422 and "pickle" in bad.json()["detail"]
+    missing = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": server.url("/none")}]))
+    assert missing.status_code == 422 and "HTTP 404" in missing.json()["detail"]
+
+
+def test_scores_are_signed_by_the_orchestrator(make_api):
+    api = make_api(score_fn=lambda store, start, end: {"5Miner": 0.75})
+    response = api.client.get(f"/v1/scores?for={VALIDATOR.ss58_address}")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["scores"] == {"5Miner": 0.75} and body["orchestrator"] == ORCHESTRATOR.ss58_address
+    assert body["window"]["start"] < body["window"]["end"]
+
+    def check(content: bytes):
+        return verify_request(
+            response.headers,
+            content,
+            method="GET",
+            path=f"/v1/scores?for={VALIDATOR.ss58_address}",
+            receiver_ss58=VALIDATOR.ss58_address,
+            nonce_store=MemoryNonceStore(),
+            policy=SenderPolicy.allow_list([ORCHESTRATOR.ss58_address]),
+        )
+
+    assert check(response.content).hotkey_ss58 == ORCHESTRATOR.ss58_address
+    with pytest.raises(BadSignature):
+        check(response.content.replace(b"0.75", b"0.99"))
+    assert api.client.get("/v1/scores?for=not-a-hotkey").status_code == 422
+
+
+def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
+    import uvicorn
+
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+    monkeypatch.delenv("DIPPY_ORCH_PUBLIC_URL", raising=False)
+    runner = CliRunner()
+    common = ["serve", "--data-dir", str(tmp_path / "orch"), "--port", "8123"]
+
+    no_key = runner.invoke(orchestrator_app, common)
+    assert no_key.exit_code == 2 and "no signing key" in no_key.output
+    no_chain = runner.invoke(orchestrator_app, [*common, "--dev-key", "//Alice", "--chain-data-dir", str(tmp_path)])
+    assert no_chain.exit_code == 2 and "no local chain" in no_chain.output
+
+    LocalChain(tmp_path / "chain" / "chain.sqlite").close()
+    args = [*common, "--dev-key", "//Alice", "--chain-data-dir", str(tmp_path / "chain"), "--allow-loopback"]
+    result = runner.invoke(orchestrator_app, args)
+    assert result.exit_code == 0, result.output
+    orch: Orchestrator = started["app"].state.orchestrator
+    try:
+        assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
+        assert orch.settings.public_url == "http://127.0.0.1:8123" and orch.settings.allow_loopback_urls
+        assert orch.signer.ss58_address == ORCHESTRATOR.ss58_address and orch.chain is not None
+        assert (tmp_path / "orch" / "orchestrator.sqlite").is_file()  # the database `keys` uses too
+    finally:
+        orch.stop()
+
+
+def test_health_and_readiness(api: Api):
+    assert api.client.get("/health").json() == {"status": "ok"}
+    ready = api.client.get("/ready")
+    # Up, with its loops running and its database reachable, but no miner to send work to.
+    assert ready.status_code == 503 and ready.json()["problems"] == ["no healthy miner"]

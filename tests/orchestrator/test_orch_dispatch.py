@@ -1,0 +1,227 @@
+"""Dispatch and callbacks: refusals, invalid results, callback authentication and idempotency,
+the miner registry, and two orchestrators sharing one PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+import orchestrator.orch_kit as kit
+from dippy_studio.engine.images import encode_png
+from dippy_studio.orchestrator.registry import parse_endpoint
+from dippy_studio.orchestrator.store import Store
+from dippy_studio.protocol import signer_from_uri
+from dippy_studio.protocol.auth import sign_request
+from orchestrator.orch_kit import ORCHESTRATOR, bad_runner, image_body, noise_png, sha256, wait_status, wait_until
+
+subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
+
+
+def test_a_refusing_miner_gets_the_job_taken_back_and_sent_elsewhere(subnet):
+    busy = subnet.add_stub_miner("//Dave", accept=False)  # answers 503 with Retry-After: 30
+    orch = subnet.start_orchestrator()
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body(steps=1)).json()["request_id"]
+    wait_until(lambda: busy.received, 10, "the busy miner to be asked")
+    # Taken back, and the miner cools down for its Retry-After: nobody else is there, so it waits.
+    assert wait_status(client, request_id, {"queued"})["attempts"] == 1
+
+    bob = subnet.add_miner("//Bob")
+    view = wait_status(client, request_id, {"succeeded", "failed"})
+    assert (view["status"], view["miner_hotkey"], view["attempts"]) == ("succeeded", bob.hotkey, 2)
+    refused, done = orch.store.list_attempts(request_id)
+    assert (refused.miner_hotkey, refused.outcome, done.outcome) == (busy.hotkey, "refused", "succeeded")
+    assert "HTTP 503" in refused.error and "busy" in refused.error
+    assert len(busy.received) == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason", "max_attempts"),
+    [
+        (lambda job: encode_png(Image.new("RGB", (job["width"], job["height"]), (90, 90, 90))), "blank", 2),
+        (lambda job: noise_png(job["width"] * 2, job["height"]), "image is 128x64, the request was 64x64", 1),
+        (lambda job: b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "PNG does not decode", 1),
+    ],
+    ids=["blank", "wrong-size", "corrupt"],
+)
+def test_invalid_results_are_refused_recorded_and_retried_until_attempts_run_out(
+    subnet, tmp_path, bad, reason: str, max_attempts: int
+):
+    cheat = subnet.add_miner("//Eve", inference_runner=bad_runner(tmp_path, bad))
+    orch = subnet.start_orchestrator(max_attempts=max_attempts)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    view = wait_status(client, request_id, {"succeeded", "failed"})
+    assert view["status"] == "failed" and reason in view["error"] and view["result"] is None
+    attempts = orch.store.list_attempts(request_id)
+    assert [(a.miner_hotkey, a.outcome) for a in attempts] == [(cheat.hotkey, "invalid")] * max_attempts
+    assert all(reason in a.error for a in attempts)
+    assert client.get(f"/v1/requests/{request_id}/result").status_code == 409
+    assert not orch.orch.results.root.exists()  # nothing invalid was ever stored
+
+
+class CallbackSender:
+    """Plays the miner's side of a callback by hand, to test what the orchestrator accepts."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.http = httpx.Client(timeout=10)
+
+    def send(self, job_id: str, signer, meta: dict[str, Any], result: bytes | None, *, tamper: bool = False):
+        files = {"meta": ("meta.json", json.dumps(meta).encode(), "application/json")}
+        if result is not None:
+            files["result"] = ("result.png", result, "image/png")
+        path = f"/v1/miner-callbacks/{job_id}"
+        request = httpx.Request("POST", self.url + path, files=files)
+        body = request.read()
+        headers = {"content-type": request.headers["content-type"]}
+        headers.update(sign_request(signer, "POST", path, body, ORCHESTRATOR.ss58_address))
+        if tamper:
+            body = body.replace(b"result.png", b"tamper.png")
+        return self.http.post(self.url + path, content=body, headers=headers)
+
+
+def view_meta(miner_job_id: str, result: bytes | None, status: str = "succeeded", **overrides: Any) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    meta = {
+        "job_id": miner_job_id,
+        "kind": "inference",
+        "status": status,
+        "created_at": now.isoformat(),
+        "deadline": (now + timedelta(minutes=1)).isoformat(),
+        "result_sha256": sha256(result) if result else None,
+        "result_bytes": len(result) if result else None,
+        "fingerprint": "fp",
+        "timings": {"total": 0.5},
+    }
+    return {**meta, **overrides}
+
+
+def test_callbacks_must_come_from_the_assigned_miner_and_are_idempotent(subnet):
+    silent = subnet.add_stub_miner("//Dave")
+    orch = subnet.start_orchestrator()
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    assert wait_status(client, request_id, {"running"})["miner_hotkey"] == silent.hotkey
+    miner_job = f"{request_id}-1"
+    assert silent.received[0]["job_id"] == miner_job
+    assert silent.received[0]["callback_url"] == f"{orch.url}/v1/miner-callbacks/{request_id}"
+    png = noise_png()
+    miner, stranger = signer_from_uri("//Dave"), signer_from_uri("//Charlie")
+    callbacks = CallbackSender(orch.url)
+
+    wrong = callbacks.send(request_id, stranger, view_meta(miner_job, png), png)
+    assert wrong.status_code == 403 and "not assigned to this hotkey" in wrong.json()["detail"]
+    forged = callbacks.send(request_id, miner, view_meta(miner_job, png), png, tamper=True)
+    assert forged.status_code == 401
+    stale = callbacks.send(request_id, miner, view_meta(f"{request_id}-0", png), png)
+    assert stale.status_code == 410
+    lying = callbacks.send(request_id, miner, view_meta(miner_job, png, result_sha256="0" * 64), png)
+    assert lying.status_code == 422 and "the miner claimed" in lying.json()["detail"]
+    assert orch.store.list_attempts(request_id)[0].outcome == "invalid"  # taken back for a retry
+    unknown = callbacks.send("req_nope", miner, view_meta("req_nope-1", png), png)
+    assert unknown.status_code == 404
+
+    # Back at the same miner (the only one) as attempt 2: now a good result.
+    wait_until(lambda: len(silent.received) == 2, 10, "the retry")
+    ok = callbacks.send(request_id, miner, view_meta(f"{request_id}-2", png), png)
+    assert ok.status_code == 200 and ok.json() == {"status": "succeeded", "sha256": sha256(png)}
+    done = client.get(f"/v1/requests/{request_id}").json()
+    assert done["status"] == "succeeded" and client.get(done["result_url"]).content == png
+
+    again = callbacks.send(request_id, miner, view_meta(f"{request_id}-2", png), png)
+    assert again.status_code == 200 and again.json() == {"status": "duplicate"}
+    other = noise_png(seed=1)
+    late = callbacks.send(request_id, miner, view_meta(f"{request_id}-2", other), other)
+    assert late.status_code == 200 and late.json()["status"] == "ignored"
+    assert client.get(f"/v1/requests/{request_id}").json() == done  # nothing changed
+    outcomes = [(a.attempt, a.outcome) for a in orch.store.list_attempts(request_id)]
+    assert outcomes == [(1, "invalid"), (2, "succeeded")]
+
+
+def test_a_failure_reported_by_the_miner_sends_the_job_elsewhere(subnet):
+    subnet.add_stub_miner("//Dave")
+    orch = subnet.start_orchestrator(max_attempts=1)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    wait_status(client, request_id, {"running"})
+    meta = view_meta(f"{request_id}-1", None, status="failed", error="CUDA out of memory")
+    reply = CallbackSender(orch.url).send(request_id, signer_from_uri("//Dave"), meta, None)
+    assert reply.status_code == 200 and reply.json() == {"status": "failed"}  # no attempts left
+    view = client.get(f"/v1/requests/{request_id}").json()
+    assert view["status"] == "failed" and "miner reported failed: CUDA out of memory" in view["error"]
+
+
+def test_registry_follows_the_chain_and_probes(subnet):
+    bob = subnet.add_miner("//Bob", stake=5.0)
+    impostor = signer_from_uri("//Ferdie").ss58_address
+    subnet.chain.register(impostor, signer_from_uri("//Ferdie//cold").ss58_address)
+    subnet.chain.commit(impostor, bob.url)  # points at Bob's miner, which answers as Bob
+    junk = signer_from_uri("//Eve").ss58_address
+    subnet.chain.register(junk, signer_from_uri("//Eve//cold").ss58_address)
+    subnet.chain.commit(junk, "not a url")
+    orch = subnet.start_orchestrator(sync_interval_s=60, probe_interval_s=60)
+    store = orch.store
+    registry = orch.orch.registry
+
+    miners = {m.hotkey: m for m in store.list_miners()}
+    assert ORCHESTRATOR.ss58_address not in miners  # our own hotkey is never a miner
+    assert (miners[bob.hotkey].healthy, miners[bob.hotkey].stake, miners[bob.hotkey].endpoint) == (True, 5.0, bob.url)
+    assert miners[bob.hotkey].capacity["profile"] == "tiny" and miners[bob.hotkey].fingerprints
+    assert miners[impostor].healthy is False and miners[junk].endpoint is None and miners[junk].healthy is False
+    assert [c.hotkey for c in registry.candidates()] == [bob.hotkey]
+
+    bob.served.stop()  # the miner goes away: the next probe takes it out of routing
+    registry.probe_all()
+    assert registry.candidates() == []
+    store.upsert_miner("5Gone", 99, endpoint="http://127.0.0.1:9")  # no longer on the metagraph
+    registry.sync()
+    assert store.get_miner("5Gone").endpoint is None
+
+
+@pytest.mark.parametrize(
+    ("commitment", "endpoint"),
+    [
+        ("http://1.2.3.4:8091", "http://1.2.3.4:8091"),
+        (" https://miner.example/base/ ", "https://miner.example/base"),
+        ("1.2.3.4:8091", None),
+        ("ftp://x", None),
+        ("http://host:99999", None),
+        ("http://host/?q=1", None),
+        ("", None),
+    ],
+)
+def test_endpoints_are_parsed_from_commitments(commitment: str, endpoint: str | None):
+    assert parse_endpoint(commitment) == endpoint
+
+
+JOBS = 24
+
+
+@pytest.mark.timeout(120)
+def test_two_orchestrators_on_one_postgres_dispatch_each_job_once(subnet, pg_databases):
+    url = pg_databases()
+    counting = subnet.add_stub_miner("//Dave")
+    first = subnet.start_orchestrator(db_url=url, dispatch_batch=2)
+    second = subnet.start_orchestrator(db_url=url, dispatch_batch=2)
+    key = subnet.new_key(first)
+    store = Store(url)
+    try:
+        deadline = datetime.now(UTC) + timedelta(minutes=5)
+        payload = {"prompt": "x", "seed": 1, "width": 64, "height": 64, "steps": 1, "guidance": 3.5, "loras": []}
+        created = {store.create_job(key.id, "inference", payload, deadline, 60).id for _ in range(JOBS)}
+        for handle in (first, second):
+            handle.orch.tasks["dispatch"].wake()
+        wait_until(lambda: len(counting.received) >= JOBS, 60, "every job to reach the miner")
+        wait_until(lambda: all(store.load_job(j).status == "running" for j in created), 30, "every job to run")
+    finally:
+        store.close()
+    sent = Counter(body["job_id"] for body in counting.received)
+    assert set(sent) == {f"{job_id}-1" for job_id in created}  # each job sent once, as its first attempt
+    assert max(sent.values()) == 1

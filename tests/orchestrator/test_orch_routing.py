@@ -1,0 +1,72 @@
+"""Routing: who may get a job, who is preferred, and how stake and score weigh the draw."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from dippy_studio.orchestrator.routing import Candidate, Lane, choose_miner, eligible, weights
+
+LANES = {"inference": Lane(True, 0, 8), "training": Lane(True, 0, 2)}
+
+
+def miner(uid: int, *, stake: float = 1.0, score: float = 0.0, **overrides) -> Candidate:
+    values = dict(
+        hotkey=f"hk{uid}", uid=uid, endpoint=f"http://m{uid}", stake=stake, score=score, profile="tiny", lanes=LANES
+    )
+    return Candidate(**{**values, **overrides})
+
+
+def draws(candidates, n: int = 4000, seed: int = 1, **kwargs) -> Counter:
+    rng = random.Random(seed)
+    return Counter(choose_miner(candidates, "inference", "tiny", rng=rng, **kwargs).uid for _ in range(n))
+
+
+def test_only_healthy_miners_of_the_profile_with_a_free_lane_are_eligible():
+    candidates = [
+        miner(0),
+        miner(1, healthy=False),
+        miner(2, profile="flux-dev"),
+        miner(3, lanes={"inference": Lane(False), "training": Lane(True)}),
+        miner(4, lanes={"inference": Lane(True, queue_depth=8, queue_limit=8)}),  # queue full
+        miner(5, endpoint=""),
+        miner(6, lanes={"training": Lane(True)}),  # no inference lane at all
+    ]
+    assert [c.uid for c in eligible(candidates, "inference", "tiny")] == [0]
+    assert [c.uid for c in eligible(candidates, "training", "tiny")] == [0, 3, 6]
+    assert eligible(candidates, "inference", "tiny", exclude={"hk0"}) == []
+    assert choose_miner(candidates[1:], "inference", "tiny") is None
+
+
+def test_miners_that_tried_the_job_come_last():
+    candidates = [miner(0), miner(1), miner(2)]
+    assert set(draws(candidates, 300, tried={"hk0": 1, "hk1": 1})) == {2}
+    # Everyone tried: the least-tried miners get it again rather than the job starving.
+    assert set(draws(candidates, 300, tried={"hk0": 2, "hk1": 1, "hk2": 1})) == {1, 2}
+
+
+def test_stake_and_score_weigh_the_draw():
+    # Weight = (0.1 + stake share of max) * (0.2 + score share of max) / (1 + queue depth).
+    candidates = [miner(0, stake=100, score=1.0), miner(1, stake=100, score=0.0), miner(2, stake=0, score=0.0)]
+    assert weights(candidates, "inference") == pytest.approx([1.1 * 1.2, 1.1 * 0.2, 0.1 * 0.2])
+    counts = draws(candidates, 6000)
+    total = 1.1 * 1.2 + 1.1 * 0.2 + 0.1 * 0.2
+    assert counts[0] / 6000 == pytest.approx(1.1 * 1.2 / total, abs=0.03)
+    assert counts[1] / 6000 == pytest.approx(1.1 * 0.2 / total, abs=0.03)
+    # A newcomer with no stake and no score still gets some work, or it could never earn a score.
+    assert counts[2] > 0
+
+
+def test_busy_miners_get_less():
+    busy = {"inference": Lane(True, queue_depth=3, queue_limit=8)}
+    assert weights([miner(0), miner(1, lanes=busy)], "inference") == pytest.approx([0.22, 0.22 / 4])
+
+
+def test_the_same_seed_gives_the_same_choices_whatever_the_input_order():
+    candidates = [miner(uid, stake=uid + 1, score=uid % 3) for uid in range(6)]
+    first = [choose_miner(candidates, "inference", "tiny", rng=random.Random(s)).uid for s in range(50)]
+    shuffled = list(reversed(candidates))
+    again = [choose_miner(shuffled, "inference", "tiny", rng=random.Random(s)).uid for s in range(50)]
+    assert first == again

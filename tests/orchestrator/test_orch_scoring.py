@@ -1,0 +1,147 @@
+"""The scoring formula of ARCHITECTURE.md section 4, pinned on cases computed by hand."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dippy_studio.orchestrator.scoring import (
+    AttemptRecord,
+    attempt_score,
+    counts,
+    latency_score,
+    penalties_from_failures,
+    score_window,
+    training_quality,
+)
+
+START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+END = START + timedelta(hours=1)
+MID = START + timedelta(minutes=30)
+
+
+def attempt(hotkey: str = "A", kind: str = "inference", latency: float | None = 2.0, timeout: float = 10.0, **kw):
+    fields = dict(
+        hotkey=hotkey,
+        kind=kind,
+        finished_at=MID,
+        accepted=True,
+        completed=True,
+        valid=True,
+        latency_s=latency,
+        timeout_s=timeout,
+    )
+    return AttemptRecord(**{**fields, **kw})
+
+
+def test_latency_score_is_linear_and_cut_off_at_90_percent():
+    assert latency_score(0.0, 10.0) == 1.0
+    assert latency_score(2.0, 10.0) == pytest.approx(0.8)  # 1 - 2/10
+    assert latency_score(9.0, 10.0) == pytest.approx(0.1)  # exactly 90%: still 1 - 0.9
+    assert latency_score(9.01, 10.0) == 0.0  # past 90%
+    assert latency_score(12.0, 10.0) == 0.0
+
+
+def test_hand_computed_window():
+    attempts = [
+        # A: inference, 2 s of 10 s: 0.3 * (1 - 2/10) * 1.0 = 0.3 * 0.8 = 0.24
+        attempt("A", "inference", 2.0, 10.0),
+        # A: training, 30 s of 100 s, quality 0.5: 0.7 * (1 - 0.3) * 0.5 = 0.7 * 0.7 * 0.5 = 0.245
+        attempt("A", "training", 30.0, 100.0, quality=0.5),
+        # B: inference, 5 s of 20 s: 0.3 * 0.75 = 0.225
+        attempt("B", "inference", 5.0, 20.0),
+        # B: inference at exactly 90%: 0.3 * 0.1 = 0.03
+        attempt("B", "inference", 9.0, 10.0),
+        # B: training at 95% of its timeout: 0
+        attempt("B", "training", 95.0, 100.0),
+        # C: training, 10 s of 100 s, quality 1: 0.7 * 0.9 = 0.63, but it failed its audit: 0
+        attempt("C", "training", 10.0, 100.0, audited=True, audit_passed=False),
+        # C: inference 1 s of 10 s, audited and passed: 0.3 * 0.9 = 0.27
+        attempt("C", "inference", 1.0, 10.0, audited=True, audit_passed=True),
+    ]
+    scores = score_window(attempts, START, END)
+    assert scores == {
+        "A": pytest.approx(0.485),  # 0.24 + 0.245
+        "B": pytest.approx(0.255),  # 0.225 + 0.03 + 0
+        "C": pytest.approx(0.27),  # 0 + 0.27
+    }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"accepted": False},
+        {"completed": False},
+        {"valid": False},
+        {"latency_s": None},
+        {"latency_s": 11.0},  # after the timeout
+        {"audited": True, "audit_passed": False},
+    ],
+)
+def test_partial_or_caught_work_counts_zero(change):
+    record = attempt(**change)
+    assert not counts(record)
+    assert attempt_score(record) == 0.0
+
+
+def test_pending_or_inconclusive_audits_do_not_cost_the_miner():
+    # 0.3 * (1 - 2/10) = 0.24, as if it had not been audited
+    assert attempt_score(attempt(audited=True, audit_passed=None)) == pytest.approx(0.24)
+
+
+def test_window_bounds_are_start_inclusive_end_exclusive():
+    attempts = [
+        attempt(finished_at=START),  # in: 0.24
+        attempt(finished_at=END - timedelta(microseconds=1)),  # in: 0.24
+        attempt(finished_at=END),  # out
+        attempt(finished_at=START - timedelta(seconds=1)),  # out
+    ]
+    assert score_window(attempts, START, END) == {"A": pytest.approx(0.48)}  # 2 * 0.24
+    assert score_window(attempts[2:3], START, END) == {}
+    with pytest.raises(ValueError, match="empty"):
+        score_window(attempts, END, START)
+
+
+def test_a_miner_in_a_penalty_cooldown_scores_zero():
+    attempts = [attempt("A"), attempt("B")]
+    penalties = {
+        "A": END + timedelta(hours=5),  # still running at the end of the window: 0
+        "B": START + timedelta(minutes=10),  # over before the window ends: counts
+        "C": None,  # no penalty, no jobs: listed at 0
+    }
+    assert score_window(attempts, START, END, penalties) == {"A": 0.0, "B": pytest.approx(0.24), "C": 0.0}
+
+
+def test_penalties_from_audit_failures():
+    failed = END - timedelta(hours=1)
+    penalties = penalties_from_failures({"A": [failed], "B": [END - timedelta(days=2)], "C": []}, END)
+    assert penalties == {"A": failed + timedelta(hours=6), "B": None, "C": None}
+    assert score_window([attempt("A"), attempt("B")], START, END, penalties) == {
+        "A": 0.0,
+        "B": pytest.approx(0.24),
+        "C": 0.0,
+    }
+
+
+def test_training_quality_from_held_out_improvement():
+    assert training_quality(0.25) == pytest.approx(0.5)  # 0.25 / 0.5
+    assert training_quality(0.5) == 1.0
+    assert training_quality(0.9) == 1.0  # capped
+    assert training_quality(-0.2) == 0.0  # worse than the base model
+    assert training_quality(float("nan")) == 0.0
+    assert training_quality(0.1, full_credit=0.2) == pytest.approx(0.5)
+    # A training job at 20 s of 100 s with 30% improvement: 0.7 * 0.8 * (0.3 / 0.5) = 0.336
+    record = attempt(kind="training", latency=20.0, timeout=100.0, quality=training_quality(0.3))
+    assert attempt_score(record) == pytest.approx(0.336)
+
+
+def test_records_are_checked():
+    with pytest.raises(ValueError, match="kind"):
+        attempt(kind="upscale")
+    with pytest.raises(ValueError, match="timeout"):
+        attempt(timeout=0.0)
+    with pytest.raises(ValueError, match="latency"):
+        attempt(latency=-1.0)
+    with pytest.raises(ValueError, match="quality"):
+        attempt(quality=1.5)
