@@ -251,9 +251,11 @@ def up(
         fail(f"--cheater {cheater} is more than --miners {miners}")
     if block_time <= 0 or tempo < 2:
         fail("--block-time must be positive and --tempo at least 2")
+    # Logs and the summary table are read in files and CI too: don't squeeze them into 80 columns.
+    console = out if out.is_terminal else Console(width=160)
     code = run_up(
         data_dir, port=port, miners=miners, demo=demo, cheaters=cheater, exit_after=exit_after,
-        block_time=block_time, tempo=tempo, profile=profile, console=out,
+        block_time=block_time, tempo=tempo, profile=profile, console=console,
     )  # fmt: skip
     raise typer.Exit(code)
 

@@ -234,7 +234,7 @@ def create_api_key(root: Path, name: str = "local") -> tuple[str, str]:
     store = Store.open(default_url(root))
     try:
         created = store.create_api_key(name, rate_limit_per_minute=6000)
-        return created.key, created.secret
+        return created.secret, created.key.webhook_secret
     finally:
         store.close()
 

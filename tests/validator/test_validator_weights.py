@@ -181,6 +181,14 @@ def test_a_round_with_no_scores_keeps_the_previous_weights_decaying() -> None:
     assert next_weights({}, {}, hyperparameters=HP).chain == {}
 
 
+def test_a_zero_score_takes_effect_at_once_when_others_scored() -> None:
+    # uid 0 was the leader; this round it scores zero (say, a failed audit) while 1 and 2 work.
+    result = next_weights({0: 0.0, 1: 2.0, 2: 1.0}, {0: 0.9, 1: 0.1}, hyperparameters=HP, alpha=0.1)
+    assert 0 not in result.smoothed and 0 not in result.chain
+    # The others still smooth: uid 1 = 0.1 * e^(1/T) / (e^(1/T) + 1) + 0.9 * 0.1.
+    assert result.smoothed[1] == pytest.approx(0.1 * E_ONE / (E_ONE + 1) + 0.09)
+
+
 def test_a_ban_takes_effect_at_once_not_through_the_ema() -> None:
     result = next_weights(
         {0: 2.0, 1: 1.0},

@@ -14,10 +14,12 @@ One round, for the miners' scores `s` (from the orchestrator's signed scores):
    `burn_share`. With no eligible miner everything goes to the burn uid, or, with no burn
    uid, the round is empty (`{}`): nothing to set.
 5. EMA across rounds, `w_t = alpha * target_t + (1 - alpha) * w_(t-1)`, over the union of
-   uids: a miner absent or zero this round decays by `(1 - alpha)` rather than dropping
-   to 0, and the previous round's weights are kept, never reset. The first round (no
-   history) starts at the target. Banned keys are the exception: they are removed from
-   the smoothed weights at once.
+   uids: a miner absent this round decays by `(1 - alpha)` rather than dropping to 0, and
+   the previous round's weights are kept, never reset. The first round (no history)
+   starts at the target. Two exceptions are removed from the smoothed weights at once:
+   banned keys, and miners the orchestrator scored zero in a round where others scored
+   (a penalty must bite now, not fade over ten rounds). A round where every score is zero
+   carries no information and only decays.
 6. The chain's conformance (`dippy_studio.chain.conformance.conform`): normalise,
    max-weight clip, u16 quantisation.
 
@@ -205,10 +207,15 @@ def next_weights(
         burn_uid=burn_uid,
         burn_share=burn_share,
     )
+    # In a round where some miner earned a score, a miner scored zero (idle, invalid work, or
+    # an audit penalty) gets nothing at once rather than decaying: "zero-score miners get
+    # nothing". A round where nobody scored carries no information and only decays.
+    informative = any(score > 0 for score in scores.values())
     smoothed = {
         uid: w
         for uid, w in ema(previous, target, alpha).items()
         if not _banned(uid, hotkeys, coldkeys, banned_hotkeys, banned_coldkeys)
+        and not (informative and uid in scores and scores[uid] <= 0)
     }
     chain = (
         conform(
