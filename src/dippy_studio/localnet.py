@@ -206,7 +206,8 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
     root = layout.root
     wallets = str(root / "wallets")
     for miner in layout.miners:
-        env = {"DIPPY_MINER_CHEAT_RATE": "0.3"} if miner.cheater else {}
+        # A demo cheater renders every inference job with a wrong seed, so its first audit catches it.
+        env = {"DIPPY_MINER_CHEAT_RATE": "1.0"} if miner.cheater else {}
         supervisor.start(miner.name, [
             "miner", "serve", "--wallet", miner.name, "--hotkey", "default", "--wallet-path", wallets,
             "--port", str(miner.port), "--allow-hotkey", layout.orchestrator_hotkey, "--allow-loopback",
@@ -216,7 +217,9 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
         "DIPPY_ORCH_WALLET_NAME": "orchestrator", "DIPPY_ORCH_WALLET_PATH": wallets,
         "DIPPY_ORCH_CHAIN_PATH": str(root / "chain.sqlite"), "DIPPY_ORCH_PUBLIC_URL": layout.orchestrator_url,
         "DIPPY_ORCH_ALLOW_LOOPBACK_URLS": "true", "DIPPY_ORCH_PROFILE": profile,
-        "DIPPY_ORCH_SCORE_INTERVAL_S": "5", "DIPPY_ORCH_SYNC_INTERVAL_S": "5", "DIPPY_ORCH_PROBE_INTERVAL_S": "3",
+        "DIPPY_ORCH_SCORE_INTERVAL_S": "5",
+        # A laptop demo audits every job of a miner's probation: cheap on tiny, and a cheater is caught at once.
+        "DIPPY_ORCH_AUDIT_PROBATION_RATE": "1.0", "DIPPY_ORCH_SYNC_INTERVAL_S": "5", "DIPPY_ORCH_PROBE_INTERVAL_S": "3",
     }  # fmt: skip
     supervisor.start("orchestrator", ["orchestrator", "serve", "--data-dir", str(root),
                                       "--port", str(layout.orchestrator_port)], orch_env)  # fmt: skip

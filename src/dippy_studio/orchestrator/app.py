@@ -43,7 +43,7 @@ from dippy_studio.orchestrator.api import (
     new_seed,
     request_view,
 )
-from dippy_studio.orchestrator.audit import Auditor, AuditSampler
+from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.blobs import BlobStore
 from dippy_studio.orchestrator.callbacks import CallbackHandler, Reply, read_lora_bytes
 from dippy_studio.orchestrator.db import WRITE_OPTION
@@ -186,7 +186,12 @@ class Orchestrator:
         self._http = httpx.Client(timeout=settings.download_timeout_s, follow_redirects=False)
         self.audits = (
             AuditQueue(
-                self.store, self.results, self.assets, sampler or AuditSampler(), auditor or settings, clock=clock
+                self.store,
+                self.results,
+                self.assets,
+                sampler or AuditSampler(sampler_policy(settings)),
+                auditor or settings,
+                clock=clock,
             )
             if settings.audit or auditor is not None
             else None
@@ -590,6 +595,15 @@ async def _too_large(send: Any, limit: int) -> None:
     body = json.dumps({"detail": f"request body over the {limit}-byte limit"}).encode()
     await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
     await send({"type": "http.response.body", "body": body})
+
+
+def sampler_policy(settings: OrchestratorSettings) -> SamplerPolicy:
+    return SamplerPolicy(
+        base_rate=settings.audit_base_rate,
+        probation_jobs=settings.audit_probation_jobs,
+        probation_rate=settings.audit_probation_rate,
+        max_gap=settings.audit_max_gap,
+    )
 
 
 def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:

@@ -70,6 +70,11 @@ class OrchestratorSettings(BaseSettings):
     # reference engine of `profile`, built at the first audit (weights from audit_model_path).
     audit: bool = True
     audit_model_path: Path | None = None
+    # The sampler's rates (defaults from bench/bench_audit.py; a local demo audits every job).
+    audit_base_rate: float = Field(default=0.06, ge=0, le=1)
+    audit_probation_rate: float = Field(default=0.25, ge=0, le=1)
+    audit_probation_jobs: int = Field(default=30, ge=0)
+    audit_max_gap: int = Field(default=18, ge=0)
 
     # Webhooks to clients: Standard Webhooks, retried with exponential backoff.
     webhook_attempts: int = Field(default=8, ge=1, le=50)
