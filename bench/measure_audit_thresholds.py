@@ -16,9 +16,9 @@ the margins on both sides. The tiny profile has random weights, so its images ar
 that is the hard case for a perceptual comparison, and both built-in profiles are measured at
 the sizes the benchmarks and tests use.
 
-    .venv/bin/python bench/measure_audit_thresholds.py            # 5-15 minutes on a busy 2-core machine
-    .venv/bin/python bench/measure_audit_thresholds.py --quick    # fewer requests and sizes
-    .venv/bin/python bench/measure_audit_thresholds.py --json out.json   # every pair, for bench_audit.py
+    .venv/bin/python bench/measure_audit_thresholds.py            # about 15 minutes on a busy 2-core machine
+    .venv/bin/python bench/measure_audit_thresholds.py --quick    # fewer requests and sizes (about 9)
+    .venv/bin/python bench/measure_audit_thresholds.py --json out.json   # keep every pair (see --from-json)
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ from dippy_studio.engine.images import encode_png
 
 
 @pytest.fixture(scope="module")
-def images(tiny_engine) -> dict[str, bytes]:
+def images() -> dict[str, bytes]:
     """Two unrelated 32x32 images and a 64x64 one, from the tiny profile."""
-    from dippy_studio.engine import GenerationRequest
+    from dippy_studio.engine import Engine, EngineOptions, GenerationRequest
+
+    tiny_engine = Engine(EngineOptions(profile="tiny", threads=1))  # one thread: quick on a busy machine
 
     def generate(seed: int, size: int) -> bytes:
         request = GenerationRequest(prompt="a red fox", seed=seed, width=size, height=size)

@@ -57,8 +57,8 @@ def test_hand_computed_window():
         attempt("B", "training", 95.0, 100.0),
         # C: training, 10 s of 100 s, quality 1: 0.7 * 0.9 = 0.63, but it failed its audit: 0
         attempt("C", "training", 10.0, 100.0, audited=True, audit_passed=False),
-        # C: inference 1 s of 10 s, audited and passed: 0.3 * 0.9 = 0.27
-        attempt("C", "inference", 1.0, 10.0, audited=True, audit_passed=True),
+        # C: inference 1 s of 10 s, audited and passed, after the failed one: 0.3 * 0.9 = 0.27
+        attempt("C", "inference", 1.0, 10.0, audited=True, audit_passed=True, finished_at=MID + timedelta(minutes=1)),
     ]
     scores = score_window(attempts, START, END)
     assert scores == {
@@ -83,6 +83,17 @@ def test_partial_or_caught_work_counts_zero(change):
     record = attempt(**change)
     assert not counts(record)
     assert attempt_score(record) == 0.0
+
+
+def test_a_caught_cheat_voids_the_earlier_work_in_the_window():
+    caught_at = MID
+    attempts = [
+        attempt("A", finished_at=caught_at - timedelta(minutes=5)),  # before the caught job: void
+        attempt("A", finished_at=caught_at, audited=True, audit_passed=False),  # caught: 0
+        attempt("A", finished_at=caught_at + timedelta(minutes=5)),  # after: 0.3 * 0.8 = 0.24
+        attempt("B", finished_at=caught_at - timedelta(minutes=5)),  # another miner: 0.24
+    ]
+    assert score_window(attempts, START, END) == {"A": pytest.approx(0.24), "B": pytest.approx(0.24)}
 
 
 def test_pending_or_inconclusive_audits_do_not_cost_the_miner():

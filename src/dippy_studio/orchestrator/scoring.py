@@ -16,6 +16,10 @@ The formula, all of it:
   held-out loss improvement, `training_quality`).
 - A miner's score is the sum over its counted attempts that finished in [start, end), and 0
   while a failed-audit penalty is running at `end`.
+- A failed audit also voids the miner's earlier work in the window: attempts that finished
+  no later than its latest caught attempt count zero. Without this, a window longer than
+  the cooldown would pay a caught cheater, once the cooldown ends, for the unaudited jobs
+  it delivered alongside the caught one.
 """
 
 from __future__ import annotations
@@ -108,11 +112,16 @@ def score_window(
     if end <= start:
         raise ValueError("the window is empty: end must be after start")
     penalized_until = penalized_until or {}
+    in_window = [a for a in attempts if start <= a.finished_at < end]
+    caught: dict[str, datetime] = {}
+    for attempt in in_window:
+        if attempt.audited and attempt.audit_passed is False:
+            caught[attempt.hotkey] = max(attempt.finished_at, caught.get(attempt.hotkey, attempt.finished_at))
     scores: dict[str, float] = {hotkey: 0.0 for hotkey in penalized_until}
-    for attempt in attempts:
-        if not start <= attempt.finished_at < end:
-            continue
-        scores[attempt.hotkey] = scores.get(attempt.hotkey, 0.0) + attempt_score(attempt, weights)
+    for attempt in in_window:
+        voided = attempt.hotkey in caught and attempt.finished_at <= caught[attempt.hotkey]
+        earned = 0.0 if voided else attempt_score(attempt, weights)
+        scores[attempt.hotkey] = scores.get(attempt.hotkey, 0.0) + earned
     for hotkey, until in penalized_until.items():
         if until is not None and until > end:
             scores[hotkey] = 0.0
