@@ -229,6 +229,10 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
     supervisor.start("validator", ["validator", "run", "--data-dir", str(root)])
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def create_api_key(root: Path, name: str = "local") -> tuple[str, str]:
     """A fresh client key in the orchestrator's database: (key, webhook secret)."""
     from dippy_studio.orchestrator.db import default_url
@@ -268,6 +272,10 @@ def run_up(
     console: Console,
 ) -> int:
     """Bring the subnet up, optionally run the demo, and supervise until Ctrl-C (or the demo ends)."""
+    # Ctrl-C and `kill` both mean "stop cleanly". Installed explicitly: a shell starts background
+    # jobs with SIGINT ignored, and Python would keep ignoring it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
     layout = prepare(
         root, port=port, miners=miners, cheaters=cheaters, block_time=block_time, tempo=tempo, console=console
     )
