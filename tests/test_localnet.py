@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -39,6 +40,21 @@ def _children_alive(root: Path) -> list[int]:
     return alive
 
 
+def _stop(up: subprocess.Popen, root: Path) -> None:
+    """Stop `up` with SIGTERM; whatever survives a failed test is killed so no test leaks processes."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    deadline = time.monotonic() + 20
+    while _children_alive(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in _children_alive(root):
+        os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_up_demo_exit_after_end_to_end(tmp_path):
     root = tmp_path / "subnet"
@@ -68,63 +84,55 @@ def test_up_demo_exit_after_end_to_end(tmp_path):
     assert _children_alive(root) == [], "no orphan processes after --exit-after"
 
 
+def _wait_healthy(port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError("the orchestrator never answered")
+
+
+def _signal_and_collect_survivors(up: subprocess.Popen, root: Path, sig: int) -> list[int]:
+    up.send_signal(sig)
+    up.wait(60)
+    deadline = time.monotonic() + 20
+    while _children_alive(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _children_alive(root)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
     root = tmp_path / "subnet"
     port = _free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "dippy_studio.cli",
-        "up",
-        "--data-dir",
-        str(root),
-        "--port",
-        str(port),
-        "--miners",
-        "2",
-    ]
-    up = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port)]
+    args += ["--miners", "2"]
+    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
+    up = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(port)
         first = json.loads((root / "subnet.json").read_text())
         deadline = time.monotonic() + 60  # the validator starts once the orchestrator answers
         while len(_children_alive(root)) < 5 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert len(_children_alive(root)) >= 5  # up, orchestrator, 2 miners, validator
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
+        survivors = _signal_and_collect_survivors(up, root, signal.SIGINT)
     finally:
-        if up.poll() is None:
-            up.kill()
-    deadline = time.monotonic() + 20
-    while _children_alive(root) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _children_alive(root) == [], "Ctrl-C must leave no orphan processes"
+        _stop(up, root)
+    assert survivors == [], "Ctrl-C must leave no orphan processes"
     assert (root / "chain.sqlite").is_file() and (root / "orchestrator.sqlite").is_file(), "data is kept"
 
-    again = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    again = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        _wait_healthy(port)
         second = json.loads((root / "subnet.json").read_text())
         assert [m["hotkey"] for m in second["miners"]] == [m["hotkey"] for m in first["miners"]]
         assert len(LocalChain(root / "chain.sqlite", create=False).metagraph()) == len(first["miners"]) + 2
+        survivors = _signal_and_collect_survivors(again, root, signal.SIGTERM)  # `kill` is as clean as Ctrl-C
     finally:
-        again.send_signal(signal.SIGTERM)  # `kill` stops the subnet as cleanly as Ctrl-C
-        again.wait(60)
-    deadline = time.monotonic() + 20
-    while _children_alive(root) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _children_alive(root) == [], "SIGTERM must leave no orphan processes"
+        _stop(again, root)
+        log.close()
+    assert survivors == [], "SIGTERM must leave no orphan processes"
