@@ -31,6 +31,7 @@ class Config:
     cycles: int  # timed passes through all LoRAs, after one untimed pass that fills the cache
     loras: int = 8
     budget_s: float | None = None  # stop early on a busy machine (see common.interleave)
+    threads: int = 2  # the profiles' pin; 1 is steadier on a machine other jobs keep busy
 
 
 # Generation only proves the streams agree; small images keep it cheap next to the switch.
@@ -48,12 +49,13 @@ COLUMNS = [
     Column("target", "target"),
     Column("cold_ms", "cold ms", "{:.1f}"),
     Column("identical", "same PNG"),
+    Column("threads", "threads"),
     Column("requests", "requests"),
 ]
 
 
 def measure(config: Config, lora_dir: Path, progress: Progress) -> dict:
-    options = EngineOptions(profile=config.profile, threads=2, lora_cache_size=max(8, config.loras))
+    options = EngineOptions(profile=config.profile, threads=config.threads, lora_cache_size=max(8, config.loras))
     ours, naive = Engine(options), Engine(options)
     paths = [
         write_random_lora(ours.pipe, lora_dir / f"{config.profile}-{i}.safetensors", seed=1000 + i)
@@ -131,6 +133,7 @@ def measure(config: Config, lora_dir: Path, progress: Progress) -> dict:
             "lora_changes_image": base_sha != first_lora_sha,
             "all_switches_were_cache_hits": ours.loras.stats.misses == misses_after_fill,
         },
+        "threads": config.threads,
         "requests": len(ours_s),
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine while this ran
         "lora_file_bytes": paths[0].stat().st_size,

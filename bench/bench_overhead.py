@@ -39,6 +39,7 @@ class Config:
     reps: int
     warmup: int
     budget_s: float | None = None  # stop early on a busy machine (see common.interleave)
+    threads: int = 2  # the profiles' pin; 1 is steadier on a machine other jobs keep busy
 
 
 FULL = (
@@ -59,6 +60,7 @@ COLUMNS = [
     Column("overhead_pct", "overhead", "{:+.1f}%"),
     Column("target", "target"),
     Column("identical", "same PNG"),
+    Column("threads", "threads"),
     Column("reps", "reps"),
 ]
 
@@ -78,7 +80,7 @@ def bare_generate(pipe, request: GenerationRequest, max_sequence_length: int) ->
 
 
 def measure(config: Config, progress: Progress) -> dict:
-    engine = Engine(EngineOptions(profile=config.profile, threads=2))
+    engine = Engine(EngineOptions(profile=config.profile, threads=config.threads))
     request = GenerationRequest(prompt=PROMPT, seed=SEED, width=config.side, height=config.side, steps=config.steps)
     stages: list[dict[str, float]] = []
     mismatches: list[int] = []
@@ -118,6 +120,7 @@ def measure(config: Config, progress: Progress) -> dict:
         "overhead_pct": (ratio - 1) * 100,
         "target": "-",
         "identical": not mismatches,
+        "threads": config.threads,
         "reps": len(seconds["ours"]),
         "load_average_1m": os.getloadavg()[0],  # other jobs on the machine while this ran
         "warmup": config.warmup,

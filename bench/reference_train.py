@@ -25,6 +25,7 @@ class ReferenceRun:
     seconds: float  # the training loop only (after setup and any caching)
     cache_seconds: float
     losses: list[float]
+    step_seconds: list[float]  # each optimizer step's duration
 
 
 def reference_train(
@@ -71,8 +72,9 @@ def reference_train(
 
     generator = torch.Generator("cpu").manual_seed(seed)
     losses = []
+    step_seconds = []
     transformer.train()
-    started = perf_counter()
+    started = last = perf_counter()
     for _ in range(steps):
         index = torch.randint(0, len(pixels), (batch_size,), generator=generator)
         if cache:
@@ -110,6 +112,9 @@ def reference_train(
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        now = perf_counter()
+        step_seconds.append(now - last)
+        last = now
     seconds = perf_counter() - started
     transformer.eval()
-    return ReferenceRun(seconds=seconds, cache_seconds=cache_seconds, losses=losses)
+    return ReferenceRun(seconds=seconds, cache_seconds=cache_seconds, losses=losses, step_seconds=step_seconds)

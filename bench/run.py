@@ -12,6 +12,7 @@ target is reported but does not fail the run, since shared machines make timings
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -39,9 +40,15 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def run_benchmark(name: str, quick: bool, progress: Progress) -> BenchResult:
+def run_benchmark(name: str, quick: bool, threads: int | None, progress: Progress) -> BenchResult:
     module = importlib.import_module(BENCHMARKS[name])
-    return module.run(module.QUICK if quick else module.FULL, progress)
+    configs = module.QUICK if quick else module.FULL
+    if threads is not None:
+        try:
+            configs = tuple(dataclasses.replace(config, threads=threads) for config in configs)
+        except TypeError:
+            raise SystemExit(f"benchmark {name!r} has no thread setting; run it without --threads") from None
+    return module.run(configs, progress)
 
 
 def table(result: BenchResult) -> Table:
@@ -70,11 +77,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (well under a minute)")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only NAME (repeatable)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="engine threads instead of the profiles' 2; 1 gives steadier ratios on a busy machine",
+    )
+    parser.add_argument(
         "--json",
         nargs="?",
         const=True,
         metavar="PATH",
-        help=f"write results as JSON to PATH (default: {OUT_DIR.name}/bench-<time>.json)",
+        help="write results as JSON to PATH (default: bench/out/bench-<time>.json)",
     )
     return parser.parse_args(argv)
 
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in names:
         with progress:
-            result = run_benchmark(name, args.quick, progress)
+            result = run_benchmark(name, args.quick, args.threads, progress)
         results.append(result)
         console.print(table(result))
         console.print()
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "command": command,
             "quick": args.quick,
+            "threads": args.threads,
             "seconds": elapsed,
             "environment": environment(),
             "benchmarks": [result.as_dict() for result in results],

@@ -23,7 +23,7 @@ def bench():
 
 def test_overhead_variants_give_identical_pngs(bench):
     module = bench["bench_overhead"]
-    result = module.run((module.Config("tiny", 32, 1, reps=1, warmup=0),))
+    result = module.run((module.Config("tiny", 32, 1, reps=1, warmup=0, threads=1),))
 
     (row,) = result.rows
     assert row["identical"]
@@ -33,7 +33,7 @@ def test_overhead_variants_give_identical_pngs(bench):
 
 def test_lora_switch_streams_give_identical_pngs(bench):
     module = bench["bench_lora_switch"]
-    result = module.run((module.Config("tiny", 32, 1, cycles=1, loras=2),))
+    result = module.run((module.Config("tiny", 32, 1, cycles=1, loras=2, threads=1),))
 
     (row,) = result.rows
     assert row["identical"]

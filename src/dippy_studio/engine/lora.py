@@ -182,6 +182,10 @@ class LoraCache:
     stats: CacheStats = field(default_factory=CacheStats)
     _loaded: OrderedDict[str, str] = field(default_factory=OrderedDict)  # sha256 -> adapter name
     _hashes: dict[Path, tuple[tuple[int, int, int, int], str]] = field(default_factory=dict)
+    # What `_apply` last set, so a repeat of the same LoRAs costs nothing. Loading or deleting
+    # an adapter changes PEFT's state behind our back, so both reset it (and force enable_lora).
+    _active: tuple[tuple[str, float], ...] | None = None
+    _disabled: bool = True
 
     def resolve(self, ref: LoraRef) -> Path:
         if ref.path is not None:
@@ -224,6 +228,7 @@ class LoraCache:
         while len(self._loaded) >= self.capacity:
             self._evict(keep)
         name = f"lora_{lora.sha256[:16]}"
+        self._active, self._disabled = None, True  # a load (even a failed one) changes PEFT state
         try:
             with warnings.catch_warnings():
                 # PEFT warns whenever a second adapter joins a model; that is the point of the cache.
@@ -239,6 +244,7 @@ class LoraCache:
             if sha not in keep:
                 self.pipe.delete_adapters(name)
                 del self._loaded[sha]
+                self._active, self._disabled = None, True
                 self.stats.evictions += 1
                 return
         raise LoraError("LoRA cache is full of adapters this request needs")
@@ -247,11 +253,20 @@ class LoraCache:
         if not self._loaded:
             return  # no adapter was ever loaded: the model has no LoRA layers at all
         if not scales:
-            self.pipe.disable_lora()
+            if not self._disabled:
+                self.pipe.disable_lora()
+                self._disabled = True
             return
+        wanted = tuple(scales.items())
+        if wanted == self._active and not self._disabled:
+            return  # already exactly this set with these scales: nothing to walk
         names = [self._loaded[sha] for sha in scales]
         self.pipe.set_adapters(names, adapter_weights=list(scales.values()))
-        self.pipe.enable_lora()
+        # enable_lora walks every layer again; only needed after a base-model request disabled them.
+        if self._disabled:
+            self.pipe.enable_lora()
+            self._disabled = False
+        self._active = wanted
 
     def _known_hash(self, path: Path) -> str | None:
         try:
