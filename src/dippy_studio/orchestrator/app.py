@@ -637,6 +637,10 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
 
     app.add_middleware(BodyLimit, limit_for=limit_for)
     app.include_router(build_router(orch))
+    if settings.dashboard:
+        from dippy_studio.orchestrator import dashboard
+
+        dashboard.mount(app, orch)
 
     @app.post(
         "/v1/miner-callbacks/{job_id}",

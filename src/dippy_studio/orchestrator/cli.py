@@ -220,7 +220,9 @@ def serve(
         f"(public {settings.public_url}, profile {settings.profile})",
         err=True,
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    # Open dashboard event streams end on their own within seconds; the grace period bounds how
+    # long a shutdown waits for them.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 def _build_app(settings: Any) -> Any:

@@ -76,6 +76,13 @@ class OrchestratorSettings(BaseSettings):
     audit_probation_jobs: int = Field(default=30, ge=0)
     audit_max_gap: int = Field(default=18, ge=0)
 
+    # The operator dashboard at /dashboard (orchestrator/dashboard.py). The gallery shows client
+    # images: turn it off on an orchestrator reachable from outside, or guard /dashboard in a proxy.
+    dashboard: bool = True
+    dashboard_gallery: bool = True
+    dashboard_refresh_s: float = Field(default=2.0, gt=0)
+    dashboard_window_s: float = Field(default=3600.0, gt=0)
+
     # Webhooks to clients: Standard Webhooks, retried with exponential backoff.
     webhook_attempts: int = Field(default=8, ge=1, le=50)
     webhook_backoff_s: float = Field(default=2.0, gt=0)

@@ -284,6 +284,12 @@ class Store:
         with self._read() as session:
             return list(session.scalars(query))
 
+    def list_recent_jobs(self, since: datetime, limit: int = 5000) -> list[Job]:
+        """Every key's jobs created since `since`, newest first (the dashboard's view)."""
+        query = select(Job).where(Job.created_at >= since).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+        with self._read() as session:
+            return list(session.scalars(query))
+
     def transition(
         self,
         job_id: str,
@@ -576,6 +582,10 @@ class Store:
         with self._write() as session:
             session.add(audit)
         return audit
+
+    def get_audit(self, audit_id: int) -> Audit | None:
+        with self._read() as session:
+            return session.get(Audit, audit_id)
 
     def list_audits(
         self, *, job_id: str | None = None, miner_hotkey: str | None = None, since: datetime | None = None

@@ -1,0 +1,416 @@
+"""The operator dashboard: live statistics on every miner and profile, served by the orchestrator.
+
+Three layers, so each is testable alone:
+
+- `DashboardInput` is what one refresh reads: jobs, attempts, audits and miners from the store,
+  scores from the last scoring round, and a `ChainView` (uids, stake, weights, emission).
+- `build_snapshot` is a pure function from that input to the JSON the page renders.
+- `Dashboard` reads the input at most once per `refresh_s` for every viewer together, and
+  streams snapshots as server-sent events (a new event only when something changed).
+
+The page itself (`static/dashboard.{html,js,css}`) is plain HTML, JS and CSS served from the
+package: no CDN, no build step, charts drawn as inline SVG.
+
+The gallery shows client images. On an orchestrator reachable from outside, turn it off
+(`DIPPY_ORCH_DASHBOARD_GALLERY=false`) or put `/dashboard` behind your proxy's authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from dippy_studio.chain.base import Chain, ChainError, Neuron
+from dippy_studio.orchestrator.audit import DEFAULT_PENALTY, PenaltyPolicy, penalty_until
+from dippy_studio.orchestrator.models import Audit, Job, JobAttempt, Miner
+from dippy_studio.orchestrator.states import RequestStatus
+from dippy_studio.protocol.schemas import JobKind
+
+if TYPE_CHECKING:
+    from dippy_studio.orchestrator.app import Orchestrator
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Points per latency plot; the time axis spans the data in the window, so a short demo and a day
+# of traffic both fill the plot.
+PLOT_BUCKETS = 30
+MIN_PLOT_SPAN = timedelta(minutes=1)
+GALLERY_SIZE = 12
+AUDIT_FAILURES_SHOWN = 10
+PROMPT_CHARS = 200
+# The chain changes once a block (12 s on Bittensor): reading it more often only costs RPCs.
+CHAIN_REFRESH_S = 5.0
+# One event stream lasts this long; the browser reconnects at once (`retry`), so a server that is
+# shutting down never waits on an endless response.
+STREAM_S = 15.0
+
+
+@dataclass(frozen=True)
+class ChainView:
+    """What the dashboard shows from the chain: the block, each hotkey's neuron, and the weight
+    each miner uid gets on chain (validators' rows averaged by their stake)."""
+
+    block: int | None = None
+    neurons: Mapping[str, Neuron] = field(default_factory=dict)
+    weights: Mapping[int, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def read_chain(chain: Chain | None) -> ChainView:
+    if chain is None:
+        return ChainView(error="no chain configured")
+    try:
+        graph = chain.metagraph()
+        rows = chain.weights()
+    except ChainError as exc:
+        return ChainView(error=str(exc))
+    neurons = {n.hotkey: n for n in graph.neurons}
+    return ChainView(graph.block, neurons, consensus_weights(rows, {n.uid: n.stake for n in graph.neurons}))
+
+
+def consensus_weights(rows: Mapping[int, Mapping[int, float]], stakes: Mapping[int, float]) -> dict[int, float]:
+    """Each miner's weight as the chain sees it: every validator's row (fractions summing to 1),
+    averaged with the validators' stake as the weights; an unstaked chain averages plainly."""
+    total = sum(stakes.get(v, 0.0) for v in rows)
+    out: dict[int, float] = defaultdict(float)
+    for validator, row in rows.items():
+        share = stakes.get(validator, 0.0) / total if total > 0 else 1.0 / len(rows)
+        for uid, weight in row.items():
+            out[uid] += share * weight
+    return dict(out)
+
+
+@dataclass(frozen=True)
+class DashboardInput:
+    now: datetime
+    window_start: datetime
+    profile: str
+    orchestrator: str
+    jobs: Sequence[Job]
+    attempts: Sequence[JobAttempt]
+    audits: Sequence[Audit]
+    miners: Sequence[Miner]
+    scores: Mapping[str, float]
+    chain: ChainView
+    gallery: bool = True
+    penalty: PenaltyPolicy = DEFAULT_PENALTY
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def build_snapshot(data: DashboardInput) -> dict[str, Any]:
+    """The page's whole state as JSON-able data. Pure: the same input gives the same output."""
+    jobs = {job.id: job for job in data.jobs}
+    in_window = [a for a in data.attempts if a.finished_at is not None and a.finished_at >= data.window_start]
+    span_start = min((a.finished_at for a in in_window if a.finished_at), default=data.now)
+    span = max(data.now - span_start, MIN_PLOT_SPAN)
+    plot_start = data.now - span
+    bucket = span / PLOT_BUCKETS
+    verdicts_by_miner: dict[str, Counter[str]] = defaultdict(Counter)
+    failures: dict[str, list[datetime]] = defaultdict(list)
+    for audit in data.audits:
+        if audit.verdict == "fail":
+            failures[audit.miner_hotkey].append(audit.created_at)
+        if audit.created_at >= data.window_start:
+            verdicts_by_miner[audit.miner_hotkey][audit.verdict] += 1
+    attempts_by_miner: dict[str, list[JobAttempt]] = defaultdict(list)
+    for attempt in in_window:
+        attempts_by_miner[attempt.miner_hotkey].append(attempt)
+
+    miners = []
+    # Neurons without an endpoint (validators, the owner) are on the metagraph but serve nothing.
+    for miner in sorted((m for m in data.miners if m.endpoint), key=lambda m: m.uid):
+        mine = attempts_by_miner.get(miner.hotkey, [])
+        latencies = [a.latency_s for a in mine if a.outcome == "succeeded" and a.latency_s is not None]
+        neuron = data.chain.neurons.get(miner.hotkey)
+        penalized = penalty_until(failures.get(miner.hotkey, []), data.now, data.penalty)
+        miners.append(
+            {
+                "uid": miner.uid,
+                "hotkey": miner.hotkey,
+                "endpoint": miner.endpoint,
+                "profile": miner.capacity.get("profile"),
+                "status": "penalized" if penalized else "healthy" if miner.healthy else "unreachable",
+                "penalized_until": penalized.isoformat() if penalized else None,
+                "last_probe_at": _iso(miner.last_probe_at),
+                "outcomes": dict(sorted(Counter(a.outcome or "running" for a in mine).items())),
+                "jobs": len(mine),
+                "latency": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
+                "series": _latency_series(mine, plot_start, bucket),
+                "audits": {v: verdicts_by_miner[miner.hotkey].get(v, 0) for v in ("pass", "fail", "inconclusive")},
+                "score": data.scores.get(miner.hotkey),
+                "stake": neuron.stake if neuron else None,
+                "weight": data.chain.weights.get(neuron.uid, 0.0) if neuron else None,
+                "incentive": neuron.incentive if neuron else None,
+                "emission": neuron.emission if neuron else None,
+            }
+        )
+
+    return {
+        "now": data.now.isoformat(),
+        "orchestrator": data.orchestrator,
+        "profile": data.profile,
+        "block": data.chain.block,
+        "chain_error": data.chain.error,
+        "window": {
+            "start": data.window_start.isoformat(),
+            "plot_start": plot_start.isoformat(),
+            "bucket_s": bucket.total_seconds(),
+        },
+        "totals": _totals(data.jobs, data.audits, data.window_start),
+        "miners": miners,
+        "profiles": _profiles(data.jobs, data.miners, data.profile),
+        "gallery": _gallery(data.jobs, data.audits) if data.gallery else None,
+        "audit_failures": _audit_failures(data.audits, jobs, {m.hotkey: m.uid for m in data.miners}),
+    }
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when else None
+
+
+def _latency_series(attempts: Iterable[JobAttempt], start: datetime, bucket: timedelta) -> list[dict[str, Any]]:
+    """p50/p95 latency of succeeded attempts per time bucket (None where a bucket is empty)."""
+    buckets: list[list[float]] = [[] for _ in range(PLOT_BUCKETS)]
+    for a in attempts:
+        if a.outcome == "succeeded" and a.latency_s is not None and a.finished_at is not None:
+            index = int((a.finished_at - start) / bucket)
+            buckets[min(max(index, 0), PLOT_BUCKETS - 1)].append(a.latency_s)
+    return [
+        {"t": (start + bucket * (i + 1)).isoformat(), "n": len(b), "p50": percentile(b, 50), "p95": percentile(b, 95)}
+        for i, b in enumerate(buckets)
+    ]
+
+
+def _totals(jobs: Sequence[Job], audits: Sequence[Audit], start: datetime) -> dict[str, Any]:
+    statuses = Counter(job.status for job in jobs)
+    return {
+        "requests": {s.value: statuses.get(s.value, 0) for s in RequestStatus},
+        "by_kind": dict(sorted(Counter(job.kind for job in jobs).items())),
+        "audits": dict(sorted(Counter(a.verdict for a in audits if a.created_at >= start).items())),
+    }
+
+
+def _profiles(jobs: Sequence[Job], miners: Sequence[Miner], default: str) -> list[dict[str, Any]]:
+    """Volume and latency per profile (named by the fingerprint miners advertise) and job kind.
+    Jobs no miner has answered yet count under the orchestrator's own profile."""
+    names: dict[str, str] = {}
+    for miner in miners:
+        for fingerprint in miner.fingerprints:
+            names[fingerprint] = miner.capacity.get("profile") or default
+    groups: dict[tuple[str, str | None, str], list[Job]] = defaultdict(list)
+    for job in jobs:
+        name = names.get(job.fingerprint, default) if job.fingerprint else default
+        groups[(name, job.fingerprint, job.kind)].append(job)
+    rows = []
+    for (name, fingerprint, kind), members in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] or "")
+    ):
+        done = [j for j in members if j.status == RequestStatus.succeeded.value and j.finished_at]
+        seconds = [(j.finished_at - j.created_at).total_seconds() for j in done if j.finished_at]
+        rows.append(
+            {
+                "profile": name,
+                "fingerprint": fingerprint,
+                "kind": kind,
+                "jobs": len(members),
+                "succeeded": len(done),
+                "failed": sum(j.status == RequestStatus.failed.value for j in members),
+                "latency": {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95)},
+            }
+        )
+    return rows
+
+
+def _gallery(jobs: Sequence[Job], audits: Sequence[Audit]) -> list[dict[str, Any]]:
+    verdicts = {a.job_id: a.verdict for a in audits}  # audits come oldest first: the latest wins
+    done = [
+        j
+        for j in jobs
+        if j.kind == JobKind.inference.value and j.status == RequestStatus.succeeded.value and j.result_blob
+    ]
+    done.sort(key=lambda j: (j.finished_at or j.updated_at, j.id), reverse=True)
+    return [
+        {
+            "job_id": job.id,
+            "image": f"/dashboard/images/{job.id}.png",
+            "prompt": str(job.payload.get("prompt", ""))[:PROMPT_CHARS],
+            "seed": job.payload.get("seed"),
+            "width": job.payload.get("width"),
+            "height": job.payload.get("height"),
+            "loras": len(job.payload.get("loras", [])),
+            "miner_uid": job.miner_uid,
+            "finished_at": _iso(job.finished_at),
+            "audit": verdicts.get(job.id),
+        }
+        for job in done[:GALLERY_SIZE]
+    ]
+
+
+def _audit_failures(audits: Sequence[Audit], jobs: Mapping[str, Job], uids: Mapping[str, int]) -> list[dict[str, Any]]:
+    failed = [a for a in audits if a.verdict == "fail"]
+    failed.sort(key=lambda a: (a.created_at, a.id), reverse=True)
+    out = []
+    for audit in failed[:AUDIT_FAILURES_SHOWN]:
+        evidence = audit.evidence or {}
+        verdict = evidence.get("verdict", {})
+        job = jobs.get(audit.job_id)
+        request = evidence.get("request") or {}
+        out.append(
+            {
+                "id": audit.id,
+                "job_id": audit.job_id,
+                "kind": evidence.get("kind") or (job.kind if job else None),
+                "miner_uid": uids.get(audit.miner_hotkey),
+                "miner_hotkey": audit.miner_hotkey,
+                "created_at": audit.created_at.isoformat(),
+                "reason": verdict.get("reason", ""),
+                "metrics": verdict.get("metrics", {}),
+                "prompt": str(request.get("prompt", ""))[:PROMPT_CHARS] if request else None,
+                "seed": request.get("seed") if request else None,
+                "miner": evidence.get("miner", {}),
+                "reference": {k: v for k, v in evidence.get("reference", {}).items() if k != "loras"},
+                "miner_image": f"/dashboard/images/{audit.job_id}.png"
+                if job is not None and job.result_blob and job.kind == JobKind.inference.value
+                else None,
+                "reference_image": f"/dashboard/audits/{audit.id}/reference.png"
+                if evidence.get("reference_blob")
+                else None,
+            }
+        )
+    return out
+
+
+class Dashboard:
+    """One cached snapshot for every viewer, refreshed at most every `refresh_s` seconds."""
+
+    def __init__(self, orch: Orchestrator, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.orch = orch
+        self.refresh_s = orch.settings.dashboard_refresh_s
+        self.window = timedelta(seconds=orch.settings.dashboard_window_s)
+        settings = orch.settings
+        self.lookback = timedelta(
+            seconds=max(settings.inference_attempt_timeout_s, settings.training_attempt_timeout_s)
+        )
+        self.monotonic = monotonic
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, Any] | None = None
+        self._version = ""
+        self._taken = -float("inf")
+        self._chain = ChainView()
+        self._chain_taken = -float("inf")
+
+    def snapshot(self) -> tuple[str, dict[str, Any]]:
+        """The current snapshot and its version (a hash of everything but the time it was taken)."""
+        with self._lock:
+            if self._snapshot is None or self.monotonic() - self._taken >= self.refresh_s:
+                self._snapshot = build_snapshot(self._read())
+                content = {k: v for k, v in self._snapshot.items() if k != "now"}
+                self._version = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+                self._taken = self.monotonic()
+            return self._version, self._snapshot
+
+    def _read(self) -> DashboardInput:
+        orch, store = self.orch, self.orch.store
+        now = orch.clock()
+        start = now - self.window
+        if self.monotonic() - self._chain_taken >= CHAIN_REFRESH_S:
+            self._chain = read_chain(orch.chain)
+            self._chain_taken = self.monotonic()
+        # Failures further back than the window still decide whether a penalty is running.
+        history = min(start, now - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown)
+        audits = store.list_audits(since=history)
+        jobs = store.list_recent_jobs(since=start)
+        known = {job.id for job in jobs}
+        # Failed audits of older jobs still show their evidence.
+        older = {a.job_id for a in audits if a.verdict == "fail" and a.job_id not in known}
+        jobs += [job for job_id in sorted(older) if (job := store.load_job(job_id)) is not None]
+        return DashboardInput(
+            now=now,
+            window_start=start,
+            profile=orch.settings.profile,
+            orchestrator=orch.signer.ss58_address,
+            jobs=jobs,
+            # Attempts dispatched before the window that finished in it count too.
+            attempts=store.list_attempts(since=start - self.lookback),
+            audits=audits,
+            miners=store.list_miners(),
+            scores=orch.scores().scores,
+            chain=self._chain,
+            gallery=orch.settings.dashboard_gallery,
+        )
+
+    async def events(self, is_disconnected: Callable[[], Any], stream_s: float = STREAM_S) -> AsyncIterator[str]:
+        """Server-sent events: `snapshot` whenever the snapshot changes, a comment otherwise so
+        proxies keep the connection open. Ends after `stream_s`; the browser reconnects."""
+        yield "retry: 1000\n\n"
+        deadline = asyncio.get_running_loop().time() + stream_s
+        sent = None
+        while asyncio.get_running_loop().time() < deadline and not await is_disconnected():
+            version, snapshot = await run_in_threadpool(self.snapshot)
+            if version != sent:
+                yield f"event: snapshot\nid: {version}\ndata: {json.dumps(snapshot)}\n\n"
+                sent = version
+            else:
+                yield ": unchanged\n\n"
+            await asyncio.sleep(self.refresh_s)
+
+
+def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
+    """Add the dashboard's routes to the orchestrator app: the page and its assets, the snapshot
+    as JSON (`/dashboard/api/state`) and as an event stream, and the images it shows."""
+    dashboard = Dashboard(orch)
+    app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
+
+    @app.get("/dashboard", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/dashboard/api/state", tags=["operators"])
+    async def state() -> JSONResponse:
+        """Everything the dashboard shows: per-miner jobs, latency, audits, score, weight and
+        emission; per-profile volume and latency; recent images; recent audit failures."""
+        version, snapshot = await run_in_threadpool(dashboard.snapshot)
+        return JSONResponse(snapshot, headers={"ETag": f'"{version}"'})
+
+    @app.get("/dashboard/api/events", tags=["operators"])
+    async def events(request: Request) -> StreamingResponse:
+        """The same snapshot as server-sent events (`event: snapshot`), sent when it changes."""
+        return StreamingResponse(
+            dashboard.events(request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/dashboard/images/{job_id}.png", include_in_schema=False)
+    def image(job_id: str) -> FileResponse:
+        job = orch.store.load_job(job_id) if orch.settings.dashboard_gallery else None
+        if job is None or job.kind != JobKind.inference.value or not job.result_blob:
+            raise HTTPException(404, detail="no image for this job")
+        return FileResponse(orch.results.path(job.result_blob), media_type="image/png")
+
+    @app.get("/dashboard/audits/{audit_id}/reference.png", include_in_schema=False)
+    def reference(audit_id: int) -> FileResponse:
+        audit = orch.store.get_audit(audit_id)
+        blob = (audit.evidence or {}).get("reference_blob") if audit else None
+        if not blob or not orch.results.exists(blob):
+            raise HTTPException(404, detail="no reference image for this audit")
+        return FileResponse(orch.results.path(blob), media_type="image/png")
+
+    return dashboard

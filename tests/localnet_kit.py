@@ -1,0 +1,67 @@
+"""Running `dippy-studio up` as a user does, in real processes, and never leaking them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def children_alive(root: Path) -> list[int]:
+    """PIDs of dippy-studio processes still running on this data dir (`up` itself included)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(root) in cmdline and "dippy_studio.cli" in cmdline:
+                alive.append(int(entry.name))
+    return alive
+
+
+def stop(up: subprocess.Popen, root: Path) -> None:
+    """Stop `up` with SIGTERM; whatever survives a failed test is killed so no test leaks processes."""
+    if up.poll() is None:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    deadline = time.monotonic() + 20
+    while children_alive(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in children_alive(root):
+        os.kill(pid, signal.SIGKILL)
+
+
+def wait_healthy(port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError("the orchestrator never answered")
+
+
+def signal_and_collect_survivors(up: subprocess.Popen, root: Path, sig: int) -> list[int]:
+    up.send_signal(sig)
+    up.wait(60)
+    deadline = time.monotonic() + 20
+    while children_alive(root) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return children_alive(root)

@@ -1,0 +1,218 @@
+"""The dashboard: the pure snapshot over hand-made records, and the served page, JSON, event stream
+and images against real miners (one honest, one caught cheating)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+import orchestrator.orch_kit as kit
+from dippy_studio.chain.base import Neuron
+from dippy_studio.orchestrator.dashboard import (
+    GALLERY_SIZE,
+    PLOT_BUCKETS,
+    ChainView,
+    DashboardInput,
+    build_snapshot,
+    consensus_weights,
+)
+from dippy_studio.orchestrator.models import Audit, Job, JobAttempt, Miner
+from orchestrator.orch_kit import bad_runner, image_body, noise_png, wait_until
+
+subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+ALICE, BOB = "5Alice", "5Bob"
+
+
+def miner(hotkey: str, uid: int, healthy: bool = True) -> Miner:
+    return Miner(
+        hotkey=hotkey, uid=uid, endpoint=f"http://{hotkey}", healthy=healthy, last_probe_at=NOW,
+        capacity={"profile": "tiny"}, fingerprints=[f"fp-{hotkey}"],
+    )  # fmt: skip
+
+
+def job(n: int, hotkey: str, *, status: str = "succeeded", seconds_ago: float = 10, took: float = 1.0) -> Job:
+    created = NOW - timedelta(seconds=seconds_ago)
+    return Job(
+        id=f"req_{n:03d}", api_key_id="k", kind="inference", status=status, created_at=created, updated_at=created,
+        deadline=NOW, attempt_timeout_s=60.0, miner_hotkey=hotkey, miner_uid=1 if hotkey == ALICE else 2,
+        finished_at=created + timedelta(seconds=took) if status == "succeeded" else None,
+        result_blob=f"blob{n}" if status == "succeeded" else None, fingerprint=f"fp-{hotkey}",
+        payload={"prompt": f"prompt {n}", "seed": n, "width": 64, "height": 64, "loras": []},
+    )  # fmt: skip
+
+
+def attempt(job_id: str, hotkey: str, outcome: str, latency: float, seconds_ago: float) -> JobAttempt:
+    finished = NOW - timedelta(seconds=seconds_ago)
+    return JobAttempt(
+        job_id=job_id, attempt=1, miner_hotkey=hotkey, dispatched_at=finished - timedelta(seconds=latency),
+        finished_at=finished, outcome=outcome, latency_s=latency,
+    )  # fmt: skip
+
+
+def failed_audit(audit_id: int, job_id: str, hotkey: str, seconds_ago: float) -> Audit:
+    evidence = {
+        "kind": "inference",
+        "request": {"prompt": "a lighthouse", "seed": 7},
+        "miner": {"sha256": "aa", "fingerprint": "fp-x"},
+        "reference": {"sha256": "bb", "fingerprint": "fp-ref", "loras": []},
+        "reference_blob": "ref",
+        "verdict": {"label": "fail", "reason": "SSIM 0.2 under 0.99999", "metrics": {"ssim": 0.2}},
+    }
+    created = NOW - timedelta(seconds=seconds_ago)
+    return Audit(id=audit_id, job_id=job_id, miner_hotkey=hotkey, verdict="fail", evidence=evidence, created_at=created)
+
+
+def snapshot(**overrides) -> dict:
+    values = dict(
+        now=NOW, window_start=NOW - timedelta(hours=1), profile="tiny", orchestrator="5Orch",
+        jobs=[], attempts=[], audits=[], miners=[miner(ALICE, 1), miner(BOB, 2)], scores={}, chain=ChainView(),
+    )  # fmt: skip
+    return build_snapshot(DashboardInput(**{**values, **overrides}))
+
+
+def test_per_miner_outcomes_latency_percentiles_and_plot_series():
+    latencies = [0.1, 0.2, 0.3, 0.4, 1.0]
+    attempts = [attempt(f"req_{i:03d}", ALICE, "succeeded", s, seconds_ago=50 - i) for i, s in enumerate(latencies)]
+    attempts += [attempt("req_100", ALICE, "timeout", 60, 5), attempt("req_101", BOB, "failed", 2, 5)]
+    attempts.append(attempt("req_old", ALICE, "succeeded", 9.0, seconds_ago=2 * 3600))  # before the window
+    snap = snapshot(attempts=attempts)
+    alice, bob = snap["miners"]
+    assert (alice["uid"], bob["uid"]) == (1, 2)
+    assert alice["outcomes"] == {"succeeded": 5, "timeout": 1} and alice["jobs"] == 6
+    assert bob["outcomes"] == {"failed": 1} and bob["latency"] == {"p50": None, "p95": None}
+    assert alice["latency"]["p50"] == pytest.approx(0.3)
+    assert alice["latency"]["p95"] == pytest.approx(0.88)  # linear between 0.4 and 1.0
+    series = alice["series"]
+    assert len(series) == PLOT_BUCKETS and sum(p["n"] for p in series) == 5
+    assert series[-1]["t"] == NOW.isoformat()
+    # The plot spans the data: here its last minute, so the 5 successes spread over several buckets.
+    assert sum(1 for p in series if p["n"]) > 1
+    assert all(p["p50"] is None for p in series if p["n"] == 0)
+
+
+def test_status_scores_and_chain_weights():
+    chain = ChainView(
+        block=42,
+        neurons={
+            ALICE: Neuron(uid=1, hotkey=ALICE, coldkey="c", stake=0.0, validator_permit=False, emission=0.75),
+            BOB: Neuron(uid=2, hotkey=BOB, coldkey="c", stake=0.0, validator_permit=False, emission=0.0),
+        },
+        weights={1: 1.0},
+    )
+    audits = [failed_audit(1, "req_001", BOB, seconds_ago=30)]
+    validator = Miner(hotkey="5Val", uid=0, endpoint=None, healthy=False, capacity={}, fingerprints=[])
+    snap = snapshot(
+        miners=[miner(ALICE, 1), miner(BOB, 2), miner("5Carol", 3, healthy=False), validator],
+        audits=audits,
+        scores={ALICE: 0.9, BOB: 0.0},
+        chain=chain,
+    )
+    alice, bob, carol = snap["miners"]  # not the validator: it serves nothing
+    assert snap["block"] == 42
+    assert (alice["status"], bob["status"], carol["status"]) == ("healthy", "penalized", "unreachable")
+    assert bob["penalized_until"] is not None and bob["audits"] == {"pass": 0, "fail": 1, "inconclusive": 0}
+    assert (alice["score"], alice["weight"], alice["emission"]) == (0.9, 1.0, 0.75)
+    assert (bob["score"], bob["weight"]) == (0.0, 0.0)
+    assert carol["weight"] is None  # not on the chain view at all
+
+
+def test_consensus_weights_average_validator_rows_by_stake():
+    rows = {0: {2: 1.0}, 1: {2: 0.5, 3: 0.5}}
+    assert consensus_weights(rows, {0: 3.0, 1: 1.0}) == pytest.approx({2: 0.875, 3: 0.125})
+    assert consensus_weights(rows, {}) == pytest.approx({2: 0.75, 3: 0.25})
+
+
+def test_gallery_newest_first_and_capped_and_audit_failures_with_evidence():
+    jobs = [job(i, ALICE, seconds_ago=100 - i) for i in range(GALLERY_SIZE + 3)]
+    jobs.append(job(99, BOB, status="running"))
+    audits = [failed_audit(7, "req_003", ALICE, seconds_ago=20)]
+    snap = snapshot(jobs=jobs, audits=audits)
+    ids = [item["job_id"] for item in snap["gallery"]]
+    assert len(ids) == GALLERY_SIZE and ids[0] == f"req_{GALLERY_SIZE + 2:03d}" and "req_099" not in ids
+    assert snap["gallery"][0]["image"] == f"/dashboard/images/{ids[0]}.png"
+    [failure] = snap["audit_failures"]
+    assert failure["job_id"] == "req_003" and failure["miner_uid"] == 1
+    assert failure["reason"].startswith("SSIM") and failure["metrics"] == {"ssim": 0.2}
+    assert failure["miner_image"] == "/dashboard/images/req_003.png"
+    assert failure["reference_image"] == "/dashboard/audits/7/reference.png"
+    assert (failure["miner"]["sha256"], failure["reference"]["sha256"]) == ("aa", "bb")
+    assert snapshot(jobs=jobs, gallery=False)["gallery"] is None
+
+
+def test_profiles_count_volume_and_latency_per_fingerprint():
+    jobs = [job(1, ALICE, took=1.0), job(2, ALICE, took=3.0), job(3, BOB, took=2.0), job(4, BOB, status="queued")]
+    jobs[3].fingerprint = None
+    rows = {(r["profile"], r["fingerprint"]): r for r in snapshot(jobs=jobs)["profiles"]}
+    assert rows[("tiny", f"fp-{ALICE}")]["jobs"] == 2
+    assert rows[("tiny", f"fp-{ALICE}")]["latency"]["p50"] == pytest.approx(2.0)
+    assert rows[("tiny", None)]["jobs"] == 1 and rows[("tiny", None)]["succeeded"] == 0
+    totals = snapshot(jobs=jobs)["totals"]
+    assert totals["requests"]["succeeded"] == 3 and totals["requests"]["queued"] == 1
+
+
+def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path):
+    honest = subnet.add_miner("//Bob")
+    cheat = subnet.add_miner("//Eve", inference_runner=bad_runner(tmp_path, lambda j: noise_png(seed=j["seed"])))
+    orch = subnet.start_orchestrator(audit_all=True, dashboard_refresh_s=0.1)
+    client = subnet.client(orch, subnet.new_key(orch))
+    ids = [
+        client.post("/v1/images", json=image_body(seed=s), headers={"Prefer": "wait=30"}).json()["request_id"]
+        for s in range(6)
+    ]
+    wait_until(lambda: len(orch.store.list_audits()) == len(ids), 60, "every job audited")
+    served_by = {i: orch.store.load_job(i).miner_hotkey for i in ids}
+    by_miner = {hotkey: [i for i in ids if served_by[i] == hotkey] for hotkey in (honest.hotkey, cheat.hotkey)}
+    assert all(by_miner.values()), "both miners got work"
+
+    web = httpx.Client(base_url=orch.url, timeout=30)
+    page = web.get("/dashboard")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/dashboard/static/dashboard.js" in page.text and "//cdn" not in page.text
+    assert web.get("/dashboard/static/dashboard.js").status_code == 200
+
+    state = wait_until(lambda: (s := web.get("/dashboard/api/state").json())["audit_failures"] and s, 10, "state")
+    miners = {m["hotkey"]: m for m in state["miners"]}
+    for hotkey, mine in by_miner.items():
+        assert miners[hotkey]["outcomes"].get("succeeded") == len(mine)
+        assert miners[hotkey]["latency"]["p50"] > 0
+    assert miners[cheat.hotkey]["audits"]["fail"] == len(by_miner[cheat.hotkey])
+    assert miners[cheat.hotkey]["status"] == "penalized" and miners[honest.hotkey]["audits"]["fail"] == 0
+    assert {item["job_id"] for item in state["gallery"]} == set(ids)
+    assert {f["job_id"] for f in state["audit_failures"]} == set(by_miner[cheat.hotkey])
+    assert state["totals"]["requests"]["succeeded"] == len(ids)
+
+    failure = state["audit_failures"][0]
+    for url in (failure["miner_image"], failure["reference_image"], state["gallery"][0]["image"]):
+        image = web.get(url)
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG"), url
+    assert web.get("/dashboard/images/req_nope.png").status_code == 404
+    assert web.get("/dashboard/audits/999999/reference.png").status_code == 404
+
+    # The live stream: the first event carries the same snapshot.
+    with web.stream("GET", "/dashboard/api/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        data = next(line for line in lines if line.startswith("data: "))
+    streamed = json.loads(data.removeprefix("data: "))
+    assert {m["hotkey"] for m in streamed["miners"]} == set(miners)
+    web.close()
+
+
+def test_the_gallery_can_be_turned_off(subnet):
+    subnet.add_miner("//Bob")
+    orch = subnet.start_orchestrator(dashboard_gallery=False)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
+    assert httpx.get(f"{orch.url}/dashboard/api/state").json()["gallery"] is None
+    assert httpx.get(f"{orch.url}/dashboard/images/{request_id}.png").status_code == 404
+
+
+def test_no_dashboard_when_disabled(subnet):
+    orch = subnet.start_orchestrator(dashboard=False)
+    assert httpx.get(f"{orch.url}/dashboard").status_code == 404
+    assert httpx.get(f"{orch.url}/dashboard/api/state").status_code == 404
