@@ -181,6 +181,44 @@ def test_matches_stock_load_lora_weights(lora_dir):
     assert Engine(EngineOptions()).generate(req).png == stock
 
 
+def test_a_third_party_lora_is_served_at_the_alpha_its_header_records(tmp_path):
+    """Diffusers/PEFT trainers record alpha in the header (`lora_adapter_metadata`) instead of
+    baking it into the weights: alpha 4 x rank must give stock diffusers' bytes, not alpha = rank."""
+    from diffusers import FluxPipeline
+
+    from dippy_studio.engine.builtin import TINY, build_pipeline
+    from dippy_studio.engine.synthetic import random_lora_state_dict
+    from dippy_studio.engine.training import DEFAULT_TARGETS
+
+    pipe = build_pipeline(TINY)
+    pipe.set_progress_bar_config(disable=True)
+    layers = random_lora_state_dict(pipe.transformer, seed=21, rank=4, strength=0.25)
+    config = {"r": 4, "lora_alpha": 16, "target_modules": list(DEFAULT_TARGETS)}
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=config,
+        weight_name="alpha.safetensors",
+    )
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, weight_name="plain.safetensors")
+    req = request(LoraRef(path=tmp_path / "alpha.safetensors"))
+
+    pipe.load_lora_weights(str(tmp_path / "alpha.safetensors"), adapter_name="stock")
+    stock = stock_png(pipe, req, TINY.max_sequence_length)
+    engine = Engine(EngineOptions())
+    assert engine.generate(req).png == stock
+    assert engine.generate(request(LoraRef(path=tmp_path / "plain.safetensors"))).png != stock
+
+
+def test_a_garbled_adapter_config_is_refused(engine, tmp_path):
+    from dippy_studio.engine.lora import read_lora
+
+    path = tmp_path / "garbled.safetensors"
+    save_file(_good_state(engine), str(path), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(LoraError, match="not valid JSON"):
+        read_lora(path)
+
+
 # --- bad LoRA files -------------------------------------------------------------------------
 
 

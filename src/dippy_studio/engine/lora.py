@@ -7,6 +7,7 @@ never change and switching adapters is a matter of choosing which ones are activ
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 import warnings
@@ -45,13 +46,19 @@ class LoraRef(BaseModel):
         return self
 
 
+# Where diffusers/PEFT (`save_lora_weights`) record each adapter's LoraConfig (rank, alpha, ...).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
 @dataclass(frozen=True)
 class LoraFile:
-    """A LoRA read from disk and checked: its content hash and raw tensors."""
+    """A LoRA read from disk and checked: its content hash, raw tensors, and the adapter config
+    diffusers wrote into its header, if any (`{"transformer.r": 16, "transformer.lora_alpha": 32, ...}`)."""
 
     path: Path
     sha256: str
     state_dict: dict[str, torch.Tensor]
+    adapter_metadata: dict[str, object] | None = None
 
 
 def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
@@ -71,7 +78,7 @@ def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
         raise LoraError(f"LoRA file {path} is not readable (permission denied)") from None
     except IsADirectoryError:
         raise LoraError(f"{path}: is a directory, not a LoRA file") from None
-    _check_safetensors_header(path, data)
+    header = _check_safetensors_header(path, data)
     try:
         state_dict = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -83,17 +90,34 @@ def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
             raise LoraError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
         if not bool(torch.isfinite(tensor).all()):
             raise LoraError(f"{path}: tensor {name!r} contains NaN or Inf values")
-    return LoraFile(path=path, sha256=hashlib.sha256(data).hexdigest(), state_dict=state_dict)
+    sha256 = hashlib.sha256(data).hexdigest()
+    return LoraFile(path=path, sha256=sha256, state_dict=state_dict, adapter_metadata=_adapter_metadata(path, header))
 
 
-def _check_safetensors_header(path: Path, data: bytes) -> None:
+def _adapter_metadata(path: Path, header: bytes) -> dict[str, object] | None:
+    """The adapter config diffusers keeps in the header's `__metadata__`. It decides the LoRA's
+    strength (alpha / rank), so a file that has one and garbles it is refused, not guessed at."""
+    try:
+        raw = json.loads(header).get("__metadata__", {}).get(ADAPTER_METADATA_KEY)
+        if raw is None:
+            return None
+        metadata = json.loads(raw)
+    except (ValueError, AttributeError):
+        raise LoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not valid JSON") from None
+    if not isinstance(metadata, dict):
+        raise LoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not a JSON object")
+    return metadata
+
+
+def _check_safetensors_header(path: Path, data: bytes) -> bytes:
+    """The JSON header of a safetensors file, or a clear error for anything else."""
     # A safetensors file starts with a little-endian u64 header length and a JSON object.
     # Pickles (torch.save) start with b"\x80" or a zip signature; say so plainly. The header
     # length is checked first: its low byte can be 0x80 (or "PK") in a valid file.
     if len(data) >= 10:
         (header_len,) = struct.unpack("<Q", data[:8])
         if header_len <= len(data) - 8 and data[8:9] == b"{":
-            return
+            return data[8 : 8 + header_len]
     if data[:2] == b"PK" or data[:1] == b"\x80":
         raise LoraError(f"{path}: this is a pickle/torch.save checkpoint; pickle files are refused")
     if len(data) < 10:
@@ -123,6 +147,24 @@ def check_lora_fits(pipe: FluxPipeline, lora: LoraFile) -> None:
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise LoraError(f"{lora.path}: does not fit this profile: {shown}{more}")
+
+
+def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
+    """Load `lora` as adapter `name`, exactly as stock `pipe.load_lora_weights(path)` would.
+
+    Diffusers reads a file's adapter config (its alpha) only when given a path; from the
+    in-memory tensors we checked it would assume alpha = rank. So a file that carries a config
+    is loaded through the same two steps `load_lora_weights` takes, with the config passed in.
+    """
+    if lora.adapter_metadata is None:
+        pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
+        return
+    state_dict = FluxPipeline.lora_state_dict(dict(lora.state_dict))
+    common = {"adapter_name": name, "metadata": lora.adapter_metadata, "_pipeline": pipe}
+    pipe.load_lora_into_transformer(state_dict, network_alphas=None, transformer=pipe.transformer, **common)
+    pipe.load_lora_into_text_encoder(
+        state_dict, network_alphas=None, text_encoder=pipe.text_encoder, prefix="text_encoder", **common
+    )
 
 
 _LORA_KEY = re.compile(r"^(transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.(weight|bias)$")
@@ -233,7 +275,7 @@ class LoraCache:
             with warnings.catch_warnings():
                 # PEFT warns whenever a second adapter joins a model; that is the point of the cache.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
+                load_adapter(self.pipe, lora, name)
         except Exception as exc:  # diffusers/peft raise assorted types for bad weights
             raise LoraError(f"{path}: could not be loaded: {exc}") from exc
         self._loaded[lora.sha256] = name
