@@ -206,7 +206,8 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
     root = layout.root
     wallets = str(root / "wallets")
     for miner in layout.miners:
-        # A demo cheater renders every inference job with a wrong seed, so its first audit catches it.
+        # A demo cheater fakes every job (inference with a wrong seed, training skipped), so its
+        # first audit catches it.
         env = {"DIPPY_MINER_CHEAT_RATE": "1.0"} if miner.cheater else {}
         supervisor.start(miner.name, [
             "miner", "serve", "--wallet", miner.name, "--hotkey", "default", "--wallet-path", wallets,

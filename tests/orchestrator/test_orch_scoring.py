@@ -9,6 +9,7 @@ import pytest
 from dippy_studio.orchestrator.scoring import (
     AttemptRecord,
     attempt_score,
+    audit_quality,
     counts,
     latency_score,
     penalties_from_failures,
@@ -145,6 +146,21 @@ def test_training_quality_from_held_out_improvement():
     # A training job at 20 s of 100 s with 30% improvement: 0.7 * 0.8 * (0.3 / 0.5) = 0.336
     record = attempt(kind="training", latency=20.0, timeout=100.0, quality=training_quality(0.3))
     assert attempt_score(record) == pytest.approx(0.336)
+
+
+def test_audit_quality_is_the_measured_improvement_of_training_audits_only():
+    def training(improvement=None, verdict="pass"):
+        evaluation = {} if improvement is None else {"evaluation": {"improvement": improvement}}
+        return {"kind": "training", "verdict": {"label": verdict}, **evaluation}
+
+    assert audit_quality(training(0.25)) == pytest.approx(0.5)  # training_quality(0.25)
+    assert audit_quality(training(0.7)) == 1.0
+    assert audit_quality(training(0.0, verdict="fail")) == 0.0  # counts zero anyway, as a failed audit
+    assert audit_quality(training(0.1), full_credit=0.2) == pytest.approx(0.5)
+    # Nothing measured (no held-out images, or the LoRA failed before evaluation): no evidence of poor work.
+    assert audit_quality(training(None, verdict="inconclusive")) == 1.0
+    assert audit_quality({"kind": "inference", "verdict": {"label": "pass"}}) == 1.0
+    assert audit_quality(None) == audit_quality({}) == 1.0
 
 
 def test_records_are_checked():

@@ -336,6 +336,59 @@ def dataset_sha256(items: Iterable[DatasetItem]) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class DatasetSplit:
+    """A dataset cut in two: what a trainer sees, and images it never sees, to evaluate on."""
+
+    train: Dataset
+    heldout: Dataset
+
+
+def split_dataset(dataset: Dataset, share: float, min_images: int) -> DatasetSplit | None:
+    """Hold out `share` of the images (rounded, at least one, never all), or None when the
+    dataset has fewer than `min_images` images: too few to spare any for evaluation.
+
+    Which images are held out depends on the content alone: images are ranked by
+    sha256(dataset sha256, name) and the first ones held out. The same upload always splits the
+    same way (a retry or another replica agrees), archive order and folder layout do not
+    matter, and the pick is no pattern in the names a trainer could exploit. Captions stay with
+    their images.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the held-out share must be in [0, 1), got {share}")
+    count = len(dataset.items)
+    if share == 0.0 or count < max(2, min_images):
+        return None
+    heldout_count = min(count - 1, max(1, round(share * count)))
+    ranked = sorted(
+        dataset.items,
+        key=lambda item: hashlib.sha256(f"{dataset.sha256}:{item.name}".encode()).hexdigest(),
+    )
+    heldout_names = {item.name for item in ranked[:heldout_count]}
+    train = tuple(item for item in dataset.items if item.name not in heldout_names)
+    heldout = tuple(item for item in dataset.items if item.name in heldout_names)
+    return DatasetSplit(
+        train=Dataset(train, dataset_sha256(train), f"{dataset.source} (training part)"),
+        heldout=Dataset(heldout, dataset_sha256(heldout), f"{dataset.source} (held-out part)"),
+    )
+
+
+def dataset_zip(dataset: Dataset) -> bytes:
+    """The dataset as a .zip in the kohya layout (each image with a same-name .txt caption when
+    it has one), with fixed timestamps: the same content always gives the same bytes, so the
+    archive's sha256 can name it. `load_zip_bytes` reads it back to the same `Dataset.sha256`.
+    """
+    from dippy_studio.engine.synthetic_data import zip_bytes
+
+    files: dict[str, bytes] = {}
+    for item in dataset.items:
+        files[item.name] = item.data
+        if item.caption is not None:
+            # Images that share a stem (a.png, a.jpg) share one caption file, as when loaded.
+            files[item.name.rsplit(".", 1)[0] + CAPTION_SUFFIX] = item.caption.encode()
+    return zip_bytes(sorted(files.items()))
+
+
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Scale the short side to `resolution` and crop the middle square, as the trainer sees it."""
     return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))

@@ -92,7 +92,7 @@ class Miner:
             )
         if settings.serve_training:
             runners[JobKind.training] = training_runner or TrainingRunner(
-                settings.engine, self.downloads, data / "results", settings.max_dataset_bytes
+                settings.engine, self.downloads, data / "results", settings.max_dataset_bytes, settings.cheat_rate
             )
         self.callbacks = CallbackSender(
             self.store,

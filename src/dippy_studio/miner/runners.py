@@ -67,9 +67,20 @@ class TrainingRunner:
 
     # Seconds kept back from the deadline for writing the LoRA and calling back.
     DEADLINE_MARGIN = 5.0
+    # The demo's dishonest miner gives itself no time: train_lora starts no step and writes the
+    # LoRA as initialised (lora_B = 0), of the promised shape but changing nothing.
+    CHEAT_BUDGET_S = 1e-9
 
-    def __init__(self, options: EngineOptions, downloads: DownloadCache, results_dir: Path, max_dataset_bytes: int):
+    def __init__(
+        self,
+        options: EngineOptions,
+        downloads: DownloadCache,
+        results_dir: Path,
+        max_dataset_bytes: int,
+        cheat_rate: float = 0.0,
+    ) -> None:
         self.options = options
+        self.cheat_rate = cheat_rate
         self.downloads = downloads
         self.results_dir = results_dir
         self.max_dataset_bytes = max_dataset_bytes
@@ -99,6 +110,8 @@ class TrainingRunner:
         if budget <= 0:
             check()  # reports the deadline if it has passed
             budget = 1.0
+        if self.cheat_rate and secrets.SystemRandom().random() < self.cheat_rate:
+            budget = self.CHEAT_BUDGET_S
         output = self.results_dir / f"{record.job_id}.safetensors"
         result = train_lora(
             dataset, output, config, options=self.options, max_seconds=budget, on_progress=lambda _: check()

@@ -53,8 +53,9 @@ class MinerSettings(BaseSettings):
     callback_timeout: float = Field(default=30.0, gt=0)
     retry_after_seconds: int = Field(default=5, ge=1)
 
-    # For demonstrating audits on a local subnet only: this share of inference jobs is run
-    # with a wrong seed, as a dishonest miner would to save or fake work.
+    # For demonstrating audits on a local subnet only: this share of jobs is faked, as a
+    # dishonest miner would to save work: inference run with a wrong seed, training not done
+    # at all (the LoRA delivered as initialised).
     cheat_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")

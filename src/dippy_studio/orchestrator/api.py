@@ -43,6 +43,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dippy_studio.miner.net import OutboundError, check_url
+from dippy_studio.orchestrator.audit import HELDOUT_KEY
 from dippy_studio.orchestrator.callbacks import lora_id_for
 from dippy_studio.orchestrator.models import ApiKey, Job, Lora
 from dippy_studio.orchestrator.states import RequestStatus
@@ -206,6 +207,8 @@ def request_view(job: Job, base_url: str) -> dict[str, Any]:
 def _public_input(job: Job) -> dict[str, Any]:
     payload = dict(job.payload)
     payload.pop("targets", None)
+    # Internal to audits; `heldout_images` tells the client how many of its images were kept back.
+    payload.pop(HELDOUT_KEY, None)
     return payload
 
 

@@ -43,7 +43,7 @@ from dippy_studio.orchestrator.api import (
     new_seed,
     request_view,
 )
-from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
+from dippy_studio.orchestrator.audit import HELDOUT_KEY, Auditor, AuditOutcome, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.blobs import BlobStore
 from dippy_studio.orchestrator.callbacks import CallbackHandler, Reply, read_lora_bytes
 from dippy_studio.orchestrator.db import WRITE_OPTION
@@ -155,6 +155,8 @@ class Orchestrator:
         # Results (client images) are private; assets (datasets, LoRAs) are served to miners.
         self.results = BlobStore(settings.blob_dir / "results")
         self.assets = BlobStore(settings.blob_dir / "assets")
+        # Held-out parts of training datasets: read by audits only, never served to anyone.
+        self.heldout = BlobStore(settings.blob_dir / "heldout")
         retention = settings.max_signature_age + settings.allowed_clock_skew + 5.0
         self.nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
         if chain is None and settings.chain_path is not None:
@@ -191,6 +193,7 @@ class Orchestrator:
                 self.assets,
                 sampler or AuditSampler(sampler_policy(settings)),
                 auditor or settings,
+                heldout=self.heldout,
                 clock=clock,
             )
             if settings.audit or auditor is not None
@@ -281,7 +284,7 @@ class Orchestrator:
         deadline_s: float | None,
     ) -> Job:
         # Imported here: the training defaults live beside the trainer (torch, diffusers).
-        from dippy_studio.engine.datasets import load_zip_bytes
+        from dippy_studio.engine.datasets import dataset_zip, load_zip_bytes, split_dataset
         from dippy_studio.engine.errors import DatasetError
         from dippy_studio.engine.training import DEFAULT_TARGETS, PROFILE_DEFAULTS, REAL_MODEL_DEFAULTS
 
@@ -299,12 +302,25 @@ class Orchestrator:
             assert dataset_url is not None
             dataset = fetch(self._http, dataset_url, settings.max_dataset_bytes, self.url_policy, "dataset")
         try:
-            load_zip_bytes(dataset, source="the dataset")
+            uploaded = load_zip_bytes(dataset, source="the dataset")
         except DatasetError as exc:
             raise HTTPException(422, detail=str(exc)) from None
+        held: dict[str, Any] = {}
+        # Split whenever audits are on, not only for jobs that will be audited: the miner must
+        # not learn from its dataset whether its result will be checked.
+        split = (
+            split_dataset(uploaded, settings.audit_heldout_share, settings.audit_heldout_min_images)
+            if self.audits is not None
+            else None
+        )
+        if split is not None:
+            dataset = dataset_zip(split.train)
+            held = {HELDOUT_KEY: self.heldout.put(dataset_zip(split.heldout)), "heldout_images": len(split.heldout)}
         defaults = PROFILE_DEFAULTS.get(self.spec.name, REAL_MODEL_DEFAULTS)
         payload = {
+            # What the miner downloads: the training part when the upload was split.
             "dataset_sha256": self.assets.put(dataset),
+            **held,
             "trigger_word": trigger_word,
             "name": (name or "").strip() or trigger_word,
             **{k: v for k, v in options.items() if v is not None},
@@ -389,16 +405,20 @@ class Orchestrator:
 
 
 class AuditQueue:
-    """Audits by re-run, in one background thread (reference engines run one job at a time).
+    """Audits of finished jobs, in one background thread (reference engines run one job at a time).
 
-    Every succeeded inference job is offered; the sampler (`audit.AuditSampler`) picks which to
-    audit, after the result is in, so a miner cannot tell audited work from the rest. A picked
-    job is flagged (`jobs.audit`), re-run by the `audit.Auditor`, and its verdict and evidence
-    stored as an `Audit` row; the reference image goes to the results blob store. A failed audit
-    puts the miner back on audit probation; scoring turns failures into penalties.
+    Every succeeded job is offered; the sampler (`audit.AuditSampler`) picks which to audit, per
+    miner and job kind, after the result is in, so a miner cannot tell audited work from the
+    rest. A picked job is flagged (`jobs.audit`), checked by the `audit.Auditor`, and its verdict
+    and evidence stored as an `Audit` row. Inference jobs are re-run (the reference image goes to
+    the results blob store). Training jobs have their LoRA loaded and measured on the held-out
+    part of the client's dataset that was kept from the miner at submission
+    (`Orchestrator.create_training_job`); a job whose dataset was too small to split gets an
+    inconclusive verdict once the LoRA's shape is checked. A failed audit puts the miner back on
+    audit probation; scoring turns failures into penalties, and a training audit's measured
+    improvement into the job's quality factor.
 
-    Not yet: training audits (they need held-out images the miner never saw, so the dataset
-    would have to be split at submission), and re-queuing flagged jobs after a restart.
+    Not yet: re-queuing flagged jobs after a restart.
     """
 
     def __init__(
@@ -409,11 +429,13 @@ class AuditQueue:
         sampler: AuditSampler,
         auditor: Auditor | OrchestratorSettings,
         *,
+        heldout: BlobStore | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.results = results
         self.assets = assets
+        self.heldout = heldout
         self.sampler = sampler
         # Settings instead of an Auditor: build the reference engine at the first audit, so a
         # server (or a test) that never audits never loads a model for it.
@@ -438,7 +460,7 @@ class AuditQueue:
 
     def offer(self, job: Job) -> bool:
         """Decide whether to audit this succeeded job, and queue it if so."""
-        if job.kind != JobKind.inference.value or not job.miner_hotkey or not job.result_blob:
+        if not job.miner_hotkey or not job.result_blob:
             return False
         with self._lock:  # the sampler keeps per-miner counts
             decision = self.sampler.decide(job.miner_hotkey, job.kind)
@@ -460,11 +482,24 @@ class AuditQueue:
         self._queue.task_done()
 
     def _audit(self, job_id: str) -> None:
-        from dippy_studio.engine import GenerationRequest, LoraRef
-
         job = self.store.load_job(job_id)
         if job is None or job.miner_hotkey is None or job.result_blob is None:
             return
+        training = job.kind == JobKind.training.value
+        outcome = self._audit_training(job) if training else self._audit_inference(job)
+        evidence = dict(outcome.evidence)
+        if outcome.reference_png is not None:
+            evidence["reference_blob"] = self.results.put(outcome.reference_png)
+        self.store.add_audit(job.id, job.miner_hotkey, outcome.verdict.label, evidence, now=self.clock())
+        if outcome.verdict.label == "fail":
+            log.warning("miner %s failed the audit of %s: %s", job.miner_hotkey, job.id, outcome.verdict.reason)
+            with self._lock:
+                self.sampler.record_failure(job.miner_hotkey)
+
+    def _audit_inference(self, job: Job) -> AuditOutcome:
+        from dippy_studio.engine import GenerationRequest, LoraRef
+
+        assert job.result_blob is not None
         payload = job.payload
         request = GenerationRequest(
             prompt=payload["prompt"],
@@ -476,15 +511,23 @@ class AuditQueue:
             loras=[LoraRef(path=self.assets.path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
         )
         png = self.results.get(job.result_blob)
-        outcome = self.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint)
-        evidence = dict(outcome.evidence)
-        if outcome.reference_png is not None:
-            evidence["reference_blob"] = self.results.put(outcome.reference_png)
-        self.store.add_audit(job.id, job.miner_hotkey, outcome.verdict.label, evidence, now=self.clock())
-        if outcome.verdict.label == "fail":
-            log.warning("miner %s failed the audit of %s: %s", job.miner_hotkey, job.id, outcome.verdict.reason)
-            with self._lock:
-                self.sampler.record_failure(job.miner_hotkey)
+        return self.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint)
+
+    def _audit_training(self, job: Job) -> AuditOutcome:
+        assert job.result_blob is not None
+        payload = job.payload
+        # No held-out part: the dataset was too small to split (or audits were off at submission).
+        heldout_sha = payload.get(HELDOUT_KEY)
+        heldout = self.heldout.path(heldout_sha) if heldout_sha and self.heldout is not None else None
+        return self.auditor().audit_training(
+            self.assets.path(job.result_blob),
+            heldout,
+            payload["rank"],
+            payload["targets"],
+            # The client's trigger word, not the one the miner wrote into the LoRA's metadata.
+            trigger=payload["trigger_word"],
+            job=payload,
+        )
 
     def auditor(self) -> Auditor:
         if self._auditor is None:
@@ -501,11 +544,13 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
     (`scoring.score_window` does the arithmetic). `lookback` reaches back for attempts that were
     dispatched before the window and finished in it: the longest attempt timeout."""
     from dippy_studio.orchestrator.audit import DEFAULT_PENALTY
-    from dippy_studio.orchestrator.scoring import AttemptRecord, penalties_from_failures, score_window
+    from dippy_studio.orchestrator.scoring import AttemptRecord, audit_quality, penalties_from_failures, score_window
 
     verdicts: dict[tuple[str, str], str] = {}
+    qualities: dict[tuple[str, str], float] = {}
     for audit in store.list_audits(since=start):
         verdicts[(audit.job_id, audit.miner_hotkey)] = audit.verdict  # the latest one wins
+        qualities[(audit.job_id, audit.miner_hotkey)] = audit_quality(audit.evidence)
     # Failures further back still escalate the penalty of a new one.
     history = end - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown
     failures: dict[str, list[datetime]] = {}
@@ -537,8 +582,8 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
                 valid=succeeded,
                 latency_s=attempt.latency_s if succeeded else None,
                 timeout_s=job.attempt_timeout_s,
-                # Training quality (held-out loss improvement) needs the training audit; 1.0 until then.
-                quality=1.0,
+                # Measured by a training audit (held-out loss improvement); 1.0 where none measured it.
+                quality=qualities.get((job.id, attempt.miner_hotkey), 1.0),
                 audited=job.audit or verdict is not None,
                 audit_passed={"pass": True, "fail": False}.get(verdict or ""),
             )

@@ -18,6 +18,12 @@ the PNG bytes must be equal (sha256). Otherwise the images are compared (engine/
 against thresholds measured on honest cross-profile pairs and on cheats
 (bench/measure_audit_thresholds.py). A miner cannot escape the exact check by claiming an
 unknown fingerprint: every cheat we know of fails the perceptual thresholds too.
+
+Verdicts for training: the LoRA must load, have the promised rank on the promised layers, and
+lower the flow-matching loss on held-out images by `Thresholds.min_improvement`. The held-out
+images are part of the client's upload that the orchestrator kept from the miner
+(`engine.datasets.split_dataset`), so a LoRA cannot be fitted to them, and a LoRA that was not
+trained (initial weights, random weights) does not lower their loss.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+# The training job payload key naming the held-out part of its dataset (an archive in the
+# orchestrator's private blob store). Miners never see it: dispatch sends named fields only.
+HELDOUT_KEY = "heldout_sha256"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +371,7 @@ class Auditor:
     def audit_training(
         self,
         lora: Path | None,
-        heldout: Dataset | Path,
+        heldout: Dataset | Path | None,
         promised_rank: int | None,
         promised_targets: Sequence[str] | None,
         *,
@@ -376,7 +386,9 @@ class Auditor:
         `heldout` holds images of what the client asked for that the miner never saw; `job` is
         the training request as the client sent it, kept in the evidence. Pass the job's trigger
         word and resolution (default: the profile's training resolution): the LoRA's own
-        metadata was written by the miner, who could bend it to flatter the LoRA.
+        metadata was written by the miner, who could bend it to flatter the LoRA. Without
+        held-out images only the LoRA's loading and shape are judged: a pass there is
+        inconclusive, a failure is not.
         """
         from dippy_studio.engine.errors import DatasetError, LoraError, RequestError
         from dippy_studio.engine.evaluation import evaluate_lora
@@ -403,7 +415,7 @@ class Auditor:
             evidence["lora_sha256"] = lora_file.sha256
             shape = lora_shape({key: tuple(t.shape) for key, t in _diffusers_keys(lora_file.state_dict).items()})
             # A LoRA of the wrong shape fails without spending an evaluation on it.
-            if lora_shape_problem(shape, promised_rank, promised_targets) is None:
+            if heldout is not None and lora_shape_problem(shape, promised_rank, promised_targets) is None:
                 evaluation = evaluate_lora(
                     self.primary.options,
                     lora,
@@ -422,6 +434,8 @@ class Auditor:
         if evaluation is not None:
             evidence["evaluation"] = evaluation.as_dict()
         verdict = training_verdict(evaluation, shape, promised_rank, promised_targets, threshold, load_error)
+        if heldout is None and not verdict.conclusive:
+            verdict = replace(verdict, reason="no held-out images to measure the LoRA on (the dataset was too small)")
         return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
 
 

@@ -12,8 +12,9 @@ The formula, all of it:
   the timeout: a result that arrives just in time is worth nothing, so miners gain nothing
   by accepting work they cannot finish comfortably.
 - It is worth `weight(kind) * latency_score * quality`, with weights training 0.7 and
-  inference 0.3, and a quality factor in [0, 1] (inference 1.0; training from the LoRA's
-  held-out loss improvement, `training_quality`).
+  inference 0.3, and a quality factor in [0, 1]: inference 1.0; training from the LoRA's
+  held-out loss improvement as its audit measured it (`training_quality`, `audit_quality`),
+  and 1.0 for a training job that was not audited or whose audit could not measure it.
 - A miner's score is the sum over its counted attempts that finished in [start, end), and 0
   while a failed-audit penalty is running at `end`.
 - A failed audit also voids the miner's earlier work in the window: attempts that finished
@@ -28,7 +29,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from dippy_studio.orchestrator.audit import PenaltyPolicy, penalty_until
 
@@ -38,6 +39,11 @@ JobKind = Literal["inference", "training"]
 KIND_WEIGHTS: Mapping[str, float] = {"training": 0.7, "inference": 0.3}
 # Past this share of its timeout a result scores nothing.
 LATENCY_CUTOFF = 0.9
+# The held-out loss improvement that earns a training job full quality. On the tiny profile an
+# honest LoRA lowers held-out loss by 65-72% at the default 200 steps, 51-65% at 60, 35-55% at
+# 30 (bench/measure_training_audit.py), so a LoRA trained as the profile intends gets full
+# credit and a skimped one less. A real Flux profile needs its own measurement.
+FULL_CREDIT_IMPROVEMENT = 0.5
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,7 @@ def penalties_from_failures(
     return {hotkey: penalty_until(times, now, policy) for hotkey, times in failures.items()}
 
 
-def training_quality(improvement: float, full_credit: float = 0.5) -> float:
+def training_quality(improvement: float, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float:
     """Quality factor of a LoRA from its held-out loss improvement (LoraEvaluation.improvement).
 
     Linear from 0 (no better than the base model) to 1 at `full_credit` (e.g. 0.5: half the
@@ -147,3 +153,19 @@ def training_quality(improvement: float, full_credit: float = 0.5) -> float:
     if not math.isfinite(improvement):
         return 0.0
     return min(1.0, max(0.0, improvement / full_credit))
+
+
+def audit_quality(evidence: Mapping[str, Any] | None, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float:
+    """The quality factor an audit's evidence (`Audit.evidence`) gives its job.
+
+    A training audit that evaluated the LoRA gives `training_quality` of the measured held-out
+    improvement. Anything else gives 1.0: inference has no quality scale, and a training audit
+    that measured nothing (too few images to hold any out, or a LoRA that failed before
+    evaluation, which counts zero anyway) is no evidence of poor work.
+    """
+    if not evidence or evidence.get("kind") != "training":
+        return 1.0
+    improvement = (evidence.get("evaluation") or {}).get("improvement")
+    if not isinstance(improvement, int | float) or isinstance(improvement, bool):
+        return 1.0
+    return training_quality(float(improvement), full_credit)

@@ -66,8 +66,9 @@ class OrchestratorSettings(BaseSettings):
 
     # Scores: the window `GET /v1/scores` covers.
     score_window_s: float = Field(default=24 * 3600.0, gt=0)
-    # Audits: a sample of succeeded inference jobs (orchestrator.audit.SamplerPolicy) is re-run on a
-    # reference engine of `profile`, built at the first audit (weights from audit_model_path).
+    # Audits: a sample of succeeded jobs (orchestrator.audit.SamplerPolicy) is checked on a
+    # reference engine of `profile`, built at the first audit (weights from audit_model_path):
+    # inference by re-running it, training by the LoRA's loss on held-out images.
     audit: bool = True
     audit_model_path: Path | None = None
     # The sampler's rates (defaults from bench/bench_audit.py; a local demo audits every job).
@@ -75,6 +76,11 @@ class OrchestratorSettings(BaseSettings):
     audit_probation_rate: float = Field(default=0.25, ge=0, le=1)
     audit_probation_jobs: int = Field(default=30, ge=0)
     audit_max_gap: int = Field(default=18, ge=0)
+    # With audits on, this share of a training dataset's images (rounded, at least one) is kept
+    # from the miner to measure the LoRA on; datasets under the minimum are not split, and their
+    # training audits are inconclusive.
+    audit_heldout_share: float = Field(default=0.2, ge=0, lt=1)
+    audit_heldout_min_images: int = Field(default=5, ge=2)
 
     # The operator dashboard at /dashboard (orchestrator/dashboard.py). The gallery shows client
     # images: turn it off on an orchestrator reachable from outside, or guard /dashboard in a proxy.
