@@ -8,9 +8,11 @@ import io
 import json
 
 from PIL import Image
+from sqlalchemy import update
 
 import miner_kit
 import orchestrator.orch_kit as kit
+from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.webhooks import verify
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
 from orchestrator.orch_kit import (
@@ -167,3 +169,21 @@ def test_a_miner_caught_by_an_audit_scores_nothing(subnet, tmp_path):
     assert "SSIM" in audit.evidence["verdict"]["reason"]
     assert orch.orch.refresh_scores().scores == {cheat.hotkey: 0.0}
     assert orch.store.get_miner(cheat.hotkey).score == 0.0
+
+
+def test_an_audit_picked_before_a_restart_is_done_after_it(subnet):
+    subnet.add_miner("//Bob")
+    first = subnet.start_orchestrator()  # audits nothing
+    client = subnet.client(first, subnet.new_key(first))
+    request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
+    assert client.get(f"/v1/requests/{request_id}").json()["status"] == "succeeded"
+    # As if the job had been picked for an audit and the orchestrator stopped before running it.
+    with first.store.engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == request_id).values(audit=True))
+    first.served.stop()
+    assert first.store.flagged_without_verdict() == [request_id]
+
+    again = subnet.start_orchestrator(data_dir=first.orch.settings.data_dir)
+    [audit] = wait_until(lambda: again.store.list_audits(job_id=request_id), 60, "the owed audit")
+    assert audit.verdict == "pass"
+    assert again.store.flagged_without_verdict() == []

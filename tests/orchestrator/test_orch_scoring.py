@@ -163,6 +163,23 @@ def test_audit_quality_is_the_measured_improvement_of_training_audits_only():
     assert audit_quality(None) == audit_quality({}) == 1.0
 
 
+def test_unaudited_training_jobs_get_their_miners_measured_quality():
+    # A: two training jobs audited at quality 0.4 and 0.8, one not audited -> it gets their mean 0.6.
+    # B: no measurement at all -> 1.0. Inference never takes a training quality.
+    # Each training job: 0.7 * (1 - 10/100) = 0.63 before quality; inference: 0.3 * (1 - 2/10) = 0.24.
+    measured = dict(kind="training", latency=10.0, timeout=100.0, quality_measured=True)
+    records = [
+        attempt("A", quality=0.4, **measured),
+        attempt("A", quality=0.8, **measured),
+        attempt("A", kind="training", latency=10.0, timeout=100.0),
+        attempt("A"),
+        attempt("B", kind="training", latency=10.0, timeout=100.0),
+    ]
+    scores = score_window(records, START, END)
+    assert scores["A"] == pytest.approx(0.63 * (0.4 + 0.8 + 0.6) + 0.24)
+    assert scores["B"] == pytest.approx(0.63)
+
+
 def test_records_are_checked():
     with pytest.raises(ValueError, match="kind"):
         attempt(kind="upscale")

@@ -418,7 +418,8 @@ class AuditQueue:
     audit probation; scoring turns failures into penalties, and a training audit's measured
     improvement into the job's quality factor.
 
-    Not yet: re-queuing flagged jobs after a restart.
+    Picked jobs that have no verdict when the queue starts (the orchestrator stopped before
+    auditing them) are queued again, so a restart never lets a picked job go unjudged.
     """
 
     def __init__(
@@ -448,6 +449,10 @@ class AuditQueue:
         self._writes = store.engine.execution_options(**{WRITE_OPTION: True})
 
     def start(self) -> None:
+        # Audits picked before a restart are still owed: the pick is stored (`jobs.audit`), the
+        # queue was only in memory.
+        for job_id in self.store.flagged_without_verdict():
+            self._queue.put(job_id)
         self._thread.start()
 
     def stop(self) -> None:
@@ -485,6 +490,8 @@ class AuditQueue:
         job = self.store.load_job(job_id)
         if job is None or job.miner_hotkey is None or job.result_blob is None:
             return
+        if self.store.list_audits(job_id=job_id):
+            return  # judged already (by another orchestrator on the same database, say)
         training = job.kind == JobKind.training.value
         outcome = self._audit_training(job) if training else self._audit_inference(job)
         evidence = dict(outcome.evidence)
@@ -544,18 +551,21 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
     (`scoring.score_window` does the arithmetic). `lookback` reaches back for attempts that were
     dispatched before the window and finished in it: the longest attempt timeout."""
     from dippy_studio.orchestrator.audit import DEFAULT_PENALTY
-    from dippy_studio.orchestrator.scoring import AttemptRecord, audit_quality, penalties_from_failures, score_window
+    from dippy_studio.orchestrator.scoring import AttemptRecord, measured_quality, penalties_from_failures, score_window
 
     verdicts: dict[tuple[str, str], str] = {}
-    qualities: dict[tuple[str, str], float] = {}
+    qualities: dict[tuple[str, str], float | None] = {}
     for audit in store.list_audits(since=start):
         verdicts[(audit.job_id, audit.miner_hotkey)] = audit.verdict  # the latest one wins
-        qualities[(audit.job_id, audit.miner_hotkey)] = audit_quality(audit.evidence)
+        qualities[(audit.job_id, audit.miner_hotkey)] = measured_quality(audit.evidence)
     # Failures further back still escalate the penalty of a new one.
     history = end - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown
     failures: dict[str, list[datetime]] = {}
+    judged: set[str] = set()
     for audit in store.list_audits(since=history):
-        if audit.verdict == "fail":
+        # One caught job is one failure, even if two orchestrators both judged it.
+        if audit.verdict == "fail" and audit.job_id not in judged:
+            judged.add(audit.job_id)
             failures.setdefault(audit.miner_hotkey, []).append(audit.created_at)
 
     jobs: dict[str, Job | None] = {}
@@ -570,6 +580,7 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
             continue
         succeeded = attempt.outcome == "succeeded"
         verdict = verdicts.get((job.id, attempt.miner_hotkey))
+        quality = qualities.get((job.id, attempt.miner_hotkey))
         records.append(
             AttemptRecord(
                 hotkey=attempt.miner_hotkey,
@@ -582,8 +593,10 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
                 valid=succeeded,
                 latency_s=attempt.latency_s if succeeded else None,
                 timeout_s=job.attempt_timeout_s,
-                # Measured by a training audit (held-out loss improvement); 1.0 where none measured it.
-                quality=qualities.get((job.id, attempt.miner_hotkey), 1.0),
+                # Measured by a training audit (held-out loss improvement); where none measured it,
+                # `score_window` uses the miner's mean measured quality (1.0 without any).
+                quality=1.0 if quality is None else quality,
+                quality_measured=quality is not None,
                 audited=job.audit or verdict is not None,
                 audit_passed={"pass": True, "fail": False}.get(verdict or ""),
             )

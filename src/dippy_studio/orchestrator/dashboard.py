@@ -124,8 +124,10 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
     bucket = span / PLOT_BUCKETS
     verdicts_by_miner: dict[str, Counter[str]] = defaultdict(Counter)
     failures: dict[str, list[datetime]] = defaultdict(list)
+    caught: set[str] = set()
     for audit in data.audits:
-        if audit.verdict == "fail":
+        if audit.verdict == "fail" and audit.job_id not in caught:  # one caught job, one failure
+            caught.add(audit.job_id)
             failures[audit.miner_hotkey].append(audit.created_at)
         if audit.created_at >= data.window_start:
             verdicts_by_miner[audit.miner_hotkey][audit.verdict] += 1

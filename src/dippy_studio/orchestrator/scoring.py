@@ -13,8 +13,9 @@ The formula, all of it:
   by accepting work they cannot finish comfortably.
 - It is worth `weight(kind) * latency_score * quality`, with weights training 0.7 and
   inference 0.3, and a quality factor in [0, 1]: inference 1.0; training from the LoRA's
-  held-out loss improvement as its audit measured it (`training_quality`, `audit_quality`),
-  and 1.0 for a training job that was not audited or whose audit could not measure it.
+  held-out loss improvement as its audit measured it (`training_quality`, `measured_quality`).
+  A training job whose quality was not measured gets its miner's mean measured training
+  quality in the window (`spread_measured_quality`), or 1.0 while there is none.
 - A miner's score is the sum over its counted attempts that finished in [start, end), and 0
   while a failed-audit penalty is running at `end`.
 - A failed audit also voids the miner's earlier work in the window: attempts that finished
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -63,6 +64,8 @@ class AttemptRecord:
     latency_s: float | None  # dispatch to result; None when there was no result
     timeout_s: float
     quality: float = 1.0
+    # True when `quality` was measured (a training audit evaluated this job's LoRA).
+    quality_measured: bool = False
     audited: bool = False
     audit_passed: bool | None = None
 
@@ -118,7 +121,7 @@ def score_window(
     if end <= start:
         raise ValueError("the window is empty: end must be after start")
     penalized_until = penalized_until or {}
-    in_window = [a for a in attempts if start <= a.finished_at < end]
+    in_window = spread_measured_quality([a for a in attempts if start <= a.finished_at < end])
     caught: dict[str, datetime] = {}
     for attempt in in_window:
         if attempt.audited and attempt.audit_passed is False:
@@ -155,17 +158,41 @@ def training_quality(improvement: float, full_credit: float = FULL_CREDIT_IMPROV
     return min(1.0, max(0.0, improvement / full_credit))
 
 
-def audit_quality(evidence: Mapping[str, Any] | None, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float:
-    """The quality factor an audit's evidence (`Audit.evidence`) gives its job.
-
-    A training audit that evaluated the LoRA gives `training_quality` of the measured held-out
-    improvement. Anything else gives 1.0: inference has no quality scale, and a training audit
-    that measured nothing (too few images to hold any out, or a LoRA that failed before
-    evaluation, which counts zero anyway) is no evidence of poor work.
-    """
+def measured_quality(evidence: Mapping[str, Any] | None, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float | None:
+    """`training_quality` of the held-out improvement a training audit measured, or None when
+    the evidence (`Audit.evidence`) measured none: an inference audit, a dataset too small to hold
+    images out, or a LoRA that failed before evaluation (which counts zero anyway)."""
     if not evidence or evidence.get("kind") != "training":
-        return 1.0
+        return None
     improvement = (evidence.get("evaluation") or {}).get("improvement")
     if not isinstance(improvement, int | float) or isinstance(improvement, bool):
-        return 1.0
+        return None
     return training_quality(float(improvement), full_credit)
+
+
+def audit_quality(evidence: Mapping[str, Any] | None, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float:
+    """The quality factor an audit's evidence gives its job: the measured one, else 1.0 (no
+    measurement is no evidence of poor work)."""
+    quality = measured_quality(evidence, full_credit)
+    return 1.0 if quality is None else quality
+
+
+def spread_measured_quality(attempts: Sequence[AttemptRecord]) -> list[AttemptRecord]:
+    """Give each miner's unmeasured training attempts the mean quality its audited ones measured.
+
+    Only a sample of training jobs is audited; scoring the rest at 1.0 would make an audit cost
+    an honest miner (its measured quality is usually under 1) and spare a miner whose LoRAs are
+    weak everywhere. The sample's mean is the best estimate of the unaudited jobs' quality. A
+    miner with no measurement keeps 1.0 until one comes in.
+    """
+    measured: dict[str, list[float]] = {}
+    for a in attempts:
+        if a.kind == "training" and a.quality_measured:
+            measured.setdefault(a.hotkey, []).append(a.quality)
+    means = {hotkey: sum(values) / len(values) for hotkey, values in measured.items()}
+    return [
+        replace(a, quality=means[a.hotkey])
+        if a.kind == "training" and not a.quality_measured and a.hotkey in means
+        else a
+        for a in attempts
+    ]

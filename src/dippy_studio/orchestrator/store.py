@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
@@ -582,6 +582,18 @@ class Store:
         with self._write() as session:
             session.add(audit)
         return audit
+
+    def flagged_without_verdict(self, limit: int = 10_000) -> list[str]:
+        """Jobs picked for an audit that has no verdict yet, oldest first: an orchestrator stopped
+        before it got to them. `AuditQueue.start` queues them again."""
+        query = (
+            select(Job.id)
+            .where(Job.audit.is_(True), ~exists().where(Audit.job_id == Job.id))
+            .order_by(Job.updated_at, Job.id)
+            .limit(limit)
+        )
+        with self._read() as session:
+            return list(session.scalars(query))
 
     def get_audit(self, audit_id: int) -> Audit | None:
         with self._read() as session:
