@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dippy_studio.engine import GenerationRequest
 from dippy_studio.engine.datasets import load_dataset
 from dippy_studio.engine.errors import LoraError, RequestError
 from dippy_studio.engine.evaluation import evaluate_lora
@@ -58,6 +59,15 @@ def test_evaluation_is_deterministic_and_reads_the_lora_metadata(data, sunset_lo
     assert first.dataset_sha256 == data["same"].sha256
     other_seeds = evaluate_lora("tiny", sunset_lora, data["same"], seeds=[7])
     assert other_seeds.lora_loss != first.lora_loss
+
+
+def test_a_loaded_engine_evaluates_like_a_fresh_one(data, sunset_lora):
+    from dippy_studio.engine import Engine, EngineOptions
+
+    engine = Engine(EngineOptions())
+    on_loaded = evaluate_lora(engine, sunset_lora, data["same"], seeds=[3])
+    assert on_loaded == evaluate_lora("tiny", sunset_lora, data["same"], seeds=[3])
+    assert engine.loras.loaded != [] and engine.generate(GenerationRequest(prompt="x", seed=1, steps=2)).loras == []
 
 
 def test_base_loss_does_not_depend_on_the_lora_or_batching(data, sunset_lora, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,10 @@ from dippy_studio.engine.datasets import Dataset, load_dataset
 from dippy_studio.engine.errors import LoraError, RequestError
 from dippy_studio.engine.lora import LoraRef, read_lora
 from dippy_studio.engine.profiles import EngineOptions, get_profile
+
+if TYPE_CHECKING:
+    from dippy_studio.engine.generation import Engine
+
 from dippy_studio.engine.training import (
     META,
     EncodedDataset,
@@ -57,7 +62,7 @@ class LoraEvaluation:
 
 
 def evaluate_lora(
-    profile: EngineOptions | str,
+    profile: Engine | EngineOptions | str,
     lora: Path,
     heldout_dataset: Dataset | Path,
     seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -72,11 +77,16 @@ def evaluate_lora(
 
     Every (seed, noise level, image) counts once. Resolution, trigger word and guidance
     default to what the LoRA's metadata records about its training, else the profile's
-    training defaults.
+    training defaults. Pass a loaded `Engine` to evaluate on it (an auditor's reference engine:
+    no model load per evaluation); options or a profile name build a fresh one.
     """
     from dippy_studio.engine import Engine
 
-    options = EngineOptions(profile=profile) if isinstance(profile, str) else profile
+    given = profile if isinstance(profile, Engine) else None
+    if given is not None:
+        options = given.options
+    else:
+        options = EngineOptions(profile=profile) if isinstance(profile, str) else profile
     seeds = tuple(int(s) for s in seeds)
     sigmas = tuple(float(s) for s in sigmas)
     if not seeds:
@@ -97,9 +107,9 @@ def evaluate_lora(
         guidance = float(metadata.get(f"{META}guidance", TrainConfig(profile=spec.name).guidance))
     dataset = load_dataset(heldout_dataset) if isinstance(heldout_dataset, Path) else heldout_dataset
 
-    engine = Engine(options)
+    engine = given or Engine(options)
     pipe = engine.pipe
-    with torch.no_grad():
+    with engine.session():
         encoded = encode_dataset(
             pipe, pixel_tensor(dataset, resolution), dataset.captions(trigger), spec.max_sequence_length
         )

@@ -7,7 +7,8 @@ LoRA activation -> text encoding -> denoising (latents) -> VAE decode -> PNG enc
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
 
@@ -135,10 +136,18 @@ class Engine:
         if request.steps > spec.max_steps:
             raise RequestError(f"steps {request.steps} is over {spec.max_steps} for profile {spec.name}")
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
-        self.check(request)
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Exclusive use of the pipeline in inference mode, as `generate` runs: for other work on
+        the same engine (LoRA evaluation). Adapters loaded outside inference mode could not be
+        switched inside it later, and the reverse, so everything that loads one uses this."""
         with self._lock, torch.inference_mode():
             configure_threads(self.options.threads)  # another library may have changed it
+            yield
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
+        self.check(request)
+        with self.session():
             started = perf_counter()
             active = self.loras.activate(request.loras)
             load = perf_counter() - started + self._pending_load

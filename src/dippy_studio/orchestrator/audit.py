@@ -417,7 +417,7 @@ class Auditor:
             # A LoRA of the wrong shape fails without spending an evaluation on it.
             if heldout is not None and lora_shape_problem(shape, promised_rank, promised_targets) is None:
                 evaluation = evaluate_lora(
-                    self.primary.options,
+                    self.primary,
                     lora,
                     heldout,
                     seeds,
