@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from dippy_studio.miner.net import DownloadCache, OutboundError, UrlPolicy, check_url
+from dippy_studio.miner.net import DownloadCache
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 
 STRICT = UrlPolicy()
 

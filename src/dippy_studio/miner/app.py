@@ -21,7 +21,7 @@ from dippy_studio.engine import Engine
 from dippy_studio.engine.errors import EngineError
 from dippy_studio.miner.callbacks import CallbackSender
 from dippy_studio.miner.metrics import MinerMetrics
-from dippy_studio.miner.net import DownloadCache, OutboundError, UrlPolicy, check_url
+from dippy_studio.miner.net import DownloadCache
 from dippy_studio.miner.runners import InferenceRunner, TrainingRunner, generation_request
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
@@ -29,6 +29,7 @@ from dippy_studio.miner.workers import Runner, WorkerPool
 from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, verify_request
 from dippy_studio.protocol.keys import Signer, load_signer
 from dippy_studio.protocol.nonces import SqliteNonceStore
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 from dippy_studio.protocol.schemas import (
     JOB_ID_PATTERN,
     Accepted,

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 from dippy_studio.protocol.schemas import JobKind, JobStatus
 
 log = logging.getLogger("dippy_studio.miner.callbacks")

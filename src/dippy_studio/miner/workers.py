@@ -17,8 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from dippy_studio.engine.errors import EngineError
-from dippy_studio.miner.net import OutboundError
 from dippy_studio.miner.store import JobRecord, JobStore
+from dippy_studio.protocol.outbound import OutboundError
 from dippy_studio.protocol.schemas import JobKind, JobStatus
 
 log = logging.getLogger("dippy_studio.miner.workers")

@@ -42,11 +42,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dippy_studio.miner.net import OutboundError, check_url
 from dippy_studio.orchestrator.audit import HELDOUT_KEY
 from dippy_studio.orchestrator.callbacks import lora_id_for
 from dippy_studio.orchestrator.models import ApiKey, Job, Lora
 from dippy_studio.orchestrator.states import RequestStatus
+from dippy_studio.protocol.outbound import OutboundError, check_url
 from dippy_studio.protocol.schemas import SHA256_PATTERN, HttpUrl, JobKind, Sha256
 
 if TYPE_CHECKING:

@@ -31,7 +31,6 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text, update
 
 from dippy_studio.chain.base import Chain
-from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
 from dippy_studio.orchestrator.api import (
     ImageRequest,
     LoraInput,
@@ -56,6 +55,7 @@ from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer, load_signer
 from dippy_studio.protocol.nonces import NonceStore, SqliteNonceStore
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 from dippy_studio.protocol.schemas import JobKind
 
 log = logging.getLogger("dippy_studio.orchestrator")

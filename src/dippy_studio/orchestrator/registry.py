@@ -19,13 +19,13 @@ import httpx
 from pydantic import ValidationError
 
 from dippy_studio.chain.base import Chain, ChainError
-from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
 from dippy_studio.orchestrator.models import Miner, utcnow
 from dippy_studio.orchestrator.routing import Candidate
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 from dippy_studio.protocol.schemas import Capacity
 
 log = logging.getLogger("dippy_studio.orchestrator.registry")

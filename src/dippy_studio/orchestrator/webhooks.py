@@ -36,12 +36,12 @@ import httpx
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dippy_studio.miner.net import OutboundError, UrlPolicy, check_url
 from dippy_studio.orchestrator.db import WRITE_OPTION
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import TERMINAL
 from dippy_studio.orchestrator.store import Store
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 
 log = logging.getLogger("dippy_studio.orchestrator.webhooks")
 
