@@ -14,7 +14,7 @@ from time import perf_counter
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from dippy_studio.engine.determinism import configure_threads
 from dippy_studio.engine.errors import RequestError
@@ -26,12 +26,9 @@ from dippy_studio.engine.fingerprint import (
     weights_sha256,
 )
 from dippy_studio.engine.images import encode_png, sha256_hex
+from dippy_studio.engine.limits import MAX_LORAS, Guidance, ImageSide, Prompt, Seed, Steps
 from dippy_studio.engine.lora import LoraCache, LoraRef
 from dippy_studio.engine.profiles import LORA_MODE, EngineOptions, get_profile, load_pipeline
-
-MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**63 - 1  # fits a signed 64-bit column in every database
-SIZE_MULTIPLE = 16  # VAE downsampling (8) times the 2x2 latent packing of Flux
 
 StepCallback = Callable[[int, int], None]
 
@@ -41,27 +38,13 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    seed: int = Field(ge=0, le=MAX_SEED)
-    width: int = Field(default=64, ge=SIZE_MULTIPLE, le=4096)
-    height: int = Field(default=64, ge=SIZE_MULTIPLE, le=4096)
-    steps: int = Field(default=4, ge=1, le=100)
-    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
-    loras: list[LoraRef] = Field(default_factory=list, max_length=8)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        return prompt
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_16(cls, side: int) -> int:
-        if side % SIZE_MULTIPLE:
-            raise ValueError(f"{side} is not a multiple of {SIZE_MULTIPLE}")
-        return side
+    prompt: Prompt
+    seed: Seed
+    width: ImageSide = 64
+    height: ImageSide = 64
+    steps: Steps = 4
+    guidance: Guidance = 3.5
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from dippy_studio.engine.errors import LoraError
+from dippy_studio.engine.limits import LoraScale
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 MAX_LORA_BYTES = 2 * 1024**3
@@ -35,7 +36,7 @@ class LoraRef(BaseModel):
 
     path: Path | None = None
     id: str | None = None
-    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+    scale: LoraScale = 1.0
 
     @model_validator(mode="after")
     def _one_source(self) -> LoraRef:

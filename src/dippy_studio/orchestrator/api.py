@@ -40,8 +40,18 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dippy_studio.engine.limits import (
+    MAX_LORAS,
+    MAX_SEED,
+    Guidance,
+    ImageSide,
+    LoraScale,
+    Prompt,
+    Seed,
+    Steps,
+)
 from dippy_studio.orchestrator.audit import HELDOUT_KEY
 from dippy_studio.orchestrator.callbacks import lora_id_for
 from dippy_studio.orchestrator.models import ApiKey, Job, Lora
@@ -52,8 +62,6 @@ from dippy_studio.protocol.schemas import SHA256_PATTERN, HttpUrl, JobKind, Sha2
 if TYPE_CHECKING:
     from dippy_studio.orchestrator.app import Orchestrator
 
-MAX_SEED = 2**63 - 1
-SIZE_MULTIPLE = 16
 MEDIA_TYPES = {JobKind.inference.value: "image/png", JobKind.training.value: "application/octet-stream"}
 FILENAMES = {JobKind.inference.value: "result.png", JobKind.training.value: "lora.safetensors"}
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
@@ -73,7 +81,7 @@ class LoraInput(_Strict):
     id: str | None = Field(default=None, max_length=64)
     url: HttpUrl | None = None
     sha256: Sha256 | None = Field(default=None, description="With `url`: the file's sha256, checked after download.")
-    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+    scale: LoraScale = 1.0
 
     @model_validator(mode="after")
     def _one_source(self) -> LoraInput:
@@ -85,29 +93,15 @@ class LoraInput(_Strict):
 
 
 class ImageRequest(_Strict):
-    prompt: str = Field(min_length=1, max_length=2000)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Random when left out.")
-    width: int = Field(ge=16, le=4096)
-    height: int = Field(ge=16, le=4096)
-    steps: int | None = Field(default=None, ge=1, le=100, description="The profile's default when left out.")
-    guidance: float | None = Field(default=None, ge=0.0, le=30.0, allow_inf_nan=False)
-    loras: list[LoraInput] = Field(default_factory=list, max_length=8)
+    prompt: Prompt
+    seed: Seed | None = Field(default=None, description="Random when left out.")
+    width: ImageSide
+    height: ImageSide
+    steps: Steps | None = Field(default=None, description="The profile's default when left out.")
+    guidance: Guidance | None = None
+    loras: list[LoraInput] = Field(default_factory=list, max_length=MAX_LORAS)
     webhook_url: HttpUrl | None = None
     deadline_s: float | None = Field(default=None, gt=0, description="Seconds from now the request may take.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        return prompt
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_16(cls, side: int) -> int:
-        if side % SIZE_MULTIPLE:
-            raise ValueError(f"{side} is not a multiple of {SIZE_MULTIPLE}")
-        return side
 
 
 class Submitted(BaseModel):

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from dippy_studio.engine.limits import MAX_LORAS, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
+
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
@@ -59,18 +61,18 @@ class _Strict(BaseModel):
 class LoraDownload(_Strict):
     url: HttpUrl
     sha256: Sha256
-    scale: float = Field(default=1.0, ge=-8.0, le=8.0, allow_inf_nan=False)
+    scale: LoraScale = 1.0
 
 
 class InferenceJob(_Strict):
     job_id: JobId
-    prompt: str = Field(min_length=1, max_length=2000)
-    seed: int = Field(ge=0, le=2**63 - 1)
-    width: int = Field(ge=16, le=4096)
-    height: int = Field(ge=16, le=4096)
-    steps: int = Field(ge=1, le=100)
-    guidance: float = Field(default=3.5, ge=0.0, le=30.0, allow_inf_nan=False)
-    loras: list[LoraDownload] = Field(default_factory=list, max_length=8)
+    prompt: Prompt
+    seed: Seed
+    width: ImageSide
+    height: ImageSide
+    steps: Steps
+    guidance: Guidance = 3.5
+    loras: list[LoraDownload] = Field(default_factory=list, max_length=MAX_LORAS)
     callback_url: HttpUrl | None = None
     deadline: AwareDatetime
 
@@ -87,7 +89,7 @@ class TrainJob(_Strict):
     alpha: float | None = Field(default=None, gt=0, le=1024, allow_inf_nan=False)
     steps: int | None = Field(default=None, ge=1, le=100_000)
     lr: float | None = Field(default=None, gt=0, le=1.0, allow_inf_nan=False)
-    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    seed: Seed = 0
     max_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     callback_url: HttpUrl | None = None
     deadline: AwareDatetime
