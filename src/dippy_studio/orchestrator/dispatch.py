@@ -137,6 +137,8 @@ class Dispatcher:
         self._http = httpx.Client(timeout=settings.dispatch_timeout_s, follow_redirects=False)
         self._pool = ThreadPoolExecutor(settings.dispatch_concurrency, thread_name_prefix="dispatch")
         self._lock = threading.Lock()
+        # Signalled whenever a send ends, so a dispatch round waiting for room wakes at once.
+        self._room = threading.Condition(self._lock)
         self._in_flight = 0
         self._cooldown: dict[str, float] = {}  # hotkey -> time.monotonic() when it may get work again
 
@@ -147,9 +149,15 @@ class Dispatcher:
     # ---- dispatch ---------------------------------------------------------------------------
 
     def dispatch_once(self) -> int:
-        """Claim what can be sent now and start sending it; returns the number of jobs claimed."""
-        with self._lock:
-            room = self.settings.dispatch_concurrency - self._in_flight
+        """Claim what can be sent now and start sending it; returns the number of jobs claimed.
+
+        With every send slot busy, it first waits (up to `dispatch_interval_s`) for one to free
+        up: returning at once would leave the loop asleep for a whole interval while sends finish
+        in milliseconds, which capped a busy orchestrator at about 8 jobs per interval."""
+        concurrency = self.settings.dispatch_concurrency
+        with self._room:
+            self._room.wait_for(lambda: self._in_flight < concurrency, timeout=self.settings.dispatch_interval_s)
+            room = concurrency - self._in_flight
         if room <= 0:
             return 0
         candidates = self.registry.candidates()
@@ -182,11 +190,14 @@ class Dispatcher:
             # A bug must not leave the job stuck in `dispatched`: the sweeper will take it back.
             log.exception("dispatching %s failed", job.id)
         finally:
-            with self._lock:
+            with self._room:
                 self._in_flight -= 1
+                self._room.notify_all()
 
     def _send(self, job: Job, candidates: list[Candidate]) -> None:
-        tried = Counter(attempt.miner_hotkey for attempt in self.store.list_attempts(job.id))
+        # A first attempt has no history to read (the claim counted it; assign_miner records it).
+        history = self.store.list_attempts(job.id) if job.attempts > 1 else []
+        tried = Counter(attempt.miner_hotkey for attempt in history)
         cooling = self._cooling()
         with self._lock:  # random.Random is not safe to share between threads
             choice = choose_miner(

@@ -137,18 +137,20 @@ class WebhookSender:
     def _take_due(self, limit: int) -> list[Job]:
         now = self.clock()
         lease = timedelta(seconds=self.settings.webhook_timeout_s * 2 + 5)
+        due = (
+            Job.webhook_state == "pending",
+            Job.status.in_([s.value for s in TERMINAL]),
+            or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now),
+        )
+        # The loop runs after every finished request, most of which have no webhook: look before
+        # taking a write transaction (on SQLite, the database's one write lock) to find nothing.
+        with self.store.engine.connect() as conn:
+            if conn.scalar(select(Job.id).where(*due).limit(1)) is None:
+                return []
         with self._write() as session:
             jobs = list(
                 session.scalars(
-                    select(Job)
-                    .where(
-                        Job.webhook_state == "pending",
-                        Job.status.in_([s.value for s in TERMINAL]),
-                        or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now),
-                    )
-                    .order_by(Job.finished_at)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
+                    select(Job).where(*due).order_by(Job.finished_at).limit(limit).with_for_update(skip_locked=True)
                 )
             )
             for job in jobs:

@@ -145,6 +145,9 @@ class SqliteNonceStore:
         self._pid = os.getpid()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        # This process's writers queue here rather than in SQLite's busy handler, which sleeps in
+        # growing steps however soon the lock frees; other processes still meet `busy_timeout`.
+        self._write_lock = threading.Lock()
         self._last_purge = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connect().executescript(_SCHEMA)
@@ -157,7 +160,8 @@ class SqliteNonceStore:
         connection = self._connect()
         if now - self._last_purge >= self.retention / 2:
             self._purge(connection, now)
-        cursor = connection.execute(_CLAIM, (hotkey_ss58, token, now, now - self.retention))
+        with self._write_lock:
+            cursor = connection.execute(_CLAIM, (hotkey_ss58, token, now, now - self.retention))
         return cursor.rowcount == 1
 
     def purge(self) -> int:
@@ -167,7 +171,8 @@ class SqliteNonceStore:
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
         # Per-process bookkeeping; several processes purging now and then is harmless.
         self._last_purge = now
-        cursor = connection.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - self.retention,))
+        with self._write_lock:
+            cursor = connection.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - self.retention,))
         return cursor.rowcount
 
     def _connect(self) -> sqlite3.Connection:
@@ -178,6 +183,7 @@ class SqliteNonceStore:
             self._local = threading.local()
             self._connections = []
             self._connections_lock = threading.Lock()
+            self._write_lock = threading.Lock()
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             # isolation_level=None: autocommit, so each claim is its own short transaction.
