@@ -165,6 +165,42 @@ def test_claim_takes_oldest_first_and_caps_the_attempt_by_the_deadline(store: St
     assert store.load_job(late.id).status == "queued"
 
 
+def test_claim_can_assign_miners_in_the_same_transaction(store: Store, key_id: str):
+    again = make_job(store, key_id, created_s=0)
+    dispatch(store, again.id, "hk1", 1, at=1)
+    assert store.transition(again.id, "dispatched", "queued", now=sec(2), attempt_outcome="refused")
+    fresh = make_job(store, key_id, created_s=3)
+    nobody = make_job(store, key_id, created_s=4)
+    seen: dict[str, dict[str, int]] = {}
+
+    def assign(job, tried):
+        seen[job.id] = dict(tried)
+        return None if job.id == nobody.id else ("hk2", 2)
+
+    claimed = store.claim_for_dispatch(10, now=sec(5), assign=assign)
+
+    assert [j.id for j in claimed] == [again.id, fresh.id]
+    assert seen == {again.id: {"hk1": 1}, fresh.id: {}, nobody.id: {}}
+    for job_id, attempts in ((again.id, 2), (fresh.id, 1)):
+        job = store.load_job(job_id)
+        assert (job.status, job.attempts, job.miner_hotkey, job.miner_uid, job.dispatched_at) == (
+            "dispatched",
+            attempts,
+            "hk2",
+            2,
+            sec(5),
+        )
+        assert [(a.attempt, a.miner_hotkey, a.outcome) for a in store.list_attempts(job_id)][-1] == (
+            attempts,
+            "hk2",
+            None,
+        )
+    # Nobody could take it: left as it was, no attempt counted.
+    untouched = store.load_job(nobody.id)
+    assert (untouched.status, untouched.attempts, untouched.updated_at) == ("queued", 0, sec(4))
+    assert store.list_attempts(nobody.id) == []
+
+
 def test_sweeper_requeues_for_another_miner_while_the_deadline_allows(store: Store, key_id: str):
     roomy = make_job(store, key_id, deadline_s=600, timeout_s=30)
     dispatch(store, roomy.id, "slow-miner", 7, at=0)

@@ -1,8 +1,8 @@
 """Getting queued jobs to miners, and taking them back when miners do not deliver.
 
-One dispatch round: claim queued jobs (`Store.claim_for_dispatch`, safe across replicas), pick a
-miner for each (`routing.choose_miner`), record the choice (`Store.assign_miner`), and send the
-job as a signed POST. The miner's job id is `<request id>-<attempt>`, so every attempt is a new
+One dispatch round: claim queued jobs and pick a miner for each (`routing.choose_miner`), in one
+transaction (`Store.claim_for_dispatch` with `assign`, safe across replicas), then send each job
+as a signed POST. The miner's job id is `<request id>-<attempt>`, so every attempt is a new
 job on the miner's side and a late callback from an earlier attempt can be told apart. Results
 come back by callback to `{public_url}/v1/miner-callbacks/{request id}`; LoRAs and datasets are
 fetched from `{public_url}/v1/blobs/{sha256}`.
@@ -166,11 +166,22 @@ class Dispatcher:
         kinds = [kind for kind in JobKind if eligible(candidates, kind.value, profile, cooling)]
         if not kinds:
             return 0
-        jobs = self.store.claim_for_dispatch(min(room, self.settings.dispatch_batch), now=self.clock(), kinds=kinds)
+        chosen: dict[str, Candidate] = {}
+
+        def assign(job: Job, tried: Counter[str]) -> tuple[str, int | None] | None:
+            with self._lock:  # random.Random is not safe to share between threads
+                choice = choose_miner(candidates, job.kind, profile, tried=tried, exclude=cooling, rng=self.rng)
+            if choice is None:
+                return None  # nobody can take it right now: it stays queued, no attempt counted
+            chosen[job.id] = choice
+            return choice.hotkey, choice.uid
+
+        limit = min(room, self.settings.dispatch_batch)
+        jobs = self.store.claim_for_dispatch(limit, now=self.clock(), kinds=kinds, assign=assign)
         for job in jobs:
             with self._lock:
                 self._in_flight += 1
-            self._pool.submit(self._send_guarded, job, candidates)
+            self._pool.submit(self._send_guarded, job, chosen[job.id])
         return len(jobs)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
@@ -183,9 +194,9 @@ class Dispatcher:
             time.sleep(0.01)
         return False
 
-    def _send_guarded(self, job: Job, candidates: list[Candidate]) -> None:
+    def _send_guarded(self, job: Job, choice: Candidate) -> None:
         try:
-            self._send(job, candidates)
+            self._send(job, choice)
         except Exception:
             # A bug must not leave the job stuck in `dispatched`: the sweeper will take it back.
             log.exception("dispatching %s failed", job.id)
@@ -194,21 +205,7 @@ class Dispatcher:
                 self._in_flight -= 1
                 self._room.notify_all()
 
-    def _send(self, job: Job, candidates: list[Candidate]) -> None:
-        # A first attempt has no history to read (the claim counted it; assign_miner records it).
-        history = self.store.list_attempts(job.id) if job.attempts > 1 else []
-        tried = Counter(attempt.miner_hotkey for attempt in history)
-        cooling = self._cooling()
-        with self._lock:  # random.Random is not safe to share between threads
-            choice = choose_miner(
-                candidates, job.kind, self.settings.profile, tried=tried, exclude=cooling, rng=self.rng
-            )
-        if choice is None:
-            # Nobody can take it right now. No attempt was opened, so it does not count as one.
-            self.store.transition(job.id, "dispatched", "queued", now=self.clock(), attempts=job.attempts - 1)
-            return
-        if self.store.assign_miner(job.id, choice.hotkey, choice.uid, now=self.clock()) is None:
-            return  # canceled (or swept) between the claim and now
+    def _send(self, job: Job, choice: Candidate) -> None:
         body = miner_request(job, self.settings.public_url).model_dump_json(exclude_none=True).encode()
         url, target = endpoint_url(choice.endpoint, MINER_PATHS[job.kind])
         headers = sign_request(self.signer, "POST", target, body, choice.hotkey)

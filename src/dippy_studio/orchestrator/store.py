@@ -21,7 +21,8 @@ import hmac
 import re
 import secrets
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,6 +48,9 @@ DEFAULT_MIN_ATTEMPT_S = 5.0
 SWEEP_BATCH = 500
 AUDIT_VERDICTS = frozenset({"pass", "fail", "inconclusive"})
 WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
+
+# claim_for_dispatch's miner choice: (job, earlier attempts per hotkey) -> (hotkey, uid), or None.
+AssignMiner = Callable[[Job, Counter[str]], tuple[str, int | None] | None]
 
 # Columns a transition may set besides the status (the id, owner and request never change).
 _TRANSITION_FIELDS = frozenset(Job.__table__.columns.keys()) - {"id", "api_key_id", "kind", "payload", "status"}
@@ -353,12 +357,22 @@ class Store:
             return True
 
     def claim_for_dispatch(
-        self, limit: int, now: datetime | None = None, kinds: Iterable[JobKind | str] | None = None
+        self,
+        limit: int,
+        now: datetime | None = None,
+        kinds: Iterable[JobKind | str] | None = None,
+        assign: AssignMiner | None = None,
     ) -> list[Job]:
         """Take up to `limit` queued jobs, oldest first, and mark them dispatched: each is returned
         to exactly one caller, however many processes claim at once. Counts the attempt and sets its
         timeout, capped by the client's deadline. The caller then picks a miner (`assign_miner`) or
-        hands the job back (`transition(id, "dispatched", "queued")`)."""
+        hands the job back (`transition(id, "dispatched", "queued")`).
+
+        With `assign`, the miners are picked in the same transaction instead (one write for the
+        batch rather than one more per job): `assign(job, tried)` gets the job and how many earlier
+        attempts each hotkey had at it, and returns the (hotkey, uid) to record as `assign_miner`
+        would, or None to leave the job queued untouched (no attempt counted); only jobs that got
+        a miner are returned."""
         now = now or utcnow()
         query = (
             select(Job)
@@ -371,14 +385,31 @@ class Store:
             query = query.where(Job.kind.in_([JobKind(k).value for k in kinds]))
         with self._write() as session:
             jobs = list(session.scalars(query))
+            tried = _tried(session, [job.id for job in jobs if job.attempts > 0]) if assign else {}
+            taken = []
             for job in jobs:
+                miner = assign(job, tried.get(job.id, Counter())) if assign else None
+                if assign is not None and miner is None:
+                    continue
                 job.status = RequestStatus.dispatched.value
                 job.attempts += 1
                 job.dispatched_at = now
                 job.dispatch_deadline = min(now + timedelta(seconds=job.attempt_timeout_s), job.deadline)
                 job.miner_hotkey = job.miner_uid = job.started_at = None
                 job.updated_at = now
-        return jobs
+                if miner is not None:
+                    job.miner_hotkey, job.miner_uid = miner
+                    session.add(
+                        JobAttempt(
+                            job_id=job.id,
+                            attempt=job.attempts,
+                            miner_hotkey=job.miner_hotkey,
+                            miner_uid=job.miner_uid,
+                            dispatched_at=now,
+                        )
+                    )
+                taken.append(job)
+        return taken
 
     def assign_miner(
         self, job_id: str, miner_hotkey: str, miner_uid: int | None, now: datetime | None = None
@@ -628,6 +659,16 @@ def _implied_fields(target: RequestStatus, now: datetime) -> dict[str, Any]:
     if target is RequestStatus.running:
         return {"started_at": now}
     return {"finished_at": now}
+
+
+def _tried(session: Session, job_ids: list[str]) -> dict[str, Counter[str]]:
+    """Earlier attempts per job and hotkey, for jobs going out again."""
+    tried: dict[str, Counter[str]] = {}
+    if job_ids:
+        query = select(JobAttempt.job_id, JobAttempt.miner_hotkey).where(JobAttempt.job_id.in_(job_ids))
+        for job_id, hotkey in session.execute(query):
+            tried.setdefault(job_id, Counter())[hotkey] += 1
+    return tried
 
 
 def _close_attempt(session: Session, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
