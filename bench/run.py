@@ -37,6 +37,7 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 BENCHMARKS: dict[str, str] = {
     "overhead": "bench_overhead",
     "lora_switch": "bench_lora_switch",
+    "throughput": "bench_throughput",
 }
 
 

@@ -16,7 +16,8 @@ def bench():
     """bench/ is a folder of scripts, not a package: import its modules the way run.py sees them."""
     sys.path.insert(0, str(BENCH))
     try:
-        yield {name: importlib.import_module(name) for name in ("bench_overhead", "bench_lora_switch", "run")}
+        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "run")
+        yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -42,5 +43,18 @@ def test_lora_switch_streams_give_identical_pngs(bench):
     assert result.failed_checks == []
 
 
-def test_runner_lists_both_benchmarks(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch"}
+@pytest.mark.slow
+def test_throughput_scores_every_job_through_a_real_orchestrator(bench):
+    module = bench["bench_throughput"]
+    config = module.Config("sqlite", jobs=20, clients=4, miners=2, warmup=0, latency_jobs=5, latency_rate=10)
+    result = module.run((config,))
+
+    (row,) = result.rows
+    assert row["identical"], row["statuses"]
+    assert result.failed_checks == []
+    assert row["jobs_per_s"] > 0 and row["target"] in ("met", "missed")
+    assert 0 < row["added_p50_ms"] <= row["added_p99_ms"]
+
+
+def test_runner_lists_every_benchmark(bench):
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput"}

@@ -237,27 +237,25 @@ class CallbackHandler:
             # Before the request reads `succeeded`, so a client never sees a LoRA id that 404s. If a
             # cancel wins the race below, the client keeps a LoRA it no longer waited for.
             self._register_lora(job, sha256, rank or int(job.payload["rank"]))
-        moved = self.store.transition(
-            job.id,
-            list(ACTIVE),
-            "succeeded",
-            now=now,
-            result_sha256=sha256,
-            result_blob=sha256,
-            result_bytes=len(result),
-            fingerprint=meta.fingerprint,
-            timings=timings,
-            error=None,
-        )
-        if not moved:
+        outcome = {
+            "result_sha256": sha256,
+            "result_blob": sha256,
+            "result_bytes": len(result),
+            "fingerprint": meta.fingerprint,
+            "timings": timings,
+            "error": None,
+        }
+        if not self.store.transition(job.id, list(ACTIVE), "succeeded", now=now, **outcome):
             # Another copy of this callback (or a cancel) got there first.
             current = self.store.load_job(job.id)
             return self._already_finished(current, result) if current else Reply(404, {"detail": "gone"})
         self.events.finished(job.id)
         if self.on_succeeded is not None:
-            succeeded = self.store.load_job(job.id)
-            if succeeded is not None:
-                self.on_succeeded(succeeded)
+            # The row now holds what was just written: hand the hook that rather than read it back.
+            written = {**outcome, "status": RequestStatus.succeeded.value, "finished_at": now, "updated_at": now}
+            for name, value in written.items():
+                setattr(job, name, value)
+            self.on_succeeded(job)
         return Reply(200, {"status": "succeeded", "sha256": sha256})
 
     def _already_finished(self, job: Job, result: bytes | None) -> Reply:
