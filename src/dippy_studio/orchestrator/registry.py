@@ -10,6 +10,8 @@ orchestrator replica routes from the same picture.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -71,6 +73,10 @@ class Registry:
         self.clock = clock
         self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
         self._http = httpx.Client(timeout=settings.probe_timeout_s, follow_redirects=False)
+        self._lock = threading.Lock()
+        self._candidates: list[Candidate] | None = None
+        self._candidates_at = 0.0
+        self._generation = 0  # bumped by every change this process makes to the miners table
 
     def close(self) -> None:
         self._http.close()
@@ -106,6 +112,7 @@ class Registry:
             if miner.hotkey not in seen and (miner.endpoint or miner.healthy):
                 self.store.upsert_miner(miner.hotkey, miner.uid, coldkey=miner.coldkey, endpoint=None, now=now)
                 self.store.record_probe(miner.hotkey, False, now=now)
+        self._forget_candidates()
         return len(seen)
 
     def probe_all(self) -> None:
@@ -127,6 +134,7 @@ class Registry:
             fingerprints=capacity.fingerprints if capacity else [],
             now=self.clock(),
         )
+        self._forget_candidates()
         return healthy
 
     def _check(self, miner: Miner) -> tuple[bool, Capacity | None, str | None]:
@@ -161,9 +169,27 @@ class Registry:
         """Take a miner out of routing until its next successful probe."""
         log.info("miner %s marked unhealthy: %s", hotkey, reason)
         self.store.record_probe(hotkey, False, now=self.clock())
+        self._forget_candidates()
 
     def candidates(self) -> list[Candidate]:
-        return [
+        """The healthy miners as routing sees them. Read from the store at most every
+        `candidates_ttl_s`: a busy dispatcher runs a round per few jobs, and reloading the miners
+        table each time cost as much as claiming the jobs."""
+        with self._lock:
+            if self._candidates is not None and time.monotonic() - self._candidates_at < self.settings.candidates_ttl_s:
+                return self._candidates
+            generation = self._generation
+        read_at = time.monotonic()
+        candidates = [
             Candidate.from_capacity(m.hotkey, m.uid, m.endpoint or "", m.stake, m.score, m.healthy, m.capacity or {})
             for m in self.store.list_miners(healthy_only=True)
         ]
+        with self._lock:
+            if generation == self._generation:  # else a probe wrote since: keep nothing stale
+                self._candidates, self._candidates_at = candidates, read_at
+        return candidates
+
+    def _forget_candidates(self) -> None:
+        with self._lock:
+            self._candidates = None
+            self._generation += 1

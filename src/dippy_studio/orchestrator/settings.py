@@ -60,6 +60,9 @@ class OrchestratorSettings(BaseSettings):
     sync_interval_s: float = Field(default=60.0, gt=0)
     probe_interval_s: float = Field(default=15.0, gt=0)
     probe_timeout_s: float = Field(default=5.0, gt=0)
+    # How long dispatch rounds reuse the miners table they last read (this process's own probes
+    # refresh it at once; another replica's show within this time). 0 reads it every round.
+    candidates_ttl_s: float = Field(default=1.0, ge=0)
     score_interval_s: float = Field(default=60.0, gt=0)
     # A miner that refused a job (429, 5xx, unreachable) gets none for this long (or its Retry-After).
     refusal_cooldown_s: float = Field(default=5.0, ge=0)
