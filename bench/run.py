@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, str] = {
     "overhead": "bench_overhead",
     "lora_switch": "bench_lora_switch",
     "throughput": "bench_throughput",
+    "training": "bench_training",
 }
 
 

@@ -16,7 +16,7 @@ def bench():
     """bench/ is a folder of scripts, not a package: import its modules the way run.py sees them."""
     sys.path.insert(0, str(BENCH))
     try:
-        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "run")
+        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "bench_training", "run")
         yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
@@ -56,5 +56,15 @@ def test_throughput_scores_every_job_through_a_real_orchestrator(bench):
     assert 0 < row["added_p50_ms"] <= row["added_p99_ms"]
 
 
+def test_training_bench_times_both_trainers_and_caching_changes_no_bytes(bench):
+    module = bench["bench_training"]
+    result = module.run((module.Config("tiny", 32, 2, steps=6, rounds=1, images=4),))
+
+    (row,) = result.rows
+    assert row["identical"], "cached and uncached training must write the same LoRA"
+    assert row["ours_sps"] > 0 and row["ref_sps"] > 0 and row["ratio"] > 0
+    assert result.failed_checks == []
+
+
 def test_runner_lists_every_benchmark(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput"}
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training"}
