@@ -1,6 +1,7 @@
 """Miner benchmarks: end-to-end overhead of the signed job API, and behaviour under load.
 
     .venv/bin/python bench/bench_miner.py [--jobs 200] [--clients 32]
+    .venv/bin/python bench/run.py --only miner [--quick]
 
 1. Overhead: a real miner process (`dippy-studio miner serve`, tiny profile) and, in this
    process, a callback receiver and the bare engine. Each round times a signed POST until
@@ -23,18 +24,20 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import httpx
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+from rich.progress import Progress as RichProgress
 
+from common import BenchResult, Column, NoProgress, Progress
 from dippy_studio.engine import Engine, GenerationRequest
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
@@ -113,7 +116,7 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def overhead(jobs: int, console: Console) -> dict[str, float]:
+def overhead(jobs: int, progress: Progress) -> dict[str, Any]:
     engine = Engine()
     callbacks = Callbacks()
     with TemporaryDirectory() as tmp:
@@ -122,11 +125,8 @@ def overhead(jobs: int, console: Console) -> dict[str, float]:
         e2e: list[float] = []
         bare: list[float] = []
         try:
-            with (
-                httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
-                Progress(console=console, transient=True) as progress,
-            ):
-                task = progress.add_task("overhead rounds", total=jobs + 10)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+                task = progress.add_task("miner overhead rounds", total=jobs + 10)
                 for i in range(jobs + 10):  # the first 10 warm both paths up
                     seed = i % 50
                     order = [0, 1] if i % 2 == 0 else [1, 0]
@@ -145,6 +145,12 @@ def overhead(jobs: int, console: Console) -> dict[str, float]:
                             if i >= 10:
                                 bare.append(time.perf_counter() - started)
                     progress.advance(task)
+                # Correctness: the miner's PNG is the bare engine's, byte for byte.
+                path = f"/v1/jobs/{job_id}/result"
+                signed = sign_request(CLIENT, "GET", path, b"", MINER.ss58_address)
+                served = client.get(path, headers=signed).content
+                same = engine.generate(GenerationRequest(prompt="a lighthouse at dusk", seed=seed, steps=4))
+                identical = served == same.png
         finally:
             proc.terminate()
             proc.wait(10)
@@ -154,10 +160,11 @@ def overhead(jobs: int, console: Console) -> dict[str, float]:
         "bare_p50_ms": pct(bare, 50) * 1e3, "bare_p95_ms": pct(bare, 95) * 1e3,
         "overhead_p50_ms": (statistics.median(e2e) - statistics.median(bare)) * 1e3,
         "overhead_paired_p50_ms": statistics.median(diffs) * 1e3, "overhead_paired_p95_ms": pct(diffs, 95) * 1e3,
+        "identical": identical,
     }  # fmt: skip
 
 
-def load(clients: int, per_client: int, console: Console) -> dict[str, float]:
+def load(clients: int, per_client: int) -> dict[str, float]:
     callbacks = Callbacks()
     accepted: list[str] = []
     statuses: dict[int, int] = {}
@@ -203,32 +210,72 @@ def _arrives(callbacks: Callbacks, job_id: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class Config:
+    jobs: int  # timed overhead rounds (after 10 warm-up rounds)
+    clients: int  # concurrent clients in the load part
+    per_client: int  # posts per client
+
+    @property
+    def name(self) -> str:
+        return f"tiny 64x64 4 steps, {self.jobs} jobs"
+
+
+FULL = (Config(200, 32, 4),)
+QUICK = (Config(30, 8, 2),)
+TARGET_MS = 10.0
+
+COLUMNS = [
+    Column("config", "config"),
+    Column("e2e_p50_ms", "POST->callback p50 ms", "{:.1f}"),
+    Column("bare_p50_ms", "bare engine p50 ms", "{:.1f}"),
+    Column("overhead_paired_p50_ms", "overhead p50 ms", "{:.1f}"),
+    Column("overhead_paired_p95_ms", "overhead p95 ms", "{:.1f}"),
+    Column("target", "p50 <= 10 ms"),
+    Column("load", "load: accepted / 429 / other / lost"),
+    Column("identical", "miner PNG = engine PNG"),
+]
+
+
+def run(configs: tuple[Config, ...] = FULL, progress: Progress | None = None) -> BenchResult:
+    progress = progress or NoProgress()
+    result = BenchResult(
+        name="miner",
+        title="miner: signed POST -> signed callback vs the bare engine call (tiny profile)",
+        columns=COLUMNS,
+        notes=[
+            "overhead: median over rounds of (end-to-end - bare), the two run alternately in each round",
+            "load: concurrent clients posting into an inference queue of 8; every answer must be 202 or 429 "
+            "and every accepted job must call back",
+        ],
+    )
+    for config in configs:
+        row: dict[str, Any] = {"config": config.name, **overhead(config.jobs, progress)}
+        row["target"] = "met" if row["overhead_paired_p50_ms"] <= TARGET_MS else "missed"
+        loaded = load(config.clients, config.per_client)
+        row["load"] = f"{loaded['accepted']} / {loaded['rejected_429']} / {loaded['unexpected']} / {loaded['lost']}"
+        row["checks"] = {
+            "load: only 202 or 429": loaded["unexpected"] == 0,
+            "load: no accepted job lost": loaded["lost"] == 0,
+        }
+        row["load_detail"] = loaded
+        result.rows.append(row)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=4)
     args = parser.parse_args()
+    from run import table  # bench/run.py: the same table every benchmark prints
+
     console = Console()
-    ov = overhead(args.jobs, console)
-    table = Table(title=f"miner end-to-end overhead, tiny 64x64 4 steps, {args.jobs} jobs")
-    for column in ("measure", "p50 ms", "p95 ms"):
-        table.add_column(column)
-    table.add_row("signed POST -> callback", f"{ov['e2e_p50_ms']:.1f}", f"{ov['e2e_p95_ms']:.1f}")
-    table.add_row("bare Engine.generate", f"{ov['bare_p50_ms']:.1f}", f"{ov['bare_p95_ms']:.1f}")
-    table.add_row("overhead (paired)", f"{ov['overhead_paired_p50_ms']:.1f}", f"{ov['overhead_paired_p95_ms']:.1f}")
-    console.print(table)
-    verdict = "met" if ov["overhead_paired_p50_ms"] <= 10 else "MISSED"
-    console.print(f"target p50 overhead <= 10 ms: {verdict}")
-    ld = load(args.clients, args.per_client, console)
-    console.print(
-        f"load: {args.clients} clients x {args.per_client} posts, queue limit 8: {ld['requests']} requests, "
-        f"{ld['accepted']} accepted, {ld['rejected_429']} answered 429, {ld['unexpected']} other, "
-        f"{ld['lost']} accepted jobs lost, {ld['seconds']:.1f} s"
-    )
-    ok = ld["unexpected"] == 0 and ld["lost"] == 0
-    console.print("load: every response 202 or 429 and no accepted job lost: " + ("yes" if ok else "NO"))
-    return 0 if ok else 1
+    with RichProgress(console=console, transient=True) as progress:
+        result = run((Config(args.jobs, args.clients, args.per_client),), progress)
+    console.print(table(result))
+    return 0 if not result.failed_checks else 1
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, str] = {
     "lora_switch": "bench_lora_switch",
     "throughput": "bench_throughput",
     "training": "bench_training",
+    "miner": "bench_miner",
 }
 
 

@@ -16,7 +16,7 @@ def bench():
     """bench/ is a folder of scripts, not a package: import its modules the way run.py sees them."""
     sys.path.insert(0, str(BENCH))
     try:
-        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "bench_training", "run")
+        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "bench_training", "bench_miner", "run")
         yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
@@ -66,5 +66,16 @@ def test_training_bench_times_both_trainers_and_caching_changes_no_bytes(bench):
     assert result.failed_checks == []
 
 
+@pytest.mark.slow
+def test_miner_bench_serves_the_engines_bytes_and_loses_no_job(bench):
+    module = bench["bench_miner"]
+    result = module.run((module.Config(jobs=3, clients=3, per_client=2),))
+
+    (row,) = result.rows
+    assert row["identical"], "the miner's PNG must be the bare engine's"
+    assert result.failed_checks == []
+    assert row["e2e_p50_ms"] > 0 and row["bare_p50_ms"] > 0 and row["target"] in ("met", "missed")
+
+
 def test_runner_lists_every_benchmark(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training"}
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner"}
