@@ -374,12 +374,16 @@ def job_rows(engine: Engine, key_id: str) -> list[Any]:
         return list(conn.execute(query))
 
 
+def miner_s(row: Any) -> float:
+    """The fake miner's own time for a request, receipt to callback, as it reported it."""
+    return float(((row.timings or {}).get("miner") or {}).get("miner_s", 0.0))
+
+
 def added_latency_s(row: Any) -> float | None:
     """What the orchestrator added to one request: its whole time minus the miner's own."""
     if row.status != "succeeded" or row.finished_at is None:
         return None
-    miner_s = float(((row.timings or {}).get("miner") or {}).get("miner_s", 0.0))
-    return (row.finished_at - row.created_at).total_seconds() - miner_s
+    return (row.finished_at - row.created_at).total_seconds() - miner_s(row)
 
 
 def results_match(rows: list[Any]) -> bool:
@@ -488,6 +492,8 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
         "added_p50_ms": percentile(added, 50),
         "added_p99_ms": percentile(added, 99),
         "added_max_ms": max(added, default=float("nan")),
+        "miner_p50_ms": percentile([miner_s(row) * 1e3 for row in paced.rows], 50),
+        "miner_p99_ms": percentile([miner_s(row) * 1e3 for row in paced.rows], 99),
         "queue_p50_ms": percentile(queue_ms(paced.rows), 50),
         "queue_p99_ms": percentile(queue_ms(paced.rows), 99),
         "saturated_p50_ms": percentile(saturated, 50),

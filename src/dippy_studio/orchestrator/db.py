@@ -7,9 +7,9 @@ while an immediate one waits its turn for the write lock.
 
 Within one process, writers to a SQLite file also queue on a `threading.Lock` before `BEGIN
 IMMEDIATE`, held until their commit or rollback: SQLite's busy handler polls, sleeping in growing
-steps (up to 100 ms) however soon the lock frees, so a dozen threads writing at once spent most
-of their time asleep (bench/bench_throughput.py: 17 jobs/s). Other processes still meet the
-busy timeout.
+steps (up to 100 ms) however soon the lock frees, so threads writing at once slept past each
+other (bench/bench_throughput.py: the lock gave 13% more jobs/s and a lower p99). Other processes
+still meet the busy timeout.
 """
 
 from __future__ import annotations
