@@ -68,6 +68,13 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
         secret, _ = create_api_key(root, "browser-test")
         client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"}, timeout=90)
         first = submit(client, [f"a lighthouse, take {n}" for n in range(4)])
+        # Routing is random: go on until both miners (the honest one and the cheater) served some.
+        for extra in range(8):
+            if len({client.get(f"/v1/requests/{i}").json()["miner_uid"] for i in first}) == 2:
+                break
+            first += submit(client, [f"a lighthouse, extra take {extra}"])
+        else:
+            raise AssertionError("one miner got every job")
 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
