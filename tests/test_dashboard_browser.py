@@ -109,6 +109,9 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
             # The validator turns scores into weights every tempo: the honest miner's share shows.
             expect(honest.locator(".weight")).not_to_have_text("0.0%", timeout=120_000)
             expect(honest.locator(".weight")).not_to_have_text("–")
+            # ... and the next epoch pays the miner for it.
+            expect(honest.locator(".emission")).not_to_have_text("0.0000", timeout=120_000)
+            expect(page.locator(f'#miners tr[data-hotkey="{cheater}"] .weight')).to_have_text("0.0%")
             assert page.evaluate("window.__noReload") is True
 
             ARTIFACTS.mkdir(parents=True, exist_ok=True)

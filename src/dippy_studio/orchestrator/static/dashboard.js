@@ -197,7 +197,8 @@ function renderFailures(snapshot) {
     // The verdict's measurements (hashes and fingerprints are already listed above).
     for (const [name, value] of Object.entries(f.metrics || {})) {
       if (/sha256|fingerprint/.test(name) || typeof value === "object") continue;
-      add(name, typeof value === "number" && !Number.isInteger(value) ? value.toPrecision(4) : value);
+      // Six significant digits: thresholds like 0.99999 must not print as 1.000.
+      add(name, typeof value === "number" && !Number.isInteger(value) ? String(Number(value.toPrecision(6))) : value);
     }
     const images = el("div", { class: "images" });
     if (f.miner_image) images.append(el("figure", {}, el("img", { src: f.miner_image, alt: "miner's result" }), "miner"));
