@@ -216,3 +216,24 @@ def test_no_dashboard_when_disabled(subnet):
     orch = subnet.start_orchestrator(dashboard=False)
     assert httpx.get(f"{orch.url}/dashboard").status_code == 404
     assert httpx.get(f"{orch.url}/dashboard/api/state").status_code == 404
+
+
+def test_event_streams_end_at_once_when_the_server_closes(subnet):
+    import asyncio
+    import threading
+    import time
+
+    orch = subnet.start_orchestrator(dashboard_refresh_s=5.0)
+    dashboard = orch.app.state.dashboard
+
+    async def read_all() -> list[str]:
+        async def disconnected() -> bool:
+            return False
+
+        return [event async for event in dashboard.events(disconnected, stream_s=60)]
+
+    threading.Timer(0.5, dashboard.closing.set).start()
+    started = time.monotonic()
+    events = asyncio.run(read_all())
+    assert time.monotonic() - started < 2.0, "a closing server must not wait out the stream"
+    assert any(e.startswith("event: snapshot") for e in events)

@@ -220,9 +220,22 @@ def serve(
         f"(public {settings.public_url}, profile {settings.profile})",
         err=True,
     )
-    # Open dashboard event streams end on their own within seconds; the grace period bounds how
-    # long a shutdown waits for them.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
+    dashboard = getattr(app.state, "dashboard", None)
+    if dashboard is not None:
+        # uvicorn waits for open responses before it stops; the dashboard's event streams never
+        # end on their own for long, so tell them to end now.
+        stop = server.handle_exit
+
+        def handle_exit(sig: int, frame: Any) -> None:
+            dashboard.closing.set()
+            stop(sig, frame)
+
+        server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()
 
 
 def _build_app(settings: Any) -> Any:

@@ -317,6 +317,9 @@ class Dashboard:
         self._taken = -float("inf")
         self._chain = ChainView()
         self._chain_taken = -float("inf")
+        # Set when the server starts shutting down: open event streams end at once instead of
+        # holding the shutdown until they time out.
+        self.closing = threading.Event()
 
     def snapshot(self) -> tuple[str, dict[str, Any]]:
         """The current snapshot and its version (a hash of everything but the time it was taken)."""
@@ -362,22 +365,26 @@ class Dashboard:
         """Server-sent events: `snapshot` whenever the snapshot changes, a comment otherwise so
         proxies keep the connection open. Ends after `stream_s`; the browser reconnects."""
         yield "retry: 1000\n\n"
-        deadline = asyncio.get_running_loop().time() + stream_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + stream_s
         sent = None
-        while asyncio.get_running_loop().time() < deadline and not await is_disconnected():
+        while loop.time() < deadline and not self.closing.is_set() and not await is_disconnected():
             version, snapshot = await run_in_threadpool(self.snapshot)
             if version != sent:
                 yield f"event: snapshot\nid: {version}\ndata: {json.dumps(snapshot)}\n\n"
                 sent = version
             else:
                 yield ": unchanged\n\n"
-            await asyncio.sleep(self.refresh_s)
+            wake = loop.time() + self.refresh_s
+            while loop.time() < wake and not self.closing.is_set():
+                await asyncio.sleep(min(0.1, self.refresh_s))
 
 
 def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
     """Add the dashboard's routes to the orchestrator app: the page and its assets, the snapshot
     as JSON (`/dashboard/api/state`) and as an event stream, and the images it shows."""
     dashboard = Dashboard(orch)
+    app.state.dashboard = dashboard
     app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
 
     @app.get("/dashboard", include_in_schema=False)
