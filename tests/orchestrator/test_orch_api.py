@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -272,7 +273,12 @@ def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
     import uvicorn
 
     started: dict[str, Any] = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        config = server.config
+        started.update(app=config.app, host=config.host, port=config.port, server=server)
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.delenv("DIPPY_ORCH_PUBLIC_URL", raising=False)
     runner = CliRunner()
     common = ["serve", "--data-dir", str(tmp_path / "orch"), "--port", "8123"]
@@ -292,6 +298,9 @@ def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
         assert orch.settings.public_url == "http://127.0.0.1:8123" and orch.settings.allow_loopback_urls
         assert orch.signer.ss58_address == ORCHESTRATOR.ss58_address and orch.chain is not None
         assert (tmp_path / "orch" / "orchestrator.sqlite").is_file()  # the database `keys` uses too
+        # Ctrl-C tells open dashboard streams to end before uvicorn waits for them.
+        started["server"].handle_exit(signal.SIGINT, None)
+        assert started["app"].state.dashboard.closing.is_set() and started["server"].should_exit
     finally:
         orch.stop()
 
