@@ -48,20 +48,22 @@ def test_miners_that_tried_the_job_come_last():
 
 
 def test_stake_and_score_weigh_the_draw():
-    # Weight = (0.1 + stake share of max) * (0.2 + score share of max) / (1 + queue depth).
+    # Weight = (0.1 + stake share of max) * (1 + score share of max) / (1 + queue depth).
     candidates = [miner(0, stake=100, score=1.0), miner(1, stake=100, score=0.0), miner(2, stake=0, score=0.0)]
-    assert weights(candidates, "inference") == pytest.approx([1.1 * 1.2, 1.1 * 0.2, 0.1 * 0.2])
+    assert weights(candidates, "inference") == pytest.approx([1.1 * 2.0, 1.1 * 1.0, 0.1 * 1.0])
     counts = draws(candidates, 6000)
-    total = 1.1 * 1.2 + 1.1 * 0.2 + 0.1 * 0.2
-    assert counts[0] / 6000 == pytest.approx(1.1 * 1.2 / total, abs=0.03)
-    assert counts[1] / 6000 == pytest.approx(1.1 * 0.2 / total, abs=0.03)
+    total = 1.1 * 2.0 + 1.1 * 1.0 + 0.1 * 1.0
+    assert counts[0] / 6000 == pytest.approx(1.1 * 2.0 / total, abs=0.03)
+    assert counts[1] / 6000 == pytest.approx(1.1 * 1.0 / total, abs=0.03)
+    # The best-scored miner gets at most twice the share of an equal-stake one with no score yet.
+    assert counts[0] < 2.3 * counts[1]
     # A newcomer with no stake and no score still gets some work, or it could never earn a score.
     assert counts[2] > 0
 
 
 def test_busy_miners_get_less():
     busy = {"inference": Lane(True, queue_depth=3, queue_limit=8)}
-    assert weights([miner(0), miner(1, lanes=busy)], "inference") == pytest.approx([0.22, 0.22 / 4])
+    assert weights([miner(0), miner(1, lanes=busy)], "inference") == pytest.approx([1.1, 1.1 / 4])
 
 
 def test_the_same_seed_gives_the_same_choices_whatever_the_input_order():

@@ -10,7 +10,11 @@ The weight of a miner is
     (STAKE_FLOOR + stake / max_stake) * (SCORE_FLOOR + score / max_score) / (1 + queue_depth)
 
 The floors keep a miner with no stake or no score yet in the draw: scores come only from
-work, so a newcomer that got none could never earn one. Dividing by the queue depth spreads
+work, so a newcomer that got none could never earn one. The score floor is as large as the
+top score's share on purpose: a score is a sum over the window, so it grows with the work
+routing gave; with a small floor that feedback starves whoever missed the first few jobs (a
+local demo saw an honest miner get none of 21). At 1.0 the best miner gets at most twice the
+share of one that has no score yet. Dividing by the queue depth spreads
 load towards idle miners. The random draw is injectable, so tests and audits can replay it.
 """
 
@@ -22,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STAKE_FLOOR = 0.1
-SCORE_FLOOR = 0.2
+SCORE_FLOOR = 1.0
 
 
 @dataclass(frozen=True)
