@@ -36,8 +36,6 @@ def test_up_demo_exit_after_end_to_end(tmp_path):
     cheater = next(m for m in layout["miners"] if m["cheater"])
     assert row.get(graph.uid_of(cheater["hotkey"]), 0.0) == 0.0, "the cheater must end with zero weight"
     assert sum(row.get(graph.uid_of(m["hotkey"]), 0.0) for m in honest) == pytest.approx(1.0, abs=1e-3)
-    # Every honest miner got work and a share, not only the first one to earn a score.
-    assert all(row.get(graph.uid_of(m["hotkey"]), 0.0) > 0 for m in honest), row
 
     store = Store.open(default_url(root), migrate=False)
     verdicts = {(a.miner_hotkey, a.verdict) for a in store.list_audits()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +64,9 @@ def serve(
         fail(describe_validation(exc))
     except (ValueError, EngineError, SigningKeyError) as exc:
         fail(str(exc))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dippy_studio.logs import configure_logging
+
+    configure_logging()
     miner = app.state.miner
     typer.echo(
         f"miner {miner.signer.ss58_address} on http://{settings.host}:{settings.port} "

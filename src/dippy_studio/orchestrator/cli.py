@@ -173,7 +173,6 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* environment."""
-    import logging
 
     import uvicorn
     from pydantic import ValidationError
@@ -213,7 +212,9 @@ def serve(
         _fail(describe_validation(exc), 2)
     except (ValueError, SigningKeyError) as exc:
         _fail(str(exc), 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dippy_studio.logs import configure_logging
+
+    configure_logging()
     orch = app.state.orchestrator
     typer.echo(
         f"orchestrator {orch.signer.ss58_address} on http://{settings.host}:{settings.port} "

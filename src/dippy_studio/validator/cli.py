@@ -8,7 +8,6 @@ validator's dev key. Flags override what the file says.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -88,7 +87,9 @@ def run(
         state_path=data_dir / "validator" / f"state-{signer.ss58_address[:10]}.json", alpha=alpha,
         burn_uid=burn_uid, burn_share=burn_share, version_key=version_key, max_scores_age_s=max_scores_age,
     )  # fmt: skip
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dippy_studio.logs import configure_logging
+
+    configure_logging()
     validator = Validator(config, chain, signer)
     if once or dry_run:
         show_report(validator.run_round(dry_run=dry_run))
