@@ -277,3 +277,23 @@ def test_audits_are_recorded_with_evidence(store: Store, key_id: str):
     assert store.list_audits(job_id=job.id)[0].evidence["ssim"] == 0.41
     with pytest.raises(ValueError):
         store.add_audit(job.id, "hk-a", "maybe")
+
+
+def test_the_dashboard_and_restart_queries(store: Store, key_id: str):
+    other_key = store.create_api_key("another client").key.id
+    old = make_job(store, key_id, created_s=0)
+    mine = make_job(store, key_id, created_s=10)
+    theirs = make_job(store, other_key, created_s=20)
+    # Every key's jobs since a time, newest first (the dashboard's view, not a client's).
+    assert [j.id for j in store.list_recent_jobs(since=sec(5))] == [theirs.id, mine.id]
+    assert [j.id for j in store.list_recent_jobs(since=sec(0), limit=1)] == [theirs.id]
+
+    audit = store.add_audit(old.id, "hk-a", "fail", {"reference_blob": "ab" * 32}, now=sec(30))
+    assert store.get_audit(audit.id).evidence == {"reference_blob": "ab" * 32}
+    assert store.get_audit(audit.id + 1000) is None
+
+    # Picked for an audit, not judged yet: what a restarted orchestrator must still audit.
+    with store.engine.begin() as conn:
+        flag = text("UPDATE jobs SET audit = :yes WHERE id IN (:a, :b)")
+        conn.execute(flag, {"yes": True, "a": old.id, "b": mine.id})
+    assert store.flagged_without_verdict() == [mine.id]  # `old` has its verdict already
