@@ -291,6 +291,10 @@ def test_the_dashboard_and_restart_queries(store: Store, key_id: str):
     audit = store.add_audit(old.id, "hk-a", "fail", {"reference_blob": "ab" * 32}, now=sec(30))
     assert store.get_audit(audit.id).evidence == {"reference_blob": "ab" * 32}
     assert store.get_audit(audit.id + 1000) is None
+    store.add_audit(theirs.id, "hk-b", "pass", now=sec(31))
+    assert [a.job_id for a in store.list_audits(verdict="fail")] == [old.id]
+    assert set(store.load_jobs([old.id, theirs.id, "req_missing"])) == {old.id, theirs.id}
+    assert store.load_jobs([old.id, theirs.id], chunk=1)[theirs.id].api_key_id == other_key
 
     # Picked for an audit, not judged yet: what a restarted orchestrator must still audit.
     with store.engine.begin() as conn:

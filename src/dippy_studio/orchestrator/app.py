@@ -562,20 +562,18 @@ def window_scores(store: Store, start: datetime, end: datetime, lookback: timede
     history = end - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown
     failures: dict[str, list[datetime]] = {}
     judged: set[str] = set()
-    for audit in store.list_audits(since=history):
+    for audit in store.list_audits(since=history, verdict="fail"):
         # One caught job is one failure, even if two orchestrators both judged it.
-        if audit.verdict == "fail" and audit.job_id not in judged:
+        if audit.job_id not in judged:
             judged.add(audit.job_id)
             failures.setdefault(audit.miner_hotkey, []).append(audit.created_at)
 
-    jobs: dict[str, Job | None] = {}
+    # Still running: it counts once it ends.
+    attempts = [a for a in store.list_attempts(since=start - lookback) if a.outcome and a.finished_at]
+    jobs = store.load_jobs({attempt.job_id for attempt in attempts})
     records = []
-    for attempt in store.list_attempts(since=start - lookback):
-        if attempt.outcome is None or attempt.finished_at is None:
-            continue  # still running: it counts once it ends
-        if attempt.job_id not in jobs:
-            jobs[attempt.job_id] = store.load_job(attempt.job_id)
-        job = jobs[attempt.job_id]
+    for attempt in attempts:
+        job = jobs.get(attempt.job_id)
         if job is None:
             continue
         succeeded = attempt.outcome == "succeeded"

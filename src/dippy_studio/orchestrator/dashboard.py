@@ -338,13 +338,17 @@ class Dashboard:
         if self.monotonic() - self._chain_taken >= CHAIN_REFRESH_S:
             self._chain = read_chain(orch.chain)
             self._chain_taken = self.monotonic()
-        # Failures further back than the window still decide whether a penalty is running.
+        # Every audit in the window; before it only failures, which still decide whether a
+        # penalty is running (reading weeks of passes on every refresh would be wasted work).
         history = min(start, now - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown)
-        audits = store.list_audits(since=history)
+        failed = store.list_audits(since=history, verdict="fail")
+        merged = {a.id: a for a in [*failed, *store.list_audits(since=start)]}
+        audits = sorted(merged.values(), key=lambda a: (a.created_at, a.id))
         jobs = store.list_recent_jobs(since=start)
         known = {job.id for job in jobs}
-        # Failed audits of older jobs still show their evidence.
-        older = {a.job_id for a in audits if a.verdict == "fail" and a.job_id not in known}
+        # The failures shown with their evidence may be of jobs older than the window.
+        shown = sorted(failed, key=lambda a: (a.created_at, a.id), reverse=True)[:AUDIT_FAILURES_SHOWN]
+        older = {a.job_id for a in shown if a.job_id not in known}
         jobs += [job for job_id in sorted(older) if (job := store.load_job(job_id)) is not None]
         return DashboardInput(
             now=now,

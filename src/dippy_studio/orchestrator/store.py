@@ -270,6 +270,16 @@ class Store:
         with self._read() as session:
             return session.get(Job, job_id)
 
+    def load_jobs(self, job_ids: Iterable[str], chunk: int = 500) -> dict[str, Job]:
+        """Jobs by id, read in chunks (one query per `chunk` ids, not one per job)."""
+        ids = sorted(set(job_ids))
+        found: dict[str, Job] = {}
+        with self._read() as session:
+            for first in range(0, len(ids), chunk):
+                for job in session.scalars(select(Job).where(Job.id.in_(ids[first : first + chunk]))):
+                    found[job.id] = job
+        return found
+
     def list_jobs(
         self,
         api_key_id: str,
@@ -631,9 +641,16 @@ class Store:
             return session.get(Audit, audit_id)
 
     def list_audits(
-        self, *, job_id: str | None = None, miner_hotkey: str | None = None, since: datetime | None = None
+        self,
+        *,
+        job_id: str | None = None,
+        miner_hotkey: str | None = None,
+        since: datetime | None = None,
+        verdict: str | None = None,
     ) -> list[Audit]:
         query = select(Audit).order_by(Audit.created_at, Audit.id)
+        if verdict is not None:
+            query = query.where(Audit.verdict == verdict)
         if job_id is not None:
             query = query.where(Audit.job_id == job_id)
         if miner_hotkey is not None:
