@@ -36,6 +36,9 @@ def test_up_demo_exit_after_end_to_end(tmp_path):
     cheater = next(m for m in layout["miners"] if m["cheater"])
     assert row.get(graph.uid_of(cheater["hotkey"]), 0.0) == 0.0, "the cheater must end with zero weight"
     assert sum(row.get(graph.uid_of(m["hotkey"]), 0.0) for m in honest) == pytest.approx(1.0, abs=1e-3)
+    # The penalized cheater counts as beaten, so the lower honest miner keeps a share a u16 row
+    # can hold (about 0.13% by the formula, more while the EMA remembers a round it led).
+    assert all(row.get(graph.uid_of(m["hotkey"]), 0.0) > 0 for m in honest), row
 
     store = Store.open(default_url(root), migrate=False)
     verdicts = {(a.miner_hotkey, a.verdict) for a in store.list_audits()}

@@ -1,7 +1,7 @@
 """The validator's weight formula, pinned on cases computed by hand.
 
 T = 0.075 throughout, so a win-rate gap of 0.5 is a factor exp(0.5 / 0.075) = exp(6.667)
-= 786.0 in weight, and a gap of 1 is exp(13.333) = 617,950.
+= 785.8 in weight, and a gap of 1 is exp(13.333) = 617,438.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dippy_studio.validator.weights import (
 )
 
 T = 0.075
-E_HALF = math.exp(0.5 / T)  # 786.04...
-E_ONE = math.exp(1 / T)  # 617,950...
+E_HALF = math.exp(0.5 / T)  # 785.77...
+E_ONE = math.exp(1 / T)  # 617,438...
 
 
 def test_temperature_default_is_the_published_one() -> None:
@@ -43,14 +43,14 @@ def test_distinct_scores() -> None:
     # Win rates 1, 0.5, 0 -> weights proportional to exp(13.33), exp(6.67), 1.
     total = E_ONE + E_HALF + 1
     assert weights == pytest.approx({10: E_ONE / total, 11: E_HALF / total, 12: 1 / total})
-    # By hand: the best miner keeps 1 / (1 + 1/786.04 + 1/617950) = 0.99873.
+    # By hand: the best miner keeps 1 / (1 + 1/785.77 + 1/617438) = 0.99873.
     assert weights[10] == pytest.approx(0.99873, abs=1e-5)
     assert sum(weights.values()) == pytest.approx(1.0)
 
 
 def test_ties_get_equal_weight() -> None:
     weights = compute_weights({0: 2.0, 1: 2.0, 2: 1.0})
-    # Win rates 0.5, 0.5, 0: each leader gets 786.04 / (2 * 786.04 + 1) = 0.49968.
+    # Win rates 0.5, 0.5, 0: each leader gets 785.77 / (2 * 785.77 + 1) = 0.49968.
     assert weights[0] == weights[1]
     assert weights[0] == pytest.approx(E_HALF / (2 * E_HALF + 1))
     assert weights[0] == pytest.approx(0.49968, abs=1e-5)
@@ -72,11 +72,23 @@ def test_a_single_miner_takes_everything_but_the_burn() -> None:
     assert compute_weights({4: 0.3, 5: 0.0}, burn_uid=9, burn_share=0.25) == {4: 0.75, 9: 0.25}
 
 
-def test_zero_score_miners_get_nothing_and_do_not_change_the_others() -> None:
+def test_zero_score_miners_get_nothing_but_count_as_beaten() -> None:
     weights = compute_weights({0: 3.0, 1: 2.0, 2: 0.0})
     assert 2 not in weights
-    # Between two miners the win rates are 1 and 0.
-    assert weights == pytest.approx({0: E_ONE / (E_ONE + 1), 1: 1 / (E_ONE + 1)})
+    # Win rates 1, 0.5 and 0; the zero-score miner's share is not paid, so the two others
+    # split in the ratio exp(13.33) : exp(6.67).
+    assert weights == pytest.approx({0: E_ONE / (E_ONE + E_HALF), 1: E_HALF / (E_ONE + E_HALF)})
+    # By hand: the second miner keeps 1 / (1 + 785.77) = 0.127%, which a u16 row can hold
+    # (about 83 of 65535). Ranked among positive scores only, it would get 1.6e-6: zero on chain.
+    assert weights[1] == pytest.approx(0.0012710, rel=1e-4)
+
+
+def test_the_demo_network_pays_both_honest_miners_on_chain() -> None:
+    """Two honest miners and a penalized cheater, as in `up --demo --cheater 1`."""
+    round_ = next_weights({0: 4.2, 1: 3.9, 2: 0.0}, {}, hyperparameters=Hyperparameters())
+    assert round_.chain[0] == U16_MAX
+    assert 0 < round_.chain[1] < U16_MAX // 100
+    assert round_.chain.get(2, 0) == 0
 
 
 def test_banned_hotkeys_and_coldkeys_get_nothing() -> None:
@@ -185,8 +197,9 @@ def test_a_zero_score_takes_effect_at_once_when_others_scored() -> None:
     # uid 0 was the leader; this round it scores zero (say, a failed audit) while 1 and 2 work.
     result = next_weights({0: 0.0, 1: 2.0, 2: 1.0}, {0: 0.9, 1: 0.1}, hyperparameters=HP, alpha=0.1)
     assert 0 not in result.smoothed and 0 not in result.chain
-    # The others still smooth: uid 1 = 0.1 * e^(1/T) / (e^(1/T) + 1) + 0.9 * 0.1.
-    assert result.smoothed[1] == pytest.approx(0.1 * E_ONE / (E_ONE + 1) + 0.09)
+    # The others still smooth, and uid 0 now counts as beaten (win rates 1 and 0.5):
+    # uid 1 = 0.1 * e^(1/T) / (e^(1/T) + e^(0.5/T)) + 0.9 * 0.1.
+    assert result.smoothed[1] == pytest.approx(0.1 * E_ONE / (E_ONE + E_HALF) + 0.09)
 
 
 def test_a_ban_takes_effect_at_once_not_through_the_ema() -> None:

@@ -2,17 +2,22 @@
 
 One round, for the miners' scores `s` (from the orchestrator's signed scores):
 
-1. Eligible miners: score > 0, hotkey and coldkey not banned, not the burn uid.
-   Everyone else gets weight 0 and does not take part in the ranking, so banning a miner
-   or adding a zero-score one does not change how the others split the reward.
-2. Win rate of eligible miner i: the share of the other eligible miners with a strictly
-   lower score, `wr_i = #{j != i : s_j < s_i} / (n - 1)` (0 for a lone miner). Equal
-   scores beat neither way, so ties get equal win rates.
-3. `p = softmax(wr / T)`, `T = 0.075`: `p_i = exp(wr_i / T) / sum_j exp(wr_j / T)`. A win
-   rate one step (1 / (n - 1)) higher multiplies weight by `exp(1 / ((n - 1) T))`.
+1. Competitors: every miner the orchestrator scored, zero scores included, except banned
+   hotkeys and coldkeys and the burn uid. Banned miners get weight 0 and do not take part
+   in the ranking.
+2. Win rate of competitor i: the share of the other competitors with a strictly lower
+   score, `wr_i = #{j != i : s_j < s_i} / (n - 1)` (0 for a lone miner). Equal scores beat
+   neither way, so ties get equal win rates. A miner that scored zero is one the others
+   beat: that is the published design's "share of other miners with a lower score", and it
+   is what keeps the lowest honest miner paid. Ranked among positive scores only, the last
+   of them would always get `exp(-1 / T)` = 1.6e-6 of the top miner's weight, which is 0
+   in a u16 row.
+3. `p = softmax(wr / T)` over the competitors with a score above zero, `T = 0.075`:
+   `p_i = exp(wr_i / T) / sum_j exp(wr_j / T)`; zero-score miners get nothing. A win rate
+   one step (1 / (n - 1)) higher multiplies weight by `exp(1 / ((n - 1) T))`.
 4. Burn: with a burn uid configured, miners get `(1 - burn_share) * p` and the burn uid
-   `burn_share`. With no eligible miner everything goes to the burn uid, or, with no burn
-   uid, the round is empty (`{}`): nothing to set.
+   `burn_share`. With no score above zero everything goes to the burn uid, or, with no
+   burn uid, the round is empty (`{}`): nothing to set.
 5. EMA across rounds, `w_t = alpha * target_t + (1 - alpha) * w_(t-1)`, over the union of
    uids: a miner absent this round decays by `(1 - alpha)` rather than dropping to 0, and
    the previous round's weights are kept, never reset. The first round (no history)
@@ -104,7 +109,7 @@ def compute_weights(
 ) -> dict[int, float]:
     """This round's target weights by uid (steps 1-4 of the module docstring).
 
-    The result sums to 1, or is empty when no miner is eligible and no burn uid is set.
+    The result sums to 1, or is empty when no miner scored above zero and no burn uid is set.
     Uids whose hotkey or coldkey is unknown (missing from `hotkeys` / `coldkeys`) cannot
     match a ban. Scores must be finite and >= 0.
     """
@@ -117,13 +122,15 @@ def compute_weights(
         raise ValueError("burn_share needs a burn_uid")
     hotkeys = hotkeys or {}
     coldkeys = coldkeys or {}
-    eligible = sorted(
+    competitors = sorted(
         uid
-        for uid, score in scores.items()
-        if score > 0 and uid != burn_uid and not _banned(uid, hotkeys, coldkeys, banned_hotkeys, banned_coldkeys)
+        for uid in scores
+        if uid != burn_uid and not _banned(uid, hotkeys, coldkeys, banned_hotkeys, banned_coldkeys)
     )
-    shares = softmax(win_rates([scores[uid] for uid in eligible]), temperature)
-    miners = {uid: float(share) for uid, share in zip(eligible, shares, strict=True)}
+    rates = dict(zip(competitors, win_rates([scores[uid] for uid in competitors]), strict=True))
+    paid = [uid for uid in competitors if scores[uid] > 0]
+    shares = softmax(np.array([rates[uid] for uid in paid]), temperature)
+    miners = {uid: float(share) for uid, share in zip(paid, shares, strict=True)}
     if burn_uid is None:
         return miners
     if not miners:
@@ -188,7 +195,7 @@ def next_weights(
 ) -> WeightRound:
     """The whole round: target weights, EMA with the previous state, chain conformance.
 
-    A round whose target is empty (no eligible miner, no burn uid) only decays the
+    A round whose target is empty (no miner scored above zero, no burn uid) only decays the
     previous state, so the validator keeps setting the last known proportions (conformance
     renormalises) until every value has decayed under `EMA_FLOOR` (about 130 such rounds
     at alpha 0.1); `chain` is empty only when there is no state left.
