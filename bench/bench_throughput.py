@@ -76,6 +76,7 @@ class Config:
     backend: str  # "sqlite" or "postgres"
     jobs: int = 2000
     clients: int = 32
+    workers: int = 1  # orchestrator processes (`serve --workers`)
     miners: int = 8
     side: int = 64
     warmup: int = 100
@@ -183,10 +184,12 @@ def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
         chain.close()
 
 
-def start_orchestrator(root: Path, db_url: str, chain_dir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_orchestrator(
+    root: Path, db_url: str, chain_dir: Path, port: int, log: Path, workers: int = 1
+) -> subprocess.Popen:
     args = [sys.executable, "-m", "dippy_studio.cli", "orchestrator", "serve", "--data-dir", str(root / "orch"),
             "--db", db_url, "--port", str(port), "--dev-key", ORCHESTRATOR_URI,
-            "--chain-data-dir", str(chain_dir), "--allow-loopback"]  # fmt: skip
+            "--chain-data-dir", str(chain_dir), "--allow-loopback", "--workers", str(workers)]  # fmt: skip
     # Audits re-run jobs on a reference engine: a different benchmark. Everything else is default.
     env = {**os.environ, "DIPPY_ORCH_AUDIT": "false"}
     return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -220,6 +223,24 @@ def tail(path: Path, lines: int = 30) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a process and all its descendants (the orchestrator's worker processes)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        seconds = cpu_seconds(current)
+        if seconds is None and current == pid:
+            return None
+        total += seconds or 0.0
+        todo += children.get(current, [])
+    return total
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -357,7 +378,11 @@ def run_phase(
 
 
 def cpu_snapshot(rig: Rig) -> dict[str, float | None]:
-    return {"orchestrator": cpu_seconds(rig.pid), "miners": cpu_seconds(rig.miners_pid), "clients": time.process_time()}
+    return {
+        "orchestrator": tree_cpu_seconds(rig.pid),
+        "miners": cpu_seconds(rig.miners_pid),
+        "clients": time.process_time(),
+    }
 
 
 def _minus(after: float | None, before: float | None) -> float | None:
@@ -438,7 +463,7 @@ def measure(config: Config, progress: Progress) -> dict[str, Any]:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 orch_log = root / "orchestrator.log"
-                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log)
+                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log, config.workers)
                 try:
                     wait_ready(orch_proc, url, config.miners, orch_log)
                     engine = create_engine(db_url)
@@ -474,7 +499,9 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
     added, saturated = latencies_ms(paced.rows), latencies_ms(burst.rows)
     jobs_per_s = burst.jobs_per_s
     return {
-        "config": f"{config.backend}, {config.miners} instant miners, {config.side}px",
+        "config": f"{config.backend}, {config.workers} worker{'s' * (config.workers > 1)}, "
+        f"{config.miners} instant miners, {config.side}px",
+        "workers": config.workers,
         "backend": config.backend,
         "jobs": config.jobs,
         "clients": config.clients,
@@ -533,6 +560,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, help="requests in the throughput phase (default 2000, quick 400)")
     parser.add_argument("--clients", type=int, help="concurrent client connections (default 32)")
+    parser.add_argument("--workers", type=int, help="orchestrator processes, `serve --workers` (default 1)")
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="fewer requests")
     parser.add_argument("--latency-jobs", type=int, help="requests in the latency phase (default 400, quick 100)")
@@ -548,6 +576,7 @@ def configs_from(args: argparse.Namespace) -> tuple[Config, ...]:
     overrides = {
         "jobs": args.jobs,
         "clients": args.clients,
+        "workers": args.workers,
         "latency_jobs": args.latency_jobs,
         "latency_rate": args.latency_rate,
         "warmup": args.warmup,

@@ -39,6 +39,19 @@ def key_id(store: Store) -> str:
 # ---- job state machine ------------------------------------------------------------------------
 
 
+def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str):
+    queued, accepted, finished = (make_job(store, key_id, created_s=n) for n in range(3))
+    claimed = store.claim_for_dispatch(2, now=sec(1))
+    assert [j.id for j in claimed] == [queued.id, accepted.id]
+    # A fast miner's callback came before the batch: that job must not go back to running.
+    assert store.transition(queued.id, "dispatched", "succeeded", now=sec(2), result_sha256="ab" * 32)
+    assert store.mark_running([queued.id, accepted.id, finished.id], now=sec(3)) == 1
+    assert store.mark_running([], now=sec(3)) == 0
+    statuses = {j: store.load_job(j) for j in (queued.id, accepted.id, finished.id)}
+    assert [statuses[j].status for j in (queued.id, accepted.id, finished.id)] == ["succeeded", "running", "queued"]
+    assert statuses[accepted.id].started_at == sec(3)
+
+
 def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, key_id: str):
     job = make_job(store, key_id)
     assert store.load_job(job.id).status == "queued"

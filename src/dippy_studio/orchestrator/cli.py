@@ -171,10 +171,13 @@ def serve(
         bool | None,
         typer.Option("--allow-loopback/--no-allow-loopback", help="Allow loopback URLs (local subnets)."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="Processes serving the port, each a whole orchestrator. Default: 1"),
+    ] = None,
 ) -> None:
     """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* environment."""
 
-    import uvicorn
     from pydantic import ValidationError
 
     from dippy_studio.orchestrator.settings import OrchestratorSettings
@@ -198,6 +201,7 @@ def serve(
         "chain_path": chain_path,
         "profile": profile,
         "allow_loopback_urls": allow_loopback,
+        "workers": workers,
     }
     try:
         settings = OrchestratorSettings(**{k: v for k, v in overrides.items() if v is not None})
@@ -216,27 +220,19 @@ def serve(
 
     configure_logging()
     orch = app.state.orchestrator
+    plural = f", {settings.workers} workers" if settings.workers > 1 else ""
     typer.echo(
         f"orchestrator {orch.signer.ss58_address} on http://{settings.host}:{settings.port} "
-        f"(public {settings.public_url}, profile {settings.profile})",
+        f"(public {settings.public_url}, profile {settings.profile}{plural})",
         err=True,
     )
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
-    )
-    server = uvicorn.Server(config)
-    dashboard = getattr(app.state, "dashboard", None)
-    if dashboard is not None:
-        # uvicorn waits for open responses before it stops; the dashboard's event streams never
-        # end on their own for long, so tell them to end now.
-        stop = server.handle_exit
+    from dippy_studio.orchestrator.serve import ListenError
+    from dippy_studio.orchestrator.serve import serve as serve_app
 
-        def handle_exit(sig: int, frame: Any) -> None:
-            dashboard.closing.set()
-            stop(sig, frame)
-
-        server.handle_exit = handle_exit  # type: ignore[method-assign]
-    server.run()
+    try:
+        serve_app(settings, app)
+    except ListenError as exc:
+        _fail(str(exc), 1)
 
 
 def _build_app(settings: Any) -> Any:

@@ -14,8 +14,11 @@ still meet the busy timeout.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +83,7 @@ class _WriteLockedConnection(sqlite3.Connection):
     `_begin`) once its transaction has ended: after the COMMIT, not before, so the next writer's
     BEGIN IMMEDIATE never finds the database still locked."""
 
-    write_lock: threading.Lock | None = None
+    write_lock: WriteLock | None = None
     holds_write_lock = False
 
     def commit(self) -> None:
@@ -107,16 +110,70 @@ class _WriteLockedConnection(sqlite3.Connection):
             self.write_lock.release()
 
 
-_write_locks: dict[str, threading.Lock] = {}
+class WriteLock:
+    """Writers to one SQLite file queue here: threads of this process on a `threading.Lock`,
+    then processes on an advisory lock on a file beside the database (`fcntl.flock`).
+
+    Waiting for the file lock polls in steps of 0.2 to 2 ms, so the next writer starts within a
+    few milliseconds of the last commit, where SQLite's busy handler sleeps up to 100 ms. The wait
+    is bounded like the busy timeout; past it the writer goes on to `BEGIN IMMEDIATE` and SQLite's
+    own wait, so a stuck process cannot hang the others forever.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self._thread = threading.Lock()
+        self._path = path
+        self._fd: int | None = None
+        self._pid = 0
+        self._holds_file = False
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if not self._thread.acquire(timeout=timeout):
+            return False
+        if self._path is not None:
+            self._holds_file = self._lock_file(deadline)
+        return True
+
+    def release(self) -> None:
+        if self._holds_file:
+            self._holds_file = False
+            fcntl.flock(self._file(), fcntl.LOCK_UN)
+        self._thread.release()
+
+    def _file(self) -> int:
+        # One descriptor per process: a lock taken through a descriptor inherited by fork would
+        # be shared with the parent, and so exclude nothing.
+        if self._fd is None or self._pid != os.getpid():
+            assert self._path is not None
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def _lock_file(self, deadline: float) -> bool:
+        pause = 0.0002
+        while True:
+            try:
+                fcntl.flock(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
+
+
+_write_locks: dict[str, WriteLock] = {}
 _write_locks_guard = threading.Lock()
 
 
-def _write_lock_for(database: str | None) -> threading.Lock:
+def _write_lock_for(database: str | None) -> WriteLock:
     """One lock per database file in this process, shared by every engine on it."""
     if not database or database == ":memory:":
-        return threading.Lock()  # private to its engine
+        return WriteLock(None)  # private to its engine
+    path = Path(database).resolve()
     with _write_locks_guard:
-        return _write_locks.setdefault(str(Path(database).resolve()), threading.Lock())
+        return _write_locks.setdefault(str(path), WriteLock(path.with_name(path.name + "-writelock")))
 
 
 def _sqlite_engine(url: URL) -> Engine:
@@ -149,7 +206,7 @@ def _sqlite_engine(url: URL) -> Engine:
         dbapi_connection = conn.connection.dbapi_connection
         # Bounded like the busy timeout: a thread that nests two writes fails as it would without
         # the lock (SQLITE_BUSY after the timeout) instead of waiting on itself forever.
-        if write_lock.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+        if write_lock.acquire(SQLITE_BUSY_TIMEOUT_MS / 1000):
             dbapi_connection.holds_write_lock = True
         try:
             conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from dippy_studio.orchestrator.batching import Coalescer
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.registry import Registry, endpoint_url
 from dippy_studio.orchestrator.routing import Candidate, choose_miner, eligible
@@ -141,9 +142,12 @@ class Dispatcher:
         self._room = threading.Condition(self._lock)
         self._in_flight = 0
         self._cooldown: dict[str, float] = {}  # hotkey -> time.monotonic() when it may get work again
+        # Accepted sends move their jobs to `running` in batches: one write for many jobs.
+        self._running: Coalescer[str] = Coalescer("running", lambda ids: store.mark_running(ids, now=self.clock()))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._running.flush()
         self._http.close()
 
     # ---- dispatch ---------------------------------------------------------------------------
@@ -219,7 +223,7 @@ class Dispatcher:
             return
         if response.status_code in (200, 202):
             # Accepted. A fast miner may already have called back; then this finds nothing to do.
-            self.store.transition(job.id, "dispatched", "running", now=self.clock())
+            self._running.add(job.id)
             return
         reason = f"miner uid {choice.uid} refused: HTTP {response.status_code} {_detail(response)}".strip()
         self._refused(job, choice, reason, _retry_after(response, self.settings.refusal_cooldown_s))

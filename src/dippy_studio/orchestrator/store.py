@@ -22,7 +22,7 @@ import re
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -344,6 +344,26 @@ class Store:
             if target in _ATTEMPT_OUTCOME:
                 _close_attempt(session, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
             return True
+
+    def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> int:
+        """`dispatched -> running` for those of these jobs still dispatched, in one transaction (the
+        dispatcher batches its accepted sends). Returns how many moved."""
+        if not job_ids:
+            return 0
+        now = now or utcnow()
+        values = {
+            **_implied_fields(RequestStatus.running, now),
+            "status": RequestStatus.running.value,
+            "updated_at": now,
+        }
+        with self._write() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id.in_(sorted(job_ids)), Job.status == RequestStatus.dispatched.value)
+                .values(values)
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
         """Cancel a key's own job if it has not finished; False if it had (or is not theirs)."""
