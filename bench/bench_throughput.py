@@ -273,28 +273,34 @@ async def submit(
     url: str, secret: str, jobs: int, clients: int, side: int, submission: Submission, rate: float | None = None
 ) -> None:
     """POST `jobs` image requests from `clients` concurrent connections: as fast as they go, or
-    request k at k / rate seconds after the start when `rate` is given."""
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    request k at k / rate seconds after the start when `rate` is given. aiohttp, not httpx: the
+    clients share the cores with the orchestrator, and aiohttp takes a sixth of the CPU per request."""
+    import aiohttp
+
     headers = {"Authorization": f"Bearer {secret}"}
     next_job = iter(range(jobs))
     loop = asyncio.get_running_loop()
     started = loop.time()
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: aiohttp.ClientSession) -> None:
         for k in next_job:
             if rate is not None:
                 await asyncio.sleep(max(0.0, started + k / rate - loop.time()))
             body = {"prompt": f"a lighthouse at dusk, variation {k}", "seed": k, "width": side, "height": side}
             sent = time.perf_counter()
             try:
-                status = (await http.post("/v1/images", json=body)).status_code
-            except httpx.HTTPError:
+                async with http.post("/v1/images", json=body) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError):
                 status = 0
             submission.seconds.append(time.perf_counter() - sent)
             submission.statuses[status] += 1
 
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=60)
     try:
-        async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=60) as http:
+        async with aiohttp.ClientSession(url, headers=headers, connector=connector, timeout=timeout) as http:
             await asyncio.gather(*(client(http) for _ in range(clients)))
     finally:
         submission.finished = True

@@ -37,7 +37,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 import numpy as np
 import uvicorn
 from PIL import Image
@@ -93,7 +93,7 @@ def multipart(parts: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
 class FakeMiner:
     """One miner as a raw ASGI app: the smallest honest speaker of the miner protocol."""
 
-    def __init__(self, signer: Signer, orchestrator_ss58: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, signer: Signer, orchestrator_ss58: str, http: aiohttp.ClientSession) -> None:
         self.signer = signer
         self.hotkey = signer.ss58_address
         self.http = http
@@ -178,10 +178,11 @@ class FakeMiner:
             headers = sign_request(self.signer, "POST", target, body, self.orchestrator)
             headers["content-type"] = content_type
             try:
-                response = await self.http.post(job["callback_url"], content=body, headers=headers)
-                if response.status_code < 500 and response.status_code not in (408, 409, 425, 429):
-                    return
-            except httpx.HTTPError:
+                async with self.http.post(job["callback_url"], data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status < 500 and response.status not in (408, 409, 425, 429):
+                        return
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(CALLBACK_BACKOFF_S * 2**attempt)
         self.callbacks_failed += 1
@@ -211,8 +212,11 @@ def bind() -> socket.socket:
 
 
 async def serve(count: int, orchestrator_ss58: str, key_prefix: str) -> None:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_S, limits=limits) as http:
+    # aiohttp rather than httpx: a sixth of the CPU per request (0.1 against 0.6 ms measured
+    # here), and this process shares the cores with the orchestrator it measures.
+    connector = aiohttp.TCPConnector(limit=64)
+    timeout = aiohttp.ClientTimeout(total=CALLBACK_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         servers, announced = [], []
         for i in range(count):
             uri = f"{key_prefix}{i}"

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dippy_studio.orchestrator.db import WriteLock
 from dippy_studio.orchestrator.store import Store
+from dippy_studio.sqlite_lock import WriteLock
 from localnet_kit import free_port, wait_healthy
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")

@@ -5,26 +5,25 @@ SQLite runs in WAL mode with foreign keys on and a busy timeout, and writes star
 SQLITE_BUSY when another process committed in between (the busy timeout does not cover that),
 while an immediate one waits its turn for the write lock.
 
-Within one process, writers to a SQLite file also queue on a `threading.Lock` before `BEGIN
-IMMEDIATE`, held until their commit or rollback: SQLite's busy handler polls, sleeping in growing
-steps (up to 100 ms) however soon the lock frees, so threads writing at once slept past each
-other (bench/bench_throughput.py: the lock gave 13% more jobs/s and a lower p99). Other processes
-still meet the busy timeout.
+Writers to a SQLite file also queue on a `WriteLock` before `BEGIN IMMEDIATE`, held until their
+commit or rollback: threads of one process on a `threading.Lock`, processes (`serve --workers`,
+replicas) on a file lock beside the database. SQLite's busy handler polls, sleeping in growing
+steps (up to 100 ms) however soon the lock frees, so writers arriving at once slept past each
+other (bench/bench_throughput.py: the thread lock gave 13% more jobs/s and a lower p99).
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from dippy_studio.sqlite_lock import WriteLock
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -108,59 +107,6 @@ class _WriteLockedConnection(sqlite3.Connection):
         if self.holds_write_lock and self.write_lock is not None:
             self.holds_write_lock = False
             self.write_lock.release()
-
-
-class WriteLock:
-    """Writers to one SQLite file queue here: threads of this process on a `threading.Lock`,
-    then processes on an advisory lock on a file beside the database (`fcntl.flock`).
-
-    Waiting for the file lock polls in steps of 0.2 to 2 ms, so the next writer starts within a
-    few milliseconds of the last commit, where SQLite's busy handler sleeps up to 100 ms. The wait
-    is bounded like the busy timeout; past it the writer goes on to `BEGIN IMMEDIATE` and SQLite's
-    own wait, so a stuck process cannot hang the others forever.
-    """
-
-    def __init__(self, path: Path | None) -> None:
-        self._thread = threading.Lock()
-        self._path = path
-        self._fd: int | None = None
-        self._pid = 0
-        self._holds_file = False
-
-    def acquire(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        if not self._thread.acquire(timeout=timeout):
-            return False
-        if self._path is not None:
-            self._holds_file = self._lock_file(deadline)
-        return True
-
-    def release(self) -> None:
-        if self._holds_file:
-            self._holds_file = False
-            fcntl.flock(self._file(), fcntl.LOCK_UN)
-        self._thread.release()
-
-    def _file(self) -> int:
-        # One descriptor per process: a lock taken through a descriptor inherited by fork would
-        # be shared with the parent, and so exclude nothing.
-        if self._fd is None or self._pid != os.getpid():
-            assert self._path is not None
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._pid = os.getpid()
-        return self._fd
-
-    def _lock_file(self, deadline: float) -> bool:
-        pause = 0.0002
-        while True:
-            try:
-                fcntl.flock(self._file(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(pause)
-                pause = min(pause * 2, 0.002)
 
 
 _write_locks: dict[str, WriteLock] = {}

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from dippy_studio.sqlite_lock import WriteLock
+
 __all__ = [
     "DEFAULT_RETENTION",
     "MemoryNonceStore",
@@ -145,9 +147,9 @@ class SqliteNonceStore:
         self._pid = os.getpid()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        # This process's writers queue here rather than in SQLite's busy handler, which sleeps in
-        # growing steps however soon the lock frees; other processes still meet `busy_timeout`.
-        self._write_lock = threading.Lock()
+        # Writers of every thread and process queue here rather than in SQLite's busy handler,
+        # which sleeps in growing steps however soon the lock frees.
+        self._write_lock = WriteLock(self.path.with_name(self.path.name + "-writelock"))
         self._last_purge = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connect().executescript(_SCHEMA)
@@ -160,7 +162,7 @@ class SqliteNonceStore:
         connection = self._connect()
         if now - self._last_purge >= self.retention / 2:
             self._purge(connection, now)
-        with self._write_lock:
+        with self._write_lock.held(self._busy_timeout):
             cursor = connection.execute(_CLAIM, (hotkey_ss58, token, now, now - self.retention))
         return cursor.rowcount == 1
 
@@ -171,7 +173,7 @@ class SqliteNonceStore:
     def _purge(self, connection: sqlite3.Connection, now: float) -> int:
         # Per-process bookkeeping; several processes purging now and then is harmless.
         self._last_purge = now
-        with self._write_lock:
+        with self._write_lock.held(self._busy_timeout):
             cursor = connection.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - self.retention,))
         return cursor.rowcount
 
@@ -183,7 +185,7 @@ class SqliteNonceStore:
             self._local = threading.local()
             self._connections = []
             self._connections_lock = threading.Lock()
-            self._write_lock = threading.Lock()
+            self._write_lock = WriteLock(self.path.with_name(self.path.name + "-writelock"))
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             # isolation_level=None: autocommit, so each claim is its own short transaction.
