@@ -85,11 +85,9 @@ class Config:
     pg_url: str = DEFAULT_PG_URL
 
 
-FULL = (Config("sqlite"), Config("postgres"))
-QUICK = (
-    Config("sqlite", jobs=400, warmup=40, latency_jobs=100),
-    Config("postgres", jobs=400, warmup=40, latency_jobs=100),
-)
+# Each backend with one orchestrator process and with two (`serve --workers 2`).
+FULL = tuple(Config(backend, workers=workers) for backend in ("sqlite", "postgres") for workers in (1, 2))
+QUICK = tuple(replace(config, jobs=400, warmup=40, latency_jobs=100) for config in FULL)
 
 COLUMNS = [
     Column("config", "config"),
@@ -566,7 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, help="requests in the throughput phase (default 2000, quick 400)")
     parser.add_argument("--clients", type=int, help="concurrent client connections (default 32)")
-    parser.add_argument("--workers", type=int, help="orchestrator processes, `serve --workers` (default 1)")
+    parser.add_argument("--workers", type=int, help="orchestrator processes, `serve --workers` (default: 1 and 2)")
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
     parser.add_argument("--quick", action="store_true", help="fewer requests")
     parser.add_argument("--latency-jobs", type=int, help="requests in the latency phase (default 400, quick 100)")
@@ -590,8 +588,9 @@ def configs_from(args: argparse.Namespace) -> tuple[Config, ...]:
     }
     chosen = {k: v for k, v in overrides.items() if v is not None}
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
-    base = {c.backend: c for c in (QUICK if args.quick else FULL)}
-    return tuple(replace(base[backend], **chosen) for backend in backends)
+    configs = [replace(c, **chosen) for c in (QUICK if args.quick else FULL) if c.backend in backends]
+    # `--workers N` turns the one- and two-process rows of a backend into a single row.
+    return tuple(dict.fromkeys(configs))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,13 +46,17 @@ def test_lora_switch_streams_give_identical_pngs(bench):
 @pytest.mark.slow
 def test_throughput_scores_every_job_through_a_real_orchestrator(bench):
     module = bench["bench_throughput"]
-    config = module.Config("sqlite", jobs=20, clients=4, miners=2, warmup=0, latency_jobs=5, latency_rate=10)
+    # Two orchestrator processes (`serve --workers 2`), so the replicas' path is measured too.
+    config = module.Config(
+        "sqlite", jobs=20, clients=4, workers=2, miners=2, warmup=0, latency_jobs=5, latency_rate=10
+    )
     result = module.run((config,))
 
     (row,) = result.rows
     assert row["identical"], row["statuses"]
     assert result.failed_checks == []
     assert row["jobs_per_s"] > 0 and row["target"] in ("met", "missed")
+    assert row["workers"] == 2 and row["orch_cpu_ms_per_job"] > 0
     assert 0 < row["added_p50_ms"] <= row["added_p99_ms"]
 
 
