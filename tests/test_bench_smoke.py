@@ -47,9 +47,7 @@ def test_lora_switch_streams_give_identical_pngs(bench):
 def test_throughput_scores_every_job_through_a_real_orchestrator(bench):
     module = bench["bench_throughput"]
     # Two orchestrator processes (`serve --workers 2`), so the replicas' path is measured too.
-    config = module.Config(
-        "sqlite", jobs=20, clients=4, workers=2, miners=2, warmup=0, latency_jobs=5, latency_rate=10
-    )
+    config = module.Config("sqlite", jobs=20, clients=4, workers=2, miners=2, warmup=0, latency_jobs=5, latency_rate=10)
     result = module.run((config,))
 
     (row,) = result.rows

@@ -172,3 +172,16 @@ def test_the_sqlite_write_lock_excludes_other_processes_with_a_bound(tmp_path: P
         holder.join(10)
         if holder.is_alive():
             holder.kill()
+
+
+def test_a_worker_that_dies_before_serving_does_not_hold_up_the_start() -> None:
+    from dippy_studio.orchestrator.serve import _started
+
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    sender.send(True)
+    assert _started(receiver)
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    sender.close()  # what a worker's crash leaves behind
+    started = time.monotonic()
+    assert not _started(receiver)
+    assert time.monotonic() - started < 1

@@ -33,7 +33,7 @@ class ListenError(OSError):
     """The server cannot listen on its host and port."""
 
 
-# Seconds the first process waits for the workers to build their apps before it serves too.
+# Seconds the first process waits for each worker to build its app before it serves too.
 WORKER_START_S = 120.0
 # Seconds a worker gets to finish its open requests after the first process stopped.
 WORKER_STOP_S = 10.0
@@ -114,18 +114,28 @@ def serve(settings: OrchestratorSettings, app: Any) -> None:
         context.Process(target=_worker, args=(worker_settings, index, sender), name=f"orchestrator-worker-{index}")
         for index, (_, sender) in enumerate(pipes, start=1)
     ]
-    for worker in workers:
+    for worker, (_, sender) in zip(workers, pipes, strict=True):
         worker.start()
+        sender.close()  # the worker holds the only sending end: its death reads as end of file
     try:
         # So that a ready first process means every worker is up (connections wait meanwhile).
         for worker, (receiver, _) in zip(workers, pipes, strict=True):
-            if not receiver.poll(WORKER_START_S):
-                log.warning("%s did not start in %.0f s (exit code %s)", worker.name, WORKER_START_S, worker.exitcode)
+            if not _started(receiver):
+                worker.join(1)
+                log.warning("%s did not start (exit code %s)", worker.name, worker.exitcode)
         run_server(app, settings, sock, before_exit=lambda: _stop_workers(workers))
     finally:
         # Also when the first process fails: no worker may outlive it.
         _stop_workers(workers)
         sock.close()
+
+
+def _started(receiver: Any) -> bool:
+    """Whether the worker at the other end of `receiver` reported that it serves, in time."""
+    try:
+        return bool(receiver.poll(WORKER_START_S) and receiver.recv())
+    except EOFError:
+        return False  # it died before it could say so
 
 
 def _stop_workers(workers: list[Any]) -> None:
