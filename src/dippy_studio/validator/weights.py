@@ -8,10 +8,11 @@ One round, for the miners' scores `s` (from the orchestrator's signed scores):
 2. Win rate of competitor i: the share of the other competitors with a strictly lower
    score, `wr_i = #{j != i : s_j < s_i} / (n - 1)` (0 for a lone miner). Equal scores beat
    neither way, so ties get equal win rates. A miner that scored zero is one the others
-   beat: that is the published design's "share of other miners with a lower score", and it
-   is what keeps the lowest honest miner paid. Ranked among positive scores only, the last
-   of them would always get `exp(-1 / T)` = 1.6e-6 of the top miner's weight, which is 0
-   in a u16 row.
+   beat: that is the published design's "share of other miners with a lower score", and
+   while some miner scored zero (an idle or penalized one) it keeps the lowest honest miner
+   paid. Ranked among positive scores only, the last of them would always get
+   `exp(-1 / T)` = 1.6e-6 of the top miner's weight, which is 0 in a u16 row; with no zero
+   score in the round that is still so, by design (winner takes most).
 3. `p = softmax(wr / T)` over the competitors with a score above zero, `T = 0.075`:
    `p_i = exp(wr_i / T) / sum_j exp(wr_j / T)`; zero-score miners get nothing. A win rate
    one step (1 / (n - 1)) higher multiplies weight by `exp(1 / ((n - 1) T))`.
