@@ -34,6 +34,11 @@ class WriteLock:
         self._pid = 0
         self._holds_file = False
 
+    @classmethod
+    def beside(cls, database: Path) -> WriteLock:
+        """The lock for the SQLite file `database`: its lock file is `<database>-writelock`."""
+        return cls(database.with_name(database.name + "-writelock"))
+
     def acquire(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         if not self._thread.acquire(timeout=timeout):

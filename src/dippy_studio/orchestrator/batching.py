@@ -32,10 +32,8 @@ class Coalescer(Generic[T]):
         """Queue `item`; write it (and whatever else is queued) unless another thread is writing."""
         with self._lock:
             self._pending.append(item)
-            if self._writing:
-                return
-            self._writing = True
-        self._drain()
+        # A writer busy now sees the item: it only stops once it finds the queue empty.
+        self.flush()
 
     def flush(self) -> None:
         """Write whatever is queued now (shutdown, tests)."""

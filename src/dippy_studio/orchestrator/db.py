@@ -119,7 +119,9 @@ def _write_lock_for(database: str | None) -> WriteLock:
         return WriteLock(None)  # private to its engine
     path = Path(database).resolve()
     with _write_locks_guard:
-        return _write_locks.setdefault(str(path), WriteLock(path.with_name(path.name + "-writelock")))
+        if str(path) not in _write_locks:
+            _write_locks[str(path)] = WriteLock.beside(path)
+        return _write_locks[str(path)]
 
 
 def _sqlite_engine(url: URL) -> Engine:

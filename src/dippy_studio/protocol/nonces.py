@@ -149,7 +149,7 @@ class SqliteNonceStore:
         self._connections_lock = threading.Lock()
         # Writers of every thread and process queue here rather than in SQLite's busy handler,
         # which sleeps in growing steps however soon the lock frees.
-        self._write_lock = WriteLock(self.path.with_name(self.path.name + "-writelock"))
+        self._write_lock = WriteLock.beside(self.path)
         self._last_purge = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connect().executescript(_SCHEMA)
@@ -185,7 +185,7 @@ class SqliteNonceStore:
             self._local = threading.local()
             self._connections = []
             self._connections_lock = threading.Lock()
-            self._write_lock = WriteLock(self.path.with_name(self.path.name + "-writelock"))
+            self._write_lock = WriteLock.beside(self.path)
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
         if connection is None:
             # isolation_level=None: autocommit, so each claim is its own short transaction.
