@@ -410,7 +410,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
             current = own_job(request_id, key)
             raise HTTPException(409, detail=f"request {request_id} already {current.status}")
         orch.dispatcher.cancel_at_miner(job)
-        orch.finished(job.id)
+        orch.finished(job.id, webhook=job.webhook_url is not None)
         return request_view(own_job(request_id, key), str(request.base_url))
 
     @router.get("/v1/loras", response_model=list[LoraView], responses=errors, tags=["loras"])

@@ -238,9 +238,11 @@ class Orchestrator:
     def requeued(self, job_id: str) -> None:
         self.tasks["dispatch"].wake()
 
-    def finished(self, job_id: str) -> None:
+    def finished(self, job_id: str, webhook: bool = True) -> None:
         self.waiters.notify(job_id)
-        self.tasks["webhooks"].wake()
+        if webhook:
+            # Most requests have none: waking the sender would only cost it a query.
+            self.tasks["webhooks"].wake()
 
     def _succeeded(self, job: Job) -> None:
         if self.audits is not None:

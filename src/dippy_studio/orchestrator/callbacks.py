@@ -249,7 +249,7 @@ class CallbackHandler:
             # Another copy of this callback (or a cancel) got there first.
             current = self.store.load_job(job.id)
             return self._already_finished(current, result) if current else Reply(404, {"detail": "gone"})
-        self.events.finished(job.id)
+        self.events.finished(job.id, webhook=job.webhook_url is not None)
         if self.on_succeeded is not None:
             # The row now holds what was just written: hand the hook that rather than read it back.
             written = {**outcome, "status": RequestStatus.succeeded.value, "finished_at": now, "updated_at": now}

@@ -48,8 +48,9 @@ class JobEvents(Protocol):
     def requeued(self, job_id: str) -> None:
         """The job is back in the queue: dispatch soon."""
 
-    def finished(self, job_id: str) -> None:
-        """The job reached a terminal state: wake waiters, send its webhook."""
+    def finished(self, job_id: str, webhook: bool = True) -> None:
+        """The job reached a terminal state: wake waiters and, when it has a webhook (False: it
+        has none), the webhook sender."""
 
 
 def miner_job_id(job_id: str, attempt: int) -> str:
@@ -111,7 +112,7 @@ def retry_or_fail(
         return None
     error = f"attempt {job.attempts} of {job.max_attempts} failed ({reason}); no attempts or time left"
     if store.transition(job.id, active, "failed", now=now, attempt_outcome=outcome, attempt_error=reason, error=error):
-        events.finished(job.id)
+        events.finished(job.id, webhook=job.webhook_url is not None)
         return RequestStatus.failed.value
     return None
 
