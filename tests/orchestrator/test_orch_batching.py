@@ -1,11 +1,14 @@
-"""Small writes from many threads coalesce into batches, and none is lost or written twice."""
+"""Small writes from many threads coalesce into batches, and none is lost or written twice;
+grouped transactions give each caller its own result or error."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
-from dippy_studio.orchestrator.batching import Coalescer
+from dippy_studio.orchestrator.batching import Coalescer, GroupCommit
 
 
 def test_concurrent_adds_are_written_once_each_in_fewer_batches() -> None:
@@ -40,3 +43,103 @@ def test_a_failed_batch_is_logged_and_later_writes_go_on(caplog) -> None:
     coalescer.add("good")
     assert written == ["good"]
     assert "running: writing a batch of 1 failed" in caplog.text
+
+
+class _Transactions:
+    """A stand-in for engine.begin(): records each transaction's operations and its end."""
+
+    def __init__(self) -> None:
+        self.committed: list[list[str]] = []
+        self.rolled_back = 0
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[list[str]]:
+        ops: list[str] = []
+        try:
+            yield ops
+        except BaseException:
+            self.rolled_back += 1
+            raise
+        self.committed.append(ops)
+
+
+def test_group_commit_returns_each_result_after_fewer_commits() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+
+    def write(conn: list[str], name: str) -> str:
+        time.sleep(0.001)  # a statement's worth of time, so others queue up meanwhile
+        conn.append(name)
+        return name.upper()
+
+    results: dict[str, str] = {}
+
+    def client(k: int) -> None:
+        for i in range(30):
+            name = f"w{k}-{i}"
+            results[name] = group.run(lambda conn, name=name: write(conn, name))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {f"w{k}-{i}": f"W{k}-{i}" for k in range(8) for i in range(30)}
+    written = [name for ops in db.committed for name in ops]
+    assert sorted(written) == sorted(results)  # each exactly once
+    assert len(db.committed) < len(written) / 2  # shared transactions
+    assert group.groups == len(db.committed) and group.ops == len(written)
+
+
+def test_a_failing_operation_fails_only_its_own_caller() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    gate = threading.Event()
+    outcomes: dict[str, object] = {}
+
+    def first(conn: list[str]) -> str:
+        gate.wait(5)  # hold the first transaction open until the others have queued
+        conn.append("first")
+        return "first"
+
+    def good(conn: list[str]) -> str:
+        conn.append("good")
+        return "good"
+
+    def bad(conn: list[str]) -> str:
+        conn.append("bad")
+        raise ValueError("constraint failed")
+
+    def call(name: str, fn) -> None:
+        try:
+            outcomes[name] = group.run(fn)
+        except ValueError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=call, args=("first", first))]
+    threads[0].start()
+    time.sleep(0.05)
+    threads += [threading.Thread(target=call, args=(name, fn)) for name, fn in (("good", good), ("bad", bad))]
+    for thread in threads[1:]:
+        thread.start()
+    time.sleep(0.05)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert outcomes["first"] == "first" and outcomes["good"] == "good"
+    assert isinstance(outcomes["bad"], ValueError)
+    # The group of good and bad was rolled back, and good ran again alone and committed.
+    assert db.rolled_back >= 1
+    assert [ops for ops in db.committed] == [["first"], ["good"]]
+
+
+def test_a_nested_run_joins_the_transaction_in_progress() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+
+    def outer(conn: list[str]) -> str:
+        conn.append("outer")
+        return group.run(lambda inner: inner.append("inner") or "nested")
+
+    assert group.run(outer) == "nested"
+    assert db.committed == [["outer", "inner"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -50,6 +51,20 @@ def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str
     statuses = {j: store.load_job(j) for j in (queued.id, accepted.id, finished.id)}
     assert [statuses[j].status for j in (queued.id, accepted.id, finished.id)] == ["succeeded", "running", "queued"]
     assert statuses[accepted.id].started_at == sec(3)
+
+
+def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outcome(store: Store, key_id: str):
+    jobs = [make_job(store, key_id, created_s=n / 100) for n in range(64)]
+    assert [j.id for j in store.claim_for_dispatch(64, now=sec(1))] == [j.id for j in jobs]
+    groups_before = store._group.groups
+    # Every job's callback twice at once: exactly one of each pair may win.
+    attempts = [job.id for job in jobs for _ in range(2)]
+    with ThreadPoolExecutor(16) as pool:
+        won = list(pool.map(lambda job_id: store.transition(job_id, "dispatched", "succeeded", now=sec(2)), attempts))
+    assert sum(won) == len(jobs)
+    assert {job_id for job_id, w in zip(attempts, won, strict=True) if w} == {j.id for j in jobs}
+    assert {store.load_job(j.id).status for j in jobs} == {"succeeded"}
+    assert store._group.groups - groups_before < len(attempts)
 
 
 def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, key_id: str):

@@ -1,5 +1,9 @@
 """Coalescing small writes from many threads into one transaction.
 
+`GroupCommit` runs the store's write transactions: operations that arrive while one commits
+share the next. `Coalescer` goes further for writes nobody waits on, merging their items into
+one statement.
+
 Writers to one database take turns (SQLite has one writer at a time; PostgreSQL rows are locked
 per transaction), and a transaction costs about the same for one row as for fifty. So where many
 threads each have a small write that nobody waits on, the first of them writes for everyone:
@@ -12,8 +16,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Connection
 
 log = logging.getLogger("dippy_studio.orchestrator.batching")
 
@@ -55,3 +63,114 @@ class Coalescer(Generic[T]):
             except Exception:
                 # Best effort by design: callers do not wait on these writes.
                 log.exception("%s: writing a batch of %d failed", self.name, len(batch))
+
+
+class _Op(Generic[T]):
+    __slots__ = ("done", "error", "fn", "lead", "settled", "value")
+
+    def __init__(self, fn: Callable[[Connection], T]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.lead = False  # set with `done` when this op's thread is to write the next batch
+        self.value: T | None = None
+        self.error: BaseException | None = None
+        self.settled = False  # value or error is final
+
+
+class GroupCommit:
+    """Write transactions from many threads, committed together.
+
+    `run(fn)` runs `fn(connection)` inside a write transaction and returns what it returns, once
+    that transaction has committed. Operations that arrive while a transaction is being written
+    wait and go into the next one, all together: one BEGIN and one COMMIT (on SQLite one turn of
+    the write lock and one WAL append; on PostgreSQL one WAL flush) for the whole group. The
+    thread whose operation comes first writes the group; when it is done it hands the next group
+    to the thread of the first operation waiting, so no request thread writes for others for long.
+
+    If a group fails, it is rolled back and each of its operations runs again alone, so one
+    operation's error (a constraint, a deadlock between replicas) reaches only its own caller.
+    Operations must therefore be safe to run twice after a rollback, as a transaction is.
+    An operation must not call `run` from another thread and wait for it; a nested `run` on the
+    writing thread joins the transaction in progress.
+    """
+
+    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]], max_group: int = 128) -> None:
+        self._begin = begin
+        self.max_group = max_group
+        self._lock = threading.Lock()
+        self._queue: deque[_Op[Any]] = deque()
+        self._writing = False
+        self._local = threading.local()
+        self.groups = 0  # transactions written, for tests and benchmarks
+        self.ops = 0
+
+    def run(self, fn: Callable[[Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return fn(conn)
+        op: _Op[T] = _Op(fn)
+        with self._lock:
+            self._queue.append(op)
+            lead = not self._writing
+            self._writing = True
+        if lead:
+            self._write_groups(op)
+        else:
+            op.done.wait()
+            if op.lead:
+                self._write_groups(op)
+        if op.error is not None:
+            raise op.error
+        return op.value  # type: ignore[return-value]
+
+    def _write_groups(self, own: _Op[Any]) -> None:
+        """Write groups until this thread's own op is done; then hand over or stop."""
+        while True:
+            with self._lock:
+                group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
+            self._write(group)
+            with self._lock:
+                if not self._queue:
+                    self._writing = False
+                    return
+                if own.done.is_set():
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.done.set()
+                    return
+
+    def _write(self, group: list[_Op[Any]]) -> None:
+        try:
+            try:
+                self._transaction(group)
+            except Exception:
+                if len(group) == 1:
+                    raise
+                for op in group:
+                    self._alone(op)
+        except BaseException as exc:
+            for op in group:
+                if not op.settled:
+                    op.error, op.settled = exc, True
+        finally:
+            for op in group:
+                op.done.set()
+
+    def _transaction(self, group: list[_Op[Any]]) -> None:
+        with self._begin() as conn:
+            self._local.conn = conn
+            try:
+                values = [op.fn(conn) for op in group]
+            finally:
+                self._local.conn = None
+        # Committed: only now may callers act on what they wrote.
+        for op, value in zip(group, values, strict=True):
+            op.value, op.settled = value, True
+        self.groups += 1
+        self.ops += len(group)
+
+    def _alone(self, op: _Op[Any]) -> None:
+        try:
+            self._transaction([op])
+        except Exception as exc:
+            op.error, op.settled = exc, True

@@ -26,13 +26,14 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Engine, exists, select, update
+from sqlalchemy import Connection, Engine, bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session, sessionmaker
 
+from dippy_studio.orchestrator.batching import GroupCommit
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
 from dippy_studio.orchestrator.models import ApiKey, Audit, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
 from dippy_studio.orchestrator.states import ACTIVE, NON_TERMINAL, RequestStatus, can_transition
@@ -48,6 +49,20 @@ DEFAULT_MIN_ATTEMPT_S = 5.0
 SWEEP_BATCH = 500
 AUDIT_VERDICTS = frozenset({"pass", "fail", "inconclusive"})
 WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
+
+T = TypeVar("T")
+_JOBS = Job.__table__
+_ATTEMPTS = JobAttempt.__table__
+_JOB_COLUMNS = tuple(_JOBS.columns)
+
+# What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
+_CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
+            "updated_at")  # fmt: skip
+_CLAIM = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == RequestStatus.queued.value)
+    .values({name: bindparam(f"b_{name}") for name in _CLAIMED})
+)
 
 # claim_for_dispatch's miner choice: (job, earlier attempts per hotkey) -> (hotkey, uid), or None.
 AssignMiner = Callable[[Job, Counter[str]], tuple[str, int | None] | None]
@@ -104,7 +119,10 @@ class Store:
         self.dialect = self.engine.dialect.name
         # expire_on_commit=False: returned rows stay readable after their session is gone.
         self._reads = sessionmaker(self.engine, expire_on_commit=False)
-        self._writes = sessionmaker(self.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
+        writer = self.engine.execution_options(**{WRITE_OPTION: True})
+        self._writes = sessionmaker(writer, expire_on_commit=False)
+        # The request path's writes (jobs in, claims, transitions) share transactions under load.
+        self._group = GroupCommit(writer.begin)
 
     @classmethod
     def open(cls, url: str | URL, migrate: bool = True) -> Store:
@@ -126,6 +144,11 @@ class Store:
     def _write(self) -> Iterator[Session]:
         with self._writes.begin() as session:
             yield session
+
+    def _grouped(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn` in a write transaction shared with whatever other writes arrive meanwhile
+        (`batching.GroupCommit`); returns once it has committed."""
+        return self._group.run(fn)
 
     def _insert(self, model: type) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
@@ -196,23 +219,29 @@ class Store:
         across a window boundary; that is the price of one row per key per minute."""
         now = now or utcnow()
         window = now.replace(second=0, microsecond=0)
-        with self._write() as session:
-            limit = session.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
+        upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=[RateWindow.api_key_id, RateWindow.window_start],
+            set_={"count": RateWindow.count + 1},
+        ).returning(RateWindow.count)
+
+        def count_one(conn: Connection) -> tuple[int | None, int]:
+            limit = conn.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
             if limit is None:
-                raise UnknownApiKey(api_key_id)
-            upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
-            upsert = upsert.on_conflict_do_update(
-                index_elements=[RateWindow.api_key_id, RateWindow.window_start],
-                set_={"count": RateWindow.count + 1},
-            ).returning(RateWindow.count)
-            count = session.scalar(upsert)
+                return None, 0
+            count = conn.scalar(upsert)
             if count == 1:
                 # First request of a new window: the key's older windows will never be read again.
-                session.execute(
+                conn.execute(
                     RateWindow.__table__.delete().where(
                         RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
                     )
                 )
+            return limit, count
+
+        limit, count = self._grouped(count_one)
+        if limit is None:
+            raise UnknownApiKey(api_key_id)
         if count <= limit:
             return None
         return (window + RATE_WINDOW - now).total_seconds()
@@ -238,27 +267,27 @@ class Store:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         now = now or utcnow()
-        job = Job(
-            id=job_id or new_job_id(),
-            api_key_id=api_key_id,
-            kind=JobKind(kind).value,
-            status=RequestStatus.queued.value,
-            payload=dict(payload),
-            created_at=now,
-            updated_at=now,
-            deadline=deadline,
-            attempts=0,
-            max_attempts=max_attempts,
-            attempt_timeout_s=float(attempt_timeout_s),
-            timings={},
-            webhook_url=webhook_url,
-            webhook_state="pending" if webhook_url else "none",
-            webhook_attempts=0,
-            audit=audit,
-        )
-        with self._write() as session:
-            session.add(job)
-        return job
+        row = {column.key: None for column in _JOB_COLUMNS} | {
+            "id": job_id or new_job_id(),
+            "api_key_id": api_key_id,
+            "kind": JobKind(kind).value,
+            "status": RequestStatus.queued.value,
+            "payload": dict(payload),
+            "created_at": now,
+            "updated_at": now,
+            "deadline": deadline,
+            "attempts": 0,
+            "max_attempts": max_attempts,
+            "attempt_timeout_s": float(attempt_timeout_s),
+            "timings": {},
+            "webhook_url": webhook_url,
+            "webhook_state": "pending" if webhook_url else "none",
+            "webhook_attempts": 0,
+            "audit": audit,
+        }
+        # Core, not the ORM's unit of work: a third of the time, on the path of every request.
+        self._grouped(lambda conn: conn.execute(insert(_JOBS), row))
+        return Job(**row)
 
     def get_job(self, job_id: str, api_key_id: str) -> Job | None:
         """The job if it belongs to this key; a client never learns that another key's job exists."""
@@ -332,18 +361,16 @@ class Store:
             raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
         now = now or utcnow()
         values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
-        with self._write() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status.in_([s.value for s in sources]))
-                .values(values)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:
+        statement = update(_JOBS).where(_JOBS.c.id == job_id, _JOBS.c.status.in_([s.value for s in sources]))
+
+        def move(conn: Connection) -> bool:
+            if conn.execute(statement.values(values)).rowcount != 1:
                 return False
             if target in _ATTEMPT_OUTCOME:
-                _close_attempt(session, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
+                _close_attempt(conn, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
             return True
+
+        return self._grouped(move)
 
     def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> int:
         """`dispatched -> running` for those of these jobs still dispatched, in one transaction (the
@@ -356,14 +383,12 @@ class Store:
             "status": RequestStatus.running.value,
             "updated_at": now,
         }
-        with self._write() as session:
-            result = session.execute(
-                update(Job)
-                .where(Job.id.in_(sorted(job_ids)), Job.status == RequestStatus.dispatched.value)
-                .values(values)
-                .execution_options(synchronize_session=False)
-            )
-            return result.rowcount
+        statement = (
+            update(_JOBS)
+            .where(_JOBS.c.id.in_(sorted(job_ids)), _JOBS.c.status == RequestStatus.dispatched.value)
+            .values(values)
+        )
+        return self._grouped(lambda conn: conn.execute(statement).rowcount)
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
         """Cancel a key's own job if it has not finished; False if it had (or is not theirs)."""
@@ -383,7 +408,7 @@ class Store:
             )
             if result.rowcount != 1:
                 return False
-            _close_attempt(session, job_id, "canceled", None, now)
+            _close_attempt(session.connection(), job_id, "canceled", None, now)
             return True
 
     def claim_for_dispatch(
@@ -405,41 +430,50 @@ class Store:
         a miner are returned."""
         now = now or utcnow()
         query = (
-            select(Job)
-            .where(Job.status == RequestStatus.queued.value, Job.deadline > now)
-            .order_by(Job.created_at, Job.id)
+            select(*_JOB_COLUMNS)
+            .where(_JOBS.c.status == RequestStatus.queued.value, _JOBS.c.deadline > now)
+            .order_by(_JOBS.c.created_at, _JOBS.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
         if kinds is not None:
-            query = query.where(Job.kind.in_([JobKind(k).value for k in kinds]))
-        with self._write() as session:
-            jobs = list(session.scalars(query))
-            tried = _tried(session, [job.id for job in jobs if job.attempts > 0]) if assign else {}
-            taken = []
+            query = query.where(_JOBS.c.kind.in_([JobKind(k).value for k in kinds]))
+
+        def claim(conn: Connection) -> list[Job]:
+            # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
+            # cost more than everything else the dispatcher does per job.
+            jobs = [Job(**row._mapping) for row in conn.execute(query)]
+            tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
+            taken, claims, attempts = [], [], []
             for job in jobs:
                 miner = assign(job, tried.get(job.id, Counter())) if assign else None
                 if assign is not None and miner is None:
                     continue
                 job.status = RequestStatus.dispatched.value
                 job.attempts += 1
-                job.dispatched_at = now
+                job.dispatched_at = job.updated_at = now
                 job.dispatch_deadline = min(now + timedelta(seconds=job.attempt_timeout_s), job.deadline)
-                job.miner_hotkey = job.miner_uid = job.started_at = None
-                job.updated_at = now
+                job.miner_hotkey, job.miner_uid = miner or (None, None)
+                job.started_at = None
+                claims.append({"b_id": job.id} | {f"b_{name}": getattr(job, name) for name in _CLAIMED})
                 if miner is not None:
-                    job.miner_hotkey, job.miner_uid = miner
-                    session.add(
-                        JobAttempt(
-                            job_id=job.id,
-                            attempt=job.attempts,
-                            miner_hotkey=job.miner_hotkey,
-                            miner_uid=job.miner_uid,
-                            dispatched_at=now,
-                        )
+                    attempts.append(
+                        {
+                            "job_id": job.id,
+                            "attempt": job.attempts,
+                            "miner_hotkey": job.miner_hotkey,
+                            "miner_uid": job.miner_uid,
+                            "dispatched_at": now,
+                        }
                     )
                 taken.append(job)
-        return taken
+            if claims:
+                conn.execute(_CLAIM, claims)
+            if attempts:
+                conn.execute(insert(_ATTEMPTS), attempts)
+            return taken
+
+        return self._grouped(claim)
 
     def assign_miner(
         self, job_id: str, miner_hotkey: str, miner_uid: int | None, now: datetime | None = None
@@ -499,7 +533,9 @@ class Store:
             )
             for job in stuck:
                 miner = f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
-                _close_attempt(session, job.id, "timeout", f"no result within {job.attempt_timeout_s:g}s", now)
+                _close_attempt(
+                    session.connection(), job.id, "timeout", f"no result within {job.attempt_timeout_s:g}s", now
+                )
                 left = (job.deadline - now).total_seconds()
                 if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
                     job.status = RequestStatus.queued.value
@@ -698,25 +734,32 @@ def _implied_fields(target: RequestStatus, now: datetime) -> dict[str, Any]:
     return {"finished_at": now}
 
 
-def _tried(session: Session, job_ids: list[str]) -> dict[str, Counter[str]]:
+def _tried(conn: Connection, job_ids: list[str]) -> dict[str, Counter[str]]:
     """Earlier attempts per job and hotkey, for jobs going out again."""
     tried: dict[str, Counter[str]] = {}
     if job_ids:
-        query = select(JobAttempt.job_id, JobAttempt.miner_hotkey).where(JobAttempt.job_id.in_(job_ids))
-        for job_id, hotkey in session.execute(query):
+        query = select(_ATTEMPTS.c.job_id, _ATTEMPTS.c.miner_hotkey).where(_ATTEMPTS.c.job_id.in_(job_ids))
+        for job_id, hotkey in conn.execute(query):
             tried.setdefault(job_id, Counter())[hotkey] += 1
     return tried
 
 
-def _close_attempt(session: Session, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
-    attempt = session.scalar(
-        select(JobAttempt)
-        .where(JobAttempt.job_id == job_id, JobAttempt.outcome.is_(None))
-        .order_by(JobAttempt.attempt.desc())
-    )
+def _close_attempt(conn: Connection, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
+    attempt = conn.execute(
+        select(_ATTEMPTS.c.id, _ATTEMPTS.c.dispatched_at)
+        .where(_ATTEMPTS.c.job_id == job_id, _ATTEMPTS.c.outcome.is_(None))
+        .order_by(_ATTEMPTS.c.attempt.desc())
+        .limit(1)
+    ).first()
     if attempt is None:
         return
-    attempt.outcome = outcome
-    attempt.error = error
-    attempt.finished_at = now
-    attempt.latency_s = max(0.0, (now - attempt.dispatched_at).total_seconds())
+    conn.execute(
+        update(_ATTEMPTS)
+        .where(_ATTEMPTS.c.id == attempt.id)
+        .values(
+            outcome=outcome,
+            error=error,
+            finished_at=now,
+            latency_s=max(0.0, (now - attempt.dispatched_at).total_seconds()),
+        )
+    )
