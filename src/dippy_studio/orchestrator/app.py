@@ -711,19 +711,31 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
         target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
         if request.scope.get("query_string"):
             target += "?" + request.scope["query_string"].decode("latin-1")
-        checked = await run_in_threadpool(orch.callbacks.authenticate, job_id, request.headers, body, target)
-        if isinstance(checked, Reply):
-            return JSONResponse(checked.body, status_code=checked.status_code)
+        # The form is parsed before the signature is checked so that both, and the handling,
+        # take one trip to a worker thread; its reply still puts a bad signature first.
         try:
             form = await request.form(max_files=2, max_fields=2)
         except Exception as exc:  # Starlette raises assorted types for a malformed multipart body
-            return JSONResponse({"detail": f"not a multipart form: {exc}"}, status_code=400)
-        meta, result = form.get("meta"), form.get("result")
-        if meta is None:
-            return JSONResponse({"detail": "no 'meta' part"}, status_code=422)
-        meta_bytes = meta.encode() if isinstance(meta, str) else await meta.read()
-        result_bytes = None if result is None else result.encode() if isinstance(result, str) else await result.read()
-        reply = await run_in_threadpool(orch.callbacks.accept, checked, meta_bytes, result_bytes)
+            form, form_error = None, f"not a multipart form: {exc}"
+        else:
+            form_error = None
+        parts: dict[str, bytes | None] = {}
+        if form is not None:
+            for name in ("meta", "result"):
+                part = form.get(name)
+                parts[name] = None if part is None else part.encode() if isinstance(part, str) else await part.read()
+
+        def handle() -> Reply:
+            checked = orch.callbacks.authenticate(job_id, request.headers, body, target)
+            if isinstance(checked, Reply):
+                return checked
+            if form_error is not None:
+                return Reply(400, {"detail": form_error})
+            if parts["meta"] is None:
+                return Reply(422, {"detail": "no 'meta' part"})
+            return orch.callbacks.accept(checked, parts["meta"], parts["result"])
+
+        reply = await run_in_threadpool(handle)
         return JSONResponse(reply.body, status_code=reply.status_code)
 
     @app.get("/v1/scores", tags=["validators"], responses={200: {"description": "signed with btauth headers"}})
