@@ -57,6 +57,19 @@ _JOBS = Job.__table__
 _ATTEMPTS = JobAttempt.__table__
 _JOB_COLUMNS = tuple(_JOBS.columns)
 
+# The oldest queued jobs that still have time, of the wanted kinds; rows another replica is
+# claiming right now are skipped (PostgreSQL; SQLite's write lock serializes claims anyway).
+_QUEUE = (
+    select(*_JOB_COLUMNS)
+    .where(
+        _JOBS.c.status == RequestStatus.queued.value,
+        _JOBS.c.deadline > bindparam("b_now"),
+        _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)),
+    )
+    .order_by(_JOBS.c.created_at, _JOBS.c.id)
+    .limit(bindparam("b_limit"))
+    .with_for_update(skip_locked=True)
+)
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
 _CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
             "updated_at")  # fmt: skip
@@ -437,20 +450,13 @@ class Store:
         would, or None to leave the job queued untouched (no attempt counted); only jobs that got
         a miner are returned."""
         now = now or utcnow()
-        query = (
-            select(*_JOB_COLUMNS)
-            .where(_JOBS.c.status == RequestStatus.queued.value, _JOBS.c.deadline > now)
-            .order_by(_JOBS.c.created_at, _JOBS.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        if kinds is not None:
-            query = query.where(_JOBS.c.kind.in_([JobKind(k).value for k in kinds]))
+        wanted = [JobKind(k).value for k in (JobKind if kinds is None else kinds)]
+        params = {"b_now": now, "b_kinds": wanted, "b_limit": limit}
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
             # cost more than everything else the dispatcher does per job.
-            jobs = [Job(**row._mapping) for row in conn.execute(query)]
+            jobs = [Job(**row._mapping) for row in conn.execute(_QUEUE, params)] if wanted else []
             tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
             taken, claims, attempts = [], [], []
             for job in jobs:
