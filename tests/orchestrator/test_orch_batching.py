@@ -143,3 +143,21 @@ def test_a_nested_run_joins_the_transaction_in_progress() -> None:
 
     assert group.run(outer) == "nested"
     assert db.committed == [["outer", "inner"]]
+
+
+def test_a_group_locks_rows_in_key_order_whatever_the_arrival_order() -> None:
+    # Two replicas' groups that touch the same jobs must lock them in one order, or they deadlock.
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    gate = threading.Event()
+    threads = [threading.Thread(target=group.run, args=(lambda conn: gate.wait(5) and conn.append("first"),))]
+    threads[0].start()
+    time.sleep(0.05)
+    for key in ("job-c", "job-a", "job-b"):
+        threads.append(threading.Thread(target=group.run, args=(lambda conn, key=key: conn.append(key), key)))
+        threads[-1].start()
+        time.sleep(0.02)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert db.committed == [["first"], ["job-a", "job-b", "job-c"]]

@@ -66,10 +66,11 @@ class Coalescer(Generic[T]):
 
 
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "fn", "lead", "settled", "value")
+    __slots__ = ("done", "error", "fn", "lead", "lock_key", "settled", "value")
 
-    def __init__(self, fn: Callable[[Connection], T]) -> None:
+    def __init__(self, fn: Callable[[Connection], T], lock_key: str) -> None:
         self.fn = fn
+        self.lock_key = lock_key
         self.done = threading.Event()
         self.lead = False  # set with `done` when this op's thread is to write the next batch
         self.value: T | None = None
@@ -104,11 +105,13 @@ class GroupCommit:
         self.groups = 0  # transactions written, for tests and benchmarks
         self.ops = 0
 
-    def run(self, fn: Callable[[Connection], T]) -> T:
+    def run(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
+        """`lock_key` names the row `fn` will lock (a job id): a group runs its operations in key
+        order, so two replicas' groups lock shared rows in the same order and cannot deadlock."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return fn(conn)
-        op: _Op[T] = _Op(fn)
+        op: _Op[T] = _Op(fn, lock_key)
         with self._lock:
             self._queue.append(op)
             lead = not self._writing
@@ -157,6 +160,7 @@ class GroupCommit:
                 op.done.set()
 
     def _transaction(self, group: list[_Op[Any]]) -> None:
+        group.sort(key=lambda op: op.lock_key)
         with self._begin() as conn:
             self._local.conn = conn
             try:

@@ -160,10 +160,10 @@ class Store:
         with self._writes.begin() as session:
             yield session
 
-    def _grouped(self, fn: Callable[[Connection], T]) -> T:
+    def _grouped(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
         """Run `fn` in a write transaction shared with whatever other writes arrive meanwhile
-        (`batching.GroupCommit`); returns once it has committed."""
-        return self._group.run(fn)
+        (`batching.GroupCommit`, which orders a group by `lock_key`); returns once it has committed."""
+        return self._group.run(fn, lock_key)
 
     def _insert(self, model: type) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
@@ -253,7 +253,14 @@ class Store:
                 )
             return limit, count
 
-        limit, count = self._grouped(count_one)
+        if self.dialect == "postgresql":
+            # Every request of a key updates this one row, so its lock is the busiest there is:
+            # held in a transaction of its own, never across a group's other writes, which would
+            # queue replicas behind each other's groups (and deadlock them on the jobs' rows).
+            with self.engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
+                limit, count = count_one(conn)
+        else:
+            limit, count = self._grouped(count_one)
         if limit is None:
             raise UnknownApiKey(api_key_id)
         if count <= limit:
@@ -391,11 +398,13 @@ class Store:
                 _close_attempt(conn, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
             return True
 
-        return self._grouped(move)
+        return self._grouped(move, lock_key=job_id)
 
     def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> int:
         """`dispatched -> running` for those of these jobs still dispatched, in one transaction (the
-        dispatcher batches its accepted sends). Returns how many moved."""
+        dispatcher batches its accepted sends). Returns how many moved. A job whose row another
+        transaction holds is skipped rather than waited for: that is its callback (or a cancel)
+        finishing it, and `running` matters only until then."""
         if not job_ids:
             return 0
         now = now or utcnow()
@@ -404,11 +413,13 @@ class Store:
             "status": RequestStatus.running.value,
             "updated_at": now,
         }
-        statement = (
-            update(_JOBS)
+        # Waiting would also risk a deadlock with a replica's group of transitions on these rows.
+        free = (
+            select(_JOBS.c.id)
             .where(_JOBS.c.id.in_(sorted(job_ids)), _JOBS.c.status == RequestStatus.dispatched.value)
-            .values(values)
+            .with_for_update(skip_locked=True)
         )
+        statement = update(_JOBS).where(_JOBS.c.id.in_(free)).values(values)
         return self._grouped(lambda conn: conn.execute(statement).rowcount)
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
