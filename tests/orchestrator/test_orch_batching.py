@@ -161,3 +161,20 @@ def test_a_group_locks_rows_in_key_order_whatever_the_arrival_order() -> None:
     for thread in threads:
         thread.join()
     assert db.committed == [["first"], ["job-a", "job-b", "job-c"]]
+
+
+def test_operations_that_never_wait_for_a_row_run_after_those_that_may() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    gate = threading.Event()
+    threads = [threading.Thread(target=group.run, args=(lambda conn: gate.wait(5) and conn.append("first"),))]
+    threads[0].start()
+    time.sleep(0.05)
+    for name, key in (("claim", ""), ("job-b", "job-b"), ("insert", ""), ("job-a", "job-a")):
+        threads.append(threading.Thread(target=group.run, args=(lambda conn, name=name: conn.append(name), key)))
+        threads[-1].start()
+        time.sleep(0.02)
+    gate.set()
+    for thread in threads:
+        thread.join()
+    assert db.committed == [["first"], ["job-a", "job-b", "claim", "insert"]]

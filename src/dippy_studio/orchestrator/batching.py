@@ -106,8 +106,10 @@ class GroupCommit:
         self.ops = 0
 
     def run(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
-        """`lock_key` names the row `fn` will lock (a job id): a group runs its operations in key
-        order, so two replicas' groups lock shared rows in the same order and cannot deadlock."""
+        """`lock_key` names the row `fn` may wait to lock (a job id). A group runs those operations
+        first, in key order, and the rest (inserts, SKIP LOCKED claims: they lock rows but never
+        wait for one) after them. So a group waits only while holding rows of smaller keys, and
+        two replicas' groups cannot deadlock each other."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return fn(conn)
@@ -160,7 +162,7 @@ class GroupCommit:
                 op.done.set()
 
     def _transaction(self, group: list[_Op[Any]]) -> None:
-        group.sort(key=lambda op: op.lock_key)
+        group.sort(key=lambda op: (not op.lock_key, op.lock_key))
         with self._begin() as conn:
             self._local.conn = conn
             try:
