@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from dippy_studio.orchestrator.models import Base
 from dippy_studio.orchestrator.store import IllegalTransition, Store, SweepResult, UnknownApiKey
@@ -171,6 +173,12 @@ def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_
         assert store.hit_rate_limit(limited, now=T0 + timedelta(minutes=1)) is None
         with pytest.raises(UnknownApiKey):
             second.hit_rate_limit("key_nope", now=base)
+        # The API passes the limit of the key it just read: the same count, one statement less.
+        minute = T0 + timedelta(minutes=2)
+        assert [store.hit_rate_limit(free, now=minute, limit=2) for _ in range(2)] == [None, None]
+        assert second.hit_rate_limit(free, now=minute, limit=2) == pytest.approx(60.0)
+        with pytest.raises(UnknownApiKey):
+            store.hit_rate_limit("key_nope", now=minute, limit=2)
     finally:
         second.close()
 
@@ -329,3 +337,28 @@ def test_the_dashboard_and_restart_queries(store: Store, key_id: str):
         flag = text("UPDATE jobs SET audit = :yes WHERE id IN (:a, :b)")
         conn.execute(flag, {"yes": True, "a": old.id, "b": mine.id})
     assert store.flagged_without_verdict() == [mine.id]  # `old` has its verdict already
+
+
+def test_a_postgres_connection_dropped_while_idle_is_replaced_before_use(pg_session_url: str, monkeypatch):
+    # What pool_pre_ping did on every checkout, done only for connections that sat idle.
+    import psycopg
+
+    from dippy_studio.orchestrator import db
+
+    monkeypatch.setattr(db, "PG_IDLE_PING_S", 0.05)
+    store = Store(pg_session_url)
+    try:
+        key = store.create_api_key("idle")
+        assert store.get_api_key(key.key.id) is not None
+        admin = make_url(pg_session_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            # The server (or a proxy) drops every connection the pool holds.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        time.sleep(0.1)
+        assert store.get_api_key(key.key.id) is not None
+        assert store.authenticate(key.secret) is not None
+    finally:
+        store.close()

@@ -289,7 +289,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         key = store.authenticate(credentials.credentials)
         if key is None:
             raise HTTPException(401, detail="invalid or revoked API key", headers=challenge)
-        retry_after = store.hit_rate_limit(key.id, now=orch.clock())
+        retry_after = store.hit_rate_limit(key.id, now=orch.clock(), limit=key.rate_limit_per_minute)
         if retry_after is not None:
             raise HTTPException(
                 429,

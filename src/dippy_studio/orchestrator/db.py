@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 
 from dippy_studio.sqlite_lock import WriteLock
 
@@ -32,6 +33,8 @@ DB_FILENAME = "orchestrator.sqlite"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Fail a connection attempt to an unreachable PostgreSQL in seconds, not the OS's minutes.
 PG_CONNECT_TIMEOUT_S = 10
+# A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
+PG_IDLE_PING_S = 10.0
 # Execution option a connection carries when its transaction will write (see module docstring).
 WRITE_OPTION = "dippy_write"
 
@@ -70,11 +73,37 @@ def make_engine(url: str | URL) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed)
     try:
-        # pool_pre_ping: a replica that sat idle behind a proxy should not fail its next request.
         connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        engine = create_engine(parsed, connect_args=connect_args)
     except NoSuchModuleError as exc:
         raise DatabaseUrlError(f"no driver for {parsed.drivername!r}") from exc
+    _ping_when_idle(engine, PG_IDLE_PING_S)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Check a pooled connection before use when it sat idle for `idle_s`: a replica idle behind
+    a proxy, or across a server restart, should not fail its next request. SQLAlchemy's
+    `pool_pre_ping` pings on every checkout, a round trip per query on a busy server; a
+    connection used moments ago is not checked, and if the server went away meanwhile, the
+    first error invalidates the whole pool."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, _proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < idle_s:
+            return
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+            dbapi_connection.rollback()  # end the transaction the driver opened for the ping
+        except Exception as exc:
+            # The pool discards this connection and checks out (or opens) another.
+            raise DisconnectionError(f"idle connection is gone: {type(exc).__name__}") from exc
 
 
 class _WriteLockedConnection(sqlite3.Connection):

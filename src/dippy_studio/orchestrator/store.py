@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, Select, Update, bindparam, exists, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dippy_studio.orchestrator.batching import GroupCommit
@@ -138,6 +139,10 @@ class Store:
         self._writes = sessionmaker(writer, expire_on_commit=False)
         # The request path's writes (jobs in, claims, transitions) share transactions under load.
         self._group = GroupCommit(writer.begin)
+        # Single statements on PostgreSQL need no BEGIN and COMMIT (two round trips of three).
+        self._autocommit = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else self.engine
+        )
 
     @classmethod
     def open(cls, url: str | URL, migrate: bool = True) -> Store:
@@ -226,11 +231,12 @@ class Store:
             return None
         return key if hmac.compare_digest(key.key_hash, hash_secret(secret)) else None
 
-    def hit_rate_limit(self, api_key_id: str, now: datetime | None = None) -> float | None:
+    def hit_rate_limit(self, api_key_id: str, now: datetime | None = None, limit: int | None = None) -> float | None:
         """Count one request for the key. None when it is within its per-minute limit, else the
         seconds until the next window opens. One atomic upsert per call, so every process sharing
         the database shares the count. Fixed windows may let a client burst up to twice its limit
-        across a window boundary; that is the price of one row per key per minute."""
+        across a window boundary; that is the price of one row per key per minute. `limit` is the
+        key's `rate_limit_per_minute` when the caller has just read the key (else it is read)."""
         now = now or utcnow()
         window = now.replace(second=0, microsecond=0)
         upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
@@ -238,32 +244,34 @@ class Store:
             index_elements=[RateWindow.api_key_id, RateWindow.window_start],
             set_={"count": RateWindow.count + 1},
         ).returning(RateWindow.count)
+        prune = RateWindow.__table__.delete().where(
+            RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
+        )
 
-        def count_one(conn: Connection) -> tuple[int | None, int]:
-            limit = conn.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
-            if limit is None:
-                return None, 0
-            count = conn.scalar(upsert)
+        def count_one(conn: Connection) -> tuple[int, int]:
+            known = limit
+            if known is None:
+                known = conn.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
+                if known is None:
+                    raise UnknownApiKey(api_key_id)
+            try:
+                count = conn.scalar(upsert)
+            except IntegrityError:  # the key's row is gone (a foreign key)
+                raise UnknownApiKey(api_key_id) from None
             if count == 1:
                 # First request of a new window: the key's older windows will never be read again.
-                conn.execute(
-                    RateWindow.__table__.delete().where(
-                        RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
-                    )
-                )
-            return limit, count
+                conn.execute(prune)
+            return known, count
 
         if self.dialect == "postgresql":
             # Every request of a key updates this one row, so its lock is the busiest there is:
-            # held in a transaction of its own, never across a group's other writes, which would
-            # queue replicas behind each other's groups (and deadlock them on the jobs' rows).
-            with self.engine.execution_options(**{WRITE_OPTION: True}).begin() as conn:
-                limit, count = count_one(conn)
+            # taken by one statement in autocommit, never held across a group's other writes, which
+            # would queue replicas behind each other's groups (and deadlock them on the jobs' rows).
+            with self._autocommit.connect() as conn:
+                known, count = count_one(conn)
         else:
-            limit, count = self._grouped(count_one)
-        if limit is None:
-            raise UnknownApiKey(api_key_id)
-        if count <= limit:
+            known, count = self._grouped(count_one)
+        if count <= known:
             return None
         return (window + RATE_WINDOW - now).total_seconds()
 
@@ -322,7 +330,7 @@ class Store:
     def _by_id(self, model: type[M], key: str) -> M | None:
         """One row by primary key, read with a prepared Core statement: on the path of every
         request and callback, where an ORM session's get costs three times as much."""
-        with self.engine.connect() as conn:
+        with self._autocommit.connect() as conn:
             row = conn.execute(_by_id_statement(model), {"b_id": key}).first()
         return None if row is None else model(**row._mapping)
 
