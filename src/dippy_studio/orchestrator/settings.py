@@ -15,8 +15,9 @@ class OrchestratorSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8090, ge=0, le=65535)
-    # Processes serving the port, each a whole orchestrator on the shared database (serve.py):
-    # one process does its Python work on about one core.
+    # Processes serving the port, each a whole orchestrator on the shared database (serve.py).
+    # One process leaves part of a core idle while it waits on locks and sockets, so a busy
+    # orchestrator wants one more than the cores (bench_throughput: 3 on 2 cores).
     workers: int = Field(default=1, ge=1, le=64)
     # The database defaults to DIR/orchestrator.sqlite (the one `orchestrator keys` uses);
     # blobs live in DIR/blobs, the replay cache of signed requests in DIR/orchestrator-nonces.sqlite.
