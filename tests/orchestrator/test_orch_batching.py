@@ -145,36 +145,32 @@ def test_a_nested_run_joins_the_transaction_in_progress() -> None:
     assert db.committed == [["outer", "inner"]]
 
 
-def test_a_group_locks_rows_in_key_order_whatever_the_arrival_order() -> None:
-    # Two replicas' groups that touch the same jobs must lock them in one order, or they deadlock.
-    db = _Transactions()
-    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+def _queued_behind_a_held_transaction(group: GroupCommit, ops: list[tuple[str, str]]) -> None:
+    """Run ops that write their name (name, lock key), each from its own thread in this order,
+    while the group's first transaction ("first") is held open, so they all queue for the next."""
     gate = threading.Event()
     threads = [threading.Thread(target=group.run, args=(lambda conn: gate.wait(5) and conn.append("first"),))]
     threads[0].start()
     time.sleep(0.05)
-    for key in ("job-c", "job-a", "job-b"):
-        threads.append(threading.Thread(target=group.run, args=(lambda conn, key=key: conn.append(key), key)))
-        threads[-1].start()
-        time.sleep(0.02)
-    gate.set()
-    for thread in threads:
-        thread.join()
-    assert db.committed == [["first"], ["job-a", "job-b", "job-c"]]
-
-
-def test_operations_that_never_wait_for_a_row_run_after_those_that_may() -> None:
-    db = _Transactions()
-    group = GroupCommit(db.begin)  # type: ignore[arg-type]
-    gate = threading.Event()
-    threads = [threading.Thread(target=group.run, args=(lambda conn: gate.wait(5) and conn.append("first"),))]
-    threads[0].start()
-    time.sleep(0.05)
-    for name, key in (("claim", ""), ("job-b", "job-b"), ("insert", ""), ("job-a", "job-a")):
+    for name, key in ops:
         threads.append(threading.Thread(target=group.run, args=(lambda conn, name=name: conn.append(name), key)))
         threads[-1].start()
         time.sleep(0.02)
     gate.set()
     for thread in threads:
         thread.join()
+
+
+def test_a_group_locks_rows_in_key_order_whatever_the_arrival_order() -> None:
+    # Two replicas' groups that touch the same jobs must lock them in one order, or they deadlock.
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    _queued_behind_a_held_transaction(group, [(key, key) for key in ("job-c", "job-a", "job-b")])
+    assert db.committed == [["first"], ["job-a", "job-b", "job-c"]]
+
+
+def test_operations_that_never_wait_for_a_row_run_after_those_that_may() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    _queued_behind_a_held_transaction(group, [("claim", ""), ("job-b", "job-b"), ("insert", ""), ("job-a", "job-a")])
     assert db.committed == [["first"], ["job-a", "job-b", "claim", "insert"]]

@@ -118,31 +118,28 @@ class GroupCommit:
             self._queue.append(op)
             lead = not self._writing
             self._writing = True
-        if lead:
-            self._write_groups(op)
-        else:
+        if not lead:
             op.done.wait()
-            if op.lead:
-                self._write_groups(op)
+        if lead or op.lead:
+            self._write_next_group(op)
         if op.error is not None:
             raise op.error
         return op.value  # type: ignore[return-value]
 
-    def _write_groups(self, own: _Op[Any]) -> None:
-        """Write groups until this thread's own op is done; then hand over or stop."""
-        while True:
-            with self._lock:
-                group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
-            self._write(group)
-            with self._lock:
-                if not self._queue:
-                    self._writing = False
-                    return
-                if own.done.is_set():
-                    successor = self._queue[0]
-                    successor.lead = True
-                    successor.done.set()
-                    return
+    def _write_next_group(self, own: _Op[Any]) -> None:
+        """Write the next group, which starts with this thread's own op (it is first in the
+        queue), then hand the rest to the first op still waiting, or stop when none is."""
+        with self._lock:
+            group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
+        assert group[0] is own
+        self._write(group)
+        with self._lock:
+            if not self._queue:
+                self._writing = False
+                return
+            successor = self._queue[0]
+        successor.lead = True
+        successor.done.set()
 
     def _write(self, group: list[_Op[Any]]) -> None:
         try:
