@@ -1,48 +1,17 @@
-"""Small writes from many threads coalesce into batches, and none is lost or written twice;
-grouped transactions give each caller its own result or error."""
+"""Writes from many threads and from an event loop share transactions on one writer thread, and
+none is lost or written twice; each caller gets its own result or error."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
 from collections.abc import Iterator
 
-from dippy_studio.orchestrator.batching import Coalescer, GroupCommit
+import pytest
 
-
-def test_concurrent_adds_are_written_once_each_in_fewer_batches() -> None:
-    batches: list[list[int]] = []
-
-    def write(batch: list[int]) -> None:
-        time.sleep(0.002)  # a transaction's worth of time, so others queue up meanwhile
-        batches.append(batch)
-
-    coalescer: Coalescer[int] = Coalescer("test", write)
-    threads = [threading.Thread(target=lambda k=k: [coalescer.add(k * 100 + i) for i in range(50)]) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    coalescer.flush()
-    written = [item for batch in batches for item in batch]
-    assert sorted(written) == sorted(k * 100 + i for k in range(8) for i in range(50))
-    assert len(batches) < len(written)
-
-
-def test_a_failed_batch_is_logged_and_later_writes_go_on(caplog) -> None:
-    written: list[str] = []
-
-    def write(batch: list[str]) -> None:
-        if "bad" in batch:
-            raise RuntimeError("database down")
-        written.extend(batch)
-
-    coalescer: Coalescer[str] = Coalescer("running", write)
-    coalescer.add("bad")
-    coalescer.add("good")
-    assert written == ["good"]
-    assert "running: writing a batch of 1 failed" in caplog.text
+from dippy_studio.orchestrator.batching import GroupCommit
 
 
 class _Transactions:
@@ -174,3 +143,75 @@ def test_operations_that_never_wait_for_a_row_run_after_those_that_may() -> None
     group = GroupCommit(db.begin)  # type: ignore[arg-type]
     _queued_behind_a_held_transaction(group, [("claim", ""), ("job-b", "job-b"), ("insert", ""), ("job-a", "job-a")])
     assert db.committed == [["first"], ["job-a", "job-b", "claim", "insert"]]
+
+
+def test_an_event_loop_submits_without_blocking_and_shares_transactions() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+
+    def write(name: str) -> str:
+        time.sleep(0.001)
+        group.connection().append(name)
+        return name.upper()
+
+    async def main() -> list[str]:
+        # 200 operations in flight at once from one thread: the loop never waits on the writer.
+        return await asyncio.gather(*(group.submit(lambda k=k: write(f"op{k}")) for k in range(200)))
+
+    try:
+        assert asyncio.run(main()) == [f"OP{k}" for k in range(200)]
+    finally:
+        group.close()
+    written = [name for ops in db.committed for name in ops]
+    assert sorted(written) == sorted(f"op{k}" for k in range(200))
+    assert len(db.committed) < 20  # the writer took what queued up while it wrote
+
+
+def test_a_submitted_operation_fails_alone_and_a_failed_prepare_skips_it() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    ran: list[str] = []
+
+    def op(name: str, fail: bool = False) -> str:
+        group.connection().append(name)
+        if fail:
+            raise ValueError(f"{name} broke a constraint")
+        return name
+
+    def refuse() -> None:
+        raise PermissionError("replayed")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            group.submit(lambda: op("good")),
+            group.submit(lambda: op("bad", fail=True)),
+            group.submit(lambda: ran.append("skipped") or "skipped", prepare=refuse),
+            group.submit(lambda: op("reads only") and "no transaction"),
+            return_exceptions=True,
+        )
+
+    try:
+        good, bad, skipped, alone = asyncio.run(main())
+    finally:
+        group.close()
+    assert good == "good" and alone == "no transaction"
+    assert isinstance(bad, ValueError) and isinstance(skipped, PermissionError)
+    assert ran == []  # its prepare failed, so it never ran
+    assert ["good"] in db.committed and not any("bad" in ops for ops in db.committed)
+
+
+def test_a_closed_group_writes_what_was_queued_and_restarts_on_the_next_write() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    assert group.run(lambda conn: conn.append("one") or 1) == 1
+    group.close()
+    assert not group.on_writer_thread()
+    assert group.run(lambda conn: conn.append("two") or 2) == 2
+    group.close()
+    assert db.committed == [["one"], ["two"]]
+
+
+def test_connection_is_only_for_the_writer_thread() -> None:
+    group = GroupCommit(_Transactions().begin)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="writer thread"):
+        group.connection()

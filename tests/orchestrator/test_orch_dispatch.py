@@ -73,18 +73,24 @@ class CallbackSender:
         self.url = url
         self.http = httpx.Client(timeout=10)
 
-    def send(self, job_id: str, signer, meta: dict[str, Any], result: bytes | None, *, tamper: bool = False):
-        files = {"meta": ("meta.json", json.dumps(meta).encode(), "application/json")}
+    def send(self, job_id: str, signer, meta: dict[str, Any] | None, result: bytes | None, *, tamper: bool = False):
+        files = {}
+        if meta is not None:
+            files["meta"] = ("meta.json", json.dumps(meta).encode(), "application/json")
         if result is not None:
             files["result"] = ("result.png", result, "image/png")
-        path = f"/v1/miner-callbacks/{job_id}"
-        request = httpx.Request("POST", self.url + path, files=files)
-        body = request.read()
-        headers = {"content-type": request.headers["content-type"]}
-        headers.update(sign_request(signer, "POST", path, body, ORCHESTRATOR.ss58_address))
+        request = httpx.Request("POST", self.url, files=files)
+        body, headers = request.read(), self.signed(job_id, signer, request.read(), request.headers["content-type"])
         if tamper:
             body = body.replace(b"result.png", b"tamper.png")
-        return self.http.post(self.url + path, content=body, headers=headers)
+        return self.post(job_id, body, headers)
+
+    def signed(self, job_id: str, signer, body: bytes, content_type: str) -> dict[str, str]:
+        path = f"/v1/miner-callbacks/{job_id}"
+        return {"content-type": content_type, **sign_request(signer, "POST", path, body, ORCHESTRATOR.ss58_address)}
+
+    def post(self, job_id: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return self.http.post(f"{self.url}/v1/miner-callbacks/{job_id}", content=body, headers=headers)
 
 
 def view_meta(miner_job_id: str, result: bytes | None, status: str = "succeeded", **overrides: Any) -> dict[str, Any]:
@@ -143,6 +149,31 @@ def test_callbacks_must_come_from_the_assigned_miner_and_are_idempotent(subnet):
     assert client.get(f"/v1/requests/{request_id}").json() == done  # nothing changed
     outcomes = [(a.attempt, a.outcome) for a in orch.store.list_attempts(request_id)]
     assert outcomes == [(1, "invalid"), (2, "succeeded")]
+
+
+def test_callback_bodies_are_read_only_after_the_signature_and_never_replayed(subnet):
+    silent = subnet.add_stub_miner("//Dave")
+    orch = subnet.start_orchestrator()
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    wait_status(client, request_id, {"running"})
+    miner, callbacks = signer_from_uri("//Dave"), CallbackSender(orch.url)
+    form = "multipart/form-data; boundary=x"
+
+    garbled = b"--x\r\nno headers end here"
+    assert callbacks.post(request_id, garbled, callbacks.signed(request_id, miner, garbled, form)).status_code == 400
+    unsigned = callbacks.post(request_id, garbled, {"content-type": form})
+    assert unsigned.status_code == 401  # the signature is checked before the body is read
+    no_meta = callbacks.send(request_id, miner, None, noise_png())
+    assert no_meta.status_code == 422 and "no 'meta' part" in no_meta.json()["detail"]
+
+    report = json.dumps(view_meta(f"{request_id}-1", None, status="running")).encode()
+    body = b'--x\r\nContent-Disposition: form-data; name="meta"\r\n\r\n' + report + b"\r\n--x--\r\n"
+    headers = callbacks.signed(request_id, miner, body, form)
+    assert callbacks.post(request_id, body, headers).json() == {"status": "running"}
+    replayed = callbacks.post(request_id, body, headers)
+    assert replayed.status_code == 401 and "already accepted" in replayed.json()["detail"]
+    assert len(silent.received) == 1 and client.get(f"/v1/requests/{request_id}").json()["status"] == "running"
 
 
 def test_a_failure_reported_by_the_miner_sends_the_job_elsewhere(subnet):
@@ -217,7 +248,7 @@ def test_two_orchestrators_on_one_postgres_dispatch_each_job_once(subnet, pg_dat
         payload = {"prompt": "x", "seed": 1, "width": 64, "height": 64, "steps": 1, "guidance": 3.5, "loras": []}
         created = {store.create_job(key.id, "inference", payload, deadline, 60).id for _ in range(JOBS)}
         for handle in (first, second):
-            handle.orch.tasks["dispatch"].wake()
+            handle.orch.dispatcher.wake()
         wait_until(lambda: len(counting.received) >= JOBS, 60, "every job to reach the miner")
         wait_until(lambda: all(store.load_job(j).status == "running" for j in created), 30, "every job to run")
     finally:

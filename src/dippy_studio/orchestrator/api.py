@@ -27,7 +27,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import math
 import re
 import secrets
 import threading
@@ -282,21 +281,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     settings = orch.settings
 
     def admit(credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
-        """The caller's live API key, with this request counted against its rate limit (blocking)."""
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if credentials is None:
-            raise HTTPException(401, detail="missing Authorization: Bearer <API key>", headers=challenge)
-        key = store.authenticate(credentials.credentials)
-        if key is None:
-            raise HTTPException(401, detail="invalid or revoked API key", headers=challenge)
-        retry_after = store.hit_rate_limit(key.id, now=orch.clock(), limit=key.rate_limit_per_minute)
-        if retry_after is not None:
-            raise HTTPException(
-                429,
-                detail=f"rate limit of {key.rate_limit_per_minute} requests per minute reached",
-                headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
-            )
-        return key
+        return orch.admit(credentials.credentials if credentials is not None else None)
 
     def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
         return admit(credentials)
@@ -347,9 +332,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     ) -> JSONResponse:
         """Queue a text-to-image request. Send `Prefer: wait=N` to get the image in this response when
         it is ready within N seconds."""
-        # The key's checks and the insert in one trip to a worker thread, not one each: this is
-        # the busiest route, and every trip costs thread switches.
-        job = await run_in_threadpool(lambda: orch.create_image_job(admit(credentials), body))
+        job = await orch.submit_image_job(credentials.credentials if credentials is not None else None, body)
         return await submitted(request, job)
 
     @router.post("/v1/loras", status_code=202, response_model=Submitted, responses=errors, tags=["loras"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import random
 import re
@@ -28,7 +29,7 @@ import httpx
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import text, update
+from sqlalchemy import text
 
 from dippy_studio.chain.base import Chain
 from dippy_studio.orchestrator.api import (
@@ -44,8 +45,7 @@ from dippy_studio.orchestrator.api import (
 )
 from dippy_studio.orchestrator.audit import HELDOUT_KEY, Auditor, AuditOutcome, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.blobs import BlobStore
-from dippy_studio.orchestrator.callbacks import CallbackHandler, Reply, read_lora_bytes
-from dippy_studio.orchestrator.db import WRITE_OPTION
+from dippy_studio.orchestrator.callbacks import CallbackHandler, read_lora_bytes
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
@@ -200,7 +200,6 @@ class Orchestrator:
             else None
         )
         self.tasks = {
-            "dispatch": Periodic("dispatch", self.dispatcher.dispatch_once, settings.dispatch_interval_s, eager=True),
             "sweep": Periodic("sweep", self.dispatcher.sweep_once, settings.sweep_interval_s),
             "sync": Periodic("sync", self.registry.sync, settings.sync_interval_s),
             "probe": Periodic("probe", self.registry.probe_all, settings.probe_interval_s),
@@ -211,6 +210,8 @@ class Orchestrator:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the background threads. The dispatcher runs on the app's event loop: the
+        lifespan starts and stops it (`Dispatcher.start`, `Dispatcher.stop`)."""
         # Miners first, so the first dispatch round has someone to send to.
         try:
             self.registry.refresh()
@@ -226,7 +227,6 @@ class Orchestrator:
             task.stop()
         if self.audits is not None:
             self.audits.stop()
-        self.dispatcher.close()
         self.webhooks.close()
         self.registry.close()
         self._http.close()
@@ -236,7 +236,7 @@ class Orchestrator:
     # ---- JobEvents ----------------------------------------------------------------------------
 
     def requeued(self, job_id: str) -> None:
-        self.tasks["dispatch"].wake()
+        self.dispatcher.wake()
 
     def finished(self, job_id: str, webhook: bool = True) -> None:
         self.waiters.notify(job_id)
@@ -249,6 +249,42 @@ class Orchestrator:
             self.audits.offer(job)
 
     # ---- building jobs ------------------------------------------------------------------------
+
+    def admit(self, secret: str | None) -> ApiKey:
+        """The caller's live API key, with this request counted against its rate limit (blocking);
+        HTTPException 401 or 429 otherwise."""
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if secret is None:
+            raise HTTPException(401, detail="missing Authorization: Bearer <API key>", headers=challenge)
+        key = self.store.authenticate(secret)
+        if key is None:
+            raise HTTPException(401, detail="invalid or revoked API key", headers=challenge)
+        retry_after = self.store.hit_rate_limit(key.id, now=self.clock(), limit=key.rate_limit_per_minute)
+        if retry_after is not None:
+            raise HTTPException(
+                429,
+                detail=f"rate limit of {key.rate_limit_per_minute} requests per minute reached",
+                headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+            )
+        return key
+
+    async def submit_image_job(self, secret: str | None, body: ImageRequest) -> Job:
+        """`admit` and `create_image_job` from the event loop: as one operation on the store's
+        writer thread, or on a worker thread when the request names URLs (a webhook to resolve,
+        LoRAs to download), which is blocking network work."""
+        if body.webhook_url is not None or any(lora.url is not None for lora in body.loras):
+            return await run_in_threadpool(lambda: self.create_image_job(self.admit(secret), body))
+
+        def admit_and_create() -> Job | HTTPException:
+            try:
+                return self.create_image_job(self.admit(secret), body)
+            except HTTPException as exc:
+                return exc  # a refusal, not a failed transaction: the group goes on
+
+        created = await self.store.submit(admit_and_create)
+        if isinstance(created, HTTPException):
+            raise created
+        return created
 
     def create_image_job(self, key: ApiKey, body: ImageRequest) -> Job:
         spec, settings = self.spec, self.settings
@@ -448,7 +484,6 @@ class AuditQueue:
         self._lock = threading.Lock()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="orch-audits", daemon=True)
-        self._writes = store.engine.execution_options(**{WRITE_OPTION: True})
 
     def start(self) -> None:
         # Audits picked before a restart are still owed: the pick is stored (`jobs.audit`), the
@@ -466,21 +501,22 @@ class AuditQueue:
         return self._queue.unfinished_tasks == 0
 
     def offer(self, job: Job) -> bool:
-        """Decide whether to audit this succeeded job, and queue it if so."""
+        """Decide whether to audit this succeeded job, and queue it if so. Does not block: the
+        callback's event loop calls it; the audit thread records the pick before the audit."""
         if not job.miner_hotkey or not job.result_blob:
             return False
         with self._lock:  # the sampler keeps per-miner counts
             decision = self.sampler.decide(job.miner_hotkey, job.kind)
         if not decision.audit:
             return False
-        with self._writes.begin() as conn:
-            conn.execute(update(Job).where(Job.id == job.id).values(audit=True))
         self._queue.put(job.id)
         return True
 
     def _run(self) -> None:
         while (job_id := self._queue.get()) is not None:
             try:
+                # Stored first, so an audit cut short by a restart is still owed (`start`).
+                self.store.flag_for_audit(job_id)
                 self._audit(job_id)
             except Exception:
                 log.exception("audit of %s crashed", job_id)
@@ -672,9 +708,11 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         orch.start()
+        await orch.dispatcher.start()
         try:
             yield
         finally:
+            await orch.dispatcher.stop()
             orch.stop()
 
     app = FastAPI(
@@ -711,31 +749,7 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
         target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
         if request.scope.get("query_string"):
             target += "?" + request.scope["query_string"].decode("latin-1")
-        # The form is parsed before the signature is checked so that both, and the handling,
-        # take one trip to a worker thread; its reply still puts a bad signature first.
-        try:
-            form = await request.form(max_files=2, max_fields=2)
-        except Exception as exc:  # Starlette raises assorted types for a malformed multipart body
-            form, form_error = None, f"not a multipart form: {exc}"
-        else:
-            form_error = None
-        parts: dict[str, bytes | None] = {}
-        if form is not None:
-            for name in ("meta", "result"):
-                part = form.get(name)
-                parts[name] = None if part is None else part.encode() if isinstance(part, str) else await part.read()
-
-        def handle() -> Reply:
-            checked = orch.callbacks.authenticate(job_id, request.headers, body, target)
-            if isinstance(checked, Reply):
-                return checked
-            if form_error is not None:
-                return Reply(400, {"detail": form_error})
-            if parts["meta"] is None:
-                return Reply(422, {"detail": "no 'meta' part"})
-            return orch.callbacks.accept(checked, parts["meta"], parts["result"])
-
-        reply = await run_in_threadpool(handle)
+        reply = await orch.callbacks.handle(job_id, request.headers, body, target)
         return JSONResponse(reply.body, status_code=reply.status_code)
 
     @app.get("/v1/scores", tags=["validators"], responses={200: {"description": "signed with btauth headers"}})
@@ -765,7 +779,8 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
 
     @app.get("/ready", tags=["operators"])
     def ready() -> JSONResponse:
-        problems = [f"{name} loop is not running" for name, task in orch.tasks.items() if not task.alive]
+        loops = {"dispatch": orch.dispatcher, **orch.tasks}
+        problems = [f"{name} loop is not running" for name, task in loops.items() if not task.alive]
         try:
             with orch.store.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))

@@ -1,19 +1,26 @@
-"""Coalescing small writes from many threads into one transaction.
-
-`GroupCommit` runs the store's write transactions: operations that arrive while one commits
-share the next. `Coalescer` goes further for writes nobody waits on, merging their items into
-one statement.
+"""One writer thread per database: every write transaction of the request path, in groups.
 
 Writers to one database take turns (SQLite has one writer at a time; PostgreSQL rows are locked
-per transaction), and a transaction costs about the same for one row as for fifty. So where many
-threads each have a small write that nobody waits on, the first of them writes for everyone:
-it takes what has queued up, writes it as one batch, and repeats until nothing is left, while
-the others only add to the queue and go on. Under load the batches grow on their own; when
-idle, every write goes out at once, alone.
+per transaction), and a transaction costs about the same for one row as for fifty. So the store's
+writes go to one thread, which takes everything that queued up while it was busy and writes it as
+one transaction: under load the groups grow on their own; when idle, every write goes out at once,
+alone. The event loop hands its work over without a thread of its own waiting (`submit`), other
+threads block until their write has committed (`run`).
+
+An operation is a function of no arguments that calls the store. Inside it, the store's writes
+join the group's transaction (`connection`, opened at the first write), reads use their own
+connections, and `prepare` (file writes, statements that must not hold the group's locks) runs
+before the transaction, outside it.
+
+Why one thread rather than the threads that wait taking turns at writing: every hand-over between
+threads costs Python a GIL switch and the kernel a wake-up, and under load those were most of the
+orchestrator's time (bench/bench_throughput.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -28,152 +35,191 @@ log = logging.getLogger("dippy_studio.orchestrator.batching")
 T = TypeVar("T")
 
 
-class Coalescer(Generic[T]):
-    def __init__(self, name: str, write: Callable[[list[T]], object]) -> None:
-        self.name = name
-        self._write = write
-        self._lock = threading.Lock()
-        self._pending: list[T] = []
-        self._writing = False
-
-    def add(self, item: T) -> None:
-        """Queue `item`; write it (and whatever else is queued) unless another thread is writing."""
-        with self._lock:
-            self._pending.append(item)
-        # A writer busy now sees the item: it only stops once it finds the queue empty.
-        self.flush()
-
-    def flush(self) -> None:
-        """Write whatever is queued now (shutdown, tests)."""
-        with self._lock:
-            if self._writing:
-                return
-            self._writing = True
-        self._drain()
-
-    def _drain(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._writing = False
-                    return
-            try:
-                self._write(batch)
-            except Exception:
-                # Best effort by design: callers do not wait on these writes.
-                log.exception("%s: writing a batch of %d failed", self.name, len(batch))
-
-
 class _Op(Generic[T]):
-    __slots__ = ("done", "error", "fn", "lead", "lock_key", "settled", "value")
+    __slots__ = ("done", "error", "fn", "future", "lock_key", "loop", "prepare", "value")
 
-    def __init__(self, fn: Callable[[Connection], T], lock_key: str) -> None:
+    def __init__(
+        self,
+        fn: Callable[[], T],
+        lock_key: str,
+        prepare: Callable[[], object] | None,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.fn = fn
         self.lock_key = lock_key
-        self.done = threading.Event()
-        self.lead = False  # set with `done` when this op's thread is to write the next batch
+        self.prepare = prepare
+        self.loop = loop
+        # Threads wait on `done`; an event loop gets `future`, resolved on the loop's own thread.
+        self.done: threading.Event | None = None if loop else threading.Event()
+        self.future: asyncio.Future[T] | None = loop.create_future() if loop else None
         self.value: T | None = None
         self.error: BaseException | None = None
-        self.settled = False  # value or error is final
 
 
 class GroupCommit:
-    """Write transactions from many threads, committed together.
+    """Runs operations on one writer thread, each group of them in one transaction.
 
-    `run(fn)` runs `fn(connection)` inside a write transaction and returns what it returns, once
-    that transaction has committed. Operations that arrive while a transaction is being written
-    wait and go into the next one, all together: one BEGIN and one COMMIT (on SQLite one turn of
-    the write lock and one WAL append; on PostgreSQL one WAL flush) for the whole group. The
-    thread whose operation comes first writes the group; when it is done it hands the next group
-    to the thread of the first operation waiting, so no request thread writes for others for long.
+    `run(fn)` (from any thread) and `submit(fn)` (from an event loop, awaitable) run `fn()` on the
+    writer thread and give its result once the transaction it wrote in has committed. A group's
+    operations that name a `lock_key` (the row they may wait to lock, a job id) run first, in key
+    order, and the rest (inserts, SKIP LOCKED claims: they lock rows but never wait for one) after
+    them. So a group waits only while holding rows of smaller keys, and two replicas' groups cannot
+    deadlock each other.
 
     If a group fails, it is rolled back and each of its operations runs again alone, so one
     operation's error (a constraint, a deadlock between replicas) reaches only its own caller.
-    Operations must therefore be safe to run twice after a rollback, as a transaction is.
-    An operation must not call `run` from another thread and wait for it; a nested `run` on the
-    writing thread joins the transaction in progress.
+    Operations must therefore be safe to run twice after a rollback, as a transaction is, and
+    should return expected refusals as values rather than raise them. An operation must not wait
+    for another operation; a nested `run` on the writer thread joins the transaction in progress.
     """
 
-    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]], max_group: int = 128) -> None:
+    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]], max_group: int = 256) -> None:
         self._begin = begin
         self.max_group = max_group
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._queue: deque[_Op[Any]] = deque()
-        self._writing = False
-        self._local = threading.local()
-        self.groups = 0  # transactions written, for tests and benchmarks
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._transaction: AbstractContextManager[Connection] | None = None
+        self._connection: Connection | None = None
+        self.groups = 0  # transactions committed, for tests and benchmarks
         self.ops = 0
 
+    # ---- callers --------------------------------------------------------------------------------
+
     def run(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
-        """`lock_key` names the row `fn` may wait to lock (a job id). A group runs those operations
-        first, in key order, and the rest (inserts, SKIP LOCKED claims: they lock rows but never
-        wait for one) after them. So a group waits only while holding rows of smaller keys, and
-        two replicas' groups cannot deadlock each other."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return fn(conn)
-        op: _Op[T] = _Op(fn, lock_key)
-        with self._lock:
-            self._queue.append(op)
-            lead = not self._writing
-            self._writing = True
-        if not lead:
-            op.done.wait()
-        if lead or op.lead:
-            self._write_next_group(op)
+        """`fn(connection)` in a group's write transaction; returns once that has committed."""
+        if self.on_writer_thread():
+            return fn(self.connection())
+        op: _Op[T] = _Op(lambda: fn(self.connection()), lock_key, None, None)
+        self._put(op)
+        assert op.done is not None
+        op.done.wait()
         if op.error is not None:
             raise op.error
         return op.value  # type: ignore[return-value]
 
-    def _write_next_group(self, own: _Op[Any]) -> None:
-        """Write the next group, which starts with this thread's own op (it is first in the
-        queue), then hand the rest to the first op still waiting, or stop when none is."""
-        with self._lock:
-            group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
-        assert group[0] is own
-        self._write(group)
-        with self._lock:
-            if not self._queue:
-                self._writing = False
-                return
-            successor = self._queue[0]
-        successor.lead = True
-        successor.done.set()
+    def submit(
+        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | None = None
+    ) -> asyncio.Future[T]:
+        """Run `fn()` on the writer thread, `prepare()` first outside the transaction (its error
+        fails the operation without running `fn`). Call on an event loop; await the result."""
+        op: _Op[T] = _Op(fn, lock_key, prepare, asyncio.get_running_loop())
+        self._put(op)
+        assert op.future is not None
+        return op.future
+
+    def on_writer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def connection(self) -> Connection:
+        """The current group's connection, its transaction begun at the first call (writer thread only)."""
+        if not self.on_writer_thread():
+            raise RuntimeError("GroupCommit.connection() is for operations on the writer thread")
+        if self._connection is None:
+            self._transaction = self._begin()
+            self._connection = self._transaction.__enter__()
+        return self._connection
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the thread. A later operation starts a new one."""
+        with self._cond:
+            thread, self._closed = self._thread, True
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _put(self, op: _Op[Any]) -> None:
+        with self._cond:
+            self._queue.append(op)
+            # A closing thread still writes everything queued before it stops, this op included.
+            if self._thread is None:
+                self._closed = False
+                self._thread = threading.Thread(target=self._loop, name="orch-db-writer", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    # ---- the writer thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    self._thread = None
+                    return
+                group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
+            try:
+                self._write(group)
+            finally:
+                self._settle(group)
 
     def _write(self, group: list[_Op[Any]]) -> None:
-        try:
+        ready = []
+        for op in group:
             try:
-                self._transaction(group)
-            except Exception:
-                if len(group) == 1:
-                    raise
-                for op in group:
-                    self._alone(op)
+                if op.prepare is not None:
+                    op.prepare()
+                ready.append(op)
+            except BaseException as exc:
+                op.error = exc
+        ready.sort(key=lambda op: (not op.lock_key, op.lock_key))
+        try:
+            self._transaction_of(ready)
         except BaseException as exc:
-            for op in group:
-                if not op.settled:
-                    op.error, op.settled = exc, True
-        finally:
-            for op in group:
-                op.done.set()
+            if len(ready) == 1:
+                ready[0].error = exc
+                return
+            for op in ready:
+                try:
+                    self._transaction_of([op])
+                except BaseException as alone:
+                    op.error = alone
 
-    def _transaction(self, group: list[_Op[Any]]) -> None:
-        group.sort(key=lambda op: (not op.lock_key, op.lock_key))
-        with self._begin() as conn:
-            self._local.conn = conn
-            try:
-                values = [op.fn(conn) for op in group]
-            finally:
-                self._local.conn = None
-        # Committed: only now may callers act on what they wrote.
-        for op, value in zip(group, values, strict=True):
-            op.value, op.settled = value, True
-        self.groups += 1
-        self.ops += len(group)
-
-    def _alone(self, op: _Op[Any]) -> None:
+    def _transaction_of(self, ops: list[_Op[Any]]) -> None:
         try:
-            self._transaction([op])
-        except Exception as exc:
-            op.error, op.settled = exc, True
+            values = [op.fn() for op in ops]
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._end(None)
+        # Committed: only now may callers act on what they wrote.
+        for op, value in zip(ops, values, strict=True):
+            op.value = value
+        self.groups += 1
+        self.ops += len(ops)
+
+    def _end(self, error: BaseException | None) -> None:
+        transaction, self._transaction, self._connection = self._transaction, None, None
+        if transaction is None:
+            return
+        if error is None:
+            transaction.__exit__(None, None, None)  # commits; raises if the commit fails
+        else:
+            transaction.__exit__(type(error), error, error.__traceback__)
+
+    def _settle(self, group: list[_Op[Any]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Op[Any]]] = {}
+        for op in group:
+            if op.done is not None:
+                op.done.set()
+            else:
+                assert op.loop is not None
+                by_loop.setdefault(op.loop, []).append(op)
+        for loop, ops in by_loop.items():
+            # One wake-up of the loop for the whole group, not one per operation.
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+                loop.call_soon_threadsafe(_resolve, ops)
+
+
+def _resolve(ops: list[_Op[Any]]) -> None:
+    for op in ops:
+        future = op.future
+        assert future is not None
+        if future.done():  # canceled by its caller
+            continue
+        if op.error is not None:
+            future.set_exception(op.error)
+        else:
+            future.set_result(op.value)

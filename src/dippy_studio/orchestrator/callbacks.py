@@ -22,7 +22,9 @@ gives up on any other 4xx.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import hashlib
 import io
 import logging
@@ -44,8 +46,9 @@ from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import ACTIVE, RequestStatus
 from dippy_studio.orchestrator.store import Store
-from dippy_studio.protocol.auth import AuthError, SenderPolicy, verify_request
+from dippy_studio.protocol.auth import AuthError, SenderPolicy, check_request
 from dippy_studio.protocol.keys import Signer
+from dippy_studio.protocol.multipart import FormError, parse_form
 from dippy_studio.protocol.nonces import NonceStore
 from dippy_studio.protocol.schemas import JobKind, JobStatus, JobView
 
@@ -61,6 +64,17 @@ _LORA_KEY = re.compile(r"^(?:transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.w
 class Reply:
     status_code: int
     body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Write:
+    """A callback's database write: `write()` (after `prepare()`, outside the transaction) on the
+    store's writer thread, or on the calling thread, then `reply(what write returned)`."""
+
+    write: Callable[[], Any]
+    reply: Callable[[Any], Reply]
+    prepare: Callable[[], object] | None = None
+    lock_key: str = ""
 
 
 def lora_id_for(job_id: str) -> str:
@@ -164,31 +178,55 @@ class CallbackHandler:
         # Who signed is checked against the job below; any correct signature passes this policy.
         self._policy = SenderPolicy.open()
 
-    def authenticate(self, job_id: str, headers: Mapping[str, str], body: bytes, target: str) -> Job | Reply:
-        """The job this callback may act on, or the reply refusing it."""
+    async def handle(self, job_id: str, headers: Mapping[str, str], body: bytes, target: str) -> Reply:
+        """One callback, on the event loop: its database work goes to the store's writer thread,
+        and a training result (loading a LoRA takes torch and time) to a worker thread."""
         try:
-            caller = verify_request(
+            checked = check_request(
                 headers,
                 body,
                 method="POST",
                 path=target,
                 receiver_ss58=self.signer.ss58_address,
-                nonce_store=self.nonces,
                 policy=self._policy,
                 max_age=self.settings.max_signature_age,
                 allowed_skew=self.settings.allowed_clock_skew,
             )
+            # The nonce is recorded (last, as `verify_request` would) beside the job's read.
+            claim = functools.partial(checked.claim, self.nonces)
+            job = await self.store.submit(lambda: self.store.load_job(job_id), prepare=claim)
         except AuthError as exc:
             return Reply(exc.status_code, {"detail": exc.reason})
-        job = self.store.load_job(job_id)
         if job is None:
             return Reply(404, {"detail": f"no request {job_id}"})
-        if job.miner_hotkey is None or caller.hotkey_ss58 != job.miner_hotkey:
-            log.warning("callback for %s from %s, which it is not assigned to", job_id, caller.hotkey_ss58)
+        if job.miner_hotkey is None or checked.caller.hotkey_ss58 != job.miner_hotkey:
+            log.warning("callback for %s from %s, which it is not assigned to", job_id, checked.caller.hotkey_ss58)
             return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
-        return job
+        # After the signature: a bad signature is refused before a malformed body.
+        try:
+            form = parse_form(body, headers.get("content-type"), max_parts=2)
+        except FormError as exc:
+            return Reply(400, {"detail": f"not a multipart form: {exc}"})
+        if "meta" not in form:
+            return Reply(422, {"detail": "no 'meta' part"})
+        if job.kind == JobKind.training.value:
+            return await asyncio.to_thread(self.accept, job, form["meta"], form.get("result"))
+        step = self._decide(job, form["meta"], form.get("result"))
+        if isinstance(step, Reply):
+            return step
+        return step.reply(await self.store.submit(step.write, step.lock_key, step.prepare))
 
     def accept(self, job: Job, meta_json: bytes, result: bytes | None) -> Reply:
+        """`handle`'s work once the caller is known to be the job's miner, on the calling thread."""
+        step = self._decide(job, meta_json, result)
+        if isinstance(step, Reply):
+            return step
+        if step.prepare is not None:
+            step.prepare()
+        return step.reply(step.write())
+
+    def _decide(self, job: Job, meta_json: bytes, result: bytes | None) -> Reply | _Write:
+        """The reply, or the database write still to make and how to reply after it."""
         try:
             meta = JobView.model_validate_json(meta_json)
         except ValidationError as exc:
@@ -198,18 +236,27 @@ class CallbackHandler:
         if meta.job_id != miner_job_id(job.id, job.attempts):
             return Reply(410, {"detail": f"{meta.job_id} is not the current attempt of {job.id}"})
         if meta.status in (JobStatus.queued, JobStatus.running):
-            self.store.transition(job.id, "dispatched", "running", now=self.clock())
-            return Reply(200, {"status": "running"})
+            return _Write(
+                lambda: self.store.transition(job.id, "dispatched", "running", now=self.clock()),
+                lambda _: Reply(200, {"status": "running"}),
+                lock_key=job.id,
+            )
         if meta.status != JobStatus.succeeded:
             outcome = "timeout" if meta.status == JobStatus.expired else "failed"
             reason = f"miner reported {meta.status.value}: {meta.error or 'no reason given'}"[:1000]
-            status = self._take_back(job, reason, outcome)
-            return Reply(200, {"status": status or job.status})
+            return _Write(
+                lambda: self._take_back(job, reason, outcome),
+                lambda status: Reply(200, {"status": status or job.status}),
+                lock_key=job.id,
+            )
         problem, rank = self._check(job, meta, result)
         if problem is not None:
             log.warning("invalid result for %s from uid %s: %s", job.id, job.miner_uid, problem)
-            self._take_back(job, f"invalid result: {problem}", "invalid")
-            return Reply(422, {"detail": f"invalid result: {problem}"})
+            return _Write(
+                lambda: self._take_back(job, f"invalid result: {problem}", "invalid"),
+                lambda _: Reply(422, {"detail": f"invalid result: {problem}"}),
+                lock_key=job.id,
+            )
         assert result is not None
         return self._succeed(job, meta, result, rank)
 
@@ -227,36 +274,46 @@ class CallbackHandler:
         rank = int(payload["rank"])
         return check_lora(result, rank, payload["targets"]), rank
 
-    def _succeed(self, job: Job, meta: JobView, result: bytes, rank: int | None) -> Reply:
-        store = self.assets if job.kind == JobKind.training.value else self.results
-        sha256 = store.put(result)
+    def _succeed(self, job: Job, meta: JobView, result: bytes, rank: int | None) -> _Write:
+        training = job.kind == JobKind.training.value
+        blobs = self.assets if training else self.results
+        sha256 = hashlib.sha256(result).hexdigest()
         now = self.clock()
         latency = (now - job.dispatched_at).total_seconds() if job.dispatched_at else None
-        timings = {"miner": dict(meta.timings), "latency_s": latency}
-        if job.kind == JobKind.training.value:
-            # Before the request reads `succeeded`, so a client never sees a LoRA id that 404s. If a
-            # cancel wins the race below, the client keeps a LoRA it no longer waited for.
-            self._register_lora(job, sha256, rank or int(job.payload["rank"]))
         outcome = {
             "result_sha256": sha256,
             "result_blob": sha256,
             "result_bytes": len(result),
             "fingerprint": meta.fingerprint,
-            "timings": timings,
+            "timings": {"miner": dict(meta.timings), "latency_s": latency},
             "error": None,
         }
-        if not self.store.transition(job.id, list(ACTIVE), "succeeded", now=now, **outcome):
-            # Another copy of this callback (or a cancel) got there first.
-            current = self.store.load_job(job.id)
-            return self._already_finished(current, result) if current else Reply(404, {"detail": "gone"})
-        self.events.finished(job.id, webhook=job.webhook_url is not None)
-        if self.on_succeeded is not None:
-            # The row now holds what was just written: hand the hook that rather than read it back.
-            written = {**outcome, "status": RequestStatus.succeeded.value, "finished_at": now, "updated_at": now}
-            for name, value in written.items():
-                setattr(job, name, value)
-            self.on_succeeded(job)
-        return Reply(200, {"status": "succeeded", "sha256": sha256})
+
+        def write() -> Job | None:
+            """The job as it is now when another copy of this callback (or a cancel) got there
+            first; None when this one moved it to `succeeded`."""
+            if training:
+                # Before the request reads `succeeded`, so a client never sees a LoRA id that 404s. If
+                # a cancel wins the race below, the client keeps a LoRA it no longer waited for.
+                self._register_lora(job, sha256, rank or int(job.payload["rank"]))
+            if self.store.transition(job.id, list(ACTIVE), "succeeded", now=now, **outcome):
+                return None
+            return self.store.load_job(job.id) or job
+
+        def reply(current: Job | None) -> Reply:
+            if current is not None:
+                return self._already_finished(current, result)
+            self.events.finished(job.id, webhook=job.webhook_url is not None)
+            if self.on_succeeded is not None:
+                # The row now holds what was just written: hand the hook that rather than read it back.
+                written = {**outcome, "status": RequestStatus.succeeded.value, "finished_at": now, "updated_at": now}
+                for name, value in written.items():
+                    setattr(job, name, value)
+                self.on_succeeded(job)
+            return Reply(200, {"status": "succeeded", "sha256": sha256})
+
+        # Stored before the transaction, outside it: a durable blob before any row names it.
+        return _Write(write, reply, prepare=lambda: blobs.put(result), lock_key=job.id)
 
     def _already_finished(self, job: Job, result: bytes | None) -> Reply:
         same = result is not None and hashlib.sha256(result).hexdigest() == job.result_sha256

@@ -1,11 +1,13 @@
 """Getting queued jobs to miners, and taking them back when miners do not deliver.
 
-One dispatch round: claim queued jobs and pick a miner for each (`routing.choose_miner`), in one
-transaction (`Store.claim_for_dispatch` with `assign`, safe across replicas), then send each job
-as a signed POST. The miner's job id is `<request id>-<attempt>`, so every attempt is a new
-job on the miner's side and a late callback from an earlier attempt can be told apart. Results
-come back by callback to `{public_url}/v1/miner-callbacks/{request id}`; LoRAs and datasets are
-fetched from `{public_url}/v1/blobs/{sha256}`.
+One dispatch round, on the app's event loop: claim queued jobs and pick a miner for each
+(`routing.choose_miner`), in one transaction on the store's writer thread
+(`Store.claim_for_dispatch` with `assign`, safe across replicas), then send each job as a signed
+POST (aiohttp, up to `dispatch_concurrency` in flight). The miner's job id is
+`<request id>-<attempt>`, so every attempt is a new job on the miner's side and a late callback
+from an earlier attempt can be told apart. Results come back by callback to
+`{public_url}/v1/miner-callbacks/{request id}`; LoRAs and datasets are fetched from
+`{public_url}/v1/blobs/{sha256}`.
 
 A miner that refuses (429, 5xx, any other non-2xx) or cannot be reached gets the job back: it
 goes to the queue for another miner (the attempt is recorded as `refused`) and that miner gets
@@ -14,19 +16,19 @@ nothing for a cool-down. The sweeper (`sweep_once`) takes back jobs whose miner 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
-from dippy_studio.orchestrator.batching import Coalescer
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.registry import Registry, endpoint_url
 from dippy_studio.orchestrator.routing import Candidate, choose_miner, eligible
@@ -118,6 +120,10 @@ def retry_or_fail(
 
 
 class Dispatcher:
+    """Sends claimed jobs to miners from the event loop: claims run on the store's writer thread
+    and sends are aiohttp requests, so a busy dispatcher needs no thread of its own per send.
+    `start` and `stop` run on the loop (the app's lifespan); `wake` may be called from any thread."""
+
     def __init__(
         self,
         store: Store,
@@ -136,36 +142,91 @@ class Dispatcher:
         self.events = events
         self.rng = rng or random.Random()
         self.clock = clock
-        self._http = httpx.Client(timeout=settings.dispatch_timeout_s, follow_redirects=False)
-        self._pool = ThreadPoolExecutor(settings.dispatch_concurrency, thread_name_prefix="dispatch")
-        self._lock = threading.Lock()
-        # Signalled whenever a send ends, so a dispatch round waiting for room wakes at once.
-        self._room = threading.Condition(self._lock)
-        self._in_flight = 0
+        self._lock = threading.Lock()  # the rng and cool-downs, used on the writer thread too
         self._cooldown: dict[str, float] = {}  # hotkey -> time.monotonic() when it may get work again
-        # Accepted sends move their jobs to `running` in batches: one write for many jobs.
-        self._running: Coalescer[str] = Coalescer("running", lambda ids: store.mark_running(ids, now=self.clock()))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None  # set whenever a send ends
+        self._sends: set[asyncio.Task[None]] = set()
+        # Accepted sends move their jobs to `running` together: one write for all that were
+        # accepted in one turn of the loop.
+        self._accepted: list[str] = []
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._running.flush()
-        self._http.close()
+    # ---- lifecycle (on the event loop) ------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake, self._room = asyncio.Event(), asyncio.Event()
+        timeout = aiohttp.ClientTimeout(total=self.settings.dispatch_timeout_s)
+        # No connection cap of aiohttp's own: `dispatch_concurrency` bounds the sends.
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        self._task = asyncio.create_task(self._run(), name="orch-dispatch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sends:
+            # A send cut short leaves its job dispatched: the sweeper takes it back.
+            await asyncio.wait(set(self._sends), timeout=self.settings.dispatch_timeout_s)
+        self._flush_running()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def wake(self) -> None:
+        """Dispatch now rather than at the next interval (from any thread)."""
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or loop.is_closed():
+            return
+        if _on_loop(loop):
+            wake.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            # Cleared before the round, so a wake-up that arrives during it starts the next at once.
+            self._wake.clear()
+            try:
+                claimed = await self.dispatch_once()
+            except Exception:
+                # One bad round (database blip, bug) must not end the loop for good.
+                log.exception("dispatch round failed; retrying in %.1fs", self.settings.dispatch_interval_s)
+                claimed = 0
+            if not claimed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.dispatch_interval_s)
 
     # ---- dispatch ---------------------------------------------------------------------------
 
-    def dispatch_once(self) -> int:
+    async def dispatch_once(self) -> int:
         """Claim what can be sent now and start sending it; returns the number of jobs claimed.
 
         With every send slot busy, it first waits (up to `dispatch_interval_s`) for one to free
         up: returning at once would leave the loop asleep for a whole interval while sends finish
-        in milliseconds, which capped a busy orchestrator at about 8 jobs per interval."""
+        in milliseconds."""
+        assert self._room is not None
         concurrency = self.settings.dispatch_concurrency
-        with self._room:
-            self._room.wait_for(lambda: self._in_flight < concurrency, timeout=self.settings.dispatch_interval_s)
-            room = concurrency - self._in_flight
+        if len(self._sends) >= concurrency:
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), self.settings.dispatch_interval_s)
+        room = concurrency - len(self._sends)
         if room <= 0:
             return 0
-        candidates = self.registry.candidates()
+        store = self.store
+        candidates = self.registry.cached_candidates()
+        if candidates is None:
+            candidates = await store.submit(self.registry.candidates)
         cooling = self._cooling()
         profile = self.settings.profile
         kinds = [kind for kind in JobKind if eligible(candidates, kind.value, profile, cooling)]
@@ -182,65 +243,83 @@ class Dispatcher:
             return choice.hotkey, choice.uid
 
         limit = min(room, self.settings.dispatch_batch)
-        jobs = self.store.claim_for_dispatch(limit, now=self.clock(), kinds=kinds, assign=assign)
+        jobs = await store.submit(lambda: store.claim_for_dispatch(limit, now=self.clock(), kinds=kinds, assign=assign))
         for job in jobs:
-            with self._lock:
-                self._in_flight += 1
-            self._pool.submit(self._send_guarded, job, chosen[job.id])
+            task = asyncio.create_task(self._send_guarded(job, chosen[job.id]))
+            self._sends.add(task)
+            task.add_done_callback(self._sent)
         return len(jobs)
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until no send is in flight (tests, shutdown)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self._lock:
-                if self._in_flight == 0:
-                    return True
-            time.sleep(0.01)
-        return False
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        if self._room is not None:
+            self._room.set()
 
-    def _send_guarded(self, job: Job, choice: Candidate) -> None:
+    async def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no send is in flight (tests, shutdown)."""
+        if self._sends:
+            await asyncio.wait(set(self._sends), timeout=timeout)
+        return not self._sends
+
+    async def _send_guarded(self, job: Job, choice: Candidate) -> None:
         try:
-            self._send(job, choice)
+            await self._send(job, choice)
         except Exception:
             # A bug must not leave the job stuck in `dispatched`: the sweeper will take it back.
             log.exception("dispatching %s failed", job.id)
-        finally:
-            with self._room:
-                self._in_flight -= 1
-                self._room.notify_all()
 
-    def _send(self, job: Job, choice: Candidate) -> None:
+    async def _send(self, job: Job, choice: Candidate) -> None:
+        assert self._session is not None
         body = miner_request(job, self.settings.public_url).model_dump_json(exclude_none=True).encode()
         url, target = endpoint_url(choice.endpoint, MINER_PATHS[job.kind])
         headers = sign_request(self.signer, "POST", target, body, choice.hotkey)
         headers["content-type"] = "application/json"
         try:
-            response = self._http.post(url, content=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                if response.status in (200, 202):
+                    # Accepted. A fast miner may already have called back; then this finds nothing to do.
+                    self._note_running(job.id)
+                    return
+                detail = await _detail(response)
+                retry_after = _retry_after(response.headers.get("retry-after"), self.settings.refusal_cooldown_s)
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             reason = f"miner uid {choice.uid} unreachable: {type(exc).__name__}"
-            self.registry.mark_unhealthy(choice.hotkey, reason)
-            self._refused(job, choice, reason, self.settings.refusal_cooldown_s)
+            await self.store.submit(lambda: self.registry.mark_unhealthy(choice.hotkey, reason))
+            await self._refused(job, choice, reason, self.settings.refusal_cooldown_s)
             return
-        if response.status_code in (200, 202):
-            # Accepted. A fast miner may already have called back; then this finds nothing to do.
-            self._running.add(job.id)
-            return
-        reason = f"miner uid {choice.uid} refused: HTTP {response.status_code} {_detail(response)}".strip()
-        self._refused(job, choice, reason, _retry_after(response, self.settings.refusal_cooldown_s))
+        reason = f"miner uid {choice.uid} refused: HTTP {status} {detail}".strip()
+        await self._refused(job, choice, reason, retry_after)
 
-    def _refused(self, job: Job, miner: Candidate, reason: str, cooldown_s: float) -> None:
+    def _note_running(self, job_id: str) -> None:
+        if not self._accepted:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_running)
+        self._accepted.append(job_id)
+
+    def _flush_running(self) -> None:
+        ids, self._accepted = self._accepted, []
+        if not ids:
+            return
+        # Nobody waits on this write: a failure is only logged (the callback moves the job on anyway).
+        written = self.store.submit(lambda: self.store.mark_running(ids, now=self.clock()))
+        written.add_done_callback(_log_failure)
+
+    async def _refused(self, job: Job, miner: Candidate, reason: str, cooldown_s: float) -> None:
         log.info("%s: %s", job.id, reason)
         with self._lock:
             self._cooldown[miner.hotkey] = time.monotonic() + cooldown_s
-        retry_or_fail(
-            self.store,
-            job,
-            reason,
-            outcome="refused",
-            events=self.events,
-            now=self.clock(),
-            min_attempt_s=self.settings.min_attempt_s,
+        await self.store.submit(
+            lambda: retry_or_fail(
+                self.store,
+                job,
+                reason,
+                outcome="refused",
+                events=self.events,
+                now=self.clock(),
+                min_attempt_s=self.settings.min_attempt_s,
+            ),
+            lock_key=job.id,
         )
 
     def _cooling(self) -> set[str]:
@@ -263,34 +342,56 @@ class Dispatcher:
         return result
 
     def cancel_at_miner(self, job: Job) -> None:
-        """Ask the miner working on a job the client canceled to stop (best effort, in the background)."""
-        if not job.miner_hotkey:
+        """Ask the miner working on a job the client canceled to stop (best effort, in the
+        background; from any thread)."""
+        loop = self._loop
+        if not job.miner_hotkey or loop is None or loop.is_closed() or self._session is None:
             return
-        self._pool.submit(self._cancel_at_miner, job.miner_hotkey, miner_job_id(job.id, job.attempts))
+        cancel = self._cancel_at_miner(job.miner_hotkey, miner_job_id(job.id, job.attempts))
+        if _on_loop(loop):
+            task = loop.create_task(cancel)
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+        else:
+            asyncio.run_coroutine_threadsafe(cancel, loop)
 
-    def _cancel_at_miner(self, hotkey: str, miner_job: str) -> None:
-        miner = self.store.get_miner(hotkey)
+    async def _cancel_at_miner(self, hotkey: str, miner_job: str) -> None:
+        assert self._session is not None
+        miner = await self.store.submit(lambda: self.store.get_miner(hotkey))
         if miner is None or not miner.endpoint:
             return
         url, target = endpoint_url(miner.endpoint, f"/v1/jobs/{miner_job}/cancel")
+        headers = sign_request(self.signer, "POST", target, b"", hotkey)
         try:
-            self._http.post(url, content=b"", headers=sign_request(self.signer, "POST", target, b"", hotkey))
-        except httpx.HTTPError as exc:
+            async with self._session.post(url, data=b"", headers=headers, allow_redirects=False) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # The miner will stop at the attempt's deadline anyway.
             log.info("could not cancel %s at miner %s: %s", miner_job, hotkey, exc)
 
 
-def _detail(response: httpx.Response) -> str:
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
     try:
-        detail = response.json().get("detail")
-    except (ValueError, AttributeError):
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        log.error("marking sends as running failed: %s", error, exc_info=error)
+
+
+async def _detail(response: aiohttp.ClientResponse) -> str:
+    try:
+        detail = (await response.json(content_type=None)).get("detail")
+    except (ValueError, AttributeError, aiohttp.ClientError):
         return ""
     return str(detail)[:200] if detail else ""
 
 
-def _retry_after(response: httpx.Response, default: float) -> float:
-    value = response.headers.get("retry-after", "")
+def _retry_after(value: str | None, default: float) -> float:
     try:
-        return min(max(float(value), 0.0), 300.0)
+        return min(max(float(value or ""), 0.0), 300.0)
     except ValueError:
         return default

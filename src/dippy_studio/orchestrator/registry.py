@@ -171,13 +171,21 @@ class Registry:
         self.store.record_probe(hotkey, False, now=self.clock())
         self._forget_candidates()
 
+    def cached_candidates(self) -> list[Candidate] | None:
+        """What `candidates` would return without reading the store, or None when that is due."""
+        with self._lock:
+            if self._candidates is not None and time.monotonic() - self._candidates_at < self.settings.candidates_ttl_s:
+                return self._candidates
+            return None
+
     def candidates(self) -> list[Candidate]:
         """The healthy miners as routing sees them. Read from the store at most every
         `candidates_ttl_s`: a busy dispatcher runs a round per few jobs, and reloading the miners
         table each time cost as much as claiming the jobs."""
+        cached = self.cached_candidates()
+        if cached is not None:
+            return cached
         with self._lock:
-            if self._candidates is not None and time.monotonic() - self._candidates_at < self.settings.candidates_ttl_s:
-                return self._candidates
             generation = self._generation
         read_at = time.monotonic()
         candidates = [

@@ -59,8 +59,8 @@ class OrchestratorSettings(BaseSettings):
     dispatch_interval_s: float = Field(default=0.5, gt=0)
     dispatch_batch: int = Field(default=32, ge=1, le=1000)
     dispatch_timeout_s: float = Field(default=10.0, gt=0)
-    # Sends in flight at once (one thread each). Fewer starve a busy queue: each round can only
-    # claim as many jobs as there are free slots (bench_throughput: 8 gave 127 jobs/s, 32 gave 140).
+    # Sends in flight at once. Fewer starve a busy queue: each round can only claim as many jobs
+    # as there are free slots (bench_throughput: 8 gave 127 jobs/s, 32 gave 140).
     dispatch_concurrency: int = Field(default=32, ge=1, le=256)
     sweep_interval_s: float = Field(default=2.0, gt=0)
     sync_interval_s: float = Field(default=60.0, gt=0)

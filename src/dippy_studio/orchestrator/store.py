@@ -15,6 +15,7 @@ the current UTC time.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -153,6 +154,7 @@ class Store:
         return store
 
     def close(self) -> None:
+        self._group.close()
         self.engine.dispose()
 
     @contextmanager
@@ -162,6 +164,13 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
+        if self._group.on_writer_thread():
+            # Called by an operation of a group: join its transaction. A transaction of its own
+            # would wait for the group's write lock, which this very thread holds.
+            with Session(self._group.connection(), expire_on_commit=False, join_transaction_mode="rollback_only") as s:
+                yield s
+                s.flush()
+            return
         with self._writes.begin() as session:
             yield session
 
@@ -169,6 +178,14 @@ class Store:
         """Run `fn` in a write transaction shared with whatever other writes arrive meanwhile
         (`batching.GroupCommit`, which orders a group by `lock_key`); returns once it has committed."""
         return self._group.run(fn, lock_key)
+
+    def submit(
+        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | None = None
+    ) -> asyncio.Future[T]:
+        """For an event loop: run `fn()`, a function calling this store, on the store's writer
+        thread, its writes in a transaction shared with whatever else is queued (see
+        `batching.GroupCommit`: `lock_key` and `prepare` are its). Await the result."""
+        return self._group.submit(fn, lock_key, prepare)
 
     def _insert(self, model: type) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
@@ -429,6 +446,11 @@ class Store:
         )
         statement = update(_JOBS).where(_JOBS.c.id.in_(free)).values(values)
         return self._grouped(lambda conn: conn.execute(statement).rowcount)
+
+    def flag_for_audit(self, job_id: str) -> None:
+        """Record that a job was picked for an audit (`flagged_without_verdict` finds it after a restart)."""
+        statement = update(_JOBS).where(_JOBS.c.id == job_id).values(audit=True)
+        self._grouped(lambda conn: conn.execute(statement), lock_key=job_id)
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
         """Cancel a key's own job if it has not finished; False if it had (or is not theirs)."""

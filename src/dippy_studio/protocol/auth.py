@@ -41,6 +41,7 @@ __all__ = [
     "AuthError",
     "BadSignature",
     "Caller",
+    "Checked",
     "FutureRequest",
     "InsufficientStake",
     "MalformedAuth",
@@ -54,6 +55,7 @@ __all__ = [
     "StaleRequest",
     "UnregisteredSender",
     "WrongReceiver",
+    "check_request",
     "detect_scheme",
     "epistula_message",
     "sign_btauth",
@@ -347,12 +349,22 @@ def detect_scheme(headers: Mapping[str, str]) -> Scheme:
     raise MissingAuth("request is not signed (no btauth or Epistula headers)")
 
 
-# A verified request, still to be recorded in the replay store. `claim` returns False
-# when the nonce or UUID was seen before.
 @dataclass(frozen=True)
-class _Checked:
+class Checked:
+    """A request whose signature, receiver, freshness and sender policy checked out, still to be
+    recorded in the replay store (`claim`): the last step of `verify_request`, apart so that a
+    server can run it where its other database work runs."""
+
     caller: Caller
-    claim: Callable[[NonceStore], bool]
+    # Records the nonce or UUID; False when it was seen before.
+    record: Callable[[NonceStore], bool]
+
+    def claim(self, nonce_store: NonceStore) -> Caller:
+        """The caller, once its nonce (or UUID) is recorded; `ReplayedRequest` if it was already."""
+        if not self.record(nonce_store):
+            what = "nonce" if self.caller.scheme == "btauth" else "UUID"
+            raise ReplayedRequest(f"this {what} was already accepted from this hotkey")
+        return self.caller
 
 
 class _DeferredNonce:
@@ -373,7 +385,7 @@ def _check_btauth(
     max_age: float,
     allowed_skew: float,
     now_ns: int,
-) -> _Checked:
+) -> Checked:
     try:
         verified = http_auth.verify(
             headers,
@@ -404,7 +416,7 @@ def _check_btauth(
 
     hotkey, nonce_ns = verified.hotkey_ss58, verified.nonce_ns
     caller = Caller(hotkey_ss58=hotkey, scheme="btauth", request_id=str(nonce_ns), signed_at=nonce_ns / 1e9)
-    return _Checked(caller, lambda store: store.check_and_store(hotkey, nonce_ns))
+    return Checked(caller, lambda store: store.check_and_store(hotkey, nonce_ns))
 
 
 def _check_epistula(
@@ -415,7 +427,7 @@ def _check_epistula(
     max_age: float,
     allowed_skew: float,
     now_ns: int,
-) -> _Checked:
+) -> Checked:
     lowered = {key.lower(): value for key, value in headers.items()}
 
     def required(name: str) -> str:
@@ -468,7 +480,7 @@ def _check_epistula(
 
     caller = Caller(hotkey_ss58=sender, scheme="epistula", request_id=request_uuid, signed_at=timestamp_ms / 1000)
     # Prefixed like btauth nonces in the store, so the two kinds never collide.
-    return _Checked(caller, lambda store: store.claim(sender, f"epistula:{request_uuid}"))
+    return Checked(caller, lambda store: store.claim(sender, f"epistula:{request_uuid}"))
 
 
 def _now_ns(now: float | None) -> int:
@@ -485,13 +497,6 @@ def _check_window(nonce_store: NonceStore, max_age: float, allowed_skew: float) 
             f"nonce store retains entries for {nonce_store.retention:g}s but the freshness window "
             f"is {max_age + allowed_skew:g}s; use retention >= max_age + allowed_skew"
         )
-
-
-def _claim(checked: _Checked, nonce_store: NonceStore) -> Caller:
-    if not checked.claim(nonce_store):
-        what = "nonce" if checked.caller.scheme == "btauth" else "UUID"
-        raise ReplayedRequest(f"this {what} was already accepted from this hotkey")
-    return checked.caller
 
 
 def verify_btauth(
@@ -518,7 +523,7 @@ def verify_btauth(
         allowed_skew=allowed_skew,
         now_ns=_now_ns(now),
     )
-    return _claim(checked, nonce_store)
+    return checked.claim(nonce_store)
 
 
 def verify_epistula(
@@ -541,7 +546,7 @@ def verify_epistula(
         allowed_skew=allowed_skew,
         now_ns=_now_ns(now),
     )
-    return _claim(checked, nonce_store)
+    return checked.claim(nonce_store)
 
 
 def verify_request(
@@ -566,6 +571,36 @@ def verify_request(
     or 403 (policy). `ValueError` means the server is misconfigured.
     """
     _check_window(nonce_store, max_age, allowed_skew)
+    checked = check_request(
+        headers,
+        body,
+        method=method,
+        path=path,
+        receiver_ss58=receiver_ss58,
+        policy=policy,
+        max_age=max_age,
+        allowed_skew=allowed_skew,
+        schemes=schemes,
+        now=now,
+    )
+    return checked.claim(nonce_store)
+
+
+def check_request(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    method: str,
+    path: str,
+    receiver_ss58: str,
+    policy: SenderPolicy,
+    max_age: float = DEFAULT_MAX_AGE,
+    allowed_skew: float = DEFAULT_ALLOWED_SKEW,
+    schemes: Iterable[Scheme] = SCHEMES,
+    now: float | None = None,
+) -> Checked:
+    """Everything `verify_request` checks but the replay: claim the result (`Checked.claim`) in a
+    nonce store whose retention covers `max_age + allowed_skew` before acting on the request."""
     scheme = detect_scheme(headers)
     if scheme not in set(schemes):
         raise MalformedAuth(f"{scheme} signatures are not accepted here")
@@ -591,4 +626,4 @@ def verify_request(
             now_ns=now_ns,
         )
     policy.check(checked.caller.hotkey_ss58)
-    return _claim(checked, nonce_store)
+    return checked
