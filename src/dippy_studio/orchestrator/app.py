@@ -44,13 +44,14 @@ from dippy_studio.orchestrator.api import (
     request_view,
 )
 from dippy_studio.orchestrator.audit import HELDOUT_KEY, Auditor, AuditOutcome, AuditSampler, SamplerPolicy
+from dippy_studio.orchestrator.batching import Gathered
 from dippy_studio.orchestrator.blobs import BlobStore
 from dippy_studio.orchestrator.callbacks import CallbackHandler, read_lora_bytes
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.store import Admission, Store
 from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer, load_signer
@@ -68,6 +69,24 @@ _TRIGGER = re.compile(r"^[^\t\r\n\[\]]+$")
 
 # (store, window start, window end) -> {hotkey: score}
 ScoreFn = Callable[[Store, datetime, datetime], Mapping[str, float]]
+
+
+def _unauthorized(reason: str) -> HTTPException:
+    return HTTPException(401, detail=reason, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _admitted(admission: Admission) -> ApiKey:
+    """The admitted key, or the HTTPException (401 or 429) refusing the request."""
+    key = admission.key
+    if key is None:
+        raise _unauthorized("invalid or revoked API key")
+    if admission.retry_after is not None:
+        raise HTTPException(
+            429,
+            detail=f"rate limit of {key.rate_limit_per_minute} requests per minute reached",
+            headers={"Retry-After": str(max(1, math.ceil(admission.retry_after)))},
+        )
+    return key
 
 
 @dataclass(frozen=True)
@@ -253,35 +272,30 @@ class Orchestrator:
     def admit(self, secret: str | None) -> ApiKey:
         """The caller's live API key, with this request counted against its rate limit (blocking);
         HTTPException 401 or 429 otherwise."""
-        challenge = {"WWW-Authenticate": "Bearer"}
         if secret is None:
-            raise HTTPException(401, detail="missing Authorization: Bearer <API key>", headers=challenge)
-        key = self.store.authenticate(secret)
-        if key is None:
-            raise HTTPException(401, detail="invalid or revoked API key", headers=challenge)
-        retry_after = self.store.hit_rate_limit(key.id, now=self.clock(), limit=key.rate_limit_per_minute)
-        if retry_after is not None:
-            raise HTTPException(
-                429,
-                detail=f"rate limit of {key.rate_limit_per_minute} requests per minute reached",
-                headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
-            )
-        return key
+            raise _unauthorized("missing Authorization: Bearer <API key>")
+        return _admitted(self.store.admit([secret], now=self.clock())[0])
 
     async def submit_image_job(self, secret: str | None, body: ImageRequest) -> Job:
-        """`admit` and `create_image_job` from the event loop: as one operation on the store's
-        writer thread, or on a worker thread when the request names URLs (a webhook to resolve,
-        LoRAs to download), which is blocking network work."""
+        """`admit` and `create_image_job` from the event loop, as one operation on the store's
+        writer thread: the group it joins reads the keys and counts the requests of all its
+        submissions at once (`Store.admit`). A request that names URLs (a webhook to resolve, LoRAs
+        to download) goes to a worker thread instead: that is blocking network work."""
+        if secret is None:
+            raise _unauthorized("missing Authorization: Bearer <API key>")
         if body.webhook_url is not None or any(lora.url is not None for lora in body.loras):
             return await run_in_threadpool(lambda: self.create_image_job(self.admit(secret), body))
+        now = self.clock()
+        admission: Gathered[str, Admission] = Gathered("admit", secret, lambda secrets: self.store.admit(secrets, now))
 
-        def admit_and_create() -> Job | HTTPException:
+        def create() -> Job | HTTPException:
+            assert admission.result is not None
             try:
-                return self.create_image_job(self.admit(secret), body)
+                return self.create_image_job(_admitted(admission.result), body)
             except HTTPException as exc:
                 return exc  # a refusal, not a failed transaction: the group goes on
 
-        created = await self.store.submit(admit_and_create)
+        created = await self.store.submit(create, prepare=admission)
         if isinstance(created, HTTPException):
             raise created
         return created

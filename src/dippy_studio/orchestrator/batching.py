@@ -9,8 +9,10 @@ threads block until their write has committed (`run`).
 
 An operation is a function of no arguments that calls the store. Inside it, the store's writes
 join the group's transaction (`connection`, opened at the first write), reads use their own
-connections, and `prepare` (file writes, statements that must not hold the group's locks) runs
-before the transaction, outside it.
+connections, and `prepare` (statements that must not hold the group's locks) runs before the
+transaction, outside it. A prepare may instead be a `Gathered` item: work that the group then does
+once for all its operations (one read of an API key, one count of a key's requests), outside the
+transaction, before it.
 
 Why one thread rather than the threads that wait taking turns at writing: every hand-over between
 threads costs Python a GIL switch and the kernel a wake-up, and under load those were most of the
@@ -33,6 +35,22 @@ from sqlalchemy import Connection
 log = logging.getLogger("dippy_studio.orchestrator.batching")
 
 T = TypeVar("T")
+Item = TypeVar("Item")
+R = TypeVar("R")
+
+
+class Gathered(Generic[Item, R]):
+    """One operation's share of work done once per group: the group calls `flush` with the items
+    of all its operations that gathered under the same `key`, in arrival order, and each gets back
+    its own `result`. A flush that raises fails every operation that gathered into it."""
+
+    __slots__ = ("flush", "item", "key", "result")
+
+    def __init__(self, key: object, item: Item, flush: Callable[[list[Item]], list[R]]) -> None:
+        self.key = key
+        self.item = item
+        self.flush = flush
+        self.result: R | None = None
 
 
 class _Op(Generic[T]):
@@ -42,7 +60,7 @@ class _Op(Generic[T]):
         self,
         fn: Callable[[], T],
         lock_key: str,
-        prepare: Callable[[], object] | None,
+        prepare: Callable[[], object] | Gathered[Any, Any] | None,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
         self.fn = fn
@@ -100,10 +118,11 @@ class GroupCommit:
         return op.value  # type: ignore[return-value]
 
     def submit(
-        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | None = None
+        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | Gathered[Any, Any] | None = None
     ) -> asyncio.Future[T]:
-        """Run `fn()` on the writer thread, `prepare()` first outside the transaction (its error
-        fails the operation without running `fn`). Call on an event loop; await the result."""
+        """Run `fn()` on the writer thread, `prepare()` (or the group's flush of a `Gathered`) first,
+        outside the transaction: its error fails the operation without running `fn`. Call on an
+        event loop; await the result."""
         op: _Op[T] = _Op(fn, lock_key, prepare, asyncio.get_running_loop())
         self._put(op)
         assert op.future is not None
@@ -156,14 +175,25 @@ class GroupCommit:
                 self._settle(group)
 
     def _write(self, group: list[_Op[Any]]) -> None:
-        ready = []
+        gathered: dict[object, list[_Op[Any]]] = {}
         for op in group:
-            try:
-                if op.prepare is not None:
+            if isinstance(op.prepare, Gathered):
+                gathered.setdefault(op.prepare.key, []).append(op)
+            elif op.prepare is not None:
+                try:
                     op.prepare()
-                ready.append(op)
+                except BaseException as exc:
+                    op.error = exc
+        for ops in gathered.values():
+            items: list[Gathered[Any, Any]] = [op.prepare for op in ops]  # type: ignore[misc]
+            try:
+                results = items[0].flush([item.item for item in items])
+                for item, result in zip(items, results, strict=True):
+                    item.result = result
             except BaseException as exc:
-                op.error = exc
+                for op in ops:
+                    op.error = exc
+        ready = [op for op in group if op.error is None]
         ready.sort(key=lambda op: (not op.lock_key, op.lock_key))
         try:
             self._transaction_of(ready)

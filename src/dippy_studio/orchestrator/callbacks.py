@@ -68,8 +68,8 @@ class Reply:
 
 @dataclass(frozen=True)
 class _Write:
-    """A callback's database write: `write()` (after `prepare()`, outside the transaction) on the
-    store's writer thread, or on the calling thread, then `reply(what write returned)`."""
+    """A callback's database write: `prepare()` (storing the result), then `write()` on the store's
+    writer thread or on the calling thread, then `reply(what write returned)`."""
 
     write: Callable[[], Any]
     reply: Callable[[Any], Reply]
@@ -214,7 +214,10 @@ class CallbackHandler:
         step = self._decide(job, form["meta"], form.get("result"))
         if isinstance(step, Reply):
             return step
-        return step.reply(await self.store.submit(step.write, step.lock_key, step.prepare))
+        if step.prepare is not None:
+            # A blob's fsync waits on the disk: on a worker thread, not the writer's.
+            await asyncio.to_thread(step.prepare)
+        return step.reply(await self.store.submit(step.write, step.lock_key))
 
     def accept(self, job: Job, meta_json: bytes, result: bytes | None) -> Reply:
         """`handle`'s work once the caller is known to be the job's miner, on the calling thread."""
@@ -312,7 +315,7 @@ class CallbackHandler:
                 self.on_succeeded(job)
             return Reply(200, {"status": "succeeded", "sha256": sha256})
 
-        # Stored before the transaction, outside it: a durable blob before any row names it.
+        # Stored first: a durable blob before any row names it.
         return _Write(write, reply, prepare=lambda: blobs.put(result), lock_key=job.id)
 
     def _already_finished(self, job: Job, result: bytes | None) -> Reply:

@@ -23,7 +23,7 @@ import re
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -36,7 +36,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dippy_studio.orchestrator.batching import GroupCommit
+from dippy_studio.orchestrator.batching import Gathered, GroupCommit
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
 from dippy_studio.orchestrator.models import ApiKey, Audit, Base, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
 from dippy_studio.orchestrator.states import ACTIVE, NON_TERMINAL, RequestStatus, can_transition
@@ -72,6 +72,7 @@ _QUEUE = (
     .limit(bindparam("b_limit"))
     .with_for_update(skip_locked=True)
 )
+_KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id.in_(bindparam("b_ids", expanding=True)))
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
 _CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
             "updated_at")  # fmt: skip
@@ -117,6 +118,14 @@ class NewApiKey:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """What `Store.admit` decided for one request."""
+
+    key: ApiKey | None  # None: no live key has this secret (malformed, unknown or revoked)
+    retry_after: float | None = None  # seconds until the key's next window, when it is over its limit
+
+
+@dataclass(frozen=True)
 class SweepResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
@@ -124,6 +133,18 @@ class SweepResult:
 
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _key_id(secret: str) -> str | None:
+    match = _KEY_SECRET.match(secret)
+    return f"key_{match.group(1)}" if match else None
+
+
+def _live(secret: str, key: ApiKey | None) -> ApiKey | None:
+    """The key if it is live and this is its secret (compared in constant time)."""
+    if key is None or key.revoked_at is not None:
+        return None
+    return key if hmac.compare_digest(key.key_hash, hash_secret(secret)) else None
 
 
 def new_job_id() -> str:
@@ -180,7 +201,7 @@ class Store:
         return self._group.run(fn, lock_key)
 
     def submit(
-        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | None = None
+        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | Gathered[Any, Any] | None = None
     ) -> asyncio.Future[T]:
         """For an event loop: run `fn()`, a function calling this store, on the store's writer
         thread, its writes in a transaction shared with whatever else is queued (see
@@ -240,13 +261,32 @@ class Store:
     def authenticate(self, secret: str) -> ApiKey | None:
         """The live key whose secret this is, or None. Looks up by the id inside the secret and
         compares hashes in constant time, so neither plaintext nor timing gives a key away."""
-        match = _KEY_SECRET.match(secret)
-        if match is None:
-            return None
-        key = self._by_id(ApiKey, f"key_{match.group(1)}")
-        if key is None or key.revoked_at is not None:
-            return None
-        return key if hmac.compare_digest(key.key_hash, hash_secret(secret)) else None
+        key_id = _key_id(secret)
+        return _live(secret, self._by_id(ApiKey, key_id)) if key_id else None
+
+    def admit(self, secrets: Sequence[str], now: datetime | None = None) -> list[Admission]:
+        """`authenticate` each request's secret and count each one that has a live key against
+        that key's per-minute limit (see `hit_rate_limit`), all together: one read of the keys and
+        one count per key, however many requests. Requests of one key are counted in order."""
+        now = now or utcnow()
+        wanted = sorted({key_id for secret in secrets if (key_id := _key_id(secret))})
+        found: dict[str, ApiKey] = {}
+        if wanted:
+            with self._autocommit.connect() as conn:
+                found = {row.id: ApiKey(**row._mapping) for row in conn.execute(_KEYS_BY_ID, {"b_ids": wanted})}
+        keys = [_live(secret, found.get(_key_id(secret) or "")) for secret in secrets]
+        requests = Counter(key.id for key in keys if key is not None)
+        # The count after this batch, handed out in order: the first of n requests gets count - n + 1.
+        next_count = {key_id: self._count_requests(key_id, n, now) - n + 1 for key_id, n in requests.items()}
+        until_next_window = (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
+        admissions = []
+        for key in keys:
+            if key is None:
+                admissions.append(Admission(None))
+                continue
+            count, next_count[key.id] = next_count[key.id], next_count[key.id] + 1
+            admissions.append(Admission(key, None if count <= key.rate_limit_per_minute else until_next_window))
+        return admissions
 
     def hit_rate_limit(self, api_key_id: str, now: datetime | None = None, limit: int | None = None) -> float | None:
         """Count one request for the key. None when it is within its per-minute limit, else the
@@ -255,42 +295,44 @@ class Store:
         across a window boundary; that is the price of one row per key per minute. `limit` is the
         key's `rate_limit_per_minute` when the caller has just read the key (else it is read)."""
         now = now or utcnow()
+        if limit is None:
+            key = self.get_api_key(api_key_id)
+            if key is None:
+                raise UnknownApiKey(api_key_id)
+            limit = key.rate_limit_per_minute
+        if self._count_requests(api_key_id, 1, now) <= limit:
+            return None
+        return (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
+
+    def _count_requests(self, api_key_id: str, n: int, now: datetime) -> int:
+        """Add `n` requests to the key's count for the minute of `now`; returns the new count."""
         window = now.replace(second=0, microsecond=0)
-        upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
+        upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=n)
         upsert = upsert.on_conflict_do_update(
             index_elements=[RateWindow.api_key_id, RateWindow.window_start],
-            set_={"count": RateWindow.count + 1},
+            set_={"count": RateWindow.count + n},
         ).returning(RateWindow.count)
         prune = RateWindow.__table__.delete().where(
             RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
         )
 
-        def count_one(conn: Connection) -> tuple[int, int]:
-            known = limit
-            if known is None:
-                known = conn.scalar(select(ApiKey.rate_limit_per_minute).where(ApiKey.id == api_key_id))
-                if known is None:
-                    raise UnknownApiKey(api_key_id)
+        def count(conn: Connection) -> int:
             try:
-                count = conn.scalar(upsert)
+                total = conn.scalar(upsert)
             except IntegrityError:  # the key's row is gone (a foreign key)
                 raise UnknownApiKey(api_key_id) from None
-            if count == 1:
-                # First request of a new window: the key's older windows will never be read again.
+            if total == n:
+                # First requests of a new window: the key's older windows will never be read again.
                 conn.execute(prune)
-            return known, count
+            return total
 
         if self.dialect == "postgresql":
             # Every request of a key updates this one row, so its lock is the busiest there is:
             # taken by one statement in autocommit, never held across a group's other writes, which
             # would queue replicas behind each other's groups (and deadlock them on the jobs' rows).
             with self._autocommit.connect() as conn:
-                known, count = count_one(conn)
-        else:
-            known, count = self._grouped(count_one)
-        if count <= known:
-            return None
-        return (window + RATE_WINDOW - now).total_seconds()
+                return count(conn)
+        return self._grouped(count)
 
     # ---- jobs -------------------------------------------------------------------------------
 
