@@ -170,7 +170,7 @@ class Orchestrator:
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._owns_store = store is None
-        self.store = store or Store.open(settings.database_url)
+        self.store = store or Store.open(settings.database_url, writers=settings.db_writers)
         # Results (client images) are private; assets (datasets, LoRAs) are served to miners.
         self.results = BlobStore(settings.blob_dir / "results")
         self.assets = BlobStore(settings.blob_dir / "assets")

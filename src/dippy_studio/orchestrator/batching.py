@@ -75,7 +75,11 @@ class _Op(Generic[T]):
 
 
 class GroupCommit:
-    """Runs operations on one writer thread, each group of them in one transaction.
+    """Runs operations on a writer thread, each group of them in one transaction.
+
+    With `writers` above one, that many threads each take the next group while the others write
+    theirs (PostgreSQL: while one waits on the server, another prepares; SQLite has one writer
+    at a time, so one thread).
 
     `run(fn)` (from any thread) and `submit(fn)` (from an event loop, awaitable) run `fn()` on the
     writer thread and give its result once the transaction it wrote in has committed. A group's
@@ -91,15 +95,17 @@ class GroupCommit:
     for another operation; a nested `run` on the writer thread joins the transaction in progress.
     """
 
-    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]], max_group: int = 256) -> None:
+    def __init__(
+        self, begin: Callable[[], AbstractContextManager[Connection]], *, writers: int = 1, max_group: int = 256
+    ) -> None:
         self._begin = begin
         self.max_group = max_group
+        self.writers = writers
         self._cond = threading.Condition()
         self._queue: deque[_Op[Any]] = deque()
-        self._thread: threading.Thread | None = None
+        self._threads: set[threading.Thread] = set()
         self._closed = False
-        self._transaction: AbstractContextManager[Connection] | None = None
-        self._connection: Connection | None = None
+        self._local = threading.local()  # a writer's current transaction and connection
         self.groups = 0  # transactions committed, for tests and benchmarks
         self.ops = 0
 
@@ -129,44 +135,49 @@ class GroupCommit:
         return op.future
 
     def on_writer_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return getattr(self._local, "writer", False)
 
     def connection(self) -> Connection:
-        """The current group's connection, its transaction begun at the first call (writer thread only)."""
+        """The current group's connection, its transaction begun at the first call (writer threads only)."""
         if not self.on_writer_thread():
             raise RuntimeError("GroupCommit.connection() is for operations on the writer thread")
-        if self._connection is None:
-            self._transaction = self._begin()
-            self._connection = self._transaction.__enter__()
-        return self._connection
+        local = self._local
+        if local.connection is None:
+            local.transaction = self._begin()
+            local.connection = local.transaction.__enter__()
+        return local.connection
 
     def close(self, timeout: float = 30.0) -> None:
-        """Write what is queued, then stop the thread. A later operation starts a new one."""
+        """Write what is queued, then stop the threads. A later operation starts new ones."""
         with self._cond:
-            thread, self._closed = self._thread, True
-            self._cond.notify()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            threads, self._closed = set(self._threads), True
+            self._cond.notify_all()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
 
     def _put(self, op: _Op[Any]) -> None:
         with self._cond:
             self._queue.append(op)
-            # A closing thread still writes everything queued before it stops, this op included.
-            if self._thread is None:
+            # Closing threads still write everything queued before they stop, this op included.
+            if not self._threads:
                 self._closed = False
-                self._thread = threading.Thread(target=self._loop, name="orch-db-writer", daemon=True)
-                self._thread.start()
+                for k in range(self.writers):
+                    thread = threading.Thread(target=self._loop, name=f"orch-db-writer-{k}", daemon=True)
+                    self._threads.add(thread)
+                    thread.start()
             self._cond.notify()
 
     # ---- the writer thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self._local.writer, self._local.transaction, self._local.connection = True, None, None
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
                     self._cond.wait()
                 if not self._queue:
-                    self._thread = None
+                    self._threads.discard(threading.current_thread())
                     return
                 group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
             try:
@@ -221,7 +232,8 @@ class GroupCommit:
         self.ops += len(ops)
 
     def _end(self, error: BaseException | None) -> None:
-        transaction, self._transaction, self._connection = self._transaction, None, None
+        local = self._local
+        transaction, local.transaction, local.connection = local.transaction, None, None
         if transaction is None:
             return
         if error is None:

@@ -23,6 +23,9 @@ class OrchestratorSettings(BaseSettings):
     # blobs live in DIR/blobs, the replay cache of signed requests in DIR/orchestrator-nonces.sqlite.
     data_dir: Path = Path(".dippy")
     db_url: str | None = None
+    # Threads writing the database's transactions, each a group of the writes queued meanwhile
+    # (orchestrator/batching.py). None: 1 on SQLite (one writer at a time), 3 on PostgreSQL.
+    db_writers: int | None = Field(default=None, ge=1, le=32)
     # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
     chain_path: Path | None = None
 

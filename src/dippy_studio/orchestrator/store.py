@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Select, Update, bindparam, exists, insert, select, update
+from sqlalchemy import Connection, Engine, Select, Update, bindparam, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
@@ -50,6 +50,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 # A re-dispatch with less time than this left before the client's deadline would only fail later.
 DEFAULT_MIN_ATTEMPT_S = 5.0
 SWEEP_BATCH = 500
+# Writer threads on PostgreSQL: a group's statements wait on round trips to the server, and other
+# groups can be written meanwhile (bench/bench_throughput.py).
+POSTGRES_WRITERS = 3
 AUDIT_VERDICTS = frozenset({"pass", "fail", "inconclusive"})
 WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
 
@@ -152,7 +155,9 @@ def new_job_id() -> str:
 
 
 class Store:
-    def __init__(self, url_or_engine: str | URL | Engine) -> None:
+    def __init__(self, url_or_engine: str | URL | Engine, writers: int | None = None) -> None:
+        """`writers`: threads writing groups of transactions (`batching.GroupCommit`); by default
+        one on SQLite, which has one writer at a time, and `POSTGRES_WRITERS` on PostgreSQL."""
         self.engine = url_or_engine if isinstance(url_or_engine, Engine) else make_engine(url_or_engine)
         self.dialect = self.engine.dialect.name
         # expire_on_commit=False: returned rows stay readable after their session is gone.
@@ -160,16 +165,18 @@ class Store:
         writer = self.engine.execution_options(**{WRITE_OPTION: True})
         self._writes = sessionmaker(writer, expire_on_commit=False)
         # The request path's writes (jobs in, claims, transitions) share transactions under load.
-        self._group = GroupCommit(writer.begin)
+        if writers is None:
+            writers = POSTGRES_WRITERS if self.dialect == "postgresql" else 1
+        self._group = GroupCommit(writer.begin, writers=writers)
         # Single statements on PostgreSQL need no BEGIN and COMMIT (two round trips of three).
         self._autocommit = (
             self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else self.engine
         )
 
     @classmethod
-    def open(cls, url: str | URL, migrate: bool = True) -> Store:
+    def open(cls, url: str | URL, migrate: bool = True, writers: int | None = None) -> Store:
         """A store on `url`, its schema brought up to date first (the usual way to start)."""
-        store = cls(url)
+        store = cls(url, writers)
         if migrate:
             upgrade(store.engine)
         return store
@@ -859,23 +866,39 @@ def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...]) -> U
     )
 
 
-_OPEN_ATTEMPT = (
-    select(_ATTEMPTS.c.id, _ATTEMPTS.c.dispatched_at)
-    .where(_ATTEMPTS.c.job_id == bindparam("b_job_id"), _ATTEMPTS.c.outcome.is_(None))
-    .order_by(_ATTEMPTS.c.attempt.desc())
-    .limit(1)
-)
-_CLOSE_ATTEMPT = (
+# Closing a job's open attempt (there is at most one: every move out of an attempt closes it).
+_CLOSE_ATTEMPTS = (
     update(_ATTEMPTS)
-    .where(_ATTEMPTS.c.id == bindparam("b_id"))
-    .values({name: bindparam(f"b_{name}") for name in ("outcome", "error", "finished_at", "latency_s")})
+    .where(_ATTEMPTS.c.job_id == bindparam("b_job_id"), _ATTEMPTS.c.outcome.is_(None))
+    .values(
+        outcome=bindparam("b_outcome"),
+        error=bindparam("b_error"),
+        finished_at=bindparam("b_finished_at", type_=_ATTEMPTS.c.finished_at.type),
+    )
+)
+# PostgreSQL: the latency from the attempt's own dispatch time in the same statement, one round trip
+# instead of two on the path of every callback. (SQLite's date functions count milliseconds, so
+# there the dispatch time is read first; a statement there costs microseconds, not a round trip.)
+_CLOSE_ATTEMPTS_PG = _CLOSE_ATTEMPTS.values(
+    latency_s=func.greatest(
+        0.0,
+        func.extract(
+            "epoch", bindparam("b_finished_at", type_=_ATTEMPTS.c.finished_at.type) - _ATTEMPTS.c.dispatched_at
+        ),
+    )
+)
+_CLOSE_ATTEMPTS_SQLITE = _CLOSE_ATTEMPTS.values(latency_s=bindparam("b_latency_s"))
+_OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(
+    _ATTEMPTS.c.job_id == bindparam("b_job_id"), _ATTEMPTS.c.outcome.is_(None)
 )
 
 
 def _close_attempt(conn: Connection, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
-    attempt = conn.execute(_OPEN_ATTEMPT, {"b_job_id": job_id}).first()
-    if attempt is None:
+    params: dict[str, Any] = {"b_job_id": job_id, "b_outcome": outcome, "b_error": error, "b_finished_at": now}
+    if conn.dialect.name == "postgresql":
+        conn.execute(_CLOSE_ATTEMPTS_PG, params)
         return
-    latency = max(0.0, (now - attempt.dispatched_at).total_seconds())
-    params = {"b_id": attempt.id, "b_outcome": outcome, "b_error": error, "b_finished_at": now, "b_latency_s": latency}
-    conn.execute(_CLOSE_ATTEMPT, params)
+    dispatched_at = conn.scalar(_OPEN_ATTEMPT, params)
+    if dispatched_at is not None:
+        latency = max(0.0, (now - dispatched_at).total_seconds())
+        conn.execute(_CLOSE_ATTEMPTS_SQLITE, params | {"b_latency_s": latency})
