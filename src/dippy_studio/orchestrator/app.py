@@ -51,7 +51,7 @@ from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Admission, Store
+from dippy_studio.orchestrator.store import Admission, Store, job_row
 from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer, load_signer
@@ -277,30 +277,44 @@ class Orchestrator:
         return _admitted(self.store.admit([secret], now=self.clock())[0])
 
     async def submit_image_job(self, secret: str | None, body: ImageRequest) -> Job:
-        """`admit` and `create_image_job` from the event loop, as one operation on the store's
-        writer thread: the group it joins reads the keys and counts the requests of all its
-        submissions at once (`Store.admit`). A request that names URLs (a webhook to resolve, LoRAs
-        to download) goes to a worker thread instead: that is blocking network work."""
+        """`admit` and `create_image_job` from the event loop, on the store's writer thread,
+        together with every other submission queued meanwhile (`create_image_jobs`). A request that
+        names URLs (a webhook to resolve, LoRAs to download) goes to a worker thread instead: that
+        is blocking network work."""
         if secret is None:
             raise _unauthorized("missing Authorization: Bearer <API key>")
         if body.webhook_url is not None or any(lora.url is not None for lora in body.loras):
             return await run_in_threadpool(lambda: self.create_image_job(self.admit(secret), body))
-        now = self.clock()
-        admission: Gathered[str, Admission] = Gathered("admit", secret, lambda secrets: self.store.admit(secrets, now))
-
-        def create() -> Job | HTTPException:
-            assert admission.result is not None
-            try:
-                return self.create_image_job(_admitted(admission.result), body)
-            except HTTPException as exc:
-                return exc  # a refusal, not a failed transaction: the group goes on
-
-        created = await self.store.submit(create, prepare=admission)
+        submission: Gathered[tuple[str, ImageRequest], Job | HTTPException] = Gathered(
+            "images", (secret, body), self.create_image_jobs
+        )
+        created = await self.store.submit(lambda: submission.result, prepare=submission)
         if isinstance(created, HTTPException):
             raise created
+        self.requeued(created.id)  # now that it is committed, which another writer thread could miss
         return created
 
+    def create_image_jobs(self, submissions: list[tuple[str, ImageRequest]]) -> list[Job | HTTPException]:
+        """Admit and create many image requests (secret, body) at once: one read of their keys, one
+        count per key (`Store.admit`), one insert; each gets its job or the HTTPException refusing it.
+        The caller tells the dispatcher."""
+        now = self.clock()
+        admissions = self.store.admit([secret for secret, _ in submissions], now=now)
+        outcomes: list[dict[str, Any] | HTTPException] = []
+        for (_, body), admission in zip(submissions, admissions, strict=True):
+            try:
+                outcomes.append(self._image_job_row(_admitted(admission), body, now))
+            except HTTPException as exc:
+                outcomes.append(exc)
+        jobs = iter(self.store.insert_jobs([row for row in outcomes if isinstance(row, dict)]))
+        return [outcome if isinstance(outcome, HTTPException) else next(jobs) for outcome in outcomes]
+
     def create_image_job(self, key: ApiKey, body: ImageRequest) -> Job:
+        (job,) = self.store.insert_jobs([self._image_job_row(key, body, self.clock())])
+        self.requeued(job.id)
+        return job
+
+    def _image_job_row(self, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
         spec, settings = self.spec, self.settings
         for name, side in (("width", body.width), ("height", body.height)):
             if not spec.min_side <= side <= spec.max_side:
@@ -311,7 +325,6 @@ class Orchestrator:
         if steps > spec.max_steps:
             raise HTTPException(422, detail=f"steps {steps} is over {spec.max_steps} for profile {spec.name}")
         self._check_webhook(body.webhook_url)
-        now = self.clock()
         deadline = deadline_after(now, body.deadline_s, settings.inference_deadline_s, settings.max_deadline_s)
         payload = {
             "prompt": body.prompt,
@@ -322,7 +335,7 @@ class Orchestrator:
             "guidance": body.guidance if body.guidance is not None else spec.default_guidance,
             "loras": [self._resolve_lora(key, lora) for lora in body.loras],
         }
-        return self._create(key, JobKind.inference, payload, now, deadline, body.webhook_url)
+        return self._job_row(key, JobKind.inference, payload, now, deadline, body.webhook_url)
 
     def create_training_job(
         self,
@@ -380,9 +393,11 @@ class Orchestrator:
             "rank": options.get("rank") or defaults["rank"],
             "targets": list(DEFAULT_TARGETS),
         }
-        return self._create(key, JobKind.training, payload, now, deadline, webhook_url)
+        (job,) = self.store.insert_jobs([self._job_row(key, JobKind.training, payload, now, deadline, webhook_url)])
+        self.requeued(job.id)
+        return job
 
-    def _create(
+    def _job_row(
         self,
         key: ApiKey,
         kind: JobKind,
@@ -390,12 +405,12 @@ class Orchestrator:
         now: datetime,
         deadline: datetime,
         webhook: str | None,
-    ) -> Job:
+    ) -> dict[str, Any]:
         settings = self.settings
         per_attempt = (
             settings.inference_attempt_timeout_s if kind is JobKind.inference else settings.training_attempt_timeout_s
         )
-        job = self.store.create_job(
+        return job_row(
             key.id,
             kind,
             payload,
@@ -405,8 +420,6 @@ class Orchestrator:
             max_attempts=settings.max_attempts,
             now=now,
         )
-        self.requeued(job.id)
-        return job
 
     def _resolve_lora(self, key: ApiKey, lora: LoraInput) -> dict[str, Any]:
         if lora.id is not None:

@@ -42,7 +42,8 @@ R = TypeVar("R")
 class Gathered(Generic[Item, R]):
     """One operation's share of work done once per group: the group calls `flush` with the items
     of all its operations that gathered under the same `key`, in arrival order, and each gets back
-    its own `result`. A flush that raises fails every operation that gathered into it."""
+    its own `result`. A flush's writes are committed on their own, before the group's transaction;
+    a flush that raises is rolled back and fails every operation that gathered into it."""
 
     __slots__ = ("flush", "item", "key", "result")
 
@@ -199,9 +200,13 @@ class GroupCommit:
             items: list[Gathered[Any, Any]] = [op.prepare for op in ops]  # type: ignore[misc]
             try:
                 results = items[0].flush([item.item for item in items])
+                # Committed now, on its own: its results must hold even if the group's transaction
+                # fails (and its operations run again alone, without the flush).
+                self._end(None)
                 for item, result in zip(items, results, strict=True):
                     item.result = result
             except BaseException as exc:
+                self._end(exc)
                 for op in ops:
                     op.error = exc
         ready = [op for op in group if op.error is None]
