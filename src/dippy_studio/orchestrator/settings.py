@@ -24,8 +24,8 @@ class OrchestratorSettings(BaseSettings):
     data_dir: Path = Path(".dippy")
     db_url: str | None = None
     # Threads writing the database's transactions, each a group of the writes queued meanwhile
-    # (orchestrator/batching.py). None: 1 on SQLite (one writer at a time), 3 on PostgreSQL.
-    db_writers: int | None = Field(default=None, ge=1, le=32)
+    # (orchestrator/batching.py). More help only a single process on PostgreSQL (bench_throughput).
+    db_writers: int = Field(default=1, ge=1, le=32)
     # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
     chain_path: Path | None = None
 

@@ -30,7 +30,19 @@ from datetime import datetime, timedelta
 from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Select, Update, bindparam, exists, func, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Select,
+    Update,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
@@ -50,9 +62,6 @@ DEFAULT_MAX_ATTEMPTS = 3
 # A re-dispatch with less time than this left before the client's deadline would only fail later.
 DEFAULT_MIN_ATTEMPT_S = 5.0
 SWEEP_BATCH = 500
-# Writer threads on PostgreSQL: a group's statements wait on round trips to the server, and other
-# groups can be written meanwhile (bench/bench_throughput.py).
-POSTGRES_WRITERS = 3
 AUDIT_VERDICTS = frozenset({"pass", "fail", "inconclusive"})
 WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
 
@@ -194,9 +203,10 @@ def job_row(
 
 
 class Store:
-    def __init__(self, url_or_engine: str | URL | Engine, writers: int | None = None) -> None:
-        """`writers`: threads writing groups of transactions (`batching.GroupCommit`); by default
-        one on SQLite, which has one writer at a time, and `POSTGRES_WRITERS` on PostgreSQL."""
+    def __init__(self, url_or_engine: str | URL | Engine, writers: int = 1) -> None:
+        """`writers`: threads writing groups of transactions (`batching.GroupCommit`). More than one
+        helps only PostgreSQL (SQLite has one writer at a time), and only a single orchestrator
+        process: with `serve --workers 3`, three writers each were slower than one (bench_throughput)."""
         self.engine = url_or_engine if isinstance(url_or_engine, Engine) else make_engine(url_or_engine)
         self.dialect = self.engine.dialect.name
         # expire_on_commit=False: returned rows stay readable after their session is gone.
@@ -204,8 +214,6 @@ class Store:
         writer = self.engine.execution_options(**{WRITE_OPTION: True})
         self._writes = sessionmaker(writer, expire_on_commit=False)
         # The request path's writes (jobs in, claims, transitions) share transactions under load.
-        if writers is None:
-            writers = POSTGRES_WRITERS if self.dialect == "postgresql" else 1
         self._group = GroupCommit(writer.begin, writers=writers)
         # Single statements on PostgreSQL need no BEGIN and COMMIT (two round trips of three).
         self._autocommit = (
@@ -213,7 +221,7 @@ class Store:
         )
 
     @classmethod
-    def open(cls, url: str | URL, migrate: bool = True, writers: int | None = None) -> Store:
+    def open(cls, url: str | URL, migrate: bool = True, writers: int = 1) -> Store:
         """A store on `url`, its schema brought up to date first (the usual way to start)."""
         store = cls(url, writers)
         if migrate:
@@ -495,14 +503,21 @@ class Store:
             raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
         now = now or utcnow()
         values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
-        statement = _transition_statement(tuple(sorted(s.value for s in sources)), tuple(sorted(values)))
+        statement_key = (tuple(sorted(s.value for s in sources)), tuple(sorted(values)))
+        statement = _transition_statement(*statement_key)
         params = {"b_id": job_id} | {f"b_{name}": value for name, value in values.items()}
 
+        closes = target in _ATTEMPT_OUTCOME
+        outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
+
         def move(conn: Connection) -> bool:
+            if closes and conn.dialect.name == "postgresql":
+                both = _transition_closing_statement(statement_key[0], statement_key[1])
+                return conn.scalar(both, params | _attempt_params(job_id, outcome, attempt_error, now)) == 1
             if conn.execute(statement, params).rowcount != 1:
                 return False
-            if target in _ATTEMPT_OUTCOME:
-                _close_attempt(conn, job_id, attempt_outcome or _ATTEMPT_OUTCOME[target], attempt_error, now)
+            if closes:
+                _close_attempt(conn, job_id, outcome, attempt_error, now)
             return True
 
         return self._grouped(move, lock_key=job_id)
@@ -900,34 +915,48 @@ def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...]) -> U
 
 
 # Closing a job's open attempt (there is at most one: every move out of an attempt closes it).
-_CLOSE_ATTEMPTS = (
-    update(_ATTEMPTS)
-    .where(_ATTEMPTS.c.job_id == bindparam("b_job_id"), _ATTEMPTS.c.outcome.is_(None))
-    .values(
-        outcome=bindparam("b_outcome"),
-        error=bindparam("b_error"),
-        finished_at=bindparam("b_finished_at", type_=_ATTEMPTS.c.finished_at.type),
-    )
+def _closing_attempts(jobs: ColumnElement[bool], latency: ColumnElement[float] | None) -> Update:
+    values: dict[str, Any] = {
+        "outcome": bindparam("b_attempt_outcome"),
+        "error": bindparam("b_attempt_error"),
+        "finished_at": bindparam("b_attempt_finished_at", type_=_ATTEMPTS.c.finished_at.type),
+    }
+    if latency is not None:
+        values["latency_s"] = latency
+    return update(_ATTEMPTS).where(jobs, _ATTEMPTS.c.outcome.is_(None)).values(values)
+
+
+# PostgreSQL works the latency out from the attempt's own dispatch time in the same statement: one
+# round trip instead of two. SQLite's date functions count milliseconds, so there the dispatch time
+# is read first; a statement there costs microseconds, not a round trip.
+_PG_LATENCY = func.greatest(
+    0.0,
+    func.extract(
+        "epoch",
+        bindparam("b_attempt_finished_at", type_=_ATTEMPTS.c.finished_at.type) - _ATTEMPTS.c.dispatched_at,
+    ),
 )
-# PostgreSQL: the latency from the attempt's own dispatch time in the same statement, one round trip
-# instead of two on the path of every callback. (SQLite's date functions count milliseconds, so
-# there the dispatch time is read first; a statement there costs microseconds, not a round trip.)
-_CLOSE_ATTEMPTS_PG = _CLOSE_ATTEMPTS.values(
-    latency_s=func.greatest(
-        0.0,
-        func.extract(
-            "epoch", bindparam("b_finished_at", type_=_ATTEMPTS.c.finished_at.type) - _ATTEMPTS.c.dispatched_at
-        ),
-    )
-)
-_CLOSE_ATTEMPTS_SQLITE = _CLOSE_ATTEMPTS.values(latency_s=bindparam("b_latency_s"))
-_OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(
-    _ATTEMPTS.c.job_id == bindparam("b_job_id"), _ATTEMPTS.c.outcome.is_(None)
-)
+_THIS_JOB = _ATTEMPTS.c.job_id == bindparam("b_job_id")
+_CLOSE_ATTEMPTS_PG = _closing_attempts(_THIS_JOB, _PG_LATENCY)
+_CLOSE_ATTEMPTS_SQLITE = _closing_attempts(_THIS_JOB, bindparam("b_latency_s"))
+_OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(_THIS_JOB, _ATTEMPTS.c.outcome.is_(None))
+
+
+@lru_cache(maxsize=256)
+def _transition_closing_statement(sources: tuple[str, ...], names: tuple[str, ...]) -> Select[Any]:
+    """PostgreSQL: `_transition_statement` and the close of the job's attempt as one statement
+    (data-modifying CTEs), which counts the jobs moved (0 or 1): on the path of every callback."""
+    moved = _transition_statement(sources, names).returning(_JOBS.c.id).cte("moved")
+    closed = _closing_attempts(_ATTEMPTS.c.job_id.in_(select(moved.c.id)), _PG_LATENCY).cte("closed")
+    return select(func.count()).select_from(moved).add_cte(closed)
+
+
+def _attempt_params(job_id: str, outcome: str, error: str | None, now: datetime) -> dict[str, Any]:
+    return {"b_job_id": job_id, "b_attempt_outcome": outcome, "b_attempt_error": error, "b_attempt_finished_at": now}
 
 
 def _close_attempt(conn: Connection, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
-    params: dict[str, Any] = {"b_job_id": job_id, "b_outcome": outcome, "b_error": error, "b_finished_at": now}
+    params = _attempt_params(job_id, outcome, error, now)
     if conn.dialect.name == "postgresql":
         conn.execute(_CLOSE_ATTEMPTS_PG, params)
         return
