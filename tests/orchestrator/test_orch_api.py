@@ -7,7 +7,9 @@ import json
 import signal
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -146,6 +148,18 @@ def test_each_key_has_its_own_rate_limit(api: Api):
     assert refused.status_code == 429 and "3 requests per minute" in refused.json()["detail"]
     assert 1 <= int(refused.headers["retry-after"]) <= 60
     assert api.call("GET", "/v1/requests", other).status_code == 200
+
+
+def test_concurrent_submissions_are_each_admitted_or_refused_once(api: Api):
+    # Submissions arriving together are admitted and inserted together (one count per key).
+    limited, other = api.key(rate=10), api.key()
+    bad = {"Authorization": "Bearer dsk_0000000000000000_" + "x" * 43}
+    calls = [(limited, image_body())] * 20 + [(other, image_body(width=512))] * 4 + [(bad, image_body())] * 4
+    with ThreadPoolExecutor(len(calls)) as pool:
+        answers = pool.map(lambda call: api.call("POST", "/v1/images", call[0], json=call[1]), calls)
+        statuses = Counter(answer.status_code for answer in answers)
+    assert statuses == Counter({202: 10, 429: 10, 422: 4, 401: 4})
+    assert len(api.orch.store.list_jobs(limited["id"])) == 10 and api.orch.store.list_jobs(other["id"]) == []
 
 
 BAD_IMAGE_REQUESTS = [

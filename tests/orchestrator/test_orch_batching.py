@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dippy_studio.orchestrator.batching import GroupCommit
+from dippy_studio.orchestrator.batching import Gathered, GroupCommit
 
 
 class _Transactions:
@@ -215,3 +215,62 @@ def test_connection_is_only_for_the_writer_thread() -> None:
     group = GroupCommit(_Transactions().begin)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="writer thread"):
         group.connection()
+
+
+def test_gathered_work_is_done_once_per_group_and_committed_on_its_own() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+    flushes: list[list[int]] = []
+
+    def count(items: list[int]) -> list[int]:
+        flushes.append(items)
+        group.connection().append(f"counted {len(items)}")
+        return [item * 10 for item in items]
+
+    def use(item: Gathered[int, int], fail: bool) -> int:
+        group.connection().append(f"used {item.item}")
+        if fail:
+            raise ValueError("the group's transaction fails")
+        assert item.result is not None
+        return item.result
+
+    async def main() -> list[object]:
+        items = [Gathered("count", k, count) for k in range(1, 5)]
+        gate = threading.Event()
+        busy = group.submit(lambda: gate.wait(5))  # holds the writer while the rest queue up
+        queued = [group.submit(lambda g=g: use(g, fail=g.item == 3), prepare=g) for g in items]
+        gate.set()
+        await busy
+        return await asyncio.gather(*queued, return_exceptions=True)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        group.close()
+    assert results[:2] == [10, 20] and isinstance(results[2], ValueError) and results[3] == 40
+    assert flushes == [[1, 2, 3, 4]]  # once, for everyone, in order
+    # Committed before the group's transaction, and kept although that one was rolled back.
+    assert db.committed[0] == ["counted 4"] and db.rolled_back >= 1
+
+
+def test_a_failed_flush_fails_only_the_operations_that_gathered_into_it() -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+
+    def broken(items: list[str]) -> list[str]:
+        group.connection().append("half a flush")
+        raise RuntimeError("database down")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            group.submit(lambda: "never", prepare=Gathered("broken", "a", broken)),
+            group.submit(lambda: group.connection().append("other") or "fine"),
+            return_exceptions=True,
+        )
+
+    try:
+        failed, fine = asyncio.run(main())
+    finally:
+        group.close()
+    assert isinstance(failed, RuntimeError) and fine == "fine"
+    assert db.committed == [["other"]] and db.rolled_back == 1

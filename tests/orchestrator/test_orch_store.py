@@ -55,7 +55,14 @@ def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str
     assert statuses[accepted.id].started_at == sec(3)
 
 
-def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outcome(store: Store, key_id: str):
+@pytest.mark.parametrize("writers", [1, 3])
+def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outcome(
+    db_url: str, writers: int, request: pytest.FixtureRequest
+):
+    # Several writer threads (`db_writers`) are for PostgreSQL, but must be correct on SQLite too.
+    store = Store.open(db_url, writers=writers)
+    request.addfinalizer(store.close)
+    key_id = store.create_api_key("client").key.id
     jobs = [make_job(store, key_id, created_s=n / 100) for n in range(64)]
     assert [j.id for j in store.claim_for_dispatch(64, now=sec(1))] == [j.id for j in jobs]
     groups_before = store._group.groups
@@ -182,6 +189,29 @@ def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_
             store.hit_rate_limit("key_nope", now=minute, limit=2)
     finally:
         second.close()
+
+
+def test_a_batch_of_requests_is_admitted_in_order_with_one_count_per_key(store: Store, db_url: str):
+    two = store.create_api_key("two a minute", rate_limit_per_minute=2)
+    other = store.create_api_key("other", rate_limit_per_minute=5)
+    gone = store.create_api_key("revoked")
+    store.revoke_api_key(gone.key.id)
+    second = Store(db_url)  # another replica, counting the same key
+    try:
+        assert second.hit_rate_limit(two.key.id, now=sec(1)) is None
+        secrets = [two.secret, other.secret, "dsk_nope", two.secret, gone.secret, two.secret, other.secret]
+        admitted = store.admit(secrets, now=sec(10))
+    finally:
+        second.close()
+    assert [a.key.id if a.key else None for a in admitted] == [
+        two.key.id, other.key.id, None, two.key.id, None, two.key.id, other.key.id
+    ]  # fmt: skip
+    # The other replica's request came first: this batch's first request of `two` is its second.
+    assert [a.retry_after for a in admitted] == [None, None, None, 50.0, None, 50.0, None]
+    # Refused requests count too (every authenticated call does), and nothing counted the bad secrets.
+    assert store.hit_rate_limit(other.key.id, now=sec(11)) is None  # its third of five
+    assert store.hit_rate_limit(two.key.id, now=sec(70)) is None  # a new minute
+    assert store.admit([], now=sec(10)) == []
 
 
 # ---- dispatch and the sweeper -----------------------------------------------------------------
