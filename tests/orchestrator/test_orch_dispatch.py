@@ -3,6 +3,7 @@ the miner registry, and two orchestrators sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,9 @@ from PIL import Image
 
 import orchestrator.orch_kit as kit
 from dippy_studio.engine.images import encode_png
+from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.registry import parse_endpoint
+from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
@@ -256,3 +259,44 @@ def test_two_orchestrators_on_one_postgres_dispatch_each_job_once(subnet, pg_dat
     sent = Counter(body["job_id"] for body in counting.received)
     assert set(sent) == {f"{job_id}-1" for job_id in created}  # each job sent once, as its first attempt
     assert max(sent.values()) == 1
+
+
+class _NoMiners:
+    """A registry with nobody to send to: the dispatcher's own rounds claim nothing."""
+
+    def cached_candidates(self) -> list:
+        return []
+
+
+def test_a_send_accepted_while_a_replica_holds_its_row_still_shows_running(pg_databases):
+    # A replica's claim that looked at the row holds it for a moment; `mark_running` skips rows
+    # held by others rather than wait (waiting could deadlock replicas), so it must try again.
+    import psycopg
+
+    url = pg_databases()
+    store = Store.open(url)
+    key = store.create_api_key("client").key.id
+    job = store.create_job(key, "inference", {"prompt": "x"}, datetime.now(UTC) + timedelta(minutes=5), 60)
+    assert [j.id for j in store.claim_for_dispatch(1)] == [job.id]
+    holder = psycopg.connect(url.replace("postgresql+psycopg", "postgresql"))
+    holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+    settings = OrchestratorSettings(dispatch_interval_s=0.3)
+    dispatcher = Dispatcher(store, _NoMiners(), ORCHESTRATOR, settings, events=None)  # type: ignore[arg-type]
+
+    async def accept_while_held() -> list[str]:
+        await dispatcher.start()
+        try:
+            dispatcher._note_running(job.id)  # what an accepted send does
+            await asyncio.sleep(0.2)
+            seen = [store.load_job(job.id).status]
+            holder.rollback()  # the replica's transaction ends
+            await asyncio.sleep(0.6)
+            return [*seen, store.load_job(job.id).status]
+        finally:
+            await dispatcher.stop()
+
+    try:
+        assert asyncio.run(accept_while_held()) == ["dispatched", "running"]
+    finally:
+        holder.close()
+        store.close()

@@ -48,8 +48,8 @@ def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str
     assert [j.id for j in claimed] == [queued.id, accepted.id]
     # A fast miner's callback came before the batch: that job must not go back to running.
     assert store.transition(queued.id, "dispatched", "succeeded", now=sec(2), result_sha256="ab" * 32)
-    assert store.mark_running([queued.id, accepted.id, finished.id], now=sec(3)) == 1
-    assert store.mark_running([], now=sec(3)) == 0
+    assert store.mark_running([queued.id, accepted.id, finished.id], now=sec(3)) == {accepted.id}
+    assert store.mark_running([], now=sec(3)) == set()
     statuses = {j: store.load_job(j) for j in (queued.id, accepted.id, finished.id)}
     assert [statuses[j].status for j in (queued.id, accepted.id, finished.id)] == ["succeeded", "running", "queued"]
     assert statuses[accepted.id].started_at == sec(3)

@@ -7,6 +7,11 @@ the loops. Besides the client API (`api`), the app serves miners (`/v1/miner-cal
 
 Every part takes the store and a clock, so several orchestrators can share one database (each
 claims jobs with SKIP LOCKED) and tests can build one in-process and wire it to real miners.
+
+The request path stays on the event loop: submissions, dispatch (aiohttp sends) and callbacks hand
+their database work to the store's writer thread (`batching.GroupCommit`) and await it, so under
+load the process spends its time on requests, not on handing them between threads. The slower
+loops (sweeper, registry sync and probes, webhooks, scores) and audits have threads of their own.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -41,6 +42,8 @@ from dippy_studio.protocol.schemas import InferenceJob, JobKind, LoraDownload, T
 
 log = logging.getLogger("dippy_studio.orchestrator.dispatch")
 
+# Times the dispatcher tries again to mark accepted sends `running` that another transaction held.
+RUNNING_RETRIES = 2
 MINER_PATHS = {JobKind.inference.value: "/v1/inference", JobKind.training.value: "/v1/train"}
 
 
@@ -297,13 +300,27 @@ class Dispatcher:
             self._loop.call_soon(self._flush_running)
         self._accepted.append(job_id)
 
-    def _flush_running(self) -> None:
-        ids, self._accepted = self._accepted, []
+    def _flush_running(self, ids: list[str] | None = None, now: datetime | None = None, tries: int = 0) -> None:
+        if ids is None:
+            ids, self._accepted = self._accepted, []
         if not ids:
             return
+        at = now or self.clock()
         # Nobody waits on this write: a failure is only logged (the callback moves the job on anyway).
-        written = self.store.submit(lambda: self.store.mark_running(ids, now=self.clock()))
-        written.add_done_callback(_log_failure)
+        written = self.store.submit(lambda: self.store.mark_running(ids, now=at))
+        written.add_done_callback(functools.partial(self._running_written, ids, at, tries))
+
+    def _running_written(self, ids: list[str], at: datetime, tries: int, written: asyncio.Future[set[str]]) -> None:
+        if written.cancelled():
+            return
+        if (error := written.exception()) is not None:
+            log.error("marking sends as running failed: %s", error, exc_info=error)
+            return
+        left = [job_id for job_id in ids if job_id not in written.result()]
+        if left and tries < RUNNING_RETRIES and self._loop is not None and self.alive:
+            # Finished meanwhile (then this finds nothing to do), or held for a moment by another
+            # transaction, such as a replica's claim that looked at the row: try those again.
+            self._loop.call_later(self.settings.dispatch_interval_s, self._flush_running, left, at, tries + 1)
 
     async def _refused(self, job: Job, miner: Candidate, reason: str, cooldown_s: float) -> None:
         log.info("%s: %s", job.id, reason)
@@ -375,11 +392,6 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def _log_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and (error := future.exception()) is not None:
-        log.error("marking sends as running failed: %s", error, exc_info=error)
 
 
 async def _detail(response: aiohttp.ClientResponse) -> str:

@@ -397,26 +397,10 @@ class Store:
         payload: Mapping[str, Any],
         deadline: datetime,
         attempt_timeout_s: float,
-        *,
-        webhook_url: str | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        audit: bool = False,
-        job_id: str | None = None,
-        now: datetime | None = None,
+        **options: Any,
     ) -> Job:
-        row = job_row(
-            api_key_id,
-            kind,
-            payload,
-            deadline,
-            attempt_timeout_s,
-            webhook_url=webhook_url,
-            max_attempts=max_attempts,
-            audit=audit,
-            job_id=job_id,
-            now=now,
-        )
-        return self.insert_jobs([row])[0]
+        """A new queued job; `options` are `job_row`'s (webhook_url, max_attempts, audit, job_id, now)."""
+        return self.insert_jobs([job_row(api_key_id, kind, payload, deadline, attempt_timeout_s, **options)])[0]
 
     def insert_jobs(self, rows: Sequence[Mapping[str, Any]]) -> list[Job]:
         """New queued jobs from `job_row`s, in one statement."""
@@ -522,13 +506,14 @@ class Store:
 
         return self._grouped(move, lock_key=job_id)
 
-    def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> int:
+    def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> set[str]:
         """`dispatched -> running` for those of these jobs still dispatched, in one transaction (the
-        dispatcher batches its accepted sends). Returns how many moved. A job whose row another
-        transaction holds is skipped rather than waited for: that is its callback (or a cancel)
-        finishing it, and `running` matters only until then."""
+        dispatcher batches its accepted sends). Returns the ids that moved. A job whose row another
+        transaction holds is skipped rather than waited for: mostly that is its callback (or a
+        cancel) finishing it; a replica's claim can hold it for a moment too, so the dispatcher
+        tries the ones left over again."""
         if not job_ids:
-            return 0
+            return set()
         now = now or utcnow()
         values = {
             **_implied_fields(RequestStatus.running, now),
@@ -541,8 +526,8 @@ class Store:
             .where(_JOBS.c.id.in_(sorted(job_ids)), _JOBS.c.status == RequestStatus.dispatched.value)
             .with_for_update(skip_locked=True)
         )
-        statement = update(_JOBS).where(_JOBS.c.id.in_(free)).values(values)
-        return self._grouped(lambda conn: conn.execute(statement).rowcount)
+        statement = update(_JOBS).where(_JOBS.c.id.in_(free)).values(values).returning(_JOBS.c.id)
+        return self._grouped(lambda conn: set(conn.scalars(statement)))
 
     def flag_for_audit(self, job_id: str) -> None:
         """Record that a job was picked for an audit (`flagged_without_verdict` finds it after a restart)."""
