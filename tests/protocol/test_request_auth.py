@@ -33,6 +33,7 @@ from dippy_studio.protocol import (
     verify_epistula,
     verify_request,
 )
+from dippy_studio.protocol.auth import check_nonce_window, check_request
 
 T0 = 1_700_000_000.0
 BODY = b'{"prompt": "a cat in a hat", "seed": 7}'
@@ -206,6 +207,22 @@ def test_replayed_request_is_rejected(scheme: Scheme, alice: Signer, bob: Signer
     with pytest.raises(ReplayedRequest) as caught:
         verify(headers, bob, store, now=T0 + 1)
     assert caught.value.status_code == 401
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_checked_request_is_recorded_only_when_claimed(scheme: Scheme, alice: Signer, bob: Signer, store) -> None:
+    # The orchestrator checks a callback on its event loop and claims its nonce on its database
+    # writer thread: checking alone records nothing, and a second claim is a replay.
+    headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0)
+    checks = dict(method=METHOD, path=PATH, receiver_ss58=bob.ss58_address, policy=SenderPolicy.open(), now=T0)
+    first, again = (check_request(headers, BODY, **checks) for _ in range(2))  # type: ignore[arg-type]
+    assert first.claim(store).hotkey_ss58 == alice.ss58_address
+    with pytest.raises(ReplayedRequest):
+        again.claim(store)
+    with pytest.raises(BadSignature):
+        check_request(headers, BODY + b" ", **checks)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retains entries for 1s"):
+        check_nonce_window(MemoryNonceStore(retention=1.0), DEFAULT_MAX_AGE, DEFAULT_ALLOWED_SKEW)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

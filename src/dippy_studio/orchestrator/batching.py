@@ -1,4 +1,4 @@
-"""One writer thread per database: every write transaction of the request path, in groups.
+"""A writer thread per database: every write transaction of the request path, in groups.
 
 Writers to one database take turns (SQLite has one writer at a time; PostgreSQL rows are locked
 per transaction), and a transaction costs about the same for one row as for fifty. So the store's
@@ -14,16 +14,16 @@ transaction, outside it. A prepare may instead be a `Gathered` item: work that t
 once for all its operations (one read of an API key, one count of a key's requests), outside the
 transaction, before it.
 
-Why one thread rather than the threads that wait taking turns at writing: every hand-over between
-threads costs Python a GIL switch and the kernel a wake-up, and under load those were most of the
-orchestrator's time (bench/bench_throughput.py).
+`writers` above one runs several such threads, each writing groups of its own (for one process on
+PostgreSQL). Why a writer thread rather than the waiting threads taking turns at writing: every
+hand-over between threads costs Python a GIL switch and the kernel a wake-up, and under load those
+were most of the orchestrator's time (bench/bench_throughput.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,8 +31,6 @@ from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
-
-log = logging.getLogger("dippy_studio.orchestrator.batching")
 
 T = TypeVar("T")
 Item = TypeVar("Item")

@@ -46,7 +46,7 @@ from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import ACTIVE, RequestStatus
 from dippy_studio.orchestrator.store import Store
-from dippy_studio.protocol.auth import AuthError, SenderPolicy, check_request
+from dippy_studio.protocol.auth import AuthError, SenderPolicy, check_nonce_window, check_request
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.multipart import FormError, parse_form
 from dippy_studio.protocol.nonces import NonceStore
@@ -177,6 +177,7 @@ class CallbackHandler:
         self.on_succeeded = on_succeeded
         # Who signed is checked against the job below; any correct signature passes this policy.
         self._policy = SenderPolicy.open()
+        check_nonce_window(nonces, settings.max_signature_age, settings.allowed_clock_skew)
 
     async def handle(self, job_id: str, headers: Mapping[str, str], body: bytes, target: str) -> Reply:
         """One callback, on the event loop: its database work goes to the store's writer thread,

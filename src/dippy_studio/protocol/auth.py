@@ -55,6 +55,7 @@ __all__ = [
     "StaleRequest",
     "UnregisteredSender",
     "WrongReceiver",
+    "check_nonce_window",
     "check_request",
     "detect_scheme",
     "epistula_message",
@@ -487,7 +488,9 @@ def _now_ns(now: float | None) -> int:
     return time.time_ns() if now is None else round(now * 1e9)
 
 
-def _check_window(nonce_store: NonceStore, max_age: float, allowed_skew: float) -> None:
+def check_nonce_window(nonce_store: NonceStore, max_age: float, allowed_skew: float) -> None:
+    """ValueError unless the store remembers nonces for the whole freshness window (with
+    `check_request`, call it once where the server is set up)."""
     # A store that forgets sooner than the freshness window closes would let a replay in
     # through the gap. This is a configuration error, not the caller's fault.
     if max_age <= 0 or allowed_skew < 0:
@@ -512,7 +515,7 @@ def verify_btauth(
     now: float | None = None,
 ) -> Caller:
     """Verify a btauth/1 request (no sender policy). Raises an `AuthError` subclass."""
-    _check_window(nonce_store, max_age, allowed_skew)
+    check_nonce_window(nonce_store, max_age, allowed_skew)
     checked = _check_btauth(
         headers,
         body,
@@ -537,7 +540,7 @@ def verify_epistula(
     now: float | None = None,
 ) -> Caller:
     """Verify an Epistula v2 request (no sender policy). Raises an `AuthError` subclass."""
-    _check_window(nonce_store, max_age, allowed_skew)
+    check_nonce_window(nonce_store, max_age, allowed_skew)
     checked = _check_epistula(
         headers,
         body,
@@ -570,7 +573,7 @@ def verify_request(
     `Caller`; raises an `AuthError` subclass whose `status_code` is 401 (authentication)
     or 403 (policy). `ValueError` means the server is misconfigured.
     """
-    _check_window(nonce_store, max_age, allowed_skew)
+    check_nonce_window(nonce_store, max_age, allowed_skew)
     checked = check_request(
         headers,
         body,
