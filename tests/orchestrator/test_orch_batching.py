@@ -274,3 +274,25 @@ def test_a_failed_flush_fails_only_the_operations_that_gathered_into_it() -> Non
         group.close()
     assert isinstance(failed, RuntimeError) and fine == "fine"
     assert db.committed == [["other"]] and db.rolled_back == 1
+
+
+def test_a_bug_in_writing_a_group_fails_that_group_but_not_the_writer(caplog) -> None:
+    db = _Transactions()
+    group = GroupCommit(db.begin)  # type: ignore[arg-type]
+
+    async def main() -> list[object]:
+        started, gate = threading.Event(), threading.Event()
+        busy = group.submit(lambda: started.set() or gate.wait(5))
+        started.wait(5)  # the writer is in the first group: the next two make a group of their own
+        # Lock keys that cannot be ordered: sorting the group raises, outside any operation.
+        broken = [group.submit(lambda: "never", lock_key=key) for key in (1, b"x")]  # type: ignore[arg-type]
+        gate.set()
+        await busy
+        return await asyncio.gather(*broken, return_exceptions=True)
+
+    try:
+        assert all(isinstance(outcome, TypeError) for outcome in asyncio.run(main()))
+        assert group.run(lambda conn: conn.append("after") or "still writing") == "still writing"
+    finally:
+        group.close()
+    assert "writing a group of 2 failed" in caplog.text and db.committed == [["after"]]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
+
+log = logging.getLogger("dippy_studio.orchestrator.batching")
 
 T = TypeVar("T")
 Item = TypeVar("Item")
@@ -181,6 +184,12 @@ class GroupCommit:
                 group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
             try:
                 self._write(group)
+            except Exception as exc:
+                # A bug in writing itself, not in an operation: fail this group, keep the thread.
+                log.exception("writing a group of %d failed", len(group))
+                for op in group:
+                    if op.error is None and op.value is None:
+                        op.error = exc
             finally:
                 self._settle(group)
 
