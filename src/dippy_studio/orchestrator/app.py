@@ -290,8 +290,9 @@ class Orchestrator:
             raise _unauthorized("missing Authorization: Bearer <API key>")
         if body.webhook_url is not None or any(lora.url is not None for lora in body.loras):
             return await run_in_threadpool(lambda: self.create_image_job(self.admit(secret), body))
+        # Keyed by this orchestrator too: two of them may share a store (tests, an embedding app).
         submission: Gathered[tuple[str, ImageRequest], Job | HTTPException] = Gathered(
-            "images", (secret, body), self.create_image_jobs
+            ("images", id(self)), (secret, body), self.create_image_jobs
         )
         created = await self.store.submit(lambda: submission.result, prepare=submission)
         if isinstance(created, HTTPException):
