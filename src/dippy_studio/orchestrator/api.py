@@ -280,11 +280,8 @@ def build_router(orch: Orchestrator) -> APIRouter:
     store = orch.store
     settings = orch.settings
 
-    def admit(credentials: HTTPAuthorizationCredentials | None) -> ApiKey:
-        return orch.admit(credentials.credentials if credentials is not None else None)
-
     def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
-        return admit(credentials)
+        return orch.admit(_secret(credentials))
 
     def own_job(job_id: str, key: ApiKey) -> Job:
         job = store.get_job(job_id, key.id)
@@ -332,7 +329,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     ) -> JSONResponse:
         """Queue a text-to-image request. Send `Prefer: wait=N` to get the image in this response when
         it is ready within N seconds."""
-        job = await orch.submit_image_job(credentials.credentials if credentials is not None else None, body)
+        job = await orch.submit_image_job(_secret(credentials), body)
         return await submitted(request, job)
 
     @router.post("/v1/loras", status_code=202, response_model=Submitted, responses=errors, tags=["loras"])
@@ -437,6 +434,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
         return FileResponse(orch.assets.path(sha256), media_type="application/octet-stream")
 
     return router
+
+
+def _secret(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

@@ -282,19 +282,21 @@ class Orchestrator:
         return _admitted(self.store.admit([secret], now=self.clock())[0])
 
     async def submit_image_job(self, secret: str | None, body: ImageRequest) -> Job:
-        """`admit` and `create_image_job` from the event loop, on the store's writer thread,
-        together with every other submission queued meanwhile (`create_image_jobs`). A request that
-        names URLs (a webhook to resolve, LoRAs to download) goes to a worker thread instead: that
-        is blocking network work."""
+        """`admit` the caller and create its image request, from the event loop: on the store's
+        writer thread, together with every other submission queued meanwhile (`create_image_jobs`),
+        or on a worker thread when the request names URLs (a webhook to resolve, LoRAs to
+        download), which is blocking network work."""
         if secret is None:
             raise _unauthorized("missing Authorization: Bearer <API key>")
+        created: Job | HTTPException
         if body.webhook_url is not None or any(lora.url is not None for lora in body.loras):
-            return await run_in_threadpool(lambda: self.create_image_job(self.admit(secret), body))
-        # Keyed by this orchestrator too: two of them may share a store (tests, an embedding app).
-        submission: Gathered[tuple[str, ImageRequest], Job | HTTPException] = Gathered(
-            ("images", id(self)), (secret, body), self.create_image_jobs
-        )
-        created = await self.store.submit(lambda: submission.result, prepare=submission)
+            (created,) = await run_in_threadpool(self.create_image_jobs, [(secret, body)])
+        else:
+            # Keyed by this orchestrator too: two of them may share a store (tests, an embedding app).
+            submission: Gathered[tuple[str, ImageRequest], Job | HTTPException] = Gathered(
+                ("images", id(self)), (secret, body), self.create_image_jobs
+            )
+            created = await self.store.submit(lambda: submission.result, prepare=submission)
         if isinstance(created, HTTPException):
             raise created
         self.requeued(created.id)  # now that it is committed, which another writer thread could miss
@@ -314,11 +316,6 @@ class Orchestrator:
                 outcomes.append(exc)
         jobs = iter(self.store.insert_jobs([row for row in outcomes if isinstance(row, dict)]))
         return [outcome if isinstance(outcome, HTTPException) else next(jobs) for outcome in outcomes]
-
-    def create_image_job(self, key: ApiKey, body: ImageRequest) -> Job:
-        (job,) = self.store.insert_jobs([self._image_job_row(key, body, self.clock())])
-        self.requeued(job.id)
-        return job
 
     def _image_job_row(self, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
         spec, settings = self.spec, self.settings

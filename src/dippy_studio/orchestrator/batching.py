@@ -217,6 +217,8 @@ class GroupCommit:
                 for op in ops:
                     op.error = exc
         ready = [op for op in group if op.error is None]
+        if not ready:
+            return
         ready.sort(key=lambda op: (not op.lock_key, op.lock_key))
         try:
             self._transaction_of(ready)

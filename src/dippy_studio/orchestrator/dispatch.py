@@ -258,12 +258,6 @@ class Dispatcher:
         if self._room is not None:
             self._room.set()
 
-    async def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Wait until no send is in flight (tests, shutdown)."""
-        if self._sends:
-            await asyncio.wait(set(self._sends), timeout=timeout)
-        return not self._sends
-
     async def _send_guarded(self, job: Job, choice: Candidate) -> None:
         try:
             await self._send(job, choice)

@@ -159,6 +159,11 @@ def _live(secret: str, key: ApiKey | None) -> ApiKey | None:
     return key if hmac.compare_digest(key.key_hash, hash_secret(secret)) else None
 
 
+def _until_next_window(now: datetime) -> float:
+    """Seconds until the next rate-limit window (the next minute) opens."""
+    return (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
+
+
 def new_job_id() -> str:
     return f"req_{uuid.uuid4().hex}"
 
@@ -332,7 +337,7 @@ class Store:
         requests = Counter(key.id for key in keys if key is not None)
         # The count after this batch, handed out in order: the first of n requests gets count - n + 1.
         next_count = {key_id: self._count_requests(key_id, n, now) - n + 1 for key_id, n in requests.items()}
-        until_next_window = (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
+        until_next_window = _until_next_window(now)
         admissions = []
         for key in keys:
             if key is None:
@@ -356,7 +361,7 @@ class Store:
             limit = key.rate_limit_per_minute
         if self._count_requests(api_key_id, 1, now) <= limit:
             return None
-        return (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
+        return _until_next_window(now)
 
     def _count_requests(self, api_key_id: str, n: int, now: datetime) -> int:
         """Add `n` requests to the key's count for the minute of `now`; returns the new count."""
