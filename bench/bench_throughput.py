@@ -1,8 +1,10 @@
-"""Orchestrator throughput: jobs per second from submit to scored, and the latency it adds.
+"""Orchestrator throughput: jobs per second from submit to scored, against a bare baseline.
 
-    .venv/bin/python bench/bench_throughput.py                      # SQLite and PostgreSQL, 2000 jobs each
-    .venv/bin/python bench/bench_throughput.py --backend sqlite --jobs 500 --clients 16
-    .venv/bin/python bench/bench_throughput.py --quick              # fewer jobs
+    .venv/bin/python bench/bench_throughput.py                      # SQLite (1 process), PostgreSQL (3), 3 rounds
+    .venv/bin/python bench/bench_throughput.py --compare-ref        # ... and the code of 36d0ce1, alternately
+    .venv/bin/python bench/bench_throughput.py --compare-ref REF    # ... or of any git ref
+    .venv/bin/python bench/bench_throughput.py --backend sqlite --jobs 500 --clients 16 --rounds 1
+    .venv/bin/python bench/bench_throughput.py --quick              # fewer jobs, 2 rounds
     .venv/bin/python bench/run.py --only throughput                 # the same, from the runner
 
 Everything is real except the miners' work: the orchestrator runs as its own process
@@ -12,11 +14,22 @@ with their endpoints committed, verify the orchestrator's signed POSTs, answer 2
 at once with a signed multipart result (a valid, unique PNG). Clients submit over HTTP with an
 API key from a pool of concurrent connections.
 
-Per backend, after a warm-up:
+Variants, run alternately per configuration (A B C, C B A, ...), each on fresh processes:
+
+- `new`: the orchestrator of this checkout.
+- `bare`: `bare_orchestrator.py`, the same three signed HTTP exchanges per job between the same
+  clients and fake miners (submit with an API key, signed POST to a miner, signed multipart
+  callback verified by the same protocol code) through minimal handlers with no database, as
+  many processes as the orchestrator has. Absolute jobs/s move with the machine; `new / bare`
+  from the same run travels. Goal: at least 0.5.
+- `old` (with `--compare-ref REF`): the orchestrator of another commit, from a `git worktree` of
+  it in a temporary directory (removed afterwards), run with the same venv. Goal: new / old >= 1.
+
+Per variant and round, after a warm-up:
 
 1. Throughput: `jobs` requests submitted as fast as `clients` connections allow; the clock runs
-   from the first POST until every request is `succeeded` in the database. jobs/s = jobs / that.
-   Target: at least 200 jobs/s on the 2-core development machine.
+   from the first POST until every request is `succeeded` (polled every 20 ms: the database
+   for an orchestrator, the processes' memory for bare). jobs/s = jobs / that.
 2. Added latency: `latency_jobs` requests at a steady rate: `latency_rate`, by default half the
    throughput just measured (below saturation, so the queue stays short; a fixed rate would
    saturate a busy machine and measure its queue). Per request: (finished_at - created_at) from
@@ -25,8 +38,12 @@ Per backend, after a warm-up:
    The same numbers from phase 1 (`saturated`) mostly measure the time spent in the queue.
 
 Checks: every request was accepted (202) and succeeded, with the bytes the miner sent.
-The orchestrator's CPU time per job (from /proc) is reported too: on a shared machine it is
-steadier than wall time.
+The server's CPU time per job (from /proc) is reported too: on a shared machine it is steadier
+than wall time. The table shows the median of the rounds; `--json` keeps every round.
+
+The benchmark reads an orchestrator's results from its `jobs` table with SQL of its own and
+creates API keys with `dippy-studio orchestrator keys create`, so it works with old and new code
+alike as long as that table keeps these columns.
 """
 
 from __future__ import annotations
@@ -46,24 +63,26 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import JSON, Column, DateTime, Engine, Integer, MetaData, String, Table, create_engine, func, select
 from sqlalchemy.engine import make_url
 
-from common import BenchResult, Column, NoProgress, Progress
+from common import CURRENT, BenchResult, Code, NoProgress, Progress, code_at, describe, paired_ratio
+from common import Column as TableColumn
 from dippy_studio.chain.local import LocalChain
-from dippy_studio.orchestrator.models import Job
-from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol import signer_from_uri
 from fake_miners import unique_png
 
 BENCH = Path(__file__).resolve().parent
 TARGET_JOBS_PER_S = 200.0
+TARGET_VS_BARE = 0.5
+DEFAULT_REF = "36d0ce1"  # the orchestrator core before its rewrite
 ORCHESTRATOR_URI = "//bench/orchestrator"
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -76,40 +95,81 @@ class Config:
     backend: str  # "sqlite" or "postgres"
     jobs: int = 2000
     clients: int = 32
-    workers: int = 1  # orchestrator processes (`serve --workers`)
+    workers: int = 1  # orchestrator processes (`serve --workers`), and bare processes
     miners: int = 8
     side: int = 64
     warmup: int = 100
     latency_jobs: int = 400
     latency_rate: float | None = None  # requests/s in the latency phase; None: half of phase 1's
     pg_url: str = DEFAULT_PG_URL
+    rounds: int = 1  # each variant measured this many times, alternating
 
 
-# Each backend with one orchestrator process and with three (`serve --workers 3`: one more than
-# the cores, as one process leaves part of a core idle while it waits on its locks and sockets).
-FULL = tuple(Config(backend, workers=workers) for backend in ("sqlite", "postgres") for workers in (1, 3))
-QUICK = tuple(replace(config, jobs=400, warmup=40, latency_jobs=100) for config in FULL)
+# SQLite with one process; PostgreSQL with three (`serve --workers 3`: one more than the cores, as
+# one process leaves part of a core idle while it waits on its locks and sockets).
+FULL = (Config("sqlite", workers=1, rounds=3), Config("postgres", workers=3, rounds=3))
+QUICK = tuple(replace(config, jobs=400, warmup=40, latency_jobs=100, rounds=2) for config in FULL)
 
-COLUMNS = [
-    Column("config", "config"),
-    Column("jobs", "jobs"),
-    Column("clients", "clients"),
-    Column("jobs_per_s", "jobs/s", "{:.1f}"),
-    Column("target_ratio", f"vs {TARGET_JOBS_PER_S:.0f}/s", "{:.2f}x"),
-    Column("target", "target"),
-    Column("orch_cpu_ms_per_job", "orch CPU ms/job", "{:.2f}"),
-    Column("database_cpu_ms_per_job", "db server CPU ms/job", "{:.2f}"),
-    Column("latency_rate", "paced at /s", "{:.0f}"),
-    Column("added_p50_ms", "added p50 ms", "{:.1f}"),
-    Column("added_p99_ms", "added p99 ms", "{:.1f}"),
-    Column("saturated_p50_ms", "saturated p50 ms", "{:.0f}"),
-    Column("saturated_p99_ms", "saturated p99 ms", "{:.0f}"),
-    Column("identical", "all scored"),
-    Column("load_average_1m", "load", "{:.1f}"),
-]
+
+@dataclass(frozen=True)
+class Variant:
+    """What serves the clients: an orchestrator of some code, or the bare baseline (`code` None)."""
+
+    name: str
+    code: Code | None
+
+
+BARE = Variant("bare", None)
+
+
+def columns(compared: bool) -> list[TableColumn]:
+    shown = [
+        TableColumn("config", "config"),
+        TableColumn("jobs", "jobs"),
+        TableColumn("rounds", "rounds"),
+        TableColumn("jobs_per_s", "jobs/s", "{:.1f}"),
+        TableColumn("bare_jobs_per_s", "bare jobs/s", "{:.1f}"),
+        TableColumn("vs_bare", "new / bare", "{:.2f}"),
+        TableColumn("vs_bare_paired", "paired", "{:.2f}"),
+        TableColumn("target", f"goal >= {TARGET_VS_BARE}"),
+    ]
+    if compared:
+        shown += [
+            TableColumn("old_jobs_per_s", "old jobs/s", "{:.1f}"),
+            TableColumn("vs_old", "new / old", "{:.2f}"),
+            TableColumn("vs_old_paired", "paired", "{:.2f}"),
+        ]
+    return [
+        *shown,
+        TableColumn("orch_cpu_ms_per_job", "orch CPU ms/job", "{:.2f}"),
+        TableColumn("bare_cpu_ms_per_job", "bare CPU ms/job", "{:.2f}"),
+        TableColumn("database_cpu_ms_per_job", "db server CPU ms/job", "{:.2f}"),
+        TableColumn("latency_rate", "paced at /s", "{:.0f}"),
+        TableColumn("added_p50_ms", "added p50 ms", "{:.1f}"),
+        TableColumn("added_p99_ms", "added p99 ms", "{:.1f}"),
+        TableColumn("identical", "all scored"),
+        TableColumn("load_average_1m", "load", "{:.1f}"),
+    ]
 
 
 # ---- databases ------------------------------------------------------------------------------
+
+# The columns of the orchestrator's `jobs` table this benchmark reads, declared here rather than
+# imported, so that old and new code are read the same way.
+JOBS = Table(
+    "jobs",
+    MetaData(),
+    Column("id", String),
+    Column("api_key_id", String),
+    Column("status", String),
+    Column("attempts", Integer),
+    Column("created_at", DateTime(timezone=True)),
+    Column("dispatched_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("timings", JSON),
+    Column("result_sha256", String),
+    Column("payload", JSON),
+)
 
 
 @contextlib.contextmanager
@@ -144,6 +204,33 @@ def postgres_problem(pg_url: str) -> str | None:
         return f"PostgreSQL at {make_url(pg_url).render_as_string()} not usable: {type(exc).__name__}"
 
 
+# Creates API keys through the CLI of the code under test, in one process for all of them.
+_CREATE_KEYS = """
+import sys
+from dippy_studio.cli import app
+for name in sys.argv[2:]:
+    args = ["orchestrator", "keys", "create", "--name", name, "--rate-limit", "1000000000", "--json"]
+    app([*args, "--db", sys.argv[1]], standalone_mode=False)
+"""
+
+
+def create_keys(code: Code, db_url: str, names: list[str], cwd: Path) -> dict[str, tuple[str, str]]:
+    """(key id, secret) by name, created with `dippy-studio orchestrator keys create --json`;
+    this also brings the fresh database's schema up to date."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CREATE_KEYS, db_url, *names],
+        env=code.env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+    )
+    created = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or len(created) != len(names):
+        raise RuntimeError(f"{code.name}: creating API keys failed:\n{done.stdout}\n{done.stderr}")
+    return {name: (key["id"], key["key"]) for name, key in zip(names, created, strict=True)}
+
+
 # ---- processes ------------------------------------------------------------------------------
 
 
@@ -165,7 +252,8 @@ def start_miners(count: int, orchestrator_ss58: str, log: Path) -> tuple[subproc
     return proc, json.loads(line)["miners"]
 
 
-def stop_miners(proc: subprocess.Popen) -> None:
+def stop_piped(proc: subprocess.Popen) -> None:
+    """Stop a helper process (fake miners, a bare orchestrator) that ends when its stdin closes."""
     assert proc.stdin is not None
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()  # EOF is its signal to stop
@@ -185,14 +273,17 @@ def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
 
 
 def start_orchestrator(
-    root: Path, db_url: str, chain_dir: Path, port: int, log: Path, workers: int = 1
+    root: Path, db_url: str, chain_dir: Path, port: int, log: Path, workers: int = 1, code: Code = CURRENT
 ) -> subprocess.Popen:
     args = [sys.executable, "-m", "dippy_studio.cli", "orchestrator", "serve", "--data-dir", str(root / "orch"),
             "--db", db_url, "--port", str(port), "--dev-key", ORCHESTRATOR_URI,
             "--chain-data-dir", str(chain_dir), "--allow-loopback", "--workers", str(workers)]  # fmt: skip
     # Audits re-run jobs on a reference engine: a different benchmark. Everything else is default.
-    env = {**os.environ, "DIPPY_ORCH_AUDIT": "false"}
-    return subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = code.env({"DIPPY_ORCH_AUDIT": "false"})
+    # cwd: not the checkout, whose directories could shadow `code` on sys.path.
+    return subprocess.Popen(
+        args, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
 
 
 def wait_ready(proc: subprocess.Popen, url: str, miners: int, log: Path) -> None:
@@ -206,6 +297,34 @@ def wait_ready(proc: subprocess.Popen, url: str, miners: int, log: Path) -> None
                 return
         time.sleep(0.2)
     raise RuntimeError(f"the orchestrator did not see {miners} healthy miners in time:\n{tail(log)}")
+
+
+def start_bare(
+    port: int, miners: list[dict[str, Any]], keys: dict[str, tuple[str, str]], workers: int, log: Path
+) -> list[tuple[subprocess.Popen, int]]:
+    """`workers` bare orchestrators on the shared `port`, each with its private port."""
+    hashes = {key_id: hashlib.sha256(secret.encode()).hexdigest() for key_id, secret in keys.values()}
+    args = [sys.executable, str(BENCH / "bare_orchestrator.py"), "--port", str(port), "--dev-key", ORCHESTRATOR_URI,
+            "--miners", json.dumps([{"hotkey": m["hotkey"], "port": m["port"]} for m in miners]),
+            "--keys", json.dumps(hashes)]  # fmt: skip
+    started: list[tuple[subprocess.Popen, int]] = []
+    try:
+        for index in range(workers):
+            errors = log.with_name(f"{log.stem}-{index}{log.suffix}")
+            proc = subprocess.Popen(
+                args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors.open("w"), text=True
+            )
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                proc.wait(10)
+                raise RuntimeError(f"the bare orchestrator did not start:\n{tail(errors)}")
+            started.append((proc, json.loads(line)["private_port"]))
+    except BaseException:
+        for proc, _ in started:
+            stop_piped(proc)
+        raise
+    return started
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -251,6 +370,85 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     # After the ")" that ends the command name, utime and stime are the 12th and 13th fields.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- what the variants hold -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One request as the server recorded it (its `jobs` row, or a bare process's dict)."""
+
+    id: str
+    status: str
+    attempts: int
+    created_at: datetime
+    dispatched_at: datetime | None
+    finished_at: datetime | None
+    timings: dict[str, Any]
+    result_sha256: str | None
+    payload: dict[str, Any]
+
+
+def _aware(value: datetime | float | None) -> datetime | None:
+    """A UTC datetime from a database value (SQLite's are naive UTC) or unix seconds."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _row(values: Any) -> JobRow:
+    get = values.get if isinstance(values, dict) else values._mapping.get
+    created = _aware(get("created_at"))
+    assert created is not None
+    return JobRow(
+        id=get("id"),
+        status=get("status"),
+        attempts=get("attempts"),
+        created_at=created,
+        dispatched_at=_aware(get("dispatched_at")),
+        finished_at=_aware(get("finished_at")),
+        timings=get("timings") or {},
+        result_sha256=get("result_sha256"),
+        payload=get("payload") or {},
+    )
+
+
+class DatabaseReader:
+    """Requests by key, read from an orchestrator's database."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def counts(self, key_id: str) -> Counter[str]:
+        query = select(JOBS.c.status, func.count()).where(JOBS.c.api_key_id == key_id).group_by(JOBS.c.status)
+        with self.engine.connect() as conn:
+            return Counter({status: n for status, n in conn.execute(query)})
+
+    def rows(self, key_id: str) -> list[JobRow]:
+        with self.engine.connect() as conn:
+            return [_row(row) for row in conn.execute(select(JOBS).where(JOBS.c.api_key_id == key_id))]
+
+
+class BareReader:
+    """Requests by key, asked of every bare process on its private port."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.urls = [f"http://127.0.0.1:{port}" for port in ports]
+        self.http = httpx.Client(timeout=30)
+
+    def counts(self, key_id: str) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for url in self.urls:
+            total.update(self.http.get(f"{url}/bench/counts", params={"key": key_id}).json())
+        return total
+
+    def rows(self, key_id: str) -> list[JobRow]:
+        return [
+            _row(job) for url in self.urls for job in self.http.get(f"{url}/bench/jobs", params={"key": key_id}).json()
+        ]
 
 
 # ---- clients --------------------------------------------------------------------------------
@@ -307,16 +505,14 @@ async def submit(
 
 
 def wait_scored(
-    engine: Engine, key_id: str, submission: Submission, progress: Progress, task: Any, timeout: float
+    counts_of: Callable[[], Counter[str]], submission: Submission, progress: Progress, task: Any, timeout: float
 ) -> tuple[float, Counter[str]]:
-    """Poll the database until every accepted request of this key is finished; returns the
+    """Poll until every accepted request of this key is finished; returns the
     `time.perf_counter()` when that was seen, and the requests per status."""
-    query = select(Job.status, func.count()).where(Job.api_key_id == key_id).group_by(Job.status)
     shown = 0
     end = time.perf_counter() + timeout
     while True:
-        with engine.connect() as conn:
-            counts = Counter({status: n for status, n in conn.execute(query)})
+        counts = counts_of()
         now = time.perf_counter()
         finished = sum(counts[s] for s in TERMINAL)
         progress.advance(task, finished - shown)
@@ -334,8 +530,8 @@ class Phase:
     seconds: float  # first POST until every request was seen finished
     submission: Submission
     counts: Counter[str]
-    cpu_s: dict[str, float | None]  # CPU seconds by process: orchestrator, miners, this one (clients)
-    rows: list[Any]
+    cpu_s: dict[str, float | None]  # CPU seconds by process: server, miners, this one (clients), database
+    rows: list[JobRow]
 
     @property
     def jobs_per_s(self) -> float:
@@ -344,11 +540,11 @@ class Phase:
 
 @dataclass(frozen=True)
 class Rig:
-    """A running orchestrator as the phases see it."""
+    """A running server (orchestrator or bare) as the phases see it."""
 
     url: str
-    engine: Engine  # the orchestrator's database, for polling and reading timestamps
-    pid: int
+    reader: DatabaseReader | BareReader
+    pids: tuple[int, ...]  # the server's processes (each counted with its descendants)
     miners_pid: int
     progress: Progress
 
@@ -366,7 +562,7 @@ def run_phase(
 
     def poll() -> None:
         try:
-            poller["result"] = wait_scored(rig.engine, key_id, submission, rig.progress, task, timeout)
+            poller["result"] = wait_scored(lambda: rig.reader.counts(key_id), submission, rig.progress, task, timeout)
         except BaseException as exc:
             poller["error"] = exc
 
@@ -380,12 +576,13 @@ def run_phase(
     done_at, counts = poller["result"]
     cpu_after = cpu_snapshot(rig)
     cpu = {name: _minus(cpu_after[name], cpu_before[name]) for name in cpu_before}
-    return Phase(jobs, done_at - started, submission, counts, cpu, job_rows(rig.engine, key_id))
+    return Phase(jobs, done_at - started, submission, counts, cpu, rig.reader.rows(key_id))
 
 
 def cpu_snapshot(rig: Rig) -> dict[str, float | None]:
+    servers = [tree_cpu_seconds(pid) for pid in rig.pids]
     return {
-        "orchestrator": tree_cpu_seconds(rig.pid),
+        "server": None if None in servers else sum(s or 0.0 for s in servers),
         "miners": cpu_seconds(rig.miners_pid),
         "clients": time.process_time(),
         "database": postgres_cpu_seconds(),
@@ -411,26 +608,19 @@ def _minus(after: float | None, before: float | None) -> float | None:
 # ---- results --------------------------------------------------------------------------------
 
 
-def job_rows(engine: Engine, key_id: str) -> list[Any]:
-    columns = (Job.id, Job.status, Job.attempts, Job.created_at, Job.dispatched_at, Job.finished_at)
-    query = select(*columns, Job.timings, Job.result_sha256, Job.payload).where(Job.api_key_id == key_id)
-    with engine.connect() as conn:
-        return list(conn.execute(query))
-
-
-def miner_s(row: Any) -> float:
+def miner_s(row: JobRow) -> float:
     """The fake miner's own time for a request, receipt to callback, as it reported it."""
-    return float(((row.timings or {}).get("miner") or {}).get("miner_s", 0.0))
+    return float((row.timings.get("miner") or {}).get("miner_s", 0.0))
 
 
-def added_latency_s(row: Any) -> float | None:
-    """What the orchestrator added to one request: its whole time minus the miner's own."""
+def added_latency_s(row: JobRow) -> float | None:
+    """What the server added to one request: its whole time minus the miner's own."""
     if row.status != "succeeded" or row.finished_at is None:
         return None
     return (row.finished_at - row.created_at).total_seconds() - miner_s(row)
 
 
-def results_match(rows: list[Any]) -> bool:
+def results_match(rows: list[JobRow]) -> bool:
     """Whether every stored result is the exact PNG the fake miner made for that attempt."""
     for row in rows:
         expected = unique_png(row.payload["width"], row.payload["height"], f"{row.id}-{row.attempts}")
@@ -451,61 +641,73 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1]
 
 
-def latencies_ms(rows: list[Any]) -> list[float]:
+def latencies_ms(rows: list[JobRow]) -> list[float]:
     return [s * 1e3 for s in (added_latency_s(row) for row in rows) if s is not None]
 
 
-def queue_ms(rows: list[Any]) -> list[float]:
+def queue_ms(rows: list[JobRow]) -> list[float]:
     """Created until a miner was assigned: the time a request waited for the dispatcher."""
     return [(r.dispatched_at - r.created_at).total_seconds() * 1e3 for r in rows if r.dispatched_at is not None]
 
 
 # ---- the benchmark --------------------------------------------------------------------------
 
+PHASES = ("warmup", "throughput", "latency")
 
-def measure(config: Config, progress: Progress) -> dict[str, Any]:
+
+def measure(config: Config, variant: Variant, progress: Progress) -> dict[str, Any]:
+    """One round of one variant, on fresh processes and a fresh database."""
     orchestrator = signer_from_uri(ORCHESTRATOR_URI)
     with tempfile.TemporaryDirectory(prefix="dippy-bench-throughput-") as tmp:
         root = Path(tmp)
-        chain_dir = root / "chain"
         miners_proc, miners = start_miners(config.miners, orchestrator.ss58_address, root / "miners.log")
-        orch_proc: subprocess.Popen | None = None
         try:
+            if variant.code is None:
+                return measure_bare(config, root, miners, miners_proc.pid, progress)
+            chain_dir = root / "chain"
             register(chain_dir, miners)
             with database(config, root) as db_url:
-                store = Store.open(db_url)
-                keys = {}
-                for name in ("warmup", "throughput", "latency"):
-                    created = store.create_api_key(f"bench-{name}", rate_limit_per_minute=10**9)
-                    keys[name] = (created.key.id, created.secret)
-                store.close()
+                keys = create_keys(variant.code, db_url, [f"bench-{name}" for name in PHASES], root)
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 orch_log = root / "orchestrator.log"
-                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log, config.workers)
+                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log, config.workers, variant.code)
                 try:
                     wait_ready(orch_proc, url, config.miners, orch_log)
                     engine = create_engine(db_url)
                     try:
-                        row = run_phases(config, Rig(url, engine, orch_proc.pid, miners_proc.pid, progress), keys)
+                        rig = Rig(url, DatabaseReader(engine), (orch_proc.pid,), miners_proc.pid, progress)
+                        return run_phases(config, variant, rig, dict(zip(PHASES, keys.values(), strict=True)))
                     finally:
                         engine.dispose()
                 finally:
                     stop(orch_proc)
         finally:
-            stop_miners(miners_proc)
-    return row
+            stop_piped(miners_proc)
 
 
-def run_phases(config: Config, rig: Rig, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    name = config.backend
+def measure_bare(
+    config: Config, root: Path, miners: list[dict[str, Any]], miners_pid: int, progress: Progress
+) -> dict[str, Any]:
+    keys = {name: (f"key_{secrets.token_hex(8)}", f"dsk_{secrets.token_hex(32)}") for name in PHASES}
+    port = free_port()
+    servers = start_bare(port, miners, keys, config.workers, root / "bare.log")
+    try:
+        reader = BareReader([private for _, private in servers])
+        rig = Rig(f"http://127.0.0.1:{port}", reader, tuple(p.pid for p, _ in servers), miners_pid, progress)
+        return run_phases(config, BARE, rig, keys)
+    finally:
+        for proc, _ in servers:
+            stop_piped(proc)
+
+
+def run_phases(config: Config, variant: Variant, rig: Rig, keys: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    name = f"{variant.name} {config.backend}/{config.workers}"
     if config.warmup:
-        run_phase(rig, keys["warmup"], config.warmup, config, f"throughput {name}: warm-up")
-    burst = run_phase(rig, keys["throughput"], config.jobs, config, f"throughput {name}: {config.jobs} jobs")
+        run_phase(rig, keys["warmup"], config.warmup, config, f"{name}: warm-up")
+    burst = run_phase(rig, keys["throughput"], config.jobs, config, f"{name}: {config.jobs} jobs")
     rate = config.latency_rate or max(1.0, round(burst.jobs_per_s / 2))
-    paced = run_phase(
-        rig, keys["latency"], config.latency_jobs, config, f"throughput {name}: latency at {rate:g}/s", rate=rate
-    )
+    paced = run_phase(rig, keys["latency"], config.latency_jobs, config, f"{name}: latency at {rate:g}/s", rate=rate)
     return summarize(config, burst, paced, rate)
 
 
@@ -518,8 +720,7 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
     added, saturated = latencies_ms(paced.rows), latencies_ms(burst.rows)
     jobs_per_s = burst.jobs_per_s
     return {
-        "config": f"{config.backend}, {config.workers} worker{'s' * (config.workers > 1)}, "
-        f"{config.miners} instant miners, {config.side}px",
+        "config": config_name(config),
         "workers": config.workers,
         "backend": config.backend,
         "jobs": config.jobs,
@@ -527,8 +728,7 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
         "seconds": burst.seconds,
         "jobs_per_s": jobs_per_s,
         "target_ratio": jobs_per_s / TARGET_JOBS_PER_S,
-        "target": "met" if jobs_per_s >= TARGET_JOBS_PER_S else "missed",
-        "orch_cpu_ms_per_job": per_job_ms(burst.cpu_s["orchestrator"], burst.jobs),
+        "orch_cpu_ms_per_job": per_job_ms(burst.cpu_s["server"], burst.jobs),
         # The rest of the machine's work per job, for the budget: 2 cores at 200 jobs/s is 10 ms.
         "miners_cpu_ms_per_job": per_job_ms(burst.cpu_s["miners"], burst.jobs),
         "clients_cpu_ms_per_job": per_job_ms(burst.cpu_s["clients"], burst.jobs),
@@ -555,24 +755,109 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
     }
 
 
-def run(configs: tuple[Config, ...] = FULL, progress: Progress | None = None) -> BenchResult:
-    progress = progress or NoProgress()
-    result = BenchResult(
-        name="throughput",
-        title=f"Orchestrator throughput, submit to scored (target: at least {TARGET_JOBS_PER_S:.0f} jobs/s)",
-        columns=COLUMNS,
+def config_name(config: Config) -> str:
+    workers = f"{config.workers} worker{'s' * (config.workers > 1)}"
+    return f"{config.backend}, {workers}, {config.miners} instant miners, {config.side}px"
+
+
+def measure_rounds(
+    config: Config, variants: list[Variant], progress: Progress, echo: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Every variant `config.rounds` times, in alternating order: A B C, C B A, A B C, ..."""
+    measured = []
+    for index in range(config.rounds):
+        for variant in variants if index % 2 == 0 else variants[::-1]:
+            row = {"variant": variant.name, "round": index + 1, **measure(config, variant, progress)}
+            measured.append(row)
+            echo(
+                f"{config.backend}/{config.workers} round {index + 1}/{config.rounds} {variant.name:>4}: "
+                f"{row['jobs_per_s']:7.1f} jobs/s, server CPU {row['orch_cpu_ms_per_job']:.2f} ms/job, "
+                f"added p50 {row['added_p50_ms']:.1f} ms at {row['latency_rate']:.0f}/s, "
+                f"{'all scored' if row['identical'] else 'CHECK FAILED'}, load {row['load_average_1m']:.1f}"
+            )
+    return measured
+
+
+def combine(config: Config, measured: list[dict[str, Any]], new: Variant, old: Variant | None) -> dict[str, Any]:
+    """One table row: the medians of the new code's rounds, with the bare baseline's and the old
+    code's jobs/s beside them and the ratios (of medians, and the median of per-round ratios)."""
+    by_variant = {name: [m for m in measured if m["variant"] == name] for name in {m["variant"] for m in measured}}
+    row = median_row(by_variant[new.name])
+    jobs_per_s = {name: [m["jobs_per_s"] for m in rows] for name, rows in by_variant.items()}
+    row.update(
+        config=config_name(config),
+        rounds=config.rounds,
+        bare_jobs_per_s=statistics.median(jobs_per_s[BARE.name]),
+        bare_cpu_ms_per_job=statistics.median(m["orch_cpu_ms_per_job"] for m in by_variant[BARE.name]),
     )
-    for config in configs:
-        if config.backend == "postgres" and (problem := postgres_problem(config.pg_url)):
-            result.notes.append(f"postgres skipped: {problem}")
-            continue
-        result.rows.append(measure(config, progress))
+    # Throughput ratios: a higher jobs/s is a shorter time, so the paired ratio is bare's time over ours.
+    row["vs_bare"] = row["jobs_per_s"] / row["bare_jobs_per_s"]
+    row["vs_bare_paired"] = paired_ratio(jobs_per_s[new.name], jobs_per_s[BARE.name])
+    row["target"] = "met" if row["vs_bare"] >= TARGET_VS_BARE else "missed"
+    if old is not None:
+        row["old_jobs_per_s"] = statistics.median(jobs_per_s[old.name])
+        row["old_orch_cpu_ms_per_job"] = statistics.median(m["orch_cpu_ms_per_job"] for m in by_variant[old.name])
+        row["vs_old"] = row["jobs_per_s"] / row["old_jobs_per_s"]
+        row["vs_old_paired"] = paired_ratio(jobs_per_s[new.name], jobs_per_s[old.name])
+        row["old_commit"] = old.code.commit if old.code else None
+    row["identical"] = all(m["identical"] for m in measured)
+    row["checks"] = {f"{m['variant']} round {m['round']}: {k}": ok for m in measured for k, ok in m["checks"].items()}
+    row["load_average_1m"] = os.getloadavg()[0]
+    row["measured"] = measured
+    return row
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first row with every number that differs between rows replaced by its median."""
+    combined = dict(rows[0])
+    for key, value in rows[0].items():
+        values = [row[key] for row in rows]
+        if isinstance(value, int | float) and not isinstance(value, bool) and len(set(values)) > 1:
+            combined[key] = statistics.median(values)
+    return combined
+
+
+def run(
+    configs: tuple[Config, ...] = FULL, progress: Progress | None = None, compare_ref: str | None = None
+) -> BenchResult:
+    """Measure each configuration: the new code and the bare baseline, and with `compare_ref`
+    the orchestrator of that git ref too, alternately."""
+    progress = progress or NoProgress()
+    console = getattr(progress, "console", None)  # rich's Progress has one; print each round there
+
+    def echo(line: str) -> None:
+        if console is not None:
+            console.print(line, markup=False, highlight=False)
+
+    with contextlib.ExitStack() as stack:
+        new = Variant("new", CURRENT)
+        old = Variant("old", stack.enter_context(code_at(compare_ref))) if compare_ref else None
+        variants = [v for v in (old, new, BARE) if v is not None]
+        result = BenchResult(
+            name="throughput",
+            title=f"Orchestrator throughput, submit to scored, against a bare baseline "
+            f"(goal: new / bare at least {TARGET_VS_BARE}{', new / old at least 1' if old else ''})",
+            columns=columns(old is not None),
+        )
+        for config in configs:
+            if config.backend == "postgres" and (problem := postgres_problem(config.pg_url)):
+                result.notes.append(f"postgres skipped: {problem}")
+                echo(f"postgres skipped: {problem}")
+                continue
+            measured = measure_rounds(config, variants, progress, echo)
+            result.rows.append(combine(config, measured, new, old))
     result.notes += [
-        "jobs/s: N requests from the first POST until all succeeded; orch CPU: the orchestrator process's "
-        "CPU time per job",
-        "added: finished - created - the miner's own time, at a steady rate below saturation; "
-        "saturated: the same during the burst (mostly queue wait)",
+        "jobs/s: N requests from the first POST until all succeeded, median of the rounds; paired: the median "
+        "of per-round ratios",
+        "bare: the same three signed HTTP exchanges per job through minimal handlers, no database "
+        "(bench/bare_orchestrator.py)",
+        "CPU ms/job: the server's processes' CPU time per job; added: finished - created - the miner's own time, "
+        "at a steady rate below saturation",
     ]
+    if old is not None and old.code is not None:
+        result.notes.append(
+            f"old: the orchestrator of {describe(compare_ref, old.code)} (a git worktree), same venv and settings"
+        )
     return result
 
 
@@ -580,8 +865,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, help="requests in the throughput phase (default 2000, quick 400)")
     parser.add_argument("--clients", type=int, help="concurrent client connections (default 32)")
-    parser.add_argument("--workers", type=int, help="orchestrator processes, `serve --workers` (default: 1 and 3)")
+    parser.add_argument(
+        "--workers", type=int, help="orchestrator processes, `serve --workers` (default: 1 on SQLite, 3 on PostgreSQL)"
+    )
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="both")
+    parser.add_argument("--rounds", type=int, help="measurements of each variant, alternating (default 3, quick 2)")
+    parser.add_argument(
+        "--compare-ref",
+        nargs="?",
+        const=DEFAULT_REF,
+        metavar="GIT_REF",
+        help=f"also run the orchestrator of this git ref (default {DEFAULT_REF}), alternately",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer requests")
     parser.add_argument("--latency-jobs", type=int, help="requests in the latency phase (default 400, quick 100)")
     parser.add_argument("--latency-rate", type=float, help="requests/s in the latency phase (default: half of jobs/s)")
@@ -597,6 +892,7 @@ def configs_from(args: argparse.Namespace) -> tuple[Config, ...]:
         "jobs": args.jobs,
         "clients": args.clients,
         "workers": args.workers,
+        "rounds": args.rounds,
         "latency_jobs": args.latency_jobs,
         "latency_rate": args.latency_rate,
         "warmup": args.warmup,
@@ -605,7 +901,6 @@ def configs_from(args: argparse.Namespace) -> tuple[Config, ...]:
     chosen = {k: v for k, v in overrides.items() if v is not None}
     backends = ("sqlite", "postgres") if args.backend == "both" else (args.backend,)
     configs = [replace(c, **chosen) for c in (QUICK if args.quick else FULL) if c.backend in backends]
-    # `--workers N` turns the one- and two-process rows of a backend into a single row.
     return tuple(dict.fromkeys(configs))
 
 
@@ -618,11 +913,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
     if not console.is_terminal:
-        console.width = 160  # logs and pipes: keep each table row on one line
+        console.width = 200  # logs and pipes: keep each table row on one line
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)  # fmt: skip
     with progress:
-        result = run(configs_from(args), progress)
+        result = run(configs_from(args), progress, args.compare_ref)
     console.print(table(result))
     for check in result.failed_checks:
         console.print(f"[red]check failed[/] {check}")

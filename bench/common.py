@@ -7,11 +7,17 @@ medians and their ratio: the ratio is the number to read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import shutil
 import statistics
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from time import perf_counter
 from typing import Any, Protocol, TypeVar
 
@@ -152,3 +158,69 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "load_average_1m": os.getloadavg()[0],
     }
+
+
+# ---- code under test: this checkout, or an older commit beside it ---------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Code:
+    """Which dippy_studio a benchmark's subprocesses run: this checkout's (`src` None, the
+    installed package) or another commit's `src`, put first on PYTHONPATH. The venv's packages
+    serve both, so an old commit must not need dependencies this checkout does not install."""
+
+    name: str  # "new" or "old"
+    src: Path | None = None
+    commit: str | None = None  # of `src`, when it is another commit's
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {**os.environ, **(extra or {})}
+        if self.src is not None:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.src), os.environ.get("PYTHONPATH")) if p)
+        return env
+
+
+CURRENT = Code("new")
+
+
+@contextlib.contextmanager
+def code_at(ref: str) -> Iterator[Code]:
+    """The code of a git ref, checked out with `git worktree add --detach` in a temporary
+    directory for as long as the context lasts, then removed again (`git worktree remove`)."""
+    commit = _git("rev-parse", "--short", f"{ref}^{{commit}}").strip()
+    parent = Path(tempfile.mkdtemp(prefix="dippy-bench-ref-"))
+    tree = parent / commit
+    _git("worktree", "add", "--detach", str(tree), commit)
+    try:
+        code = Code("old", tree / "src", commit)
+        _check_imports_from(code)
+        yield code
+    finally:
+        # --force: the benchmark's runs may leave untracked files (caches) in the tree.
+        with contextlib.suppress(subprocess.CalledProcessError):
+            _git("worktree", "remove", "--force", str(tree))
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def describe(ref: str, code: Code) -> str:
+    """A ref as given, with its commit when that says more: "main (36d0ce1)", "36d0ce1"."""
+    return ref if code.commit is None or ref == code.commit else f"{ref} ({code.commit})"
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, ["git", *args], done.stdout, done.stderr)
+    return done.stdout
+
+
+def _check_imports_from(code: Code) -> None:
+    """That a subprocess given `code.env()` really imports dippy_studio from `code.src`."""
+    probe = [sys.executable, "-c", "import dippy_studio; print(dippy_studio.__file__)"]
+    assert code.src is not None
+    # Not from inside src/, where the working directory alone would make the import succeed.
+    found = subprocess.run(probe, env=code.env(), cwd=code.src.parent, capture_output=True, text=True, check=True)
+    if not Path(found.stdout.strip()).resolve().is_relative_to(code.src.resolve()):
+        raise RuntimeError(f"{code.name}: dippy_studio comes from {found.stdout.strip()}, not {code.src}")

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, str] = {
     "throughput": "bench_throughput",
     "training": "bench_training",
     "miner": "bench_miner",
+    "startup": "bench_startup",
 }
 
 

@@ -16,7 +16,15 @@ def bench():
     """bench/ is a folder of scripts, not a package: import its modules the way run.py sees them."""
     sys.path.insert(0, str(BENCH))
     try:
-        names = ("bench_overhead", "bench_lora_switch", "bench_throughput", "bench_training", "bench_miner", "run")
+        names = (
+            "bench_overhead",
+            "bench_lora_switch",
+            "bench_throughput",
+            "bench_training",
+            "bench_miner",
+            "bench_startup",
+            "run",
+        )
         yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
@@ -56,6 +64,23 @@ def test_throughput_scores_every_job_through_a_real_orchestrator(bench):
     assert row["jobs_per_s"] > 0 and row["target"] in ("met", "missed")
     assert row["workers"] == 2 and row["orch_cpu_ms_per_job"] > 0
     assert 0 < row["added_p50_ms"] <= row["added_p99_ms"]
+    # The bare baseline ran the same requests through two processes of its own.
+    assert row["bare_jobs_per_s"] > 0 and row["bare_cpu_ms_per_job"] > 0
+    assert row["vs_bare"] == row["jobs_per_s"] / row["bare_jobs_per_s"]
+    assert sorted(m["variant"] for m in row["measured"]) == ["bare", "new"]
+
+
+@pytest.mark.slow
+def test_startup_bench_times_a_real_server_and_reads_its_memory(bench):
+    module = bench["bench_startup"]
+    result = module.run((module.Config(workers=1, reps=1),))
+
+    (row,) = result.rows
+    assert 0 < row["new_ready_s"] < module.START_TIMEOUT_S
+    assert row["new_rss_mb"] > 10 and row["new_processes"] == 1
+    assert row["new_torch_mapped"] in ("yes", "no")
+    assert not row["new_imports"].startswith("probe failed"), row["new_imports"]
+    assert row["ready_goal"] in ("met", "missed") and row["rss_goal"] in ("met", "missed")
 
 
 def test_training_bench_times_both_trainers_and_caching_changes_no_bytes(bench):
@@ -80,4 +105,4 @@ def test_miner_bench_serves_the_engines_bytes_and_loses_no_job(bench):
 
 
 def test_runner_lists_every_benchmark(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner"}
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner", "startup"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from pydantic import ValidationError
@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dippy_studio.cli_support import describe_validation, err, fail
 from dippy_studio.engine.errors import EngineError
 from dippy_studio.settings import Settings
 
@@ -22,7 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 out = Console()
 
 ProfileOpt = Annotated[
@@ -32,20 +32,6 @@ ModelPathOpt = Annotated[Path | None, typer.Option("--model-path", help="Local d
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 or bfloat16.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads (part of the fingerprint).")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "input"
-        message = error["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
 
 
 def engine_options(

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dippy_studio.chain.local import LocalChain
-from dippy_studio.localnet import SubnetLayout
+from dippy_studio.subnet_layout import SubnetLayout
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 

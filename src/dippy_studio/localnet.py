@@ -15,7 +15,6 @@ Keys are deterministic dev keys (`//dippy/NAME`): fine on a laptop, never for re
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -32,50 +30,10 @@ from rich.console import Console
 from dippy_studio.chain.base import AlreadyRegistered, Hyperparameters
 from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol.keys import WalletExistsError, create_dev_wallet, signer_from_wallet
+from dippy_studio.subnet_layout import MinerSpec, SubnetLayout
 
-SUBNET_FILE = "subnet.json"
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 VALIDATOR_STAKE = 1000.0
-
-
-@dataclass
-class MinerSpec:
-    name: str
-    port: int
-    hotkey: str
-    cheater: bool = False
-
-
-@dataclass
-class SubnetLayout:
-    data_dir: str
-    block_time: float
-    tempo: int
-    orchestrator_port: int
-    orchestrator_url: str
-    orchestrator_hotkey: str
-    validator_hotkey: str
-    owner_hotkey: str
-    miners: list[MinerSpec] = field(default_factory=list)
-
-    @property
-    def root(self) -> Path:
-        return Path(self.data_dir)
-
-    def save(self) -> None:
-        data = asdict(self)
-        data["validator_wallet"] = "validator"
-        (self.root / SUBNET_FILE).write_text(json.dumps(data, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, root: Path) -> SubnetLayout | None:
-        path = root / SUBNET_FILE
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-        data.pop("validator_wallet", None)
-        data["miners"] = [MinerSpec(**m) for m in data.get("miners", [])]
-        return cls(**data)
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -189,17 +147,21 @@ class Supervisor:
 
 
 def wait_ready(url: str, name: str, supervisor: Supervisor, timeout: float = 180.0) -> None:
+    """Poll `url` until it answers 200; give up early if the process `name` exits meanwhile."""
     end = time.monotonic() + timeout
+    last = "no answer"
     while time.monotonic() < end:
         if name in supervisor.dead():
             raise RuntimeError(f"{name} exited while starting; see {supervisor.root}/logs/{name}.log")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
                 return
-        except httpx.HTTPError:
-            pass
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
         time.sleep(0.3)
-    raise RuntimeError(f"{name} did not come up at {url} within {timeout:.0f}s")
+    raise RuntimeError(f"{name} was not ready at {url} within {timeout:.0f}s (last: {last})")
 
 
 def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) -> None:
@@ -318,7 +280,8 @@ def _demo(layout: SubnetLayout, key: str, supervisor: Supervisor, console: Conso
     from dippy_studio.orchestrator.db import default_url
     from dippy_studio.orchestrator.store import Store
 
-    _wait_until_ready(layout.orchestrator_url, timeout=120)
+    # /ready answers 200 once the orchestrator has found a healthy miner to send jobs to.
+    wait_ready(f"{layout.orchestrator_url}/ready", "orchestrator", supervisor, timeout=120)
     result = run_demo(layout, key, console)
     chain = LocalChain(layout.root / "chain.sqlite", create=False)
     demo_end = chain.block()
@@ -337,16 +300,3 @@ def _demo(layout: SubnetLayout, key: str, supervisor: Supervisor, console: Conso
     while not supervisor.dead():
         time.sleep(1.0)
     return 1
-
-
-def _wait_until_ready(url: str, timeout: float) -> None:
-    """The orchestrator is ready once it has found a healthy miner."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("the orchestrator found no healthy miner in time")

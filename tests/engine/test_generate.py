@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, RequestError, generate
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, RequestError
 from helpers import stock_png
 
 
@@ -51,10 +51,6 @@ def test_timings_cover_every_stage(tiny_engine):
 
 def test_a_fresh_engine_gives_the_same_bytes(tiny_engine):
     assert Engine(EngineOptions()).generate(request()).png == tiny_engine.generate(request()).png
-
-
-def test_module_level_generate_uses_default_profile(tiny_engine):
-    assert generate(request()).sha256 == tiny_engine.generate(request()).sha256
 
 
 def test_matches_stock_diffusers_exactly(tiny_engine):

@@ -12,7 +12,8 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError
-from dippy_studio.engine.profiles import load_pipeline, save_pipeline
+from dippy_studio.engine.profiles import get_profile, load_pipeline, save_pipeline
+from dippy_studio.protocol.limits import PROFILE_LIMITS
 from helpers import stock_png
 
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", seed=3, width=64, height=64, steps=4)
@@ -94,3 +95,21 @@ def test_unknown_profile_and_cuda_without_gpu():
     if not torch.cuda.is_available():
         with pytest.raises(ProfileError, match="no CUDA device"):
             Engine(EngineOptions(device="cuda"))
+
+
+def test_profiles_take_their_limits_from_the_protocol_table():
+    for name, limits in PROFILE_LIMITS.items():
+        spec = get_profile(name)
+        assert (spec.min_side, spec.max_side, spec.max_steps, spec.default_steps, spec.default_guidance) == (
+            limits.min_side,
+            limits.max_side,
+            limits.max_steps,
+            limits.default_steps,
+            limits.default_guidance,
+        )
+        # A built-in's text encoder is sized for the sequence length the table promises.
+        if spec.builtin is not None:
+            assert spec.builtin.max_sequence_length == limits.max_sequence_length
+    assert get_profile("tiny").builtin is not None and get_profile("flux-dev").builtin is None
+    with pytest.raises(ProfileError, match="known profiles: tiny, small"):
+        get_profile("flux-pro")

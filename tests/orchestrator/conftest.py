@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from dippy_studio.orchestrator.db import upgrade
-from dippy_studio.orchestrator.models import Base
+from dippy_studio.orchestrator.models import Base, JobTransition
 from dippy_studio.orchestrator.store import Store
 
 PG_UNREACHABLE = "PostgreSQL not reachable at 127.0.0.1:5432"
@@ -90,7 +90,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         return
     url = request.getfixturevalue("pg_session_url")
     store = Store(url)
-    tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+    # `job_transitions` is reference data the migrations wrote, not test state.
+    tables = ", ".join(t.name for t in Base.metadata.sorted_tables if t.name != JobTransition.__tablename__)
     with store.engine.begin() as conn:
         conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
     store.close()

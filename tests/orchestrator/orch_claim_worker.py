@@ -1,7 +1,9 @@
-"""Runs in a separate OS process (spawned by test_orch_concurrency): claims until the queue is empty."""
+"""Runs in a separate OS process (spawned by test_orch_concurrency): claims until the queue is
+empty, sending every job to a miner named after this process, as a dispatcher would."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -14,7 +16,8 @@ def claim_until_empty(url: str, start: Any, results: Any, batch: int) -> None:
         store.list_api_keys()  # connect before the start line, so both processes race from the same point
         start.wait(timeout=60)
         claimed: list[str] = []
-        while jobs := store.claim_for_dispatch(batch):
+        miner = (f"hk-{os.getpid()}", os.getpid())
+        while jobs := store.claim_for_dispatch(batch, kinds=["inference"], assign=lambda job, tried: miner):
             claimed += [job.id for job in jobs]
             time.sleep(0.002)  # let the other process in between batches, as a real dispatcher would
         results.put(claimed)

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,14 @@ from dippy_studio.miner.app import create_app as create_miner_app
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord
 from dippy_studio.miner.workers import AbortCheck, Outcome
-from dippy_studio.orchestrator.app import Orchestrator
+from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.app import create_app as create_orchestrator_app
 from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
+from dippy_studio.orchestrator.models import Lora
+from dippy_studio.orchestrator.results import lora_id_for
+from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.store import Store, Success, job_row
 from dippy_studio.protocol import signer_from_uri
 
 ORCHESTRATOR = signer_from_uri("//Alice")
@@ -304,3 +308,18 @@ def bad_runner(tmp_path: Path, make_png: Callable[[dict[str, Any]], bytes]):
         return Outcome(str(path), sha256(data), len(data), "fingerprint-of-a-cheat")
 
     return run
+
+
+def trained_lora(store: Store, api_key_id: str, name: str, sha256: str, rank: int, trigger_word: str = "") -> Lora:
+    """A LoRA registered the way production registers one: a training job for the key whose miner
+    delivered `sha256` (`Store.succeed` with what the training kind registers)."""
+    deadline = datetime.now(UTC) + timedelta(hours=1)
+    payload = {"name": name, "rank": rank, "trigger_word": trigger_word, "dataset_sha256": "0" * 64}
+    (job,) = store.insert_jobs([job_row(api_key_id, "training", payload, deadline, 60)])
+    (claimed,) = store.claim_for_dispatch(1, kinds=["training"], assign=lambda job, tried: ("miner", 1))
+    assert claimed.id == job.id
+    success = Success(sha256, 1, None, {}, lora=kinds.get("training").registers(claimed, sha256))
+    assert store.succeed(job.id, success)
+    lora = store.get_lora(lora_id_for(job.id), api_key_id)
+    assert lora is not None
+    return lora

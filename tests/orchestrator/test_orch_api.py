@@ -19,10 +19,12 @@ from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
 
 import miner_kit
+import orchestrator.orch_kit as kit
 from dippy_studio.chain.local import LocalChain
 from dippy_studio.orchestrator.api import prefer_wait
-from dippy_studio.orchestrator.app import Orchestrator, create_app
+from dippy_studio.orchestrator.app import create_app
 from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, signer_from_uri, verify_request
 from dippy_studio.protocol.auth import BadSignature
@@ -131,7 +133,7 @@ def test_each_key_sees_only_its_own_requests_and_loras(api: Api):
         assert response.status_code == 404 and response.json()["detail"] == f"no request {request_id}"
     assert api.call("GET", "/v1/requests", bob).json() == []
 
-    lora = api.orch.store.create_lora(alice["id"], "style", "a" * 64, 4, trigger_word="sks")
+    lora = kit.trained_lora(api.orch.store, alice["id"], "style", "a" * 64, 4, trigger_word="sks")
     assert [x["id"] for x in api.call("GET", "/v1/loras", alice).json()] == [lora.id]
     assert api.call("GET", f"/v1/loras/{lora.id}", alice).json()["trigger_word"] == "sks"
     assert api.call("GET", "/v1/loras", bob).json() == []

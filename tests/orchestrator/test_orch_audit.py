@@ -149,7 +149,7 @@ def test_an_honest_miner_on_another_profile_passes(world, reference_result):
 
 
 def test_threads_drift_on_small_passes_across_profiles():
-    # On `small` at 64x64, 1 and 2 threads differ in a few pixel values for this request (measured).
+    # On `small` at 64x64, 1 and 2 threads differ in a few pixel values for this request.
     request = GenerationRequest(prompt="a red fox in the snow", seed=5, width=64, height=64, steps=4)
     two = Engine(EngineOptions(profile="small", threads=2)).generate(request)
     one = Engine(EngineOptions(profile="small", threads=1)).generate(request)
@@ -272,7 +272,7 @@ def test_auditor_judges_delivered_loras(world, tmp_path):
 
     train = load_dataset(write_dataset(tmp_path / "train", "sunset", count=4, seed=0, size=32))
     heldout = load_dataset(write_dataset(tmp_path / "heldout", "sunset", count=2, seed=1, size=32))
-    # 12 steps lower this held-out loss by 12% (measured), over the 5% threshold.
+    # 12 steps: enough for this LoRA to clear the 5% threshold on the held-out loss, and quick on a CPU.
     config = TrainConfig(steps=12, trigger="sks")
     trained = train_lora(train, tmp_path / "trained.safetensors", config, options=world.reference.options).path
     auditor = Auditor([world.reference])
@@ -336,12 +336,13 @@ def test_default_policy_catches_a_20_percent_cheater_within_100_jobs_for_under_1
             if sampler.decide("cheater", "inference").audit and cheated:
                 detected_at.append(job)
                 break
-    assert statistics.median(detected_at) <= 30  # measured: 14 (bench/bench_audit.py, 2,000 runs)
-    assert sum(job <= 100 for job in detected_at) / len(detected_at) >= 0.88  # measured: 94.6%
+    # The bounds leave room for this small sample; bench/bench_audit.py simulates the policy at scale.
+    assert statistics.median(detected_at) <= 30
+    assert sum(job <= 100 for job in detected_at) / len(detected_at) >= 0.88
 
     sampler = AuditSampler(rng=random.Random(6))
     audits = sum(run_jobs(sampler, f"honest-{i}", 500).count(True) for i in range(10))
-    assert audits / 5000 <= 0.10  # measured: 9.7%, probation included
+    assert audits / 5000 <= 0.10  # probation included
 
 
 def test_job_kinds_are_sampled_separately_and_failures_restart_probation():

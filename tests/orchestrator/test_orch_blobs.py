@@ -19,16 +19,6 @@ def test_put_is_content_addressed_and_idempotent(tmp_path):
     assert [p.name for p in blobs.path(sha).parent.iterdir()] == [sha]
 
 
-def test_put_file_streams_and_agrees_with_put(tmp_path):
-    source = tmp_path / "lora.safetensors"
-    source.write_bytes(b"x" * (3 << 20) + b"tail")
-    blobs = BlobStore(tmp_path / "blobs")
-    sha = blobs.put_file(source)
-    assert sha == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert blobs.get(sha) == source.read_bytes()
-    assert blobs.put(source.read_bytes()) == sha
-
-
 def test_missing_and_malformed_names(tmp_path):
     blobs = BlobStore(tmp_path)
     absent = "0" * 64

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.errors import Unauthorized
 from dippy_studio.orchestrator.store import Store
 
 runner = CliRunner()
@@ -26,7 +27,7 @@ def test_create_list_revoke_on_the_servers_database(db_url: str):
 
     store = Store(db_url)
     try:
-        assert store.authenticate(created["key"]).id == created["id"]
+        assert store.admit(created["key"]).id == created["id"]
 
         listed = keys("list", "--json", "--db", db_url)
         assert listed.exit_code == 0, listed.output
@@ -37,7 +38,8 @@ def test_create_list_revoke_on_the_servers_database(db_url: str):
 
         revoked = keys("revoke", created["id"], "--db", db_url)
         assert revoked.exit_code == 0 and "Revoked" in revoked.output
-        assert store.authenticate(created["key"]) is None
+        with pytest.raises(Unauthorized):
+            store.admit(created["key"])
         assert keys("revoke", created["id"], "--db", db_url).exit_code == 0  # already revoked: nothing to do
         assert json.loads(keys("list", "--json", "--db", db_url).stdout)[0]["revoked_at"] is not None
     finally:
@@ -73,3 +75,34 @@ def test_bad_database_urls_fail_clearly(url: str, message: str):
     assert message in result.output
     assert "hunter2" not in result.output  # never echo a password
     assert "Traceback" not in result.output
+
+
+def test_serve_settings_come_from_flags_env_and_a_file(tmp_path, monkeypatch):
+    import typer
+
+    from dippy_studio.orchestrator import cli
+
+    built = []
+
+    def capture(settings):
+        built.append(settings)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "_build_app", capture)
+    monkeypatch.delenv("DIPPY_ORCH_PUBLIC_URL", raising=False)
+    config = tmp_path / "orchestrator.toml"
+    config.write_text('port = 9100\nprofile = "flux-dev"\nmax_attempts = 5\ndev_key = "//Alice"\n')
+    monkeypatch.setenv("DIPPY_ORCH_PROFILE", "tiny")
+
+    serve = ["serve", "--config", str(config), "--data-dir", str(tmp_path)]
+    assert runner.invoke(orchestrator_app, [*serve, "--port", "9200"]).exit_code == 0
+    settings = built.pop()
+    assert (settings.port, settings.profile, settings.max_attempts) == (9200, "tiny", 5)  # flag > env > file
+    assert settings.public_url == "http://127.0.0.1:9200"  # none given: this server's own address
+
+    config.write_text('dev_key = "//Alice"\npublic_url = "https://orch.example"\n')
+    assert runner.invoke(orchestrator_app, serve).exit_code == 0
+    assert built.pop().public_url == "https://orch.example"
+
+    missing = runner.invoke(orchestrator_app, ["serve", "--config", str(tmp_path / "missing.toml")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

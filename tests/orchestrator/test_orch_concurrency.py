@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.store import Store, job_row
 
 JOBS = 200
 
@@ -40,7 +40,8 @@ def test_two_processes_claim_every_job_exactly_once(store: Store, db_url: str, m
 
     key = store.create_api_key("load").key.id
     deadline = datetime.now(UTC) + timedelta(hours=1)
-    created = {store.create_job(key, "inference", {"n": n}, deadline, 60).id for n in range(JOBS)}
+    rows = [job_row(key, "inference", {"n": n}, deadline, 60) for n in range(JOBS)]
+    created = {job.id for job in store.insert_jobs(rows)}
 
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()
@@ -58,3 +59,7 @@ def test_two_processes_claim_every_job_exactly_once(store: Store, db_url: str, m
     # The database agrees: every job was dispatched once, none is left behind.
     jobs = [store.load_job(job_id) for job_id in created]
     assert {(job.status, job.attempts) for job in jobs} == {("dispatched", 1)}
+    # Each job went to one miner, with one attempt on record for it.
+    attempts = Counter(attempt.job_id for attempt in store.list_attempts())
+    assert attempts == Counter(created)
+    assert len({job.miner_hotkey for job in jobs}) == 2

@@ -18,7 +18,7 @@ from dippy_studio.engine.images import encode_png
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.registry import parse_endpoint
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.store import Store, job_row
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
 from orchestrator.orch_kit import ORCHESTRATOR, bad_runner, image_body, noise_png, sha256, wait_status, wait_until
@@ -249,7 +249,8 @@ def test_two_orchestrators_on_one_postgres_dispatch_each_job_once(subnet, pg_dat
     try:
         deadline = datetime.now(UTC) + timedelta(minutes=5)
         payload = {"prompt": "x", "seed": 1, "width": 64, "height": 64, "steps": 1, "guidance": 3.5, "loras": []}
-        created = {store.create_job(key.id, "inference", payload, deadline, 60).id for _ in range(JOBS)}
+        rows = [job_row(key.id, "inference", payload, deadline, 60) for _ in range(JOBS)]
+        created = {job.id for job in store.insert_jobs(rows)}
         for handle in (first, second):
             handle.orch.dispatcher.wake()
         wait_until(lambda: len(counting.received) >= JOBS, 60, "every job to reach the miner")
@@ -276,8 +277,10 @@ def test_a_send_accepted_while_a_replica_holds_its_row_still_shows_running(pg_da
     url = pg_databases()
     store = Store.open(url)
     key = store.create_api_key("client").key.id
-    job = store.create_job(key, "inference", {"prompt": "x"}, datetime.now(UTC) + timedelta(minutes=5), 60)
-    assert [j.id for j in store.claim_for_dispatch(1)] == [job.id]
+    (job,) = store.insert_jobs(
+        [job_row(key, "inference", {"prompt": "x"}, datetime.now(UTC) + timedelta(minutes=5), 60)]
+    )
+    assert [j.id for j in store.claim_for_dispatch(1, kinds=["inference"])] == [job.id]
     holder = psycopg.connect(url.replace("postgresql+psycopg", "postgresql"))
     holder.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
     settings = OrchestratorSettings(dispatch_interval_s=0.3)

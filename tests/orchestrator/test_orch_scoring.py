@@ -6,20 +6,24 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from dippy_studio.orchestrator.kinds import score_weights
 from dippy_studio.orchestrator.scoring import (
     AttemptRecord,
     attempt_score,
-    audit_quality,
     counts,
     latency_score,
+    measured_quality,
     penalties_from_failures,
     score_window,
+    spread_measured_quality,
     training_quality,
 )
 
 START = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 END = START + timedelta(hours=1)
 MID = START + timedelta(minutes=30)
+# The registered kinds' weights: inference 0.3, training 0.7 (the cases below are computed with them).
+WEIGHTS = score_weights()
 
 
 def attempt(hotkey: str = "A", kind: str = "inference", latency: float | None = 2.0, timeout: float = 10.0, **kw):
@@ -34,6 +38,10 @@ def attempt(hotkey: str = "A", kind: str = "inference", latency: float | None = 
         timeout_s=timeout,
     )
     return AttemptRecord(**{**fields, **kw})
+
+
+def window(attempts, start=START, end=END, penalties=None):
+    return score_window(attempts, start, end, penalties, weights=WEIGHTS)
 
 
 def test_latency_score_is_linear_and_cut_off_at_90_percent():
@@ -61,7 +69,7 @@ def test_hand_computed_window():
         # C: inference 1 s of 10 s, audited and passed, after the failed one: 0.3 * 0.9 = 0.27
         attempt("C", "inference", 1.0, 10.0, audited=True, audit_passed=True, finished_at=MID + timedelta(minutes=1)),
     ]
-    scores = score_window(attempts, START, END)
+    scores = window(attempts)
     assert scores == {
         "A": pytest.approx(0.485),  # 0.24 + 0.245
         "B": pytest.approx(0.255),  # 0.225 + 0.03 + 0
@@ -83,7 +91,7 @@ def test_hand_computed_window():
 def test_partial_or_caught_work_counts_zero(change):
     record = attempt(**change)
     assert not counts(record)
-    assert attempt_score(record) == 0.0
+    assert attempt_score(record, WEIGHTS) == 0.0
 
 
 def test_a_caught_cheat_voids_the_earlier_work_in_the_window():
@@ -94,12 +102,12 @@ def test_a_caught_cheat_voids_the_earlier_work_in_the_window():
         attempt("A", finished_at=caught_at + timedelta(minutes=5)),  # after: 0.3 * 0.8 = 0.24
         attempt("B", finished_at=caught_at - timedelta(minutes=5)),  # another miner: 0.24
     ]
-    assert score_window(attempts, START, END) == {"A": pytest.approx(0.24), "B": pytest.approx(0.24)}
+    assert window(attempts) == {"A": pytest.approx(0.24), "B": pytest.approx(0.24)}
 
 
 def test_pending_or_inconclusive_audits_do_not_cost_the_miner():
     # 0.3 * (1 - 2/10) = 0.24, as if it had not been audited
-    assert attempt_score(attempt(audited=True, audit_passed=None)) == pytest.approx(0.24)
+    assert attempt_score(attempt(audited=True, audit_passed=None), WEIGHTS) == pytest.approx(0.24)
 
 
 def test_window_bounds_are_start_inclusive_end_exclusive():
@@ -109,10 +117,10 @@ def test_window_bounds_are_start_inclusive_end_exclusive():
         attempt(finished_at=END),  # out
         attempt(finished_at=START - timedelta(seconds=1)),  # out
     ]
-    assert score_window(attempts, START, END) == {"A": pytest.approx(0.48)}  # 2 * 0.24
-    assert score_window(attempts[2:3], START, END) == {}
+    assert window(attempts) == {"A": pytest.approx(0.48)}  # 2 * 0.24
+    assert window(attempts[2:3]) == {}
     with pytest.raises(ValueError, match="empty"):
-        score_window(attempts, END, START)
+        window(attempts, END, START)
 
 
 def test_a_miner_in_a_penalty_cooldown_scores_zero():
@@ -122,14 +130,14 @@ def test_a_miner_in_a_penalty_cooldown_scores_zero():
         "B": START + timedelta(minutes=10),  # over before the window ends: counts
         "C": None,  # no penalty, no jobs: listed at 0
     }
-    assert score_window(attempts, START, END, penalties) == {"A": 0.0, "B": pytest.approx(0.24), "C": 0.0}
+    assert window(attempts, penalties=penalties) == {"A": 0.0, "B": pytest.approx(0.24), "C": 0.0}
 
 
 def test_penalties_from_audit_failures():
     failed = END - timedelta(hours=1)
     penalties = penalties_from_failures({"A": [failed], "B": [END - timedelta(days=2)], "C": []}, END)
     assert penalties == {"A": failed + timedelta(hours=6), "B": None, "C": None}
-    assert score_window([attempt("A"), attempt("B")], START, END, penalties) == {
+    assert window([attempt("A"), attempt("B")], penalties=penalties) == {
         "A": 0.0,
         "B": pytest.approx(0.24),
         "C": 0.0,
@@ -145,22 +153,24 @@ def test_training_quality_from_held_out_improvement():
     assert training_quality(0.1, full_credit=0.2) == pytest.approx(0.5)
     # A training job at 20 s of 100 s with 30% improvement: 0.7 * 0.8 * (0.3 / 0.5) = 0.336
     record = attempt(kind="training", latency=20.0, timeout=100.0, quality=training_quality(0.3))
-    assert attempt_score(record) == pytest.approx(0.336)
+    assert attempt_score(record, WEIGHTS) == pytest.approx(0.336)
 
 
-def test_audit_quality_is_the_measured_improvement_of_training_audits_only():
+def test_measured_quality_is_the_measured_improvement_of_training_audits_only():
     def training(improvement=None, verdict="pass"):
         evaluation = {} if improvement is None else {"evaluation": {"improvement": improvement}}
         return {"kind": "training", "verdict": {"label": verdict}, **evaluation}
 
-    assert audit_quality(training(0.25)) == pytest.approx(0.5)  # training_quality(0.25)
-    assert audit_quality(training(0.7)) == 1.0
-    assert audit_quality(training(0.0, verdict="fail")) == 0.0  # counts zero anyway, as a failed audit
-    assert audit_quality(training(0.1), full_credit=0.2) == pytest.approx(0.5)
-    # Nothing measured (no held-out images, or the LoRA failed before evaluation): no evidence of poor work.
-    assert audit_quality(training(None, verdict="inconclusive")) == 1.0
-    assert audit_quality({"kind": "inference", "verdict": {"label": "pass"}}) == 1.0
-    assert audit_quality(None) == audit_quality({}) == 1.0
+    assert measured_quality(training(0.25)) == pytest.approx(0.5)  # training_quality(0.25)
+    assert measured_quality(training(0.7)) == 1.0
+    assert measured_quality(training(0.0, verdict="fail")) == 0.0  # counts zero anyway, as a failed audit
+    assert measured_quality(training(0.1), full_credit=0.2) == pytest.approx(0.5)
+    # Nothing measured (no held-out images, or the LoRA failed before evaluation): no evidence of
+    # poor work, so the job is scored as unmeasured (its miner's mean, or 1.0).
+    assert measured_quality(training(None, verdict="inconclusive")) is None
+    assert measured_quality({"kind": "inference", "verdict": {"label": "pass"}}) is None
+    assert measured_quality(None) is None and measured_quality({}) is None
+    assert measured_quality(training(True)) is None  # not a number
 
 
 def test_unaudited_training_jobs_get_their_miners_measured_quality():
@@ -175,14 +185,29 @@ def test_unaudited_training_jobs_get_their_miners_measured_quality():
         attempt("A"),
         attempt("B", kind="training", latency=10.0, timeout=100.0),
     ]
-    scores = score_window(records, START, END)
+    scores = window(records)
     assert scores["A"] == pytest.approx(0.63 * (0.4 + 0.8 + 0.6) + 0.24)
     assert scores["B"] == pytest.approx(0.63)
 
 
+def test_a_measured_quality_is_spread_only_over_its_own_miner_and_kind():
+    measured = dict(latency=10.0, timeout=100.0, quality_measured=True)
+    records = [
+        attempt("A", kind="training", quality=0.5, **measured),
+        attempt("A", kind="upscale", quality=0.2, **measured),  # a kind of its own: its own mean
+        attempt("A", kind="training", latency=10.0, timeout=100.0),
+        attempt("A", kind="upscale", latency=10.0, timeout=100.0),
+        attempt("A"),  # inference, never measured: 1.0
+        attempt("B", kind="training", latency=10.0, timeout=100.0),  # another miner: 1.0
+    ]
+    assert [r.quality for r in spread_measured_quality(records)] == [0.5, 0.2, 0.5, 0.2, 1.0, 1.0]
+
+
 def test_records_are_checked():
     with pytest.raises(ValueError, match="kind"):
-        attempt(kind="upscale")
+        attempt_score(attempt(kind="upscale"), WEIGHTS)  # no such kind is registered
+    with pytest.raises(ValueError, match="kind"):
+        window([attempt(kind="upscale")])
     with pytest.raises(ValueError, match="timeout"):
         attempt(timeout=0.0)
     with pytest.raises(ValueError, match="latency"):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -12,26 +15,43 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from dippy_studio.orchestrator.models import Base
-from dippy_studio.orchestrator.store import IllegalTransition, Store, SweepResult, UnknownApiKey
+import orchestrator.orch_kit as kit
+from dippy_studio.orchestrator.errors import InvalidRequest, RateLimited, Unauthorized
+from dippy_studio.orchestrator.models import ApiKey, Base, Job
+from dippy_studio.orchestrator.store import (
+    IllegalTransition,
+    Store,
+    Success,
+    SweepResult,
+    UnknownApiKey,
+    job_row,
+)
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+KINDS = ["inference", "training"]
 
 
 def sec(n: float) -> datetime:
     return T0 + timedelta(seconds=n)
 
 
+def create_job(store: Store, key_id: str, kind: str, payload: dict, deadline: datetime, timeout_s: float, **kw) -> Job:
+    return store.insert_jobs([job_row(key_id, kind, payload, deadline, timeout_s, **kw)])[0]
+
+
 def make_job(store: Store, key_id: str, *, deadline_s: float = 600, timeout_s: float = 30, created_s: float = 0, **kw):
-    return store.create_job(
-        key_id, "inference", {"prompt": "a cat"}, sec(deadline_s), timeout_s, now=sec(created_s), **kw
+    return create_job(
+        store, key_id, "inference", {"prompt": "a cat"}, sec(deadline_s), timeout_s, now=sec(created_s), **kw
     )
 
 
+def claim(store: Store, limit: int, at: float, **kw) -> list[Job]:
+    return store.claim_for_dispatch(limit, now=sec(at), kinds=KINDS, **kw)
+
+
 def dispatch(store: Store, job_id: str, hotkey: str, uid: int, at: float) -> None:
-    claimed = store.claim_for_dispatch(10, now=sec(at))
+    claimed = claim(store, 10, at, assign=lambda job, tried: (hotkey, uid))
     assert [j.id for j in claimed] == [job_id]
-    assert store.assign_miner(job_id, hotkey, uid, now=sec(at)) is not None
 
 
 @pytest.fixture
@@ -44,7 +64,7 @@ def key_id(store: Store) -> str:
 
 def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str):
     queued, accepted, finished = (make_job(store, key_id, created_s=n) for n in range(3))
-    claimed = store.claim_for_dispatch(2, now=sec(1))
+    claimed = claim(store, 2, at=1)
     assert [j.id for j in claimed] == [queued.id, accepted.id]
     # A fast miner's callback came before the batch: that job must not go back to running.
     assert store.transition(queued.id, "dispatched", "succeeded", now=sec(2), result_sha256="ab" * 32)
@@ -55,17 +75,10 @@ def test_mark_running_moves_only_jobs_still_dispatched(store: Store, key_id: str
     assert statuses[accepted.id].started_at == sec(3)
 
 
-@pytest.mark.parametrize("writers", [1, 3])
-def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outcome(
-    db_url: str, writers: int, request: pytest.FixtureRequest
-):
-    # Several writer threads (`db_writers`) are for PostgreSQL, but must be correct on SQLite too.
-    store = Store.open(db_url, writers=writers)
-    request.addfinalizer(store.close)
-    key_id = store.create_api_key("client").key.id
+def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outcome(store: Store, key_id: str):
     jobs = [make_job(store, key_id, created_s=n / 100) for n in range(64)]
-    assert [j.id for j in store.claim_for_dispatch(64, now=sec(1))] == [j.id for j in jobs]
-    groups_before = store._group.groups
+    assert [j.id for j in claim(store, 64, at=1)] == [j.id for j in jobs]
+    groups_before = store.writer.groups
     # Every job's callback twice at once: exactly one of each pair may win.
     attempts = [job.id for job in jobs for _ in range(2)]
     with ThreadPoolExecutor(16) as pool:
@@ -73,7 +86,7 @@ def test_concurrent_writes_share_transactions_and_each_caller_sees_its_own_outco
     assert sum(won) == len(jobs)
     assert {job_id for job_id, w in zip(attempts, won, strict=True) if w} == {j.id for j in jobs}
     assert {store.load_job(j.id).status for j in jobs} == {"succeeded"}
-    assert store._group.groups - groups_before < len(attempts)
+    assert store.writer.groups - groups_before < len(attempts)
 
 
 def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, key_id: str):
@@ -89,8 +102,8 @@ def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, k
     assert not store.transition(job.id, ["dispatched", "running"], "failed", now=sec(6), error="late")
     with pytest.raises(IllegalTransition):
         store.transition(job.id, "succeeded", "queued")
-    with pytest.raises(TypeError):
-        store.transition(job.id, "running", "failed", api_key_id="someone else")
+    with pytest.raises(TypeError):  # the owner and the request never change
+        store.transition(job.id, "running", "failed", kind="training")
 
     done = store.load_job(job.id)
     assert (done.status, done.result_sha256, done.error) == ("succeeded", "ab" * 32, None)
@@ -103,12 +116,12 @@ def test_a_job_finishes_once_and_illegal_transitions_are_refused(store: Store, k
 
 def test_times_come_back_timezone_aware_utc(store: Store, key_id: str):
     local = datetime(2030, 1, 1, 14, 0, tzinfo=UTC).astimezone(ZoneInfo("Europe/Berlin"))
-    job = store.create_job(key_id, "training", {}, local, 10, now=T0)
+    job = create_job(store, key_id, "training", {}, local, 10, now=T0)
     loaded = store.load_job(job.id)
     assert loaded.deadline == local and loaded.deadline.tzinfo == UTC
     assert loaded.created_at == T0
     with pytest.raises(Exception, match="naive datetime"):
-        store.create_job(key_id, "training", {}, datetime(2030, 1, 1), 10, now=T0)
+        create_job(store, key_id, "training", {}, datetime(2030, 1, 1), 10, now=T0)
 
 
 def test_cancel_only_own_unfinished_jobs(store: Store, key_id: str):
@@ -118,7 +131,7 @@ def test_cancel_only_own_unfinished_jobs(store: Store, key_id: str):
     assert store.cancel_job(job.id, key_id, now=sec(1))
     assert not store.cancel_job(job.id, key_id, now=sec(2))
     assert store.load_job(job.id).status == "canceled"
-    assert store.claim_for_dispatch(10, now=sec(3)) == []
+    assert claim(store, 10, at=3) == []
 
 
 # ---- API keys ---------------------------------------------------------------------------------
@@ -128,7 +141,7 @@ def test_keys_are_hashed_at_rest_and_revocation_is_immediate(store: Store):
     created = store.create_api_key("acme", rate_limit_per_minute=5)
     secret = created.secret
     assert secret.startswith("dsk_") and created.key.webhook_secret.startswith("whsec_")
-    assert store.authenticate(secret).id == created.key.id
+    assert store.admit(secret, now=sec(1)).id == created.key.id
 
     # The plaintext secret is nowhere in the database; only its sha256 is.
     with store.engine.connect() as conn:
@@ -138,13 +151,21 @@ def test_keys_are_hashed_at_rest_and_revocation_is_immediate(store: Store):
     assert secret not in dump and secret.split("_", 2)[2] not in dump
     assert hashlib.sha256(secret.encode()).hexdigest() in dump
 
-    assert store.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
-    assert store.authenticate("dsk_0000000000000000_" + "x" * 43) is None
-    assert store.authenticate("") is None and store.authenticate("Bearer nonsense") is None
+    wrong_secrets = [
+        secret[:-1] + ("A" if secret[-1] != "A" else "B"),
+        "dsk_0000000000000000_" + "x" * 43,
+        "",
+        "Bearer nonsense",
+        None,
+    ]
+    for wrong in wrong_secrets:
+        with pytest.raises(Unauthorized):
+            store.admit(wrong, now=sec(1))
 
     assert store.revoke_api_key(created.key.id)
     assert not store.revoke_api_key(created.key.id)
-    assert store.authenticate(secret) is None
+    with pytest.raises(Unauthorized):
+        store.admit(secret, now=sec(2))
     with pytest.raises(UnknownApiKey):
         store.revoke_api_key("key_doesnotexist")
     assert [k.id for k in store.list_api_keys(include_revoked=False)] == []
@@ -161,74 +182,106 @@ def test_each_key_sees_only_its_own_requests_and_loras(store: Store):
     assert [j.id for j in store.list_jobs(bob)] == [b1.id]
     assert store.list_jobs(bob, status="succeeded") == []
 
-    lora = store.create_lora(alice, "my-character", "ef" * 32, 16, trigger_word="ohwx", source_job_id=a1.id)
+    lora = kit.trained_lora(store, alice, "my-character", "ef" * 32, 16, trigger_word="ohwx")
     assert store.get_lora(lora.id, alice).sha256 == "ef" * 32
     assert store.get_lora(lora.id, bob) is None
     assert [x.id for x in store.list_loras(alice)] == [lora.id] and store.list_loras(bob) == []
 
 
 def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_url: str):
-    limited = store.create_api_key("limited", rate_limit_per_minute=3).key.id
-    free = store.create_api_key("other", rate_limit_per_minute=3).key.id
+    limited = store.create_api_key("limited", rate_limit_per_minute=3)
+    free = store.create_api_key("other", rate_limit_per_minute=3)
     second = Store(db_url)  # another orchestrator replica
     try:
         base = T0 + timedelta(seconds=10)
         hits = [(store, 0), (second, 1), (store, 2)]
-        assert [s.hit_rate_limit(limited, now=base + timedelta(seconds=t)) for s, t in hits] == [None] * 3
-        assert second.hit_rate_limit(limited, now=base + timedelta(seconds=20)) == pytest.approx(30.0)
-        assert store.hit_rate_limit(free, now=base) is None  # limits are per key
+        assert [s.admit(limited.secret, now=base + timedelta(seconds=t)).id for s, t in hits] == [limited.key.id] * 3
+        with pytest.raises(RateLimited) as refused:
+            second.admit(limited.secret, now=base + timedelta(seconds=20))
+        assert refused.value.retry_after == pytest.approx(30.0)  # the next minute
+        assert store.admit(free.secret, now=base).id == free.key.id  # limits are per key
         # A new minute, a new window.
-        assert store.hit_rate_limit(limited, now=T0 + timedelta(minutes=1)) is None
-        with pytest.raises(UnknownApiKey):
-            second.hit_rate_limit("key_nope", now=base)
-        # The API passes the limit of the key it just read: the same count, one statement less.
-        minute = T0 + timedelta(minutes=2)
-        assert [store.hit_rate_limit(free, now=minute, limit=2) for _ in range(2)] == [None, None]
-        assert second.hit_rate_limit(free, now=minute, limit=2) == pytest.approx(60.0)
-        with pytest.raises(UnknownApiKey):
-            store.hit_rate_limit("key_nope", now=minute, limit=2)
+        assert store.admit(limited.secret, now=T0 + timedelta(minutes=1)).id == limited.key.id
+        # A wrong secret for a real key is refused and counts nothing against that key.
+        forged = free.secret[:-1] + ("A" if free.secret[-1] != "A" else "B")
+        for replica in (store, second, store):
+            with pytest.raises(Unauthorized):
+                replica.admit(forged, now=base)
+        assert [s.admit(free.secret, now=base).id for s in (second, store)] == [free.key.id] * 2  # its 2nd and 3rd
+        with pytest.raises(RateLimited):
+            store.admit(free.secret, now=base)
     finally:
         second.close()
 
 
-def test_a_batch_of_requests_is_admitted_in_order_with_one_count_per_key(store: Store, db_url: str):
-    two = store.create_api_key("two a minute", rate_limit_per_minute=2)
-    other = store.create_api_key("other", rate_limit_per_minute=5)
-    gone = store.create_api_key("revoked")
-    store.revoke_api_key(gone.key.id)
-    second = Store(db_url)  # another replica, counting the same key
-    try:
-        assert second.hit_rate_limit(two.key.id, now=sec(1)) is None
-        secrets = [two.secret, other.secret, "dsk_nope", two.secret, gone.secret, two.secret, other.secret]
-        admitted = store.admit(secrets, now=sec(10))
-    finally:
-        second.close()
-    assert [a.key.id if a.key else None for a in admitted] == [
-        two.key.id, other.key.id, None, two.key.id, None, two.key.id, other.key.id
-    ]  # fmt: skip
-    # The other replica's request came first: this batch's first request of `two` is its second.
-    assert [a.retry_after for a in admitted] == [None, None, None, 50.0, None, 50.0, None]
-    # Refused requests count too (every authenticated call does), and nothing counted the bad secrets.
-    assert store.hit_rate_limit(other.key.id, now=sec(11)) is None  # its third of five
-    assert store.hit_rate_limit(two.key.id, now=sec(70)) is None  # a new minute
-    assert store.admit([], now=sec(10)) == []
+def test_a_refused_submission_is_its_callers_answer_and_the_group_written_with_it_commits(store: Store):
+    client = store.create_api_key("client", rate_limit_per_minute=3)
+    other = store.create_api_key("other")
+
+    def build(key: ApiKey) -> dict:
+        return job_row(key.id, "inference", {"prompt": "a cat"}, sec(600), 30, now=sec(1))
+
+    def refuse(key: ApiKey) -> dict:
+        raise InvalidRequest("steps 999 is over the profile's 50")
+
+    async def outcome(call: Awaitable[object]) -> tuple[str, object]:
+        try:
+            return "returned", await call
+        except Exception as exc:
+            return "raised", exc
+
+    async def main() -> list[tuple[str, object]]:
+        started, gate = threading.Event(), threading.Event()
+        busy = store.writer.submit(lambda: started.set() or gate.wait(5))
+        started.wait(5)  # the writer is busy: the calls below queue up for one group
+        calls = [
+            store.call(store.submit_job, client.secret, refuse, sec(1)),
+            store.call(store.submit_job, client.secret, build, sec(1)),
+            store.call(store.submit_job, "dsk_nope", build, sec(1)),
+            store.call(store.admit, "dsk_nope", now=sec(1)),
+            store.call(store.revoke_api_key, other.key.id, now=sec(1)),
+        ]
+        tasks = [asyncio.create_task(outcome(call)) for call in calls]
+        await asyncio.sleep(0.05)  # every task has handed its call to the writer
+        gate.set()
+        await busy
+        return await asyncio.gather(*tasks)
+
+    groups, calls = store.writer.groups, store.writer.calls
+    refused, submitted, unknown, admit, revoked = asyncio.run(main())
+    assert refused[0] == "returned" and isinstance(refused[1], InvalidRequest)
+    assert submitted[0] == "returned" and isinstance(submitted[1], Job)
+    assert unknown[0] == "returned" and isinstance(unknown[1], Unauthorized)
+    assert admit[0] == "raised" and isinstance(admit[1], Unauthorized)
+    # Nothing was rolled back and written again call by call: one transaction for the five (the
+    # busy call wrote nothing, so it opened none).
+    assert (store.writer.groups - groups, store.writer.calls - calls) == (1, 6)
+    job = store.load_job(submitted[1].id)
+    assert (job.status, job.api_key_id, job.payload) == ("queued", client.key.id, {"prompt": "a cat"})
+    assert [j.id for j in store.list_jobs(client.key.id)] == [job.id]
+    assert revoked == ("returned", True) and store.get_api_key(other.key.id).revoked_at is not None
+    # The refused request counted against the key's limit, as the admitted one did: one is left.
+    assert store.admit(client.secret, now=sec(2)).id == client.key.id
+    with pytest.raises(RateLimited):
+        store.admit(client.secret, now=sec(3))
 
 
 # ---- dispatch and the sweeper -----------------------------------------------------------------
 
 
 def test_claim_takes_oldest_first_and_caps_the_attempt_by_the_deadline(store: Store, key_id: str):
-    early = store.create_job(key_id, "inference", {}, sec(100), 30, now=sec(0))
-    tight = store.create_job(key_id, "inference", {}, sec(40), 30, now=sec(1))
-    training = store.create_job(key_id, "training", {}, sec(1000), 300, now=sec(2))
-    late = store.create_job(key_id, "inference", {}, sec(5), 30, now=sec(3))  # deadline passes first
+    early = create_job(store, key_id, "inference", {}, sec(100), 30, now=sec(0))
+    tight = create_job(store, key_id, "inference", {}, sec(40), 30, now=sec(1))
+    training = create_job(store, key_id, "training", {}, sec(1000), 300, now=sec(2))
+    late = create_job(store, key_id, "inference", {}, sec(5), 30, now=sec(3))  # deadline passes first
 
+    assert store.claim_for_dispatch(10, now=sec(20)) == []  # a dispatcher names the kinds it serves
     assert [j.id for j in store.claim_for_dispatch(10, now=sec(20), kinds=["training"])] == [training.id]
-    claimed = store.claim_for_dispatch(10, now=sec(20))
+    claimed = claim(store, 10, at=20)
     assert [j.id for j in claimed] == [early.id, tight.id]  # `late` is past its deadline
     assert [j.dispatch_deadline for j in claimed] == [sec(50), sec(40)]
     assert all(j.status == "dispatched" and j.attempts == 1 for j in claimed)
-    assert store.claim_for_dispatch(10, now=sec(20)) == []
+    assert claim(store, 10, at=20) == []
     assert store.load_job(late.id).status == "queued"
 
 
@@ -244,7 +297,7 @@ def test_claim_can_assign_miners_in_the_same_transaction(store: Store, key_id: s
         seen[job.id] = dict(tried)
         return None if job.id == nobody.id else ("hk2", 2)
 
-    claimed = store.claim_for_dispatch(10, now=sec(5), assign=assign)
+    claimed = claim(store, 10, at=5, assign=assign)
 
     assert [j.id for j in claimed] == [again.id, fresh.id]
     assert seen == {again.id: {"hk1": 1}, fresh.id: {}, nobody.id: {}}
@@ -303,9 +356,9 @@ def test_sweeper_fails_jobs_when_the_client_deadline_leaves_no_room(store: Store
     never_taken = make_job(store, key_id, deadline_s=20)
     capped = make_job(store, key_id, deadline_s=10_000, timeout_s=10, max_attempts=1, created_s=1)
 
-    assert [j.id for j in store.claim_for_dispatch(1, now=sec(2))] == [never_taken.id]
+    assert [j.id for j in claim(store, 1, at=2)] == [never_taken.id]
     assert store.transition(never_taken.id, "dispatched", "queued", now=sec(3))  # no miner free: hand back
-    assert [j.id for j in store.claim_for_dispatch(5, now=sec(4))] == [never_taken.id, capped.id]
+    assert [j.id for j in claim(store, 5, at=4)] == [never_taken.id, capped.id]
     assert store.transition(never_taken.id, "dispatched", "queued", now=sec(5))
 
     swept = store.sweep(now=sec(31))
@@ -314,6 +367,52 @@ def test_sweeper_fails_jobs_when_the_client_deadline_leaves_no_room(store: Store
         job = store.load_job(job_id)
         assert job.status == "failed" and job.finished_at == sec(31) and job.error
     assert store.list_attempts(tight.id)[0].outcome == "timeout"
+
+
+def test_a_job_taken_back_from_its_miner_is_retried_while_attempts_and_time_allow(store: Store, key_id: str):
+    job = make_job(store, key_id, deadline_s=600, max_attempts=2)
+    dispatch(store, job.id, "hk1", 1, at=0)
+    taken = store.load_job(job.id)
+    assert store.take_back(taken, "busy", outcome="refused", now=sec(1), min_attempt_s=5) == "queued"
+    # A second report about the same attempt finds the job moved on.
+    assert store.take_back(taken, "busy", outcome="refused", now=sec(1), min_attempt_s=5) is None
+    dispatch(store, job.id, "hk2", 2, at=2)
+    assert store.take_back(store.load_job(job.id), "crashed", outcome="failed", now=sec(3), min_attempt_s=5) == "failed"
+    failed = store.load_job(job.id)
+    assert (failed.status, failed.finished_at) == ("failed", sec(3)) and "attempt 2 of 2" in failed.error
+    assert [(a.miner_hotkey, a.outcome, a.error) for a in store.list_attempts(job.id)] == [
+        ("hk1", "refused", "busy"),
+        ("hk2", "failed", "crashed"),
+    ]
+
+    tight = make_job(store, key_id, deadline_s=10, created_s=1)
+    dispatch(store, tight.id, "hk1", 1, at=2)
+    assert store.take_back(store.load_job(tight.id), "busy", outcome="refused", now=sec(7), min_attempt_s=5) == "failed"
+
+
+def test_a_success_stores_the_result_and_registers_its_lora_once(store: Store, key_id: str):
+    job = create_job(store, key_id, "training", {"rank": 4}, sec(600), 300, now=T0)
+    dispatch(store, job.id, "hk1", 1, at=0)
+    lora = {
+        "id": "lora_of_job",
+        "api_key_id": key_id,
+        "name": "style",
+        "sha256": "ef" * 32,
+        "rank": 4,
+        "trigger_word": "sks",
+        "source_job_id": job.id,
+    }
+    success = Success("ef" * 32, 123, "fp", {"train_s": 2.5}, lora=lora)
+    assert store.succeed(job.id, success, now=sec(4))
+    assert not store.succeed(job.id, success, now=sec(5))  # the callback again: nothing changes
+    done = store.load_job(job.id)
+    assert (done.status, done.result_sha256, done.result_bytes, done.fingerprint) == ("succeeded", "ef" * 32, 123, "fp")
+    assert (done.timings, done.finished_at) == ({"train_s": 2.5}, sec(4))
+    [attempt] = store.list_attempts(job.id)
+    assert (attempt.outcome, attempt.latency_s) == ("succeeded", 4.0)
+    assert [(x.id, x.source_job_id, x.created_at) for x in store.list_loras(key_id)] == [
+        ("lora_of_job", job.id, sec(4))
+    ]
 
 
 # ---- miners and audits ------------------------------------------------------------------------
@@ -390,6 +489,6 @@ def test_a_postgres_connection_dropped_while_idle_is_replaced_before_use(pg_sess
             )
         time.sleep(0.1)
         assert store.get_api_key(key.key.id) is not None
-        assert store.authenticate(key.secret) is not None
+        assert store.admit(key.secret).id == key.key.id
     finally:
         store.close()

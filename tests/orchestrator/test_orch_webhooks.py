@@ -15,7 +15,7 @@ from fastapi.responses import Response
 
 import miner_kit
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Store
+from dippy_studio.orchestrator.store import Store, job_row
 from dippy_studio.orchestrator.webhooks import WebhookSender, WebhookVerificationError, headers_for, sign, verify
 from orchestrator.orch_kit import Served
 
@@ -81,8 +81,10 @@ def setup(tmp_path):
     def finished_job(url: str) -> tuple[str, str]:
         created = store.create_api_key("client")
         key = created.key
-        job = store.create_job(key.id, "inference", {"prompt": "x"}, clock() + timedelta(minutes=5), 60,
-                               webhook_url=url, now=clock())  # fmt: skip
+        deadline = clock() + timedelta(minutes=5)
+        (job,) = store.insert_jobs(
+            [job_row(key.id, "inference", {"prompt": "x"}, deadline, 60, webhook_url=url, now=clock())]
+        )
         assert store.cancel_job(job.id, key.id, now=clock())
         return job.id, key.webhook_secret
 

@@ -11,6 +11,8 @@ import pytest
 from bittensor import http_auth
 
 from dippy_studio.protocol import MemoryNonceStore, NonceStore, Signer, SqliteNonceStore
+from dippy_studio.protocol.auth import check_nonce_window
+from dippy_studio.protocol.nonces import retention_for
 
 T0 = 1_700_000_000.0
 HOTKEY = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
@@ -120,6 +122,13 @@ def test_sqlite_store_plugs_into_bittensor_verify(tmp_path: Path, alice: Signer,
         http_auth.verify(
             headers, b"", method="GET", path="/v1/scores", self_hotkey_ss58=bob.ss58_address, nonce_store=short
         )
+
+
+@pytest.mark.parametrize(("max_age", "skew"), [(10.0, 2.0), (0.5, 0.0), (300.0, 30.0)])
+def test_retention_for_a_window_passes_the_window_check(max_age: float, skew: float) -> None:
+    store = MemoryNonceStore(retention=retention_for(max_age, skew))
+    check_nonce_window(store, max_age, skew)
+    assert store.retention > max_age + skew
 
 
 def test_threads_sharing_one_store_claim_each_nonce_once(tmp_path: Path) -> None:

@@ -29,8 +29,6 @@ from dippy_studio.protocol import (
     WrongReceiver,
     detect_scheme,
     sign_request,
-    verify_btauth,
-    verify_epistula,
     verify_request,
 )
 from dippy_studio.protocol.auth import check_nonce_window, check_request
@@ -102,20 +100,6 @@ def test_requests_signed_back_to_back_are_distinct(scheme: Scheme, alice: Signer
     second = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme)
     # Real clock: both signed now, both accepted, neither mistaken for a replay.
     assert verify(first, bob, store, now=None).request_id != verify(second, bob, store, now=None).request_id
-
-
-def test_scheme_specific_entry_points(alice: Signer, bob: Signer) -> None:
-    store = MemoryNonceStore()
-    bt_headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, "btauth", now=T0)
-    ep_headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, "epistula", now=T0)
-    caller = verify_btauth(
-        bt_headers, BODY, method=METHOD, path=PATH, receiver_ss58=bob.ss58_address, nonce_store=store, now=T0
-    )
-    assert caller.scheme == "btauth"
-    caller = verify_epistula(ep_headers, BODY, receiver_ss58=bob.ss58_address, nonce_store=store, now=T0)
-    assert caller.scheme == "epistula"
-    with pytest.raises(ReplayedRequest):
-        verify_epistula(ep_headers, BODY, receiver_ss58=bob.ss58_address, nonce_store=store, now=T0)
 
 
 def test_headers_from_bittensor_sign_are_accepted(alice: Signer, bob: Signer, store) -> None:

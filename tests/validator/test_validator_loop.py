@@ -16,7 +16,8 @@ from dippy_studio.chain.base import Hyperparameters
 from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
-from dippy_studio.validator.loop import Validator, ValidatorConfig
+from dippy_studio.validator.loop import Validator
+from dippy_studio.validator.settings import ValidatorSettings
 
 VALIDATOR = signer_from_uri("//Alice")
 ORCHESTRATOR = signer_from_uri("//Eve")
@@ -60,9 +61,9 @@ def world(tmp_path):
     uids = {m.ss58_address: chain.register(m.ss58_address, m.ss58_address) for m in MINERS}
     orchestrator = FakeOrchestrator(clock)
     http = httpx.Client(base_url="http://orchestrator", transport=httpx.MockTransport(orchestrator))
-    config = ValidatorConfig(orchestrator_url="http://orchestrator", orchestrator_hotkey=ORCHESTRATOR.ss58_address,
-                             state_path=tmp_path / "state.json", alpha=0.5, retries=1, backoff_s=0.0)  # fmt: skip
-    validator = Validator(config, chain, VALIDATOR, http=http, clock=clock)
+    settings = ValidatorSettings(orchestrator_url="http://orchestrator", orchestrator_hotkey=ORCHESTRATOR.ss58_address,
+                                 state_path=tmp_path / "state.json", alpha=0.5, retries=1, backoff_s=0.0)  # fmt: skip
+    validator = Validator(settings, chain, VALIDATOR, http=http, clock=clock)
     return validator, chain, orchestrator, clock, uids
 
 
@@ -92,7 +93,7 @@ def test_ema_moves_across_rounds_and_survives_restarts(world):
     assert first[uids[bob]] == pytest.approx(1.0, abs=1e-5)
     orchestrator.scores = {bob: 2.0, charlie: 3.0}  # the ranking flips
     clock.advance_blocks(10)
-    restarted = Validator(validator.config, chain, VALIDATOR, http=validator.http, clock=clock)  # state from disk
+    restarted = Validator(validator.settings, chain, VALIDATOR, http=validator.http, clock=clock)  # state from disk
     assert restarted.run_round().action == "set"
     second = restarted.state.smoothed
     # alpha 0.5: halfway between last round's weights and the new target, not a reset.
@@ -128,7 +129,7 @@ def test_rate_limit_and_unregistered_validator(world, tmp_path):
     assert validator.run_round().action == "set"
     waiting = validator.run_round()
     assert waiting.action == "waiting" and "weights_rate_limit" in waiting.reason
-    stranger = Validator(validator.config, chain, signer_from_uri("//Ferdie"), http=validator.http, clock=clock)
+    stranger = Validator(validator.settings, chain, signer_from_uri("//Ferdie"), http=validator.http, clock=clock)
     assert "not registered" in stranger.run_round().reason
 
 

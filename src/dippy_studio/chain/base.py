@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "MAX_COMMITMENT_BYTES",
     "U16_MAX",
     "AlreadyRegistered",
     "Chain",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 U16_MAX = 65535
+# The chain's Raw commitment field holds at most 128 bytes; `LocalChain` enforces the same
+# limit, so an endpoint that works locally also fits on the real chain.
+MAX_COMMITMENT_BYTES = 128
 
 
 class ChainError(Exception):

@@ -63,8 +63,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from dippy_studio.chain import conformance
+import dippy_studio.chain.conformance as conformance
 from dippy_studio.chain.base import (
+    MAX_COMMITMENT_BYTES,
     AlreadyRegistered,
     ChainError,
     ChainUnavailable,
@@ -79,7 +80,6 @@ from dippy_studio.chain.base import (
     RateLimited,
     VersionKeyTooLow,
 )
-from dippy_studio.chain.local import MAX_COMMITMENT_BYTES
 
 __all__ = ["BittensorChain"]
 

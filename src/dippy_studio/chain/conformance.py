@@ -12,9 +12,9 @@ value becomes 65535). A client therefore:
 
 Step 2 here is exact instead of bittensor's epsilon-based cutoff, and step 3 is followed
 by a repair: rounding alone can push the largest share a few millionths over the limit,
-which the chain rejects with `MaxWeightExceeded` (measured: about 1 in 7 random vectors
-clipped by the SDK's `clip_to_max_weight` then quantised by its `normalize` fail the
-chain's check). `within_max_weight_limit` is the chain's check in exact integers.
+which the chain rejects with `MaxWeightExceeded`. That is common, not a corner case: random
+vectors clipped by the SDK's `clip_to_max_weight` then quantised by its `normalize` often fail
+the chain's check. `within_max_weight_limit` is the chain's check in exact integers.
 
 A single weight on the caller's own uid ("self-weight") is exempt from the max-weight and
 minimum-count rules, as on chain.

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dippy_studio.chain import conformance
+import dippy_studio.chain.conformance as conformance
 from dippy_studio.chain.base import (
+    MAX_COMMITMENT_BYTES,
     AlreadyRegistered,
     ChainError,
     ChainNotFound,
@@ -62,7 +63,6 @@ from dippy_studio.chain.consensus import run_epoch
 
 __all__ = [
     "DEFAULT_BLOCK_TIME",
-    "MAX_COMMITMENT_BYTES",
     "MINER_SHARE",
     "EpochInfo",
     "LocalChain",
@@ -70,9 +70,6 @@ __all__ = [
 
 DEFAULT_BLOCK_TIME = 12.0
 DEFAULT_EMISSION_PER_BLOCK = 1.0
-# The chain's Raw commitment field holds at most 128 bytes; enforcing the same limit here
-# means an endpoint that works locally also fits on the real chain.
-MAX_COMMITMENT_BYTES = 128
 # Share of each epoch's emission that goes to miners; the rest goes to validators.
 MINER_SHARE = 0.5
 SCHEMA_VERSION = 1

@@ -26,7 +26,6 @@ _EXPORTS = {
     "GenerationRequest": "generation",
     "GenerationResult": "generation",
     "Timings": "generation",
-    "generate": "generation",
     "LoraRef": "lora",
     "PROFILES": "profiles",
     "EngineOptions": "options",
@@ -41,7 +40,6 @@ __all__ = [  # noqa: RUF022 (kept in _EXPORTS order)
     "GenerationRequest",
     "GenerationResult",
     "Timings",
-    "generate",
     "LoraRef",
     "PROFILES",
     "EngineOptions",
@@ -56,7 +54,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from dippy_studio.engine.errors import EngineError, LoraError, ProfileError, RequestError
-    from dippy_studio.engine.generation import Engine, GenerationRequest, GenerationResult, Timings, generate
+    from dippy_studio.engine.generation import Engine, GenerationRequest, GenerationResult, Timings
     from dippy_studio.engine.lora import LoraRef
     from dippy_studio.engine.options import EngineOptions
     from dippy_studio.engine.profiles import PROFILES

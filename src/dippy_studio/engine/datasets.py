@@ -32,6 +32,7 @@ IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 CAPTION_SUFFIX = ".txt"
 TRIGGER_PLACEHOLDER = "[trigger]"
 _SKIPPED_DIRS = {"__MACOSX"}
+ZIP_DATE = (2026, 1, 1, 0, 0, 0)  # fixed entry timestamps keep archives byte-identical
 
 
 @dataclass(frozen=True)
@@ -378,8 +379,6 @@ def dataset_zip(dataset: Dataset) -> bytes:
     it has one), with fixed timestamps: the same content always gives the same bytes, so the
     archive's sha256 can name it. `load_zip_bytes` reads it back to the same `Dataset.sha256`.
     """
-    from dippy_studio.engine.synthetic_data import zip_bytes
-
     files: dict[str, bytes] = {}
     for item in dataset.items:
         files[item.name] = item.data
@@ -387,6 +386,18 @@ def dataset_zip(dataset: Dataset) -> bytes:
             # Images that share a stem (a.png, a.jpg) share one caption file, as when loaded.
             files[item.name.rsplit(".", 1)[0] + CAPTION_SUFFIX] = item.caption.encode()
     return zip_bytes(sorted(files.items()))
+
+
+def zip_bytes(files: list[tuple[str, bytes]]) -> bytes:
+    """A deflated zip of (name, data) entries in the given order, with fixed timestamps."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files:
+            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
 
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:

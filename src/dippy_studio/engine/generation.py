@@ -26,9 +26,9 @@ from dippy_studio.engine.fingerprint import (
     weights_sha256,
 )
 from dippy_studio.engine.images import encode_png, sha256_hex
-from dippy_studio.engine.limits import MAX_LORAS, Guidance, ImageSide, Prompt, Seed, Steps
 from dippy_studio.engine.lora import LoraCache, LoraRef
 from dippy_studio.engine.profiles import LORA_MODE, EngineOptions, get_profile, load_pipeline
+from dippy_studio.protocol.limits import MAX_LORAS, Guidance, ImageSide, Prompt, Seed, Steps
 
 StepCallback = Callable[[int, int], None]
 
@@ -203,15 +203,3 @@ class Engine:
         latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-_engines: dict[EngineOptions, Engine] = {}
-
-
-def generate(request: GenerationRequest, options: EngineOptions | None = None) -> GenerationResult:
-    """Generate with a process-wide engine for `options` (built on first use)."""
-    options = options or EngineOptions()
-    engine = _engines.get(options)
-    if engine is None:
-        engine = _engines[options] = Engine(options)
-    return engine.generate(request)

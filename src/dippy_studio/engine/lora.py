@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from dippy_studio.engine.errors import LoraError
-from dippy_studio.engine.limits import LoraScale
+from dippy_studio.protocol.limits import LoraScale
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 MAX_LORA_BYTES = 2 * 1024**3

@@ -8,7 +8,7 @@ says where its weights come from; `load_pipeline` turns that into a ready FluxPi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from dippy_studio.engine import builtin
 from dippy_studio.engine.determinism import configure_cuda, configure_threads, realign_parameters
 from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.options import EngineOptions
+from dippy_studio.protocol.limits import PROFILE_LIMITS, ProfileLimits
 
 PROFILE_MARKER = "dippy_profile.json"
 # One LoRA application mode per profile: PEFT layers computed beside the frozen base weights.
@@ -27,72 +28,24 @@ PROFILE_MARKER = "dippy_profile.json"
 LORA_MODE = "peft-unfused"
 
 
+# Built from the lightweight table in protocol.limits (which the orchestrator reads without
+# loading torch) plus, for the built-ins, the architecture that builds their weights.
+_BUILTINS: dict[str, builtin.BuiltinConfig] = {"tiny": builtin.TINY, "small": builtin.SMALL}
+
+
 @dataclass(frozen=True)
-class ProfileSpec:
-    """What a profile serves and the request limits that make sense for it."""
+class ProfileSpec(ProfileLimits):
+    """A profile's request limits plus where its weights come from: a built-in architecture,
+    or (None) a local diffusers-layout directory."""
 
-    name: str
-    description: str
-    builtin: builtin.BuiltinConfig | None
-    max_sequence_length: int
-    default_steps: int
-    default_guidance: float
-    min_side: int
-    max_side: int
-    max_steps: int
+    builtin: builtin.BuiltinConfig | None = None
 
 
-PROFILES: dict[str, ProfileSpec] = {
-    spec.name: spec
-    for spec in (
-        ProfileSpec(
-            name="tiny",
-            description="Flux architecture, ~130k seeded random parameters; the embedded default",
-            builtin=builtin.TINY,
-            max_sequence_length=builtin.TINY.max_sequence_length,
-            default_steps=4,
-            default_guidance=3.5,
-            min_side=16,
-            # A 1-level VAE keeps one latent pixel per image pixel: 256x256 is already 16k
-            # tokens and seconds per step on a laptop CPU.
-            max_side=256,
-            max_steps=50,
-        ),
-        ProfileSpec(
-            name="small",
-            description="Flux architecture, ~9M transformer parameters, 4-level VAE; CPU benchmarks",
-            builtin=builtin.SMALL,
-            max_sequence_length=builtin.SMALL.max_sequence_length,
-            default_steps=8,
-            default_guidance=3.5,
-            min_side=64,
-            max_side=1024,
-            max_steps=50,
-        ),
-        ProfileSpec(
-            name="flux-dev",
-            description="FLUX.1-dev from a local diffusers-layout directory",
-            builtin=None,
-            max_sequence_length=512,
-            default_steps=28,
-            default_guidance=3.5,
-            min_side=256,
-            max_side=2048,
-            max_steps=100,
-        ),
-        ProfileSpec(
-            name="flux-schnell",
-            description="FLUX.1-schnell from a local diffusers-layout directory",
-            builtin=None,
-            max_sequence_length=256,
-            default_steps=4,
-            default_guidance=0.0,
-            min_side=256,
-            max_side=2048,
-            max_steps=16,
-        ),
-    )
-}
+def _spec(limits: ProfileLimits) -> ProfileSpec:
+    return ProfileSpec(**{f.name: getattr(limits, f.name) for f in fields(limits)}, builtin=_BUILTINS.get(limits.name))
+
+
+PROFILES: dict[str, ProfileSpec] = {name: _spec(limits) for name, limits in PROFILE_LIMITS.items()}
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

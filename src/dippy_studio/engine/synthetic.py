@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from dippy_studio.protocol.limits import DEFAULT_TARGETS
 
 
 def random_lora_state_dict(

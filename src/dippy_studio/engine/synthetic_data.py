@@ -10,18 +10,16 @@ as a folder or a .zip. The same (style, count, seed, size) always gives the same
 
 from __future__ import annotations
 
-import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dippy_studio.engine.datasets import zip_bytes
 from dippy_studio.engine.images import encode_png
 
 RGB = tuple[int, int, int]
-ZIP_DATE = (2026, 1, 1, 0, 0, 0)  # fixed entry timestamps keep archives byte-identical
 
 
 @dataclass(frozen=True)
@@ -88,18 +86,6 @@ def write_dataset(
         for name, data in files:
             (path / name).write_bytes(data)
     return path
-
-
-def zip_bytes(files: list[tuple[str, bytes]]) -> bytes:
-    """A deflated zip of (name, data) entries in the given order, with fixed timestamps."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files:
-            info = zipfile.ZipInfo(name, date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            archive.writestr(info, data)
-    return buffer.getvalue()
 
 
 def _style(name: str) -> ShapeStyle:

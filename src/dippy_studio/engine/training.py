@@ -39,20 +39,17 @@ from dippy_studio.engine.datasets import Dataset, load_dataset, resize_center_cr
 from dippy_studio.engine.determinism import configure_threads
 from dippy_studio.engine.errors import DatasetError, TrainingError
 from dippy_studio.engine.profiles import EngineOptions, get_profile
+from dippy_studio.protocol.limits import DEFAULT_TARGETS, MAX_SEED, PROFILE_LIMITS, REAL_MODEL_TRAINING, SIZE_MULTIPLE
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER_NAME = "dippy_train"
 META = "dippy."  # prefix of our keys in the safetensors header
 FORMAT_VERSION = "1"
-MAX_SEED = 2**63 - 1
-SIZE_MULTIPLE = 16
 
-# Common Flux LoRA practice (ai-toolkit, diffusers' dreambooth script) for the real models;
-# the built-ins get settings that learn something visible in seconds on a CPU.
-REAL_MODEL_DEFAULTS: dict[str, Any] = dict(rank=16, alpha=16.0, lr=1e-4, steps=1000, batch_size=1, resolution=512)
+# The defaults live in protocol.limits, beside the profiles' request limits, where the
+# orchestrator reads them without importing torch. Plain dicts here for TrainConfig.
+REAL_MODEL_DEFAULTS: dict[str, Any] = REAL_MODEL_TRAINING.as_dict()
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
-    "small": dict(rank=8, alpha=8.0, lr=1e-3, steps=300, batch_size=2, resolution=128),
+    name: limits.training.as_dict() for name, limits in PROFILE_LIMITS.items()
 }
 
 

@@ -26,9 +26,10 @@ from dippy_studio.miner.runners import InferenceRunner, TrainingRunner, generati
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.miner.workers import Runner, WorkerPool
+from dippy_studio.protocol.asgi import BodyLimit
 from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, verify_request
 from dippy_studio.protocol.keys import Signer, load_signer
-from dippy_studio.protocol.nonces import SqliteNonceStore
+from dippy_studio.protocol.nonces import SqliteNonceStore, retention_for
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 from dippy_studio.protocol.schemas import (
     JOB_ID_PATTERN,
@@ -72,8 +73,7 @@ class Miner:
         data = settings.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.store = JobStore(data / "jobs.sqlite", clock=clock)
-        # Nonces must outlive the whole acceptance window, or a replay could slip in after expiry.
-        retention = settings.max_signature_age + settings.allowed_clock_skew + 5.0
+        retention = retention_for(settings.max_signature_age, settings.allowed_clock_skew)
         self.nonces = SqliteNonceStore(data / "nonces.sqlite", retention=retention)
         self.policy = SenderPolicy(
             allowed_hotkeys=settings.allow_hotkeys,
@@ -162,49 +162,6 @@ class Miner:
 def _work(request: dict[str, Any]) -> dict[str, Any]:
     """The fields that decide a job's result; a resend may carry a new deadline or callback."""
     return {k: v for k, v in request.items() if k not in ("deadline", "callback_url")}
-
-
-class BodyLimit:
-    """Pure ASGI middleware: refuse request bodies over `limit` bytes with 413, before they
-    are buffered (Content-Length when given, and a running count for chunked bodies)."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await _too_large(send, self.limit)
-                return
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _too_large(send, limit: int) -> None:
-    body = JSONResponse({"detail": f"request body over the {limit}-byte limit"}, status_code=413).body
-    await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: MinerSettings, **components: Any) -> FastAPI:

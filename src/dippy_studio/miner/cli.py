@@ -34,7 +34,7 @@ def serve(
     """Serve the miner API until interrupted. Settings: flags > DIPPY_MINER_* env > --config file."""
     import uvicorn
 
-    from dippy_studio.cli import describe_validation, fail
+    from dippy_studio.cli_support import describe_validation, fail
     from dippy_studio.engine.errors import EngineError
     from dippy_studio.miner.app import create_app
     from dippy_studio.miner.settings import MinerSettings
@@ -42,6 +42,7 @@ def serve(
 
     engine_overrides = {k: v for k, v in {"profile": profile, "model_path": model_path, "device": device}.items() if v}
     overrides = {
+        "engine": engine_overrides or None,
         "wallet_name": wallet,
         "wallet_hotkey": hotkey,
         "wallet_path": wallet_path,
@@ -54,9 +55,6 @@ def serve(
     }
     try:
         settings = MinerSettings.load(config, **overrides)
-        if engine_overrides:
-            engine = settings.engine.model_copy(update=engine_overrides)
-            settings = settings.model_copy(update={"engine": engine})
         if not (settings.dev_key or settings.wallet_name):
             fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use")
         app = create_app(settings)

@@ -1,17 +1,18 @@
-"""Miner settings: DIPPY_MINER_* environment variables, an optional TOML file, or flags."""
+"""Miner settings: flags, then DIPPY_MINER_* environment variables, then a TOML file (`--config`),
+then the defaults below. Nested engine options: DIPPY_MINER_ENGINE__DEVICE, or `[engine]` in the file."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import SettingsConfigDict
 
 from dippy_studio.engine.options import EngineOptions
+from dippy_studio.settings import ServiceSettings
 
 
-class MinerSettings(BaseSettings):
+class MinerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DIPPY_MINER_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
@@ -63,27 +64,3 @@ class MinerSettings(BaseSettings):
         if self.dev_key and self.wallet_name:
             raise ValueError("give either dev_key or wallet_name, not both")
         return self
-
-    @classmethod
-    def load(cls, config_file: Path | None = None, **overrides: Any) -> MinerSettings:
-        """Flags (overrides) win over environment variables, which win over the TOML file."""
-        if config_file is not None and not config_file.is_file():
-            raise ValueError(f"config file {config_file} does not exist")
-
-        class _WithFile(cls):  # type: ignore[valid-type, misc]
-            @classmethod
-            def settings_customise_sources(
-                cls,
-                settings_cls: type[BaseSettings],
-                init_settings: PydanticBaseSettingsSource,
-                env_settings: PydanticBaseSettingsSource,
-                dotenv_settings: PydanticBaseSettingsSource,
-                file_secret_settings: PydanticBaseSettingsSource,
-            ) -> tuple[PydanticBaseSettingsSource, ...]:
-                sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-                if config_file is not None:
-                    sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
-                return sources
-
-        loaded = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(loaded.model_dump())

@@ -1,2 +1,25 @@
 """The orchestrator: the subnet's front door. Clients submit jobs with API keys; it routes them to
-miners, stores results, audits a sample and scores miners. State lives in SQL (see `store`)."""
+miners, stores results, audits a sample and scores miners.
+
+How a request flows (`POST /v1/images`, four hops to its committed row):
+
+1. `api.submit_image` validates the JSON (`schemas.ImageRequest`) and calls
+2. `service.Orchestrator.submit(secret, "inference", body)`, which looks the kind up in the
+   registry (`kinds`) and hands one function to the store's writer thread:
+3. `store.Store.submit_job` admits the key (live, under its rate limit), builds the payload with
+   the kind's `build_payload`, and inserts the row, in one transaction (`writer.Writer` commits it
+   together with whatever else arrived meanwhile). A refusal comes back as an `errors` exception,
+   which `api` turns into a 4xx.
+4. After the commit the dispatcher is woken (`service.Orchestrator.requeued`); on PostgreSQL
+   other replicas hear of it too (`store.Listener`).
+
+Then `dispatch.Dispatcher` claims queued jobs and picks a miner for each (`routing`), sends the
+kind's wire request, signed; the miner calls back (`callbacks.CallbackHandler`): the result is
+checked by its kind, stored (`blobs`), and the job moves to `succeeded`; waiters, webhooks
+(`webhooks`) and the audit queue (`auditing`, verdicts in `audit`) are told after that commit.
+`scoring` turns attempts and audits into per-miner scores for validators (`GET /v1/scores`).
+
+Layout: `kinds` (job kinds as data), `states` (the state machine the database enforces),
+`store` (every SQL statement) on `writer` and `db`, `service` (the domain, no HTTP), `api` and
+`dashboard` (HTTP), `app` (the ASGI app), `serve` and `cli` (processes and commands).
+"""

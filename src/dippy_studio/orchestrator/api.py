@@ -1,4 +1,6 @@
-"""The public API for clients, in the style of fal's and Replicate's queue APIs.
+"""The HTTP layer: the routes, and the mapping of the service's refusals (`errors`) to statuses.
+
+For clients, in the style of fal's and Replicate's queue APIs:
 
     POST /v1/images                 submit a text-to-image request (202; or the result, with Prefer: wait=N)
     POST /v1/loras                  submit a LoRA training request (multipart dataset zip or dataset_url; 202)
@@ -7,7 +9,9 @@
     GET  /v1/requests/{id}/result   the PNG or .safetensors
     POST /v1/requests/{id}/cancel   cancel it
     GET  /v1/loras, /v1/loras/{id}  your trained LoRAs
-    GET  /v1/blobs/{sha256}         LoRAs and datasets for miners (no key, see `blobs` below)
+
+For miners: `POST /v1/miner-callbacks/{id}` (signed results) and `GET /v1/blobs/{sha256}` (LoRAs
+and datasets). For validators: `GET /v1/scores` (signed). For operators: `/health`, `/ready`.
 
 Clients authenticate with `Authorization: Bearer <API key>`. Each key has its own per-minute
 limit (429 with Retry-After when it is spent; every authenticated call counts) and sees only
@@ -16,250 +20,53 @@ its own requests and LoRAs: another key's ids answer 404, as unknown ones do.
 `Prefer: wait=N` (at most `max_wait_s`) holds the submit response until the request finishes
 or N seconds pass. Finished (in any final state): 200 with the request's status; for an image,
 `result` then also carries the PNG inline as base64 (`data_base64`), so a synchronous client
-needs one round trip. Not finished: the usual 202, and the client polls or waits for its webhook. The wait listens
-for an in-process notification and re-reads the database every second, so it also sees results
-that arrive at another replica.
+needs one round trip. Not finished: the usual 202, and the client polls or waits for its webhook.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
-import hashlib
+import json
+import math
 import re
-import secrets
-import threading
-from collections.abc import Callable
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-import httpx
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dippy_studio.engine.limits import (
-    MAX_LORAS,
-    MAX_SEED,
-    Guidance,
-    ImageSide,
-    LoraScale,
-    Prompt,
-    Seed,
-    Steps,
-)
-from dippy_studio.orchestrator.audit import HELDOUT_KEY
-from dippy_studio.orchestrator.callbacks import lora_id_for
-from dippy_studio.orchestrator.models import ApiKey, Job, Lora
+from dippy_studio.orchestrator import errors, kinds
+from dippy_studio.orchestrator.models import ApiKey, Job
+from dippy_studio.orchestrator.schemas import ImageRequest, LoraView, RequestView, Submitted, TrainingRequest
+from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.protocol.outbound import OutboundError, check_url
-from dippy_studio.protocol.schemas import SHA256_PATTERN, HttpUrl, JobKind, Sha256
+from dippy_studio.orchestrator.views import lora_view, request_view, urls_for
+from dippy_studio.protocol.auth import sign_request
+from dippy_studio.protocol.limits import MAX_SEED
+from dippy_studio.protocol.schemas import SHA256_PATTERN
 
-if TYPE_CHECKING:
-    from dippy_studio.orchestrator.app import Orchestrator
-
-MEDIA_TYPES = {JobKind.inference.value: "image/png", JobKind.training.value: "application/octet-stream"}
-FILENAMES = {JobKind.inference.value: "result.png", JobKind.training.value: "lora.safetensors"}
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-_POLL_S = 1.0
+_SS58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{46,48}$")
+_STATUS = {
+    errors.Unauthorized: 401,
+    errors.RateLimited: 429,
+    errors.InvalidRequest: 422,
+    errors.TooLarge: 413,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+}
 
 
-# ---- wire models ------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraInput(_Strict):
-    """A LoRA to apply: one of yours by `id`, or a .safetensors file at `url` (fetched once, by us)."""
-
-    id: str | None = Field(default=None, max_length=64)
-    url: HttpUrl | None = None
-    sha256: Sha256 | None = Field(default=None, description="With `url`: the file's sha256, checked after download.")
-    scale: LoraScale = 1.0
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LoraInput:
-        if (self.id is None) == (self.url is None):
-            raise ValueError("give exactly one of 'id' or 'url'")
-        if self.sha256 is not None and self.url is None:
-            raise ValueError("'sha256' goes with 'url'")
-        return self
-
-
-class ImageRequest(_Strict):
-    prompt: Prompt
-    seed: Seed | None = Field(default=None, description="Random when left out.")
-    width: ImageSide
-    height: ImageSide
-    steps: Steps | None = Field(default=None, description="The profile's default when left out.")
-    guidance: Guidance | None = None
-    loras: list[LoraInput] = Field(default_factory=list, max_length=MAX_LORAS)
-    webhook_url: HttpUrl | None = None
-    deadline_s: float | None = Field(default=None, gt=0, description="Seconds from now the request may take.")
-
-
-class Submitted(BaseModel):
-    request_id: str
-    status: RequestStatus
-    status_url: str
-    result_url: str
-    cancel_url: str
-
-
-class ResultInfo(BaseModel):
-    url: str
-    sha256: str
-    bytes: int
-    content_type: str
-    lora_id: str | None = Field(default=None, description="Training: the new LoRA, for `loras` in /v1/images.")
-    data_base64: str | None = Field(default=None, description="The PNG itself, only in a `Prefer: wait` answer.")
-
-
-class WebhookInfo(BaseModel):
-    state: str
-    attempts: int
-
-
-class RequestView(Submitted):
-    kind: JobKind
-    created_at: datetime
-    dispatched_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    deadline: datetime
-    attempts: int
-    miner_uid: int | None
-    miner_hotkey: str | None
-    timings: dict[str, Any]
-    error: str | None
-    input: dict[str, Any]
-    result: ResultInfo | None
-    webhook: WebhookInfo | None
-
-
-class LoraView(BaseModel):
-    id: str
-    name: str
-    trigger_word: str
-    rank: int
-    sha256: str
-    created_at: datetime
-    source_request_id: str | None
-
-
-# ---- views ----------------------------------------------------------------------------------
-
-
-def urls_for(base_url: str, job_id: str) -> dict[str, str]:
-    base = f"{base_url.rstrip('/')}/v1/requests/{job_id}"
-    return {"status_url": base, "result_url": f"{base}/result", "cancel_url": f"{base}/cancel"}
-
-
-def request_view(job: Job, base_url: str) -> dict[str, Any]:
-    """A request's status as clients see it (also the `data` of its webhook)."""
-    urls = urls_for(base_url, job.id)
-    timings = dict(job.timings or {})
-    if job.finished_at is not None:
-        timings["total_s"] = (job.finished_at - job.created_at).total_seconds()
-    result = None
-    if job.status == RequestStatus.succeeded.value and job.result_sha256:
-        result = ResultInfo(
-            url=urls["result_url"],
-            sha256=job.result_sha256,
-            bytes=job.result_bytes or 0,
-            content_type=MEDIA_TYPES[job.kind],
-            lora_id=lora_id_for(job.id) if job.kind == JobKind.training.value else None,
-        )
-    view = RequestView(
-        request_id=job.id,
-        kind=JobKind(job.kind),
-        status=RequestStatus(job.status),
-        **urls,
-        created_at=job.created_at,
-        dispatched_at=job.dispatched_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        deadline=job.deadline,
-        attempts=job.attempts,
-        miner_uid=job.miner_uid,
-        miner_hotkey=job.miner_hotkey,
-        timings=timings,
-        error=job.error,
-        input=_public_input(job),
-        result=result,
-        webhook=WebhookInfo(state=job.webhook_state, attempts=job.webhook_attempts) if job.webhook_url else None,
-    )
-    return view.model_dump(mode="json")
-
-
-def _public_input(job: Job) -> dict[str, Any]:
-    payload = dict(job.payload)
-    payload.pop("targets", None)
-    # Internal to audits; `heldout_images` tells the client how many of its images were kept back.
-    payload.pop(HELDOUT_KEY, None)
-    return payload
-
-
-def lora_view(lora: Lora) -> dict[str, Any]:
-    return LoraView(
-        id=lora.id,
-        name=lora.name,
-        trigger_word=lora.trigger_word,
-        rank=lora.rank,
-        sha256=lora.sha256,
-        created_at=lora.created_at,
-        source_request_id=lora.source_job_id,
-    ).model_dump(mode="json")
-
-
-# ---- waiting for a request to finish ----------------------------------------------------------
-
-
-class Waiters:
-    """Lets an async request handler wait for a job that another thread finishes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
-
-    def notify(self, job_id: str) -> None:
-        with self._lock:
-            waiting = list(self._waiting.get(job_id, ()))
-        for loop, event in waiting:
-            loop.call_soon_threadsafe(event.set)
-
-    async def wait(self, job_id: str, timeout: float, is_done: Callable[[], bool]) -> bool:
-        """True once `is_done()` holds, False after `timeout` seconds. `is_done` (a blocking read)
-        runs first, then on every notification and at least every second."""
-        loop = asyncio.get_running_loop()
-        event = asyncio.Event()
-        entry = (loop, event)
-        with self._lock:
-            self._waiting.setdefault(job_id, []).append(entry)
-        try:
-            end = loop.time() + timeout
-            while True:
-                # Checked after registering, so a notification cannot slip in between unseen.
-                if await run_in_threadpool(is_done):
-                    return True
-                left = end - loop.time()
-                if left <= 0:
-                    return False
-                event.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(left, _POLL_S))
-        finally:
-            with self._lock:
-                entries = self._waiting.get(job_id, [])
-                if entry in entries:
-                    entries.remove(entry)
-                if not entries:
-                    self._waiting.pop(job_id, None)
+def http_error(exc: errors.OrchestratorError) -> HTTPException:
+    """The HTTP answer to a refusal of the service."""
+    status = next((code for cls, code in _STATUS.items() if isinstance(exc, cls)), 400)
+    headers = None
+    if isinstance(exc, errors.Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, errors.RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    return HTTPException(status, detail=exc.reason, headers=headers)
 
 
 def prefer_wait(header: str | None, cap: float) -> float:
@@ -270,9 +77,11 @@ def prefer_wait(header: str | None, cap: float) -> float:
     return min(float(match.group(1)), cap) if match else 0.0
 
 
-# ---- routes -----------------------------------------------------------------------------------
-
 bearer = HTTPBearer(auto_error=False, description="Your API key: `Authorization: Bearer dsk_...`")
+
+
+def _secret(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
 
 
 def build_router(orch: Orchestrator) -> APIRouter:
@@ -283,34 +92,20 @@ def build_router(orch: Orchestrator) -> APIRouter:
     def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
         return orch.admit(_secret(credentials))
 
-    def own_job(job_id: str, key: ApiKey) -> Job:
-        job = store.get_job(job_id, key.id)
-        if job is None:
-            raise HTTPException(404, detail=f"no request {job_id}")
-        return job
-
     async def submitted(request: Request, job: Job) -> JSONResponse:
         base = str(request.base_url)
         wait_s = prefer_wait(request.headers.get("prefer"), settings.max_wait_s)
-        if wait_s > 0:
-
-            def done() -> bool:
-                current = store.load_job(job.id)
-                return current is not None and RequestStatus(current.status).terminal
-
-            if await orch.waiters.wait(job.id, wait_s, done):
-                finished = await run_in_threadpool(store.load_job, job.id)
-                assert finished is not None
-                view = request_view(finished, base)
-                # Images inline; a LoRA (megabytes to gigabytes) stays behind its result_url.
-                if view["result"] is not None and finished.kind == JobKind.inference.value:
-                    data = await run_in_threadpool(orch.result_bytes, finished)
-                    view["result"]["data_base64"] = base64.b64encode(data).decode()
-                return JSONResponse(view, headers={"Preference-Applied": f"wait={wait_s:g}"})
+        if wait_s > 0 and (finished := await orch.wait_finished(job.id, wait_s)) is not None:
+            view = request_view(finished, base)
+            # Small results inline (images); a LoRA (megabytes to gigabytes) stays behind its result_url.
+            if view["result"] is not None and kinds.get(finished.kind).inline_result:
+                data = await run_in_threadpool(orch.result_bytes, finished)
+                view["result"]["data_base64"] = base64.b64encode(data).decode()
+            return JSONResponse(view, headers={"Preference-Applied": f"wait={wait_s:g}"})
         body = Submitted(request_id=job.id, status=RequestStatus(job.status), **urls_for(base, job.id))
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
-    errors: dict[int | str, dict[str, Any]] = {
+    responses: dict[int | str, dict[str, Any]] = {
         401: {"description": "missing, invalid or revoked API key"},
         429: {"description": "rate limit reached; see Retry-After"},
     }
@@ -319,7 +114,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         "/v1/images",
         status_code=202,
         response_model=Submitted,
-        responses={**errors, 200: {"model": RequestView, "description": "finished within Prefer: wait=N"}},
+        responses={**responses, 200: {"model": RequestView, "description": "finished within Prefer: wait=N"}},
         tags=["requests"],
     )
     async def submit_image(
@@ -329,14 +124,16 @@ def build_router(orch: Orchestrator) -> APIRouter:
     ) -> JSONResponse:
         """Queue a text-to-image request. Send `Prefer: wait=N` to get the image in this response when
         it is ready within N seconds."""
-        job = await orch.submit_image_job(_secret(credentials), body)
+        job = await orch.submit(
+            _secret(credentials), "inference", body, webhook_url=body.webhook_url, deadline_s=body.deadline_s
+        )
         return await submitted(request, job)
 
-    @router.post("/v1/loras", status_code=202, response_model=Submitted, responses=errors, tags=["loras"])
+    @router.post("/v1/loras", status_code=202, response_model=Submitted, responses=responses, tags=["loras"])
     async def submit_training(
         request: Request,
         trigger_word: Annotated[str, Form(min_length=1, max_length=64)],
-        key: ApiKey = Depends(client),
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
         dataset: Annotated[UploadFile | None, File(description="A zip of images with same-name .txt captions.")] = None,
         dataset_url: Annotated[str | None, Form(max_length=2048)] = None,
         name: Annotated[str | None, Form(max_length=200)] = None,
@@ -351,16 +148,30 @@ def build_router(orch: Orchestrator) -> APIRouter:
     ) -> JSONResponse:
         """Queue a LoRA training request. When it succeeds, its status names the new LoRA's id
         (`result.lora_id`), which `/v1/images` accepts in `loras`."""
+        # Authenticated before the upload is read: a stranger's upload costs us nothing.
+        key = await orch.store.call(orch.admit, _secret(credentials))
         if (dataset is None) == (not dataset_url):
             raise HTTPException(422, detail="give exactly one of a 'dataset' file or a 'dataset_url'")
+        for url in (dataset_url, webhook_url):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise HTTPException(422, detail=f"{url!r} is not an http:// or https:// URL")
         data = await _read_upload(dataset, settings.max_dataset_bytes) if dataset is not None else None
-        options = {"rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "seed": seed, "max_seconds": max_seconds}
-        job = await run_in_threadpool(
-            orch.create_training_job, key, trigger_word, name, data, dataset_url, options, webhook_url, deadline_s
+        body = TrainingRequest(
+            trigger_word=trigger_word,
+            name=name,
+            dataset=data,
+            dataset_url=dataset_url or None,
+            rank=rank,
+            alpha=alpha,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            max_seconds=max_seconds,
         )
+        job = await orch.submit(None, "training", body, webhook_url=webhook_url, deadline_s=deadline_s, key=key)
         return await submitted(request, job)
 
-    @router.get("/v1/requests", response_model=list[RequestView], responses=errors, tags=["requests"])
+    @router.get("/v1/requests", response_model=list[RequestView], responses=responses, tags=["requests"])
     def list_requests(
         request: Request,
         key: ApiKey = Depends(client),
@@ -370,44 +181,37 @@ def build_router(orch: Orchestrator) -> APIRouter:
         """Your requests, newest first."""
         return [request_view(job, str(request.base_url)) for job in store.list_jobs(key.id, status=status, limit=limit)]
 
-    @router.get("/v1/requests/{request_id}", response_model=RequestView, responses=errors, tags=["requests"])
+    @router.get("/v1/requests/{request_id}", response_model=RequestView, responses=responses, tags=["requests"])
     def get_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
-        return request_view(own_job(request_id, key), str(request.base_url))
+        return request_view(orch.own_job(key, request_id), str(request.base_url))
 
     @router.get(
         "/v1/requests/{request_id}/result",
-        responses={**errors, 200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
+        responses={**responses, 200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
         response_class=Response,
         tags=["requests"],
     )
     def get_result(request_id: str, key: ApiKey = Depends(client)) -> FileResponse:
         """The PNG (inference) or .safetensors (training); 409 until the request has succeeded."""
-        job = own_job(request_id, key)
-        if job.status != RequestStatus.succeeded.value or not job.result_blob:
-            raise HTTPException(409, detail=f"request {request_id} has no result: it is {job.status}")
+        job = orch.own_job(key, request_id)
+        spec = kinds.get(job.kind)
         return FileResponse(
             orch.result_path(job),
-            media_type=MEDIA_TYPES[job.kind],
-            filename=FILENAMES[job.kind],
-            headers={"X-Result-Sha256": job.result_blob},
+            media_type=spec.media_type,
+            filename=spec.filename,
+            headers={"X-Result-Sha256": job.result_blob or ""},
         )
 
-    @router.post("/v1/requests/{request_id}/cancel", response_model=RequestView, responses=errors, tags=["requests"])
+    @router.post("/v1/requests/{request_id}/cancel", response_model=RequestView, responses=responses, tags=["requests"])
     def cancel_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
         """Cancel a request that has not finished; 409 when it already has."""
-        job = own_job(request_id, key)
-        if RequestStatus(job.status).terminal or not store.cancel_job(job.id, key.id, now=orch.clock()):
-            current = own_job(request_id, key)
-            raise HTTPException(409, detail=f"request {request_id} already {current.status}")
-        orch.dispatcher.cancel_at_miner(job)
-        orch.finished(job.id, webhook=job.webhook_url is not None)
-        return request_view(own_job(request_id, key), str(request.base_url))
+        return request_view(orch.cancel(key, request_id), str(request.base_url))
 
-    @router.get("/v1/loras", response_model=list[LoraView], responses=errors, tags=["loras"])
+    @router.get("/v1/loras", response_model=list[LoraView], responses=responses, tags=["loras"])
     def list_loras(key: ApiKey = Depends(client)) -> list[dict[str, Any]]:
         return [lora_view(lora) for lora in store.list_loras(key.id)]
 
-    @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=errors, tags=["loras"])
+    @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=responses, tags=["loras"])
     def get_lora(lora_id: str, key: ApiKey = Depends(client)) -> dict[str, Any]:
         lora = store.get_lora(lora_id, key.id)
         if lora is None:
@@ -433,11 +237,60 @@ def build_router(orch: Orchestrator) -> APIRouter:
             raise HTTPException(404, detail="no such blob")
         return FileResponse(orch.assets.path(sha256), media_type="application/octet-stream")
 
+    @router.post(
+        "/v1/miner-callbacks/{job_id}",
+        tags=["miners"],
+        responses={401: {"description": "bad signature"}, 403: {"description": "not this job's miner"}},
+    )
+    async def miner_callback(job_id: str, request: Request) -> JSONResponse:
+        """Where miners deliver results: a signed multipart POST (`meta` JobView, `result` file)."""
+        body = await request.body()
+        target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if request.scope.get("query_string"):
+            target += "?" + request.scope["query_string"].decode("latin-1")
+        reply = await orch.callbacks.handle(job_id, request.headers, body, target)
+        return JSONResponse(reply.body, status_code=reply.status_code)
+
+    @router.get("/v1/scores", tags=["validators"], responses={200: {"description": "signed with btauth headers"}})
+    async def scores(request: Request) -> Response:
+        """`{scores: {hotkey: score}, window: {start, end}, orchestrator, netuid}`, signed by the
+        orchestrator's hotkey over the exact body (btauth/1 headers, method GET and this path).
+        Pass `?for=<your hotkey>` to have it signed for you as receiver (else for our own hotkey);
+        verify with `protocol.auth.verify_request`."""
+        receiver = request.query_params.get("for") or orch.signer.ss58_address
+        if not _SS58.match(receiver):
+            raise HTTPException(422, detail="'for' must be an SS58 hotkey address")
+        snapshot = await run_in_threadpool(orch.scores)
+        payload = {
+            "scores": dict(sorted(snapshot.scores.items())),
+            "window": {"start": snapshot.start.isoformat(), "end": snapshot.end.isoformat()},
+            "orchestrator": orch.signer.ss58_address,
+            "netuid": orch.chain.netuid if orch.chain is not None else None,
+        }
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = sign_request(orch.signer, "GET", target, body, receiver)
+        return Response(body, media_type="application/json", headers=headers)
+
+    @router.get("/health", tags=["operators"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/ready", tags=["operators"])
+    def ready() -> JSONResponse:
+        loops = {"dispatch": orch.dispatcher, **orch.tasks}
+        problems = [f"{name} loop is not running" for name, task in loops.items() if not task.alive]
+        try:
+            store.ping()
+        except Exception as exc:
+            problems.append(f"database: {type(exc).__name__}")
+        miners = len(store.list_miners(healthy_only=True)) if not problems else 0
+        if not problems and miners == 0:
+            problems.append("no healthy miner")
+        body = {"ready": not problems, "problems": problems, "healthy_miners": miners}
+        return JSONResponse(body, status_code=503 if problems else 200)
+
     return router
-
-
-def _secret(credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    return credentials.credentials if credentials is not None else None
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:
@@ -448,44 +301,3 @@ async def _read_upload(upload: UploadFile, limit: int) -> bytes:
             raise HTTPException(413, detail=f"dataset over the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-# ---- helpers the orchestrator uses to build jobs -------------------------------------------------
-
-
-def fetch(client: httpx.Client, url: str, max_bytes: int, policy: Any, what: str) -> bytes:
-    """Download a client-given URL (SSRF-checked, size-capped); HTTPException 422 on failure."""
-    try:
-        check_url(url, policy)
-        with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                raise HTTPException(422, detail=f"{what} download from {url} failed: HTTP {response.status_code}")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes(1 << 16):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise HTTPException(422, detail=f"{what} at {url} is over the {max_bytes}-byte limit")
-                chunks.append(chunk)
-    except OutboundError as exc:
-        raise HTTPException(422, detail=f"{what} URL refused: {exc}") from None
-    except httpx.HTTPError as exc:
-        raise HTTPException(422, detail=f"{what} download from {url} failed: {type(exc).__name__}") from None
-    return b"".join(chunks)
-
-
-def check_sha256(data: bytes, expected: str | None, what: str) -> str:
-    actual = hashlib.sha256(data).hexdigest()
-    if expected is not None and actual != expected:
-        raise HTTPException(422, detail=f"{what} has sha256 {actual}, not the {expected} given")
-    return actual
-
-
-def new_seed() -> int:
-    return secrets.randbelow(MAX_SEED + 1)
-
-
-def deadline_after(now: datetime, requested_s: float | None, default_s: float, cap_s: float) -> datetime:
-    seconds = requested_s if requested_s is not None else default_s
-    if seconds > cap_s:
-        raise HTTPException(422, detail=f"deadline_s {seconds:g} is over the {cap_s:g}s maximum")
-    return now + timedelta(seconds=seconds)

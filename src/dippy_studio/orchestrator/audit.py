@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from dippy_studio.engine.datasets import Dataset
     from dippy_studio.engine.evaluation import LoraEvaluation
     from dippy_studio.engine.generation import Engine, GenerationRequest
+    from dippy_studio.orchestrator.blobs import BlobStore
+    from dippy_studio.orchestrator.models import Job
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +441,53 @@ class Auditor:
         return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
 
 
+class AuditContext(Protocol):
+    """What a job's audit reads: the blob stores and the reference (`auditing.AuditQueue`)."""
+
+    results: BlobStore
+    assets: BlobStore
+    heldout: BlobStore | None
+
+    def auditor(self) -> Auditor: ...
+
+
+def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
+    """Re-run a text-to-image job on the reference and judge the miner's image."""
+    from dippy_studio.engine import GenerationRequest, LoraRef
+
+    assert job.result_blob is not None
+    payload = job.payload
+    request = GenerationRequest(
+        prompt=payload["prompt"],
+        seed=payload["seed"],
+        width=payload["width"],
+        height=payload["height"],
+        steps=payload["steps"],
+        guidance=payload["guidance"],
+        loras=[LoraRef(path=ctx.assets.path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
+    )
+    png = ctx.results.get(job.result_blob)
+    return ctx.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint)
+
+
+def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
+    """Measure a training job's LoRA on the held-out part of the client's dataset."""
+    assert job.result_blob is not None
+    payload = job.payload
+    # No held-out part: the dataset was too small to split (or audits were off at submission).
+    heldout_sha = payload.get(HELDOUT_KEY)
+    heldout = ctx.heldout.path(heldout_sha) if heldout_sha and ctx.heldout is not None else None
+    return ctx.auditor().audit_training(
+        ctx.assets.path(job.result_blob),
+        heldout,
+        payload["rank"],
+        payload["targets"],
+        # The client's trigger word, not the one the miner wrote into the LoRA's metadata.
+        trigger=payload["trigger_word"],
+        job=payload,
+    )
+
+
 def _diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     """The LoRA's tensors under diffusers names: Kohya, ai-toolkit and XLabs files converted as
     `load_lora_weights` converts them, so their shape is judged like that of our own files."""
@@ -471,13 +520,10 @@ class SamplerPolicy:
       undercut. It also spaces audits more evenly than coin flips alone, which is what
       catches a steady cheater sooner for the same number of audits.
 
-    bench/bench_audit.py measures these defaults: a miner cheating on 20% of its jobs is
-    caught after a median of 14 jobs when it cheats from its first job (95% within 100) and
-    36 jobs when it turns to cheating after a long honest record (85% within 100); audits
-    are 9.7% of the jobs of a network of miners with 500 jobs each (8.7% once probation is
-    over), 8.8% of all compute. No policy catches the second kind within 100 jobs in 95% of
-    runs without auditing about 14% of its jobs: each audit of a 20% cheater catches it with
-    probability 0.2, and 0.8 ** k < 0.05 needs k >= 14 audits.
+    The defaults are chosen by bench/bench_audit.py (detection time against a cheater on 20% of
+    its jobs, audit share of all compute; results in bench/README.md). No policy can catch such
+    a cheater within 100 jobs in 95% of runs while auditing much less than 14% of its jobs: each
+    audit catches it with probability 0.2, and 0.8 ** k < 0.05 needs k >= 14 audits.
     """
 
     base_rate: float = 0.06
@@ -546,7 +592,8 @@ class AuditSampler:
 
     def record_failure(self, hotkey: str) -> None:
         """A failed audit puts the miner back on probation, for every job kind."""
-        for kind in {k for h, k in self._states if h == hotkey} or {"inference", "training"}:
+        # Kinds it has no state for yet start on probation anyway (`_state`).
+        for kind in {k for h, k in self._states if h == hotkey}:
             self._state(hotkey, kind).probation_left = self.policy.probation_jobs
 
     def state(self, hotkey: str, kind: str) -> MinerAuditState:

@@ -10,14 +10,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
 
 
 class BlobStore:
@@ -41,36 +37,16 @@ class BlobStore:
         """Store `data` (idempotent) and return its sha256."""
         sha256 = hashlib.sha256(data).hexdigest()
         if not self.exists(sha256):
-            self._write(sha256, lambda f: f.write(data))
+            self._write(sha256, data)
         return sha256
 
-    def put_file(self, source: Path | str) -> str:
-        """Store a file's content without reading it all into memory; returns its sha256."""
-        digest = hashlib.sha256()
-        with open(source, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-        sha256 = digest.hexdigest()
-        if not self.exists(sha256):
-
-            def copy(out: BinaryIO) -> None:
-                with open(source, "rb") as f:
-                    shutil.copyfileobj(f, out, _CHUNK)
-
-            self._write(sha256, copy)
-            # The file may have changed between hashing and copying: never keep a blob under a wrong name.
-            if _file_sha256(self.path(sha256)) != sha256:
-                self.path(sha256).unlink(missing_ok=True)
-                raise ValueError(f"{source} changed while it was being stored")
-        return sha256
-
-    def _write(self, sha256: str, write: Callable[[BinaryIO], object]) -> None:
+    def _write(self, sha256: str, data: bytes) -> None:
         target = self.path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                f.write(data)
                 f.flush()
                 # Durable before it becomes visible: a crash must not leave a truncated blob under a valid name.
                 os.fsync(f.fileno())
@@ -78,11 +54,3 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

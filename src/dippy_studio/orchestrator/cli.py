@@ -8,7 +8,6 @@ the server has ever started.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -175,8 +174,9 @@ def serve(
         int | None,
         typer.Option("--workers", help="Processes serving the port, each a whole orchestrator. Default: 1"),
     ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
 ) -> None:
-    """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* environment."""
+    """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* env > --config file."""
 
     from pydantic import ValidationError
 
@@ -204,14 +204,14 @@ def serve(
         "workers": workers,
     }
     try:
-        settings = OrchestratorSettings(**{k: v for k, v in overrides.items() if v is not None})
-        if public_url is None and "DIPPY_ORCH_PUBLIC_URL" not in os.environ:
+        settings = OrchestratorSettings.load(config, **overrides)
+        if "public_url" not in settings.model_fields_set:
             settings = settings.model_copy(update={"public_url": f"http://{settings.host}:{settings.port}"})
         if not (settings.dev_key or settings.wallet_name):
             _fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use", 2)
         app = _build_app(settings)
     except ValidationError as exc:
-        from dippy_studio.cli import describe_validation
+        from dippy_studio.cli_support import describe_validation
 
         _fail(describe_validation(exc), 2)
     except (ValueError, SigningKeyError) as exc:

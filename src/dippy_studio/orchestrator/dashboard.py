@@ -36,13 +36,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 from dippy_studio.chain.base import Chain, ChainError, Neuron
+from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.audit import DEFAULT_PENALTY, PenaltyPolicy, penalty_until
 from dippy_studio.orchestrator.models import Audit, Job, JobAttempt, Miner
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.protocol.schemas import JobKind
 
 if TYPE_CHECKING:
-    from dippy_studio.orchestrator.app import Orchestrator
+    from dippy_studio.orchestrator.service import Orchestrator
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Points per latency plot; the time axis spans the data in the window, so a short demo and a day
@@ -242,11 +242,7 @@ def _profiles(jobs: Sequence[Job], miners: Sequence[Miner], default: str) -> lis
 
 def _gallery(jobs: Sequence[Job], audits: Sequence[Audit]) -> list[dict[str, Any]]:
     verdicts = {a.job_id: a.verdict for a in audits}  # audits come oldest first: the latest wins
-    done = [
-        j
-        for j in jobs
-        if j.kind == JobKind.inference.value and j.status == RequestStatus.succeeded.value and j.result_blob
-    ]
+    done = [j for j in jobs if _shows_images(j.kind) and j.status == RequestStatus.succeeded.value and j.result_blob]
     done.sort(key=lambda j: (j.finished_at or j.updated_at, j.id), reverse=True)
     return [
         {
@@ -289,7 +285,7 @@ def _audit_failures(audits: Sequence[Audit], jobs: Mapping[str, Job], uids: Mapp
                 "miner": evidence.get("miner", {}),
                 "reference": {k: v for k, v in evidence.get("reference", {}).items() if k != "loras"},
                 "miner_image": f"/dashboard/images/{audit.job_id}.png"
-                if job is not None and job.result_blob and job.kind == JobKind.inference.value
+                if job is not None and job.result_blob and _shows_images(job.kind)
                 else None,
                 "reference_image": f"/dashboard/audits/{audit.id}/reference.png"
                 if evidence.get("reference_blob")
@@ -414,7 +410,7 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
     @app.get("/dashboard/images/{job_id}.png", include_in_schema=False)
     def image(job_id: str) -> FileResponse:
         job = orch.store.load_job(job_id) if orch.settings.dashboard_gallery else None
-        if job is None or job.kind != JobKind.inference.value or not job.result_blob:
+        if job is None or not _shows_images(job.kind) or not job.result_blob:
             raise HTTPException(404, detail="no image for this job")
         return FileResponse(orch.results.path(job.result_blob), media_type="image/png")
 
@@ -427,3 +423,11 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         return FileResponse(orch.results.path(blob), media_type="image/png")
 
     return dashboard
+
+
+def _shows_images(kind: str) -> bool:
+    """Whether results of this kind are images the gallery shows (`kinds.JobKindSpec.gallery`)."""
+    try:
+        return kinds.get(kind).gallery
+    except kinds.UnknownKind:
+        return False

@@ -9,7 +9,7 @@ Writers to a SQLite file also queue on a `WriteLock` before `BEGIN IMMEDIATE`, h
 commit or rollback: threads of one process on a `threading.Lock`, processes (`serve --workers`,
 replicas) on a file lock beside the database. SQLite's busy handler polls, sleeping in growing
 steps (up to 100 ms) however soon the lock frees, so writers arriving at once slept past each
-other (bench/bench_throughput.py: the thread lock gave 13% more jobs/s and a lower p99).
+other (bench/bench_throughput.py measured the difference).
 """
 
 from __future__ import annotations

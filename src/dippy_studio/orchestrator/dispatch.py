@@ -11,7 +11,7 @@ from an earlier attempt can be told apart. Results come back by callback to
 
 A miner that refuses (429, 5xx, any other non-2xx) or cannot be reached gets the job back: it
 goes to the queue for another miner (the attempt is recorded as `refused`) and that miner gets
-nothing for a cool-down. The sweeper (`sweep_once`) takes back jobs whose miner ran out of time.
+nothing for a cool-down. The sweeper (`Orchestrator.sweep_once`) takes back jobs whose miner ran out of time.
 """
 
 from __future__ import annotations
@@ -26,40 +26,25 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
+from pydantic import BaseModel
 
+from dippy_studio.orchestrator import kinds
+from dippy_studio.orchestrator.callbacks import JobEvents, announce, miner_job_id
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.registry import Registry, endpoint_url
 from dippy_studio.orchestrator.routing import Candidate, choose_miner, eligible
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.states import ACTIVE, RequestStatus
-from dippy_studio.orchestrator.store import Store, SweepResult
+from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.schemas import InferenceJob, JobKind, LoraDownload, TrainJob
 
 log = logging.getLogger("dippy_studio.orchestrator.dispatch")
 
 # Times the dispatcher tries again to mark accepted sends `running` that another transaction held.
 RUNNING_RETRIES = 2
-MINER_PATHS = {JobKind.inference.value: "/v1/inference", JobKind.training.value: "/v1/train"}
-
-
-class JobEvents(Protocol):
-    """What the rest of the orchestrator wants to hear about a job."""
-
-    def requeued(self, job_id: str) -> None:
-        """The job is back in the queue: dispatch soon."""
-
-    def finished(self, job_id: str, webhook: bool = True) -> None:
-        """The job reached a terminal state: wake waiters and, when it has a webhook (False: it
-        has none), the webhook sender."""
-
-
-def miner_job_id(job_id: str, attempt: int) -> str:
-    return f"{job_id}-{attempt}"
 
 
 def blob_url(public_url: str, sha256: str) -> str:
@@ -70,61 +55,20 @@ def callback_url(public_url: str, job_id: str) -> str:
     return f"{public_url}/v1/miner-callbacks/{job_id}"
 
 
-def miner_request(job: Job, public_url: str) -> InferenceJob | TrainJob:
-    """The wire request for the current attempt of a dispatched job."""
-    payload = job.payload
+def miner_request(job: Job, public_url: str) -> BaseModel:
+    """The wire request for the current attempt of a dispatched job (its kind builds the rest)."""
     common: dict[str, Any] = {
         "job_id": miner_job_id(job.id, job.attempts),
         "callback_url": callback_url(public_url, job.id),
         # The miner stops when our patience ends, not the client's: then we try elsewhere.
         "deadline": job.dispatch_deadline or job.deadline,
     }
-    if job.kind == JobKind.inference.value:
-        loras = [
-            LoraDownload(url=blob_url(public_url, lora["sha256"]), sha256=lora["sha256"], scale=lora["scale"])
-            for lora in payload.get("loras", [])
-        ]
-        fields = {k: payload[k] for k in ("prompt", "seed", "width", "height", "steps", "guidance")}
-        return InferenceJob(**common, **fields, loras=loras)
-    train_fields = ("trigger_word", "rank", "alpha", "steps", "lr", "seed", "max_seconds")
-    fields = {k: payload[k] for k in train_fields if payload.get(k) is not None}
-    return TrainJob(
-        **common,
-        **fields,
-        dataset_url=blob_url(public_url, payload["dataset_sha256"]),
-        dataset_sha256=payload["dataset_sha256"],
-    )
-
-
-def retry_or_fail(
-    store: Store,
-    job: Job,
-    reason: str,
-    *,
-    outcome: str,
-    events: JobEvents,
-    now: datetime,
-    min_attempt_s: float,
-) -> str | None:
-    """Take an active job back from its miner: to the queue when it has attempts and time left,
-    else to `failed`. Returns the new status, or None when the job had already moved on."""
-    left = (job.deadline - now).total_seconds()
-    active = list(ACTIVE)
-    if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
-        if store.transition(job.id, active, "queued", now=now, attempt_outcome=outcome, attempt_error=reason):
-            events.requeued(job.id)
-            return RequestStatus.queued.value
-        return None
-    error = f"attempt {job.attempts} of {job.max_attempts} failed ({reason}); no attempts or time left"
-    if store.transition(job.id, active, "failed", now=now, attempt_outcome=outcome, attempt_error=reason, error=error):
-        events.finished(job.id, webhook=job.webhook_url is not None)
-        return RequestStatus.failed.value
-    return None
+    return kinds.get(job.kind).miner_request(job, common, functools.partial(blob_url, public_url))
 
 
 class Dispatcher:
     """Sends claimed jobs to miners from the event loop: claims run on the store's writer thread
-    and sends are aiohttp requests, so a busy dispatcher needs no thread of its own per send.
+    (`Store.call`) and sends are aiohttp requests, so a busy dispatcher needs no thread of its own per send.
     `start` and `stop` run on the loop (the app's lifespan); `wake` may be called from any thread."""
 
     def __init__(
@@ -151,6 +95,7 @@ class Dispatcher:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._wake_pending = False  # a wake-up from another thread is on its way to the loop
         self._room: asyncio.Event | None = None  # set whenever a send ends
         self._sends: set[asyncio.Task[None]] = set()
         # Accepted sends move their jobs to `running` together: one write for all that were
@@ -190,9 +135,17 @@ class Dispatcher:
             return
         if _on_loop(loop):
             wake.set()
-        else:
+        elif not self._wake_pending:
+            # One hand-over to the loop however many wake-ups arrive before it runs (a replica's
+            # listener hears every job that any replica queues).
+            self._wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(wake.set)
+                loop.call_soon_threadsafe(self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
+        if self._wake is not None:
+            self._wake.set()
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -229,24 +182,26 @@ class Dispatcher:
         store = self.store
         candidates = self.registry.cached_candidates()
         if candidates is None:
-            candidates = await store.submit(self.registry.candidates)
+            candidates = await store.call(self.registry.candidates)
         cooling = self._cooling()
         profile = self.settings.profile
-        kinds = [kind for kind in JobKind if eligible(candidates, kind.value, profile, cooling)]
-        if not kinds:
+        lanes = {spec.name: spec.lane for spec in kinds.all_kinds()}
+        wanted = [kind for kind, lane in lanes.items() if eligible(candidates, lane, profile, cooling)]
+        if not wanted:
             return 0
         chosen: dict[str, Candidate] = {}
 
         def assign(job: Job, tried: Counter[str]) -> tuple[str, int | None] | None:
+            lane = lanes[job.kind]
             with self._lock:  # random.Random is not safe to share between threads
-                choice = choose_miner(candidates, job.kind, profile, tried=tried, exclude=cooling, rng=self.rng)
+                choice = choose_miner(candidates, lane, profile, tried=tried, exclude=cooling, rng=self.rng)
             if choice is None:
                 return None  # nobody can take it right now: it stays queued, no attempt counted
             chosen[job.id] = choice
             return choice.hotkey, choice.uid
 
         limit = min(room, self.settings.dispatch_batch)
-        jobs = await store.submit(lambda: store.claim_for_dispatch(limit, now=self.clock(), kinds=kinds, assign=assign))
+        jobs = await store.call(store.claim_for_dispatch, limit, now=self.clock(), kinds=wanted, assign=assign)
         for job in jobs:
             task = asyncio.create_task(self._send_guarded(job, chosen[job.id]))
             self._sends.add(task)
@@ -268,7 +223,7 @@ class Dispatcher:
     async def _send(self, job: Job, choice: Candidate) -> None:
         assert self._session is not None
         body = miner_request(job, self.settings.public_url).model_dump_json(exclude_none=True).encode()
-        url, target = endpoint_url(choice.endpoint, MINER_PATHS[job.kind])
+        url, target = endpoint_url(choice.endpoint, kinds.get(job.kind).miner_path)
         headers = sign_request(self.signer, "POST", target, body, choice.hotkey)
         headers["content-type"] = "application/json"
         try:
@@ -282,7 +237,7 @@ class Dispatcher:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = f"miner uid {choice.uid} unreachable: {type(exc).__name__}"
-            await self.store.submit(lambda: self.registry.mark_unhealthy(choice.hotkey, reason))
+            await self.store.call(self.registry.mark_unhealthy, choice.hotkey, reason)
             await self._refused(job, choice, reason, self.settings.refusal_cooldown_s)
             return
         reason = f"miner uid {choice.uid} refused: HTTP {status} {detail}".strip()
@@ -301,7 +256,7 @@ class Dispatcher:
             return
         at = now or self.clock()
         # Nobody waits on this write: a failure is only logged (the callback moves the job on anyway).
-        written = self.store.submit(lambda: self.store.mark_running(ids, now=at))
+        written = asyncio.ensure_future(self.store.call(self.store.mark_running, ids, now=at))
         written.add_done_callback(functools.partial(self._running_written, ids, at, tries))
 
     def _running_written(self, ids: list[str], at: datetime, tries: int, written: asyncio.Future[set[str]]) -> None:
@@ -320,18 +275,16 @@ class Dispatcher:
         log.info("%s: %s", job.id, reason)
         with self._lock:
             self._cooldown[miner.hotkey] = time.monotonic() + cooldown_s
-        await self.store.submit(
-            lambda: retry_or_fail(
-                self.store,
-                job,
-                reason,
-                outcome="refused",
-                events=self.events,
-                now=self.clock(),
-                min_attempt_s=self.settings.min_attempt_s,
-            ),
+        status = await self.store.call(
+            self.store.take_back,
+            job,
+            reason,
+            outcome="refused",
+            now=self.clock(),
+            min_attempt_s=self.settings.min_attempt_s,
             lock_key=job.id,
         )
+        announce(self.events, job, status)
 
     def _cooling(self) -> set[str]:
         now = time.monotonic()
@@ -340,17 +293,7 @@ class Dispatcher:
                 del self._cooldown[hotkey]
             return set(self._cooldown)
 
-    # ---- sweeping and canceling -------------------------------------------------------------
-
-    def sweep_once(self) -> SweepResult:
-        """Take back jobs whose miner ran out of time; fail those whose client deadline passed."""
-        result = self.store.sweep(now=self.clock(), min_attempt_s=self.settings.min_attempt_s)
-        for job_id in result.requeued:
-            log.info("%s timed out at its miner; back in the queue", job_id)
-            self.events.requeued(job_id)
-        for job_id in result.failed:
-            self.events.finished(job_id)
-        return result
+    # ---- canceling ------------------------------------------------------------------------
 
     def cancel_at_miner(self, job: Job) -> None:
         """Ask the miner working on a job the client canceled to stop (best effort, in the
@@ -368,7 +311,7 @@ class Dispatcher:
 
     async def _cancel_at_miner(self, hotkey: str, miner_job: str) -> None:
         assert self._session is not None
-        miner = await self.store.submit(lambda: self.store.get_miner(hotkey))
+        miner = await self.store.call(self.store.get_miner, hotkey)
         if miner is None or not miner.endpoint:
             return
         url, target = endpoint_url(miner.endpoint, f"/v1/jobs/{miner_job}/cancel")

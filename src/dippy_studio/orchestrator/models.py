@@ -98,7 +98,6 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
-        CheckConstraint("kind IN ('inference', 'training')", name="kind"),
         # The dispatcher's queue scan and the sweeper's timeout scan.
         Index(None, "status", "created_at"),
         Index(None, "status", "dispatch_deadline"),
@@ -146,6 +145,17 @@ class Job(Base):
 
 # The webhook sender's scan for due deliveries (migration 0002).
 Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_next_at)
+
+
+class JobTransition(Base):
+    """One status change the state machine allows (`states.TRANSITIONS`), as rows the database's
+    triggers on `jobs` consult (migration 0003). Written by migrations only; reference data, so
+    nothing that empties tables should empty this one."""
+
+    __tablename__ = "job_transitions"
+
+    from_status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    to_status: Mapped[str] = mapped_column(String(16), primary_key=True)
 
 
 class JobAttempt(Base):

@@ -30,20 +30,20 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from dippy_studio.orchestrator.audit import PenaltyPolicy, penalty_until
+from dippy_studio.orchestrator.audit import DEFAULT_PENALTY, PenaltyPolicy, penalty_until
 
-JobKind = Literal["inference", "training"]
+if TYPE_CHECKING:
+    from datetime import timedelta
 
-# The subnet's published design: training is the scarcer, costlier work.
-KIND_WEIGHTS: Mapping[str, float] = {"training": 0.7, "inference": 0.3}
+    from dippy_studio.orchestrator.store import Store
 # Past this share of its timeout a result scores nothing.
 LATENCY_CUTOFF = 0.9
-# The held-out loss improvement that earns a training job full quality. On the tiny profile an
-# honest LoRA lowers held-out loss by 65-72% at the default 200 steps, 51-65% at 60, 35-55% at
-# 30 (bench/measure_training_audit.py), so a LoRA trained as the profile intends gets full
-# credit and a skimped one less. A real Flux profile needs its own measurement.
+# The held-out loss improvement that earns a training job full quality: set below what an honest
+# LoRA trained as the tiny profile intends achieves, and above what a skimped one does
+# (bench/measure_training_audit.py, results in bench/README.md). A real Flux profile needs its
+# own measurement.
 FULL_CREDIT_IMPROVEMENT = 0.5
 
 
@@ -56,7 +56,7 @@ class AttemptRecord:
     """
 
     hotkey: str
-    kind: JobKind
+    kind: str
     finished_at: datetime  # when the result came in, or when the attempt failed or timed out
     accepted: bool
     completed: bool
@@ -70,8 +70,6 @@ class AttemptRecord:
     audit_passed: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KIND_WEIGHTS:
-            raise ValueError(f"unknown job kind {self.kind!r}")
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout_s}")
         if self.latency_s is not None and not (self.latency_s >= 0 and math.isfinite(self.latency_s)):
@@ -96,8 +94,10 @@ def counts(attempt: AttemptRecord) -> bool:
     return not (attempt.audited and attempt.audit_passed is False)
 
 
-def attempt_score(attempt: AttemptRecord, weights: Mapping[str, float] = KIND_WEIGHTS) -> float:
-    """What one attempt adds to its miner's score."""
+def attempt_score(attempt: AttemptRecord, weights: Mapping[str, float]) -> float:
+    """What one attempt adds to its miner's score; `weights` by job kind (`kinds.score_weights`)."""
+    if attempt.kind not in weights:
+        raise ValueError(f"unknown job kind {attempt.kind!r}")
     if not counts(attempt):
         return 0.0
     assert attempt.latency_s is not None  # counts() checked it
@@ -109,9 +109,11 @@ def score_window(
     start: datetime,
     end: datetime,
     penalized_until: Mapping[str, datetime | None] | None = None,
-    weights: Mapping[str, float] = KIND_WEIGHTS,
+    *,
+    weights: Mapping[str, float],
 ) -> dict[str, float]:
-    """`{hotkey: score}` for attempts that finished in [start, end).
+    """`{hotkey: score}` for attempts that finished in [start, end); `weights` by job kind
+    (`kinds.score_weights`: the subnet's published design gives training 0.7 and inference 0.3).
 
     Every miner with an attempt in the window or a penalty entry gets a key, so a miner that
     earned nothing shows up as 0.0 rather than missing. A miner whose penalty runs past `end`
@@ -162,7 +164,7 @@ def measured_quality(evidence: Mapping[str, Any] | None, full_credit: float = FU
     """`training_quality` of the held-out improvement a training audit measured, or None when
     the evidence (`Audit.evidence`) measured none: an inference audit, a dataset too small to hold
     images out, or a LoRA that failed before evaluation (which counts zero anyway)."""
-    if not evidence or evidence.get("kind") != "training":
+    if not evidence:
         return None
     improvement = (evidence.get("evaluation") or {}).get("improvement")
     if not isinstance(improvement, int | float) or isinstance(improvement, bool):
@@ -170,29 +172,80 @@ def measured_quality(evidence: Mapping[str, Any] | None, full_credit: float = FU
     return training_quality(float(improvement), full_credit)
 
 
-def audit_quality(evidence: Mapping[str, Any] | None, full_credit: float = FULL_CREDIT_IMPROVEMENT) -> float:
-    """The quality factor an audit's evidence gives its job: the measured one, else 1.0 (no
-    measurement is no evidence of poor work)."""
-    quality = measured_quality(evidence, full_credit)
-    return 1.0 if quality is None else quality
-
-
 def spread_measured_quality(attempts: Sequence[AttemptRecord]) -> list[AttemptRecord]:
-    """Give each miner's unmeasured training attempts the mean quality its audited ones measured.
+    """Give each miner's unmeasured attempts the mean quality its audited ones of the same kind
+    measured (training: the held-out loss improvement; kinds without a measure keep 1.0).
 
     Only a sample of training jobs is audited; scoring the rest at 1.0 would make an audit cost
     an honest miner (its measured quality is usually under 1) and spare a miner whose LoRAs are
     weak everywhere. The sample's mean is the best estimate of the unaudited jobs' quality. A
     miner with no measurement keeps 1.0 until one comes in.
     """
-    measured: dict[str, list[float]] = {}
+    measured: dict[tuple[str, str], list[float]] = {}
     for a in attempts:
-        if a.kind == "training" and a.quality_measured:
-            measured.setdefault(a.hotkey, []).append(a.quality)
-    means = {hotkey: sum(values) / len(values) for hotkey, values in measured.items()}
+        if a.quality_measured:
+            measured.setdefault((a.hotkey, a.kind), []).append(a.quality)
+    means = {key: sum(values) / len(values) for key, values in measured.items()}
     return [
-        replace(a, quality=means[a.hotkey])
-        if a.kind == "training" and not a.quality_measured and a.hotkey in means
-        else a
+        replace(a, quality=means[(a.hotkey, a.kind)]) if not a.quality_measured and (a.hotkey, a.kind) in means else a
         for a in attempts
     ]
+
+
+# ---- the window's records, read from the store ----------------------------------------------
+
+
+def window_scores(
+    store: Store, start: datetime, end: datetime, lookback: timedelta, weights: Mapping[str, float]
+) -> dict[str, float]:
+    """Per-miner scores for [start, end) from the attempts, jobs and audits in the store: the one
+    function here that reads (`score_window` does the arithmetic). `lookback` reaches back for
+    attempts that were dispatched before the window and finished in it: the longest attempt timeout."""
+
+    verdicts: dict[tuple[str, str], str] = {}
+    qualities: dict[tuple[str, str], float | None] = {}
+    for audit in store.list_audits(since=start):
+        verdicts[(audit.job_id, audit.miner_hotkey)] = audit.verdict  # the latest one wins
+        qualities[(audit.job_id, audit.miner_hotkey)] = measured_quality(audit.evidence)
+    # Failures further back still escalate the penalty of a new one.
+    history = end - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown
+    failures: dict[str, list[datetime]] = {}
+    judged: set[str] = set()
+    for audit in store.list_audits(since=history, verdict="fail"):
+        # One caught job is one failure, even if two orchestrators both judged it.
+        if audit.job_id not in judged:
+            judged.add(audit.job_id)
+            failures.setdefault(audit.miner_hotkey, []).append(audit.created_at)
+
+    # Still running: it counts once it ends.
+    attempts = [a for a in store.list_attempts(since=start - lookback) if a.outcome and a.finished_at]
+    jobs = store.load_jobs({attempt.job_id for attempt in attempts})
+    records = []
+    for attempt in attempts:
+        job = jobs.get(attempt.job_id)
+        if job is None:
+            continue
+        succeeded = attempt.outcome == "succeeded"
+        verdict = verdicts.get((job.id, attempt.miner_hotkey))
+        quality = qualities.get((job.id, attempt.miner_hotkey))
+        records.append(
+            AttemptRecord(
+                hotkey=attempt.miner_hotkey,
+                kind=job.kind,
+                finished_at=attempt.finished_at,
+                # "refused": the miner never took the job, which earns nothing but is no failure.
+                accepted=attempt.outcome != "refused",
+                completed=succeeded,
+                # Invalid results are recorded as "invalid", so a success is a validated one.
+                valid=succeeded,
+                latency_s=attempt.latency_s if succeeded else None,
+                timeout_s=job.attempt_timeout_s,
+                # Measured by a training audit (held-out loss improvement); where none measured it,
+                # `score_window` uses the miner's mean measured quality (1.0 without any).
+                quality=1.0 if quality is None else quality,
+                quality_measured=quality is not None,
+                audited=job.audit or verdict is not None,
+                audit_passed={"pass": True, "fail": False}.get(verdict or ""),
+            )
+        )
+    return score_window(records, start, end, penalties_from_failures(failures, end), weights=weights)

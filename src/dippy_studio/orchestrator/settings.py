@@ -1,31 +1,30 @@
-"""Orchestrator settings: DIPPY_ORCH_* environment variables, or keyword arguments (flags)."""
+"""Orchestrator settings: flags, then DIPPY_ORCH_* environment variables, then a TOML file
+(`--config`), then the defaults below."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from dippy_studio.orchestrator.db import default_url
+from dippy_studio.settings import ServiceSettings
 
 
-class OrchestratorSettings(BaseSettings):
+class OrchestratorSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="DIPPY_ORCH_", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(default=8090, ge=0, le=65535)
     # Processes serving the port, each a whole orchestrator on the shared database (serve.py).
     # One process leaves part of a core idle while it waits on locks and sockets, so a busy
-    # orchestrator wants one more than the cores (bench_throughput: 3 on 2 cores).
+    # orchestrator wants one more than the cores (bench/bench_throughput.py compares the counts).
     workers: int = Field(default=1, ge=1, le=64)
     # The database defaults to DIR/orchestrator.sqlite (the one `orchestrator keys` uses);
     # blobs live in DIR/blobs, the replay cache of signed requests in DIR/orchestrator-nonces.sqlite.
     data_dir: Path = Path(".dippy")
     db_url: str | None = None
-    # Threads writing the database's transactions, each a group of the writes queued meanwhile
-    # (orchestrator/batching.py). More help only a single process on PostgreSQL (bench_throughput).
-    db_writers: int = Field(default=1, ge=1, le=32)
     # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
     chain_path: Path | None = None
 
@@ -63,7 +62,7 @@ class OrchestratorSettings(BaseSettings):
     dispatch_batch: int = Field(default=32, ge=1, le=1000)
     dispatch_timeout_s: float = Field(default=10.0, gt=0)
     # Sends in flight at once. Fewer starve a busy queue: each round can only claim as many jobs
-    # as there are free slots (bench_throughput: 8 gave 127 jobs/s, 32 gave 140).
+    # as there are free slots, so a miner's latency, not the orchestrator, would bound throughput.
     dispatch_concurrency: int = Field(default=32, ge=1, le=256)
     sweep_interval_s: float = Field(default=2.0, gt=0)
     sync_interval_s: float = Field(default=60.0, gt=0)

@@ -1,4 +1,5 @@
-"""The job state machine, as data. The store refuses any transition that is not listed here.
+"""The job state machine, as data. The store, and the database itself (migration 0003), refuse
+any transition that is not listed here.
 
     queued ──claim──> dispatched ──miner accepted──> running ──> succeeded | failed
       ^                   │                            │
@@ -59,3 +60,20 @@ def can_transition(frm: RequestStatus | str, to: RequestStatus | str) -> bool:
         return (RequestStatus(frm), RequestStatus(to)) in TRANSITIONS
     except ValueError:
         return False
+
+
+# The database enforces TRANSITIONS too (migration 0003 copies them into `job_transitions`), and
+# refuses a status change outside them, or a new job that is not queued, with this message prefix
+# on both dialects and this SQLSTATE on PostgreSQL. Drivers raise it as an IntegrityError.
+ILLEGAL_TRANSITION_MESSAGE = "illegal job transition"
+ILLEGAL_TRANSITION_SQLSTATE = "23J01"
+
+
+def is_illegal_transition(exc: BaseException) -> bool:
+    """True when `exc` (a SQLAlchemy error, or the driver's own under it) is the database refusing
+    a job status change that the state machine does not allow."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None)  # psycopg; sqlite3 has none
+    if sqlstate is not None:
+        return sqlstate == ILLEGAL_TRANSITION_SQLSTATE
+    return str(orig).startswith(ILLEGAL_TRANSITION_MESSAGE)

@@ -1,26 +1,35 @@
-"""Every query the orchestrator makes, in one place.
+"""The storage layer: every SQL statement of the orchestrator, in one place.
 
-SQLite and PostgreSQL differ only here, and only in how a write is made safe under concurrency:
-PostgreSQL locks the rows it takes with `SELECT ... FOR UPDATE SKIP LOCKED`, so several
-orchestrator processes can claim from one queue without waiting on or double-taking each other;
-SQLite has no row locks, so writes run in `BEGIN IMMEDIATE` transactions (see `db`), which take
-the database's single write lock up front (and the `FOR UPDATE` clause compiles to nothing).
-Upserts use each dialect's own `INSERT ... ON CONFLICT` construct.
+How to read a call:
 
-Every job status change is a compare-and-set against the state machine in `states`: an UPDATE
-that names the states it may come from, so a job cannot be finished twice or revived once done.
-Methods take `now` so tests (and a sweeper with its own clock) control time; it defaults to
-the current UTC time.
+- **A method that writes is one transaction.** When it returns, its change has committed; when it
+  raises, nothing of it was written. No write method calls another, so there is never a question
+  of whose transaction a statement runs in.
+- **Writes run on the store's writer thread** (`writer.Writer`). It commits whatever calls arrived
+  while it was busy in one transaction, which is invisible to callers except in speed: each call
+  still commits or fails alone (a failing call's group is rolled back and re-run call by call).
+  A thread simply calls the method (it blocks until the commit); an event loop awaits
+  `store.call(store.method, *args)`, which runs the method on the writer thread.
+- **Reads** run on the calling thread, each on a connection of its own (in autocommit on
+  PostgreSQL: no BEGIN/COMMIT round trips).
+- **Job states** change in `transition` (one job), `claim_for_dispatch`, `mark_running` and
+  `sweep` (many), always as compare-and-set UPDATEs that name the states they may come from; the
+  database refuses any change the state machine does not allow (a trigger, see `states`).
+
+SQLite and PostgreSQL differ only here: PostgreSQL claims rows with `FOR UPDATE SKIP LOCKED`, so
+several orchestrator processes can share one queue; SQLite serializes writers (see `db`). Methods
+take `now` so tests control time; it defaults to the current UTC time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -40,21 +49,34 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    or_,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dippy_studio.orchestrator.batching import Gathered, GroupCommit
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
+from dippy_studio.orchestrator.errors import OrchestratorError, RateLimited, Unauthorized
 from dippy_studio.orchestrator.models import ApiKey, Audit, Base, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
-from dippy_studio.orchestrator.states import ACTIVE, NON_TERMINAL, RequestStatus, can_transition
-from dippy_studio.protocol.schemas import JobKind
+from dippy_studio.orchestrator.states import (
+    ACTIVE,
+    NON_TERMINAL,
+    TERMINAL,
+    RequestStatus,
+    can_transition,
+    is_illegal_transition,
+)
+from dippy_studio.orchestrator.writer import Writer
+
+log = logging.getLogger("dippy_studio.orchestrator.store")
 
 KEY_PREFIX = "dsk_"
+# PostgreSQL's channel for job events (migration 0004), and how often a listener checks for stop.
+JOB_EVENTS_CHANNEL = "dippy_jobs"
+LISTEN_POLL_S = 1.0
 _KEY_SECRET = re.compile(r"^dsk_([0-9a-f]{16})_[A-Za-z0-9_-]{32,128}$")
 DEFAULT_RATE_LIMIT_PER_MINUTE = 60
 RATE_WINDOW = timedelta(minutes=1)
@@ -84,7 +106,6 @@ _QUEUE = (
     .limit(bindparam("b_limit"))
     .with_for_update(skip_locked=True)
 )
-_KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id.in_(bindparam("b_ids", expanding=True)))
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
 _CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
             "updated_at")  # fmt: skip
@@ -93,9 +114,22 @@ _CLAIM = (
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == RequestStatus.queued.value)
     .values({name: bindparam(f"b_{name}") for name in _CLAIMED})
 )
+# Deliveries the webhook sender owes: finished requests whose webhook is pending and due.
+_WEBHOOK_DUE = (
+    select(*_JOB_COLUMNS)
+    .where(
+        _JOBS.c.webhook_state == "pending",
+        _JOBS.c.status.in_([s.value for s in TERMINAL]),
+        or_(_JOBS.c.webhook_next_at.is_(None), _JOBS.c.webhook_next_at <= bindparam("b_now")),
+    )
+    .order_by(_JOBS.c.finished_at)
+    .limit(bindparam("b_limit"))
+)
 
 # claim_for_dispatch's miner choice: (job, earlier attempts per hotkey) -> (hotkey, uid), or None.
 AssignMiner = Callable[[Job, Counter[str]], tuple[str, int | None] | None]
+# submit_job's job builder: the admitted key -> the new job's row (`job_row`), or the refusal.
+BuildJob = Callable[[ApiKey], Mapping[str, Any]]
 
 # Columns a transition may set besides the status (the id, owner and request never change).
 _TRANSITION_FIELDS = frozenset(Job.__table__.columns.keys()) - {"id", "api_key_id", "kind", "payload", "status"}
@@ -130,17 +164,26 @@ class NewApiKey:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """What `Store.admit` decided for one request."""
-
-    key: ApiKey | None  # None: no live key has this secret (malformed, unknown or revoked)
-    retry_after: float | None = None  # seconds until the key's next window, when it is over its limit
-
-
-@dataclass(frozen=True)
 class SweepResult:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Success:
+    """What a succeeded attempt stores on its job (`Store.succeed`)."""
+
+    result_sha256: str
+    result_bytes: int
+    fingerprint: str | None
+    timings: dict[str, Any]
+    # A training result: the LoRA to register for the job's key, in the same transaction.
+    lora: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Refused:
+    error: OrchestratorError
 
 
 def hash_secret(secret: str) -> str:
@@ -170,7 +213,7 @@ def new_job_id() -> str:
 
 def job_row(
     api_key_id: str,
-    kind: JobKind | str,
+    kind: str,
     payload: Mapping[str, Any],
     deadline: datetime,
     attempt_timeout_s: float,
@@ -181,8 +224,8 @@ def job_row(
     job_id: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """A new queued job's row, for `Store.insert_jobs`."""
-    if attempt_timeout_s <= 0:
+    """A new queued job's row, for `Store.insert_jobs` and `Store.submit_job`."""
+    if not attempt_timeout_s > 0:
         raise ValueError("attempt_timeout_s must be positive")
     if max_attempts < 1:
         raise ValueError("max_attempts must be at least 1")
@@ -190,7 +233,7 @@ def job_row(
     return {column.key: None for column in _JOB_COLUMNS} | {
         "id": job_id or new_job_id(),
         "api_key_id": api_key_id,
-        "kind": JobKind(kind).value,
+        "kind": str(kind),
         "status": RequestStatus.queued.value,
         "payload": dict(payload),
         "created_at": now,
@@ -208,64 +251,64 @@ def job_row(
 
 
 class Store:
-    def __init__(self, url_or_engine: str | URL | Engine, writers: int = 1) -> None:
-        """`writers`: threads writing groups of transactions (`batching.GroupCommit`). More than one
-        helps only PostgreSQL (SQLite has one writer at a time), and only a single orchestrator
-        process: with `serve --workers 3`, three writers each were slower than one (bench_throughput)."""
+    def __init__(self, url_or_engine: str | URL | Engine) -> None:
         self.engine = url_or_engine if isinstance(url_or_engine, Engine) else make_engine(url_or_engine)
         self.dialect = self.engine.dialect.name
-        # expire_on_commit=False: returned rows stay readable after their session is gone.
-        self._reads = sessionmaker(self.engine, expire_on_commit=False)
-        writer = self.engine.execution_options(**{WRITE_OPTION: True})
-        self._writes = sessionmaker(writer, expire_on_commit=False)
-        # The request path's writes (jobs in, claims, transitions) share transactions under load.
-        self._group = GroupCommit(writer.begin, writers=writers)
-        # Single statements on PostgreSQL need no BEGIN and COMMIT (two round trips of three).
-        self._autocommit = (
+        # Reads: single statements need no BEGIN and COMMIT on PostgreSQL (two round trips of three).
+        reader = (
             self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else self.engine
         )
+        # expire_on_commit=False: returned rows stay readable after their session is gone.
+        self._reads = sessionmaker(reader, expire_on_commit=False)
+        self._writer = Writer(self.engine.execution_options(**{WRITE_OPTION: True}).begin)
 
     @classmethod
-    def open(cls, url: str | URL, migrate: bool = True, writers: int = 1) -> Store:
+    def open(cls, url: str | URL, migrate: bool = True) -> Store:
         """A store on `url`, its schema brought up to date first (the usual way to start)."""
-        store = cls(url, writers)
+        store = cls(url)
         if migrate:
             upgrade(store.engine)
         return store
 
     def close(self) -> None:
-        self._group.close()
+        self._writer.close()
         self.engine.dispose()
+
+    async def call(self, method: Callable[..., T], *args: Any, lock_key: str = "", **kwargs: Any) -> T:
+        """For an event loop: run `method(*args, **kwargs)`, a method of this store (or a function
+        that calls at most one), on the writer thread; returns once its write has committed.
+        `lock_key` names the row the write may wait to lock (a job id): the writer orders a group's
+        calls by it, so replicas' groups never deadlock each other."""
+
+        def run() -> T | _Refused:
+            try:
+                return method(*args, **kwargs)
+            except OrchestratorError as refused:
+                # A refusal is this call's answer, not a failed write: the group commits.
+                return _Refused(refused)
+
+        outcome = await self._writer.submit(run, lock_key)
+        if isinstance(outcome, _Refused):
+            raise outcome.error
+        return outcome
+
+    @property
+    def writer(self) -> Writer:
+        return self._writer
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
         with self._reads() as session:
             yield session
 
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        if self._group.on_writer_thread():
-            # Called by an operation of a group: join its transaction. A transaction of its own
-            # would wait for the group's write lock, which this very thread holds.
-            with Session(self._group.connection(), expire_on_commit=False, join_transaction_mode="rollback_only") as s:
-                yield s
-                s.flush()
-            return
-        with self._writes.begin() as session:
-            yield session
-
-    def _grouped(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
-        """Run `fn` in a write transaction shared with whatever other writes arrive meanwhile
-        (`batching.GroupCommit`, which orders a group by `lock_key`); returns once it has committed."""
-        return self._group.run(fn, lock_key)
-
-    def submit(
-        self, fn: Callable[[], T], lock_key: str = "", prepare: Callable[[], object] | Gathered[Any, Any] | None = None
-    ) -> asyncio.Future[T]:
-        """For an event loop: run `fn()`, a function calling this store, on the store's writer
-        thread, its writes in a transaction shared with whatever else is queued (see
-        `batching.GroupCommit`: `lock_key` and `prepare` are its). Await the result."""
-        return self._group.submit(fn, lock_key, prepare)
+    def _write(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
+        """`fn(connection)` as this call's transaction (see the module docstring)."""
+        try:
+            return self._writer.run(fn, lock_key)
+        except DBAPIError as exc:
+            if is_illegal_transition(exc):
+                raise IllegalTransition(str(exc.orig).splitlines()[0]) from exc
+            raise
 
     def _insert(self, model: type) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
@@ -282,18 +325,18 @@ class Store:
             raise ValueError("rate_limit_per_minute must be at least 1")
         short_id = secrets.token_hex(8)
         secret = f"{KEY_PREFIX}{short_id}_{secrets.token_urlsafe(32)}"
-        key = ApiKey(
-            id=f"key_{short_id}",
-            name=name.strip(),
-            key_hash=hash_secret(secret),
+        row = {
+            "id": f"key_{short_id}",
+            "name": name.strip(),
+            "key_hash": hash_secret(secret),
             # Standard Webhooks secret format: "whsec_" + base64 of the HMAC key bytes.
-            webhook_secret="whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
-            rate_limit_per_minute=rate_limit_per_minute,
-            created_at=now or utcnow(),
-        )
-        with self._write() as session:
-            session.add(key)
-        return NewApiKey(key=key, secret=secret)
+            "webhook_secret": "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode(),
+            "rate_limit_per_minute": rate_limit_per_minute,
+            "created_at": now or utcnow(),
+            "revoked_at": None,
+        }
+        self._write(lambda conn: conn.execute(insert(ApiKey.__table__), row))
+        return NewApiKey(key=ApiKey(**row), secret=secret)
 
     def list_api_keys(self, include_revoked: bool = True) -> list[ApiKey]:
         query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
@@ -303,121 +346,63 @@ class Store:
             return list(session.scalars(query))
 
     def get_api_key(self, key_id: str) -> ApiKey | None:
-        with self._read() as session:
-            return session.get(ApiKey, key_id)
+        return self._by_id(ApiKey, key_id)
 
     def revoke_api_key(self, key_id: str, now: datetime | None = None) -> bool:
         """True when this call revoked the key, False when it was already revoked."""
-        with self._write() as session:
-            key = session.get(ApiKey, key_id)
-            if key is None:
-                raise UnknownApiKey(key_id)
-            if key.revoked_at is not None:
-                return False
-            key.revoked_at = now or utcnow()
-            return True
-
-    def authenticate(self, secret: str) -> ApiKey | None:
-        """The live key whose secret this is, or None. Looks up by the id inside the secret and
-        compares hashes in constant time, so neither plaintext nor timing gives a key away."""
-        key_id = _key_id(secret)
-        return _live(secret, self._by_id(ApiKey, key_id)) if key_id else None
-
-    def admit(self, secrets: Sequence[str], now: datetime | None = None) -> list[Admission]:
-        """`authenticate` each request's secret and count each one that has a live key against
-        that key's per-minute limit (see `hit_rate_limit`), all together: one read of the keys and
-        one count per key, however many requests. Requests of one key are counted in order."""
-        now = now or utcnow()
-        wanted = sorted({key_id for secret in secrets if (key_id := _key_id(secret))})
-        found: dict[str, ApiKey] = {}
-        if wanted:
-            with self._autocommit.connect() as conn:
-                found = {row.id: ApiKey(**row._mapping) for row in conn.execute(_KEYS_BY_ID, {"b_ids": wanted})}
-        keys = [_live(secret, found.get(_key_id(secret) or "")) for secret in secrets]
-        requests = Counter(key.id for key in keys if key is not None)
-        # The count after this batch, handed out in order: the first of n requests gets count - n + 1.
-        next_count = {key_id: self._count_requests(key_id, n, now) - n + 1 for key_id, n in requests.items()}
-        until_next_window = _until_next_window(now)
-        admissions = []
-        for key in keys:
-            if key is None:
-                admissions.append(Admission(None))
-                continue
-            count, next_count[key.id] = next_count[key.id], next_count[key.id] + 1
-            admissions.append(Admission(key, None if count <= key.rate_limit_per_minute else until_next_window))
-        return admissions
-
-    def hit_rate_limit(self, api_key_id: str, now: datetime | None = None, limit: int | None = None) -> float | None:
-        """Count one request for the key. None when it is within its per-minute limit, else the
-        seconds until the next window opens. One atomic upsert per call, so every process sharing
-        the database shares the count. Fixed windows may let a client burst up to twice its limit
-        across a window boundary; that is the price of one row per key per minute. `limit` is the
-        key's `rate_limit_per_minute` when the caller has just read the key (else it is read)."""
-        now = now or utcnow()
-        if limit is None:
-            key = self.get_api_key(api_key_id)
-            if key is None:
-                raise UnknownApiKey(api_key_id)
-            limit = key.rate_limit_per_minute
-        if self._count_requests(api_key_id, 1, now) <= limit:
-            return None
-        return _until_next_window(now)
-
-    def _count_requests(self, api_key_id: str, n: int, now: datetime) -> int:
-        """Add `n` requests to the key's count for the minute of `now`; returns the new count."""
-        window = now.replace(second=0, microsecond=0)
-        upsert = self._insert(RateWindow).values(api_key_id=api_key_id, window_start=window, count=n)
-        upsert = upsert.on_conflict_do_update(
-            index_elements=[RateWindow.api_key_id, RateWindow.window_start],
-            set_={"count": RateWindow.count + n},
-        ).returning(RateWindow.count)
-        prune = RateWindow.__table__.delete().where(
-            RateWindow.api_key_id == api_key_id, RateWindow.window_start < window
+        table = ApiKey.__table__
+        revoke = (
+            update(table).where(table.c.id == key_id, table.c.revoked_at.is_(None)).values(revoked_at=now or utcnow())
         )
 
-        def count(conn: Connection) -> int:
-            try:
-                total = conn.scalar(upsert)
-            except IntegrityError:  # the key's row is gone (a foreign key)
-                raise UnknownApiKey(api_key_id) from None
-            if total == n:
-                # First requests of a new window: the key's older windows will never be read again.
-                conn.execute(prune)
-            return total
+        def write(conn: Connection) -> bool:
+            if conn.execute(revoke).rowcount == 1:
+                return True
+            if conn.scalar(select(table.c.id).where(table.c.id == key_id)) is None:
+                raise UnknownApiKey(key_id)
+            return False
 
-        if self.dialect == "postgresql":
-            # Every request of a key updates this one row, so its lock is the busiest there is:
-            # taken by one statement in autocommit, never held across a group's other writes, which
-            # would queue replicas behind each other's groups (and deadlock them on the jobs' rows).
-            with self._autocommit.connect() as conn:
-                return count(conn)
-        return self._grouped(count)
+        return self._write(write)
+
+    def admit(self, secret: str | None, now: datetime | None = None) -> ApiKey:
+        """The live key whose secret this is, with this request counted against its per-minute
+        limit; `Unauthorized` or `RateLimited` otherwise. Every authenticated call counts."""
+        admitted = self._write(lambda conn: _admit(conn, self._insert, secret, now or utcnow()))
+        if isinstance(admitted, OrchestratorError):
+            raise admitted
+        return admitted
 
     # ---- jobs -------------------------------------------------------------------------------
 
-    def create_job(
-        self,
-        api_key_id: str,
-        kind: JobKind | str,
-        payload: Mapping[str, Any],
-        deadline: datetime,
-        attempt_timeout_s: float,
-        **options: Any,
-    ) -> Job:
-        """A new queued job; `options` are `job_row`'s (webhook_url, max_attempts, audit, job_id, now)."""
-        return self.insert_jobs([job_row(api_key_id, kind, payload, deadline, attempt_timeout_s, **options)])[0]
+    def submit_job(self, secret: str | None, build: BuildJob, now: datetime | None = None) -> Job | OrchestratorError:
+        """Admit the caller (as `admit`) and insert the job `build(key)` describes, in one
+        transaction. A refusal (of the key, or by `build`) is returned, not raised: the request
+        was still counted against the key's limit."""
+        now = now or utcnow()
+
+        def write(conn: Connection) -> Job | OrchestratorError:
+            key = _admit(conn, self._insert, secret, now)
+            if isinstance(key, OrchestratorError):
+                return key
+            try:
+                row = build(key)
+            except OrchestratorError as refused:
+                return refused
+            conn.execute(insert(_JOBS), [row])
+            return Job(**row)
+
+        return self._write(write)
 
     def insert_jobs(self, rows: Sequence[Mapping[str, Any]]) -> list[Job]:
         """New queued jobs from `job_row`s, in one statement."""
         if rows:
-            # Core, not the ORM's unit of work: a third of the time, on the path of every request.
-            self._grouped(lambda conn: conn.execute(insert(_JOBS), list(rows)))
+            self._write(lambda conn: conn.execute(insert(_JOBS), list(rows)))
         return [Job(**row) for row in rows]
 
     def get_job(self, job_id: str, api_key_id: str) -> Job | None:
         """The job if it belongs to this key; a client never learns that another key's job exists."""
-        with self._read() as session:
-            return session.scalar(select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id))
+        job = self._by_id(Job, job_id)
+        return job if job is not None and job.api_key_id == api_key_id else None
 
     def load_job(self, job_id: str) -> Job | None:
         """Any job by id, for the orchestrator itself (callbacks, audits); never for client requests."""
@@ -426,8 +411,8 @@ class Store:
     def _by_id(self, model: type[M], key: str) -> M | None:
         """One row by primary key, read with a prepared Core statement: on the path of every
         request and callback, where an ORM session's get costs three times as much."""
-        with self._autocommit.connect() as conn:
-            row = conn.execute(_by_id_statement(model), {"b_id": key}).first()
+        with self._read() as session:
+            row = session.execute(_by_id_statement(model), {"b_id": key}).first()
         return None if row is None else model(**row._mapping)
 
     def load_jobs(self, job_ids: Iterable[str], chunk: int = 500) -> dict[str, Job]:
@@ -473,43 +458,59 @@ class Store:
         now: datetime | None = None,
         attempt_outcome: str | None = None,
         attempt_error: str | None = None,
+        api_key_id: str | None = None,
         **fields: Any,
     ) -> bool:
         """Move a job from one of the states `frm` to `to`, setting `fields` with it, if and only if
-        it is still in one of those states. False when it was not (another process got there first).
+        it is still in one of those states (and belongs to `api_key_id`, when given). False when it
+        was not (another process got there first).
 
         Timestamps follow the state (dispatched_at, started_at, finished_at) unless given; going back
         to `queued` clears the current miner. Leaving an attempt (re-queue or a terminal state)
         closes the open JobAttempt row with `attempt_outcome` (default: what the new state implies).
         """
-        sources = {RequestStatus(frm)} if isinstance(frm, str) else {RequestStatus(s) for s in frm}
-        target = RequestStatus(to)
-        illegal = sorted(s.value for s in sources if not can_transition(s, target))
-        if not sources or illegal:
-            raise IllegalTransition(f"{', '.join(illegal) or '(nothing)'} -> {target.value} is not a job transition")
-        unknown = set(fields) - _TRANSITION_FIELDS
-        if unknown:
-            raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
+        move = _transition_op(job_id, frm, to, now or utcnow(), attempt_outcome, attempt_error, api_key_id, fields)
+        return self._write(move, lock_key=job_id)
+
+    def take_back(
+        self, job: Job, reason: str, *, outcome: str, now: datetime | None = None, min_attempt_s: float
+    ) -> str | None:
+        """Take an active job back from its miner: to the queue when it has attempts and at least
+        `min_attempt_s` left before the client's deadline, else to `failed`. Returns the new status,
+        or None when the job had already moved on."""
         now = now or utcnow()
-        values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
-        statement_key = (tuple(sorted(s.value for s in sources)), tuple(sorted(values)))
-        statement = _transition_statement(*statement_key)
-        params = {"b_id": job_id} | {f"b_{name}": value for name, value in values.items()}
+        left = (job.deadline - now).total_seconds()
+        if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
+            target, fields = RequestStatus.queued, {}
+        else:
+            error = f"attempt {job.attempts} of {job.max_attempts} failed ({reason}); no attempts or time left"
+            target, fields = RequestStatus.failed, {"error": error}
+        move = _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)
+        return target.value if self._write(move, lock_key=job.id) else None
 
-        closes = target in _ATTEMPT_OUTCOME
-        outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
+    def succeed(self, job_id: str, success: Success, now: datetime | None = None) -> bool:
+        """An active job's result is in: store it and move the job to `succeeded`, registering its
+        LoRA (`success.lora`) in the same transaction. False when the job had already moved on
+        (another copy of the callback, a cancel)."""
+        now = now or utcnow()
+        fields = {
+            "result_sha256": success.result_sha256,
+            "result_blob": success.result_sha256,
+            "result_bytes": success.result_bytes,
+            "fingerprint": success.fingerprint,
+            "timings": success.timings,
+            "error": None,
+        }
+        move = _transition_op(job_id, ACTIVE, RequestStatus.succeeded, now, None, None, None, fields)
 
-        def move(conn: Connection) -> bool:
-            if closes and conn.dialect.name == "postgresql":
-                both = _transition_closing_statement(statement_key[0], statement_key[1])
-                return conn.scalar(both, params | _attempt_params(job_id, outcome, attempt_error, now)) == 1
-            if conn.execute(statement, params).rowcount != 1:
+        def write(conn: Connection) -> bool:
+            if not move(conn):
                 return False
-            if closes:
-                _close_attempt(conn, job_id, outcome, attempt_error, now)
+            if success.lora is not None:
+                conn.execute(self._insert(Lora).values(**success.lora, created_at=now).on_conflict_do_nothing())
             return True
 
-        return self._grouped(move, lock_key=job_id)
+        return self._write(write, lock_key=job_id)
 
     def mark_running(self, job_ids: Collection[str], now: datetime | None = None) -> set[str]:
         """`dispatched -> running` for those of these jobs still dispatched, in one transaction (the
@@ -532,59 +533,41 @@ class Store:
             .with_for_update(skip_locked=True)
         )
         statement = update(_JOBS).where(_JOBS.c.id.in_(free)).values(values).returning(_JOBS.c.id)
-        return self._grouped(lambda conn: set(conn.scalars(statement)))
+        return self._write(lambda conn: set(conn.scalars(statement)))
 
     def flag_for_audit(self, job_id: str) -> None:
         """Record that a job was picked for an audit (`flagged_without_verdict` finds it after a restart)."""
         statement = update(_JOBS).where(_JOBS.c.id == job_id).values(audit=True)
-        self._grouped(lambda conn: conn.execute(statement), lock_key=job_id)
+        self._write(lambda conn: conn.execute(statement), lock_key=job_id)
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
         """Cancel a key's own job if it has not finished; False if it had (or is not theirs)."""
-        now = now or utcnow()
-        with self._write() as session:
-            result = session.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.api_key_id == api_key_id,
-                    Job.status.in_([s.value for s in NON_TERMINAL]),
-                )
-                .values(
-                    status=RequestStatus.canceled.value, finished_at=now, updated_at=now, error="canceled by client"
-                )
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:
-                return False
-            _close_attempt(session.connection(), job_id, "canceled", None, now)
-            return True
+        return self.transition(
+            job_id, NON_TERMINAL, RequestStatus.canceled, now=now, api_key_id=api_key_id, error="canceled by client"
+        )
 
     def claim_for_dispatch(
         self,
         limit: int,
         now: datetime | None = None,
-        kinds: Iterable[JobKind | str] | None = None,
+        kinds: Iterable[str] = (),
         assign: AssignMiner | None = None,
     ) -> list[Job]:
-        """Take up to `limit` queued jobs, oldest first, and mark them dispatched: each is returned
-        to exactly one caller, however many processes claim at once. Counts the attempt and sets its
-        timeout, capped by the client's deadline. The caller then picks a miner (`assign_miner`) or
-        hands the job back (`transition(id, "dispatched", "queued")`).
+        """Take up to `limit` queued jobs of these kinds, oldest first, pick a miner for each and
+        mark them dispatched: each is returned to exactly one caller, however many processes claim
+        at once. Counts the attempt and sets its timeout, capped by the client's deadline.
 
-        With `assign`, the miners are picked in the same transaction instead (one write for the
-        batch rather than one more per job): `assign(job, tried)` gets the job and how many earlier
-        attempts each hotkey had at it, and returns the (hotkey, uid) to record as `assign_miner`
-        would, or None to leave the job queued untouched (no attempt counted); only jobs that got
-        a miner are returned."""
+        `assign(job, tried)` gets the job and how many earlier attempts each hotkey had at it, and
+        returns the (hotkey, uid) to send it to, or None to leave the job queued untouched (no
+        attempt counted); only jobs that got a miner are returned. Without `assign` (tests of the
+        queue alone) jobs are claimed with no miner."""
         now = now or utcnow()
-        wanted = [JobKind(k).value for k in (JobKind if kinds is None else kinds)]
-        params = {"b_now": now, "b_kinds": wanted, "b_limit": limit}
+        params = {"b_now": now, "b_kinds": [str(kind) for kind in kinds], "b_limit": limit}
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
             # cost more than everything else the dispatcher does per job.
-            jobs = [Job(**row._mapping) for row in conn.execute(_QUEUE, params)] if wanted else []
+            jobs = [Job(**row._mapping) for row in conn.execute(_QUEUE, params)] if params["b_kinds"] else []
             tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
             taken, claims, attempts = [], [], []
             for job in jobs:
@@ -615,28 +598,7 @@ class Store:
                 conn.execute(insert(_ATTEMPTS), attempts)
             return taken
 
-        return self._grouped(claim)
-
-    def assign_miner(
-        self, job_id: str, miner_hotkey: str, miner_uid: int | None, now: datetime | None = None
-    ) -> JobAttempt | None:
-        """Record that this dispatched job is being sent to this miner, opening its JobAttempt.
-        None when the job is no longer dispatched or already has a miner for this attempt."""
-        now = now or utcnow()
-        with self._write() as session:
-            job = session.scalar(
-                select(Job)
-                .where(Job.id == job_id, Job.status == RequestStatus.dispatched.value, Job.miner_hotkey.is_(None))
-                .with_for_update()
-            )
-            if job is None:
-                return None
-            job.miner_hotkey, job.miner_uid, job.dispatched_at, job.updated_at = miner_hotkey, miner_uid, now, now
-            attempt = JobAttempt(
-                job_id=job_id, attempt=job.attempts, miner_hotkey=miner_hotkey, miner_uid=miner_uid, dispatched_at=now
-            )
-            session.add(attempt)
-        return attempt
+        return self._write(claim)
 
     def list_attempts(
         self, job_id: str | None = None, *, miner_hotkey: str | None = None, since: datetime | None = None
@@ -661,48 +623,83 @@ class Store:
         holds are skipped, so several orchestrators may sweep at once.
         """
         now = now or utcnow()
-        result = SweepResult()
-        with self._write() as session:
-            # Materialized: the loop below runs queries of its own on this session.
-            stuck = list(
-                session.scalars(
-                    select(Job)
-                    .where(Job.status.in_([s.value for s in ACTIVE]), Job.dispatch_deadline <= now)
-                    .order_by(Job.dispatch_deadline)
-                    .limit(SWEEP_BATCH)
-                    .with_for_update(skip_locked=True)
-                )
-            )
-            for job in stuck:
-                miner = f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
-                _close_attempt(
-                    session.connection(), job.id, "timeout", f"no result within {job.attempt_timeout_s:g}s", now
-                )
+        stuck_query = (
+            select(*_JOB_COLUMNS)
+            .where(_JOBS.c.status.in_([s.value for s in ACTIVE]), _JOBS.c.dispatch_deadline <= now)
+            .order_by(_JOBS.c.dispatch_deadline)
+            .limit(SWEEP_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+        expired_query = (
+            select(_JOBS.c.id)
+            .where(_JOBS.c.status == RequestStatus.queued.value, _JOBS.c.deadline <= now)
+            .limit(SWEEP_BATCH)
+            .with_for_update(skip_locked=True)
+        )
+
+        def sweep(conn: Connection) -> SweepResult:
+            result = SweepResult()
+            for job in [Job(**row._mapping) for row in conn.execute(stuck_query)]:
                 left = (job.deadline - now).total_seconds()
+                timeout = f"no result within {job.attempt_timeout_s:g}s"
                 if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
-                    job.status = RequestStatus.queued.value
-                    for name, value in _implied_fields(RequestStatus.queued, now).items():
-                        setattr(job, name, value)
-                    result.requeued.append(job.id)
+                    target, fields, moved = RequestStatus.queued, {}, result.requeued
                 else:
-                    job.status = RequestStatus.failed.value
-                    job.finished_at = now
-                    where = miner if job.miner_hotkey else "before a miner was assigned"
-                    job.error = f"attempt {job.attempts} timed out ({where}); no time or attempts left for another"
-                    result.failed.append(job.id)
-                job.updated_at = now
-            expired = session.scalars(
-                select(Job)
-                .where(Job.status == RequestStatus.queued.value, Job.deadline <= now)
-                .limit(SWEEP_BATCH)
-                .with_for_update(skip_locked=True)
-            )
-            for job in expired:
-                job.status = RequestStatus.failed.value
-                job.finished_at = job.updated_at = now
-                job.error = "deadline passed before a miner could finish the job"
-                result.failed.append(job.id)
-        return result
+                    where = f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
+                    where = where if job.miner_hotkey else "before a miner was assigned"
+                    error = f"attempt {job.attempts} timed out ({where}); no time or attempts left for another"
+                    target, fields, moved = RequestStatus.failed, {"error": error}, result.failed
+                if _transition_op(job.id, ACTIVE, target, now, "timeout", timeout, None, fields)(conn):
+                    moved.append(job.id)
+            for job_id in list(conn.scalars(expired_query)):
+                error = {"error": "deadline passed before a miner could finish the job"}
+                if _transition_op(job_id, RequestStatus.queued, RequestStatus.failed, now, None, None, None, error)(
+                    conn
+                ):
+                    result.failed.append(job_id)
+            return result
+
+        return self._write(sweep)
+
+    # ---- webhooks ---------------------------------------------------------------------------
+
+    def take_due_webhooks(self, limit: int, lease: timedelta, now: datetime | None = None) -> list[Job]:
+        """Finished requests whose webhook delivery is due, each leased (its next try pushed
+        `lease` into the future) so no other sender takes it meanwhile; a sender that dies
+        mid-delivery leaves it to be retried when the lease ends."""
+        now = now or utcnow()
+        params = {"b_now": now, "b_limit": limit}
+        # Most finished requests have no webhook: look before writing (on SQLite, taking the
+        # database's one write lock) to find nothing.
+        with self._read() as session:
+            if session.execute(_WEBHOOK_DUE, params).first() is None:
+                return []
+
+        def take(conn: Connection) -> list[Job]:
+            jobs = [Job(**row._mapping) for row in conn.execute(_WEBHOOK_DUE.with_for_update(skip_locked=True), params)]
+            if jobs:
+                leased = (
+                    update(_JOBS).where(_JOBS.c.id.in_([job.id for job in jobs])).values(webhook_next_at=now + lease)
+                )
+                conn.execute(leased)
+            return jobs
+
+        return self._write(take)
+
+    def record_webhook(
+        self, job_id: str, *, attempts: int, state: str, error: str | None, next_at: datetime | None
+    ) -> None:
+        """The outcome of a delivery attempt: `state` pending (retry at `next_at`), delivered or failed."""
+        if state not in WEBHOOK_STATES:
+            raise ValueError(f"webhook state must be one of {sorted(WEBHOOK_STATES)}")
+        values = {
+            "webhook_attempts": attempts,
+            "webhook_state": state,
+            "webhook_error": error,
+            "webhook_next_at": next_at,
+        }
+        statement = update(_JOBS).where(_JOBS.c.id == job_id).values(values)
+        self._write(lambda conn: conn.execute(statement), lock_key=job_id)
 
     # ---- miners -----------------------------------------------------------------------------
 
@@ -722,8 +719,8 @@ class Store:
         upsert = self._insert(Miner).values(
             hotkey=hotkey, healthy=False, capacity={}, fingerprints=[], score=0.0, created_at=now, **chain
         )
-        with self._write() as session:
-            session.execute(upsert.on_conflict_do_update(index_elements=[Miner.hotkey], set_=chain))
+        statement = upsert.on_conflict_do_update(index_elements=[Miner.hotkey], set_=chain)
+        self._write(lambda conn: conn.execute(statement))
 
     def record_probe(
         self,
@@ -741,15 +738,16 @@ class Store:
             values["capacity"] = dict(capacity)
         if fingerprints is not None:
             values["fingerprints"] = list(fingerprints)
-        with self._write() as session:
-            result = session.execute(update(Miner).where(Miner.hotkey == hotkey).values(values))
-            return result.rowcount == 1
+        statement = update(Miner).where(Miner.hotkey == hotkey).values(values)
+        return self._write(lambda conn: conn.execute(statement).rowcount == 1)
 
     def set_scores(self, scores: Mapping[str, float], now: datetime | None = None) -> None:
         now = now or utcnow()
-        with self._write() as session:
-            for hotkey, score in scores.items():
-                session.execute(update(Miner).where(Miner.hotkey == hotkey).values(score=score, updated_at=now))
+        table = Miner.__table__
+        statement = update(table).where(table.c.hotkey == bindparam("b_hotkey")).values(score=bindparam("b_score"))
+        rows = [{"b_hotkey": hotkey, "b_score": score} for hotkey, score in scores.items()]
+        if rows:
+            self._write(lambda conn: conn.execute(statement.values(updated_at=now), rows))
 
     def get_miner(self, hotkey: str) -> Miner | None:
         with self._read() as session:
@@ -762,33 +760,21 @@ class Store:
         with self._read() as session:
             return list(session.scalars(query))
 
-    # ---- LoRAs ------------------------------------------------------------------------------
+    def listen(self, on_event: Callable[[str, str], None]) -> Listener | None:
+        """On PostgreSQL, a started `Listener` calling `on_event(status, job_id)` whenever any
+        replica's committed write queues or finishes a job (migration 0004); None on SQLite."""
+        if self.dialect != "postgresql":
+            return None
+        listener = Listener(self.engine.url, on_event)
+        listener.start()
+        return listener
 
-    def create_lora(
-        self,
-        api_key_id: str,
-        name: str,
-        sha256: str,
-        rank: int,
-        *,
-        trigger_word: str = "",
-        source_job_id: str | None = None,
-        lora_id: str | None = None,
-        now: datetime | None = None,
-    ) -> Lora:
-        lora = Lora(
-            id=lora_id or f"lora_{uuid.uuid4().hex}",
-            api_key_id=api_key_id,
-            name=name,
-            sha256=sha256,
-            rank=rank,
-            trigger_word=trigger_word,
-            source_job_id=source_job_id,
-            created_at=now or utcnow(),
-        )
-        with self._write() as session:
-            session.add(lora)
-        return lora
+    def ping(self) -> None:
+        """One round trip to the database (readiness checks)."""
+        with self._read() as session:
+            session.execute(select(1))
+
+    # ---- LoRAs ------------------------------------------------------------------------------
 
     def get_lora(self, lora_id: str, api_key_id: str) -> Lora | None:
         with self._read() as session:
@@ -811,20 +797,19 @@ class Store:
     ) -> Audit:
         if verdict not in AUDIT_VERDICTS:
             raise ValueError(f"verdict must be one of {sorted(AUDIT_VERDICTS)}")
-        audit = Audit(
-            job_id=job_id,
-            miner_hotkey=miner_hotkey,
-            verdict=verdict,
-            evidence=dict(evidence or {}),
-            created_at=now or utcnow(),
-        )
-        with self._write() as session:
-            session.add(audit)
-        return audit
+        row = {
+            "job_id": job_id,
+            "miner_hotkey": miner_hotkey,
+            "verdict": verdict,
+            "evidence": dict(evidence or {}),
+            "created_at": now or utcnow(),
+        }
+        audit_id = self._write(lambda conn: conn.execute(insert(Audit.__table__).returning(Audit.id), row).scalar_one())
+        return Audit(id=audit_id, **row)
 
     def flagged_without_verdict(self, limit: int = 10_000) -> list[str]:
         """Jobs picked for an audit that has no verdict yet, oldest first: an orchestrator stopped
-        before it got to them. `AuditQueue.start` queues them again."""
+        before it got to them. The audit queue takes them up again when it starts."""
         query = (
             select(Job.id)
             .where(Job.audit.is_(True), ~exists().where(Audit.job_id == Job.id))
@@ -857,6 +842,123 @@ class Store:
             query = query.where(Audit.created_at >= since)
         with self._read() as session:
             return list(session.scalars(query))
+
+
+class Listener:
+    """A thread on its own PostgreSQL connection that LISTENs for job events (`Store.listen`).
+    Notifications arrive only after the writing transaction commits. A lost connection is
+    reopened; events sent meanwhile are missed, which costs only latency: dispatchers and
+    waiters also poll."""
+
+    def __init__(self, url: URL, on_event: Callable[[str, str], None]) -> None:
+        self._conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._on_event = on_event
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orch-db-listener", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f"LISTEN {JOB_EVENTS_CHANNEL}")
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=LISTEN_POLL_S):
+                            status, _, job_id = notify.payload.partition(" ")
+                            self._on_event(status, job_id)
+            except Exception:
+                log.exception("job event listener lost its connection; reconnecting")
+                self._stop.wait(LISTEN_POLL_S)
+
+
+# ---- statements -----------------------------------------------------------------------------------
+
+_KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id == bindparam("b_id"))
+
+
+def _admit(
+    conn: Connection, insert_for: Callable[[type], Any], secret: str | None, now: datetime
+) -> ApiKey | OrchestratorError:
+    """`Store.admit` inside a transaction; the refusal is returned, so a group of writes is not
+    rolled back and re-run for it (see `writer`)."""
+    if secret is None:
+        return Unauthorized("missing Authorization: Bearer <API key>")
+    key_id = _key_id(secret)
+    row = conn.execute(_KEYS_BY_ID, {"b_id": key_id}).first() if key_id else None
+    key = _live(secret, None if row is None else ApiKey(**row._mapping))
+    if key is None:
+        return Unauthorized("invalid or revoked API key")
+    if _count_request(conn, insert_for, key.id, now) > key.rate_limit_per_minute:
+        reason = f"rate limit of {key.rate_limit_per_minute} requests per minute reached"
+        return RateLimited(reason, _until_next_window(now))
+    return key
+
+
+def _count_request(conn: Connection, insert_for: Callable[[type], Any], api_key_id: str, now: datetime) -> int:
+    """Count one request in the key's window for the minute of `now`; returns the window's count.
+    Fixed windows may let a client burst up to twice its limit across a window boundary: the
+    price of one row per key per minute, shared by every process on the database."""
+    window = now.replace(second=0, microsecond=0)
+    upsert = insert_for(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[RateWindow.api_key_id, RateWindow.window_start], set_={"count": RateWindow.count + 1}
+    ).returning(RateWindow.count)
+    total = conn.scalar(upsert)
+    if total == 1:
+        # The first request of a new window: the key's older windows will never be read again.
+        table = RateWindow.__table__
+        conn.execute(table.delete().where(table.c.api_key_id == api_key_id, table.c.window_start < window))
+    return total
+
+
+def _transition_op(
+    job_id: str,
+    frm: RequestStatus | str | Iterable[RequestStatus | str],
+    to: RequestStatus | str,
+    now: datetime,
+    attempt_outcome: str | None,
+    attempt_error: str | None,
+    api_key_id: str | None,
+    fields: Mapping[str, Any],
+) -> Callable[[Connection], bool]:
+    """The one way a job's status changes: a compare-and-set UPDATE (see `Store.transition`),
+    as a function of the transaction's connection."""
+    sources = {RequestStatus(frm)} if isinstance(frm, str) else {RequestStatus(s) for s in frm}
+    target = RequestStatus(to)
+    illegal = sorted(s.value for s in sources if not can_transition(s, target))
+    if not sources or illegal:
+        raise IllegalTransition(f"{', '.join(illegal) or '(nothing)'} -> {target.value} is not a job transition")
+    unknown = set(fields) - _TRANSITION_FIELDS
+    if unknown:
+        raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
+    values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
+    statement_key = (tuple(sorted(s.value for s in sources)), tuple(sorted(values)), api_key_id is not None)
+    params = {"b_id": job_id} | {f"b_{name}": value for name, value in values.items()}
+    if api_key_id is not None:
+        params["b_api_key_id"] = api_key_id
+    closes = target in _ATTEMPT_OUTCOME
+    outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
+
+    def move(conn: Connection) -> bool:
+        if closes and conn.dialect.name == "postgresql":
+            both = _transition_closing_statement(*statement_key)
+            return conn.scalar(both, params | _attempt_params(job_id, outcome, attempt_error, now)) == 1
+        if conn.execute(_transition_statement(*statement_key), params).rowcount != 1:
+            return False
+        if closes:
+            _close_attempt(conn, job_id, outcome, attempt_error, now)
+        return True
+
+    return move
 
 
 def _implied_fields(target: RequestStatus, now: datetime) -> dict[str, Any]:
@@ -894,14 +996,13 @@ def _by_id_statement(model: type[Base]) -> Select[Any]:
 
 
 @lru_cache(maxsize=256)
-def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...]) -> Update:
-    """`UPDATE jobs SET <names> WHERE id = :b_id AND status IN <sources>`, built once per shape
-    (a handful in all): building and keying a statement costs more than running it."""
-    return (
-        update(_JOBS)
-        .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(sources))
-        .values({name: bindparam(f"b_{name}") for name in names})
-    )
+def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool) -> Update:
+    """`UPDATE jobs SET <names> WHERE id = :b_id AND status IN <sources> [AND api_key_id = :b_api_key_id]`,
+    built once per shape (a handful in all): building and keying a statement costs more than running it."""
+    where = [_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(sources)]
+    if owned:
+        where.append(_JOBS.c.api_key_id == bindparam("b_api_key_id"))
+    return update(_JOBS).where(*where).values({name: bindparam(f"b_{name}") for name in names})
 
 
 # Closing a job's open attempt (there is at most one: every move out of an attempt closes it).
@@ -933,10 +1034,10 @@ _OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(_THIS_JOB, _ATTEMPTS.c.o
 
 
 @lru_cache(maxsize=256)
-def _transition_closing_statement(sources: tuple[str, ...], names: tuple[str, ...]) -> Select[Any]:
+def _transition_closing_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool) -> Select[Any]:
     """PostgreSQL: `_transition_statement` and the close of the job's attempt as one statement
     (data-modifying CTEs), which counts the jobs moved (0 or 1): on the path of every callback."""
-    moved = _transition_statement(sources, names).returning(_JOBS.c.id).cte("moved")
+    moved = _transition_statement(sources, names, owned).returning(_JOBS.c.id).cte("moved")
     closed = _closing_attempts(_ATTEMPTS.c.job_id.in_(select(moved.c.id)), _PG_LATENCY).cte("closed")
     return select(func.count()).select_from(moved).add_cte(closed)
 

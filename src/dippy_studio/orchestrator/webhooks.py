@@ -14,8 +14,8 @@ keyed by the base64-decoded part of the API key's `whsec_` secret.
 Delivery state lives in the jobs table (`webhook_state`, `webhook_attempts`, `webhook_next_at`,
 `webhook_error`), so retries survive restarts. Taking a delivery pushes `webhook_next_at` forward
 by a lease first (rows locked with SKIP LOCKED on PostgreSQL), so replicas do not send it twice
-at once; a replica that dies mid-delivery leaves it to be retried when the lease ends. These few
-queries live here rather than in `store` because only the sender uses them.
+at once; a replica that dies mid-delivery leaves it to be retried when the lease ends (the
+queries are `Store.take_due_webhooks` and `Store.record_webhook`).
 """
 
 from __future__ import annotations
@@ -26,20 +26,15 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
-from dippy_studio.orchestrator.db import WRITE_OPTION
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.states import TERMINAL
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 
@@ -115,18 +110,12 @@ class WebhookSender:
         self.render = render
         self.clock = clock
         self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
-        self._writes = sessionmaker(store.engine.execution_options(**{WRITE_OPTION: True}), expire_on_commit=False)
         self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
         self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="webhook")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._http.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        with self._writes.begin() as session:
-            yield session
 
     def deliver_due(self) -> int:
         """Send every delivery that is due (in parallel, waiting for them); returns how many were tried."""
@@ -135,27 +124,8 @@ class WebhookSender:
         return len(jobs)
 
     def _take_due(self, limit: int) -> list[Job]:
-        now = self.clock()
         lease = timedelta(seconds=self.settings.webhook_timeout_s * 2 + 5)
-        due = (
-            Job.webhook_state == "pending",
-            Job.status.in_([s.value for s in TERMINAL]),
-            or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now),
-        )
-        # The loop runs after every finished request, most of which have no webhook: look before
-        # taking a write transaction (on SQLite, the database's one write lock) to find nothing.
-        with self.store.engine.connect() as conn:
-            if conn.scalar(select(Job.id).where(*due).limit(1)) is None:
-                return []
-        with self._write() as session:
-            jobs = list(
-                session.scalars(
-                    select(Job).where(*due).order_by(Job.finished_at).limit(limit).with_for_update(skip_locked=True)
-                )
-            )
-            for job in jobs:
-                job.webhook_next_at = now + lease
-        return jobs
+        return self.store.take_due_webhooks(limit, lease, now=self.clock())
 
     def _deliver(self, job: Job) -> None:
         try:
@@ -166,18 +136,17 @@ class WebhookSender:
         delivered, error, retry = outcome
         attempts = job.webhook_attempts + 1
         now = self.clock()
-        values: dict[str, Any] = {"webhook_attempts": attempts, "webhook_error": error}
+        state, next_at = "pending", None
         if delivered:
-            values.update(webhook_state="delivered", webhook_next_at=None)
+            state = "delivered"
         elif not retry or attempts >= self.settings.webhook_attempts:
             log.warning("webhook for %s failed for good after %d attempts: %s", job.id, attempts, error)
-            values.update(webhook_state="failed", webhook_next_at=None)
+            state = "failed"
         else:
             delay = min(self.settings.webhook_backoff_s * 2 ** (attempts - 1), self.settings.webhook_max_backoff_s)
-            values.update(webhook_next_at=now + timedelta(seconds=delay))
+            next_at = now + timedelta(seconds=delay)
             log.info("webhook for %s failed (%s); retrying in %.1fs", job.id, error, delay)
-        with self._write() as session:
-            session.execute(update(Job).where(Job.id == job.id).values(values))
+        self.store.record_webhook(job.id, attempts=attempts, state=state, error=error, next_at=next_at)
 
     def _send(self, job: Job) -> tuple[bool, str | None, bool]:
         """(delivered, error, worth retrying)."""

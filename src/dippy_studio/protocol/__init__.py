@@ -25,8 +25,6 @@ from dippy_studio.protocol.auth import (
     sign_btauth,
     sign_epistula,
     sign_request,
-    verify_btauth,
-    verify_epistula,
     verify_request,
 )
 from dippy_studio.protocol.keys import (
@@ -81,7 +79,5 @@ __all__ = [
     "sign_request",
     "signer_from_uri",
     "signer_from_wallet",
-    "verify_btauth",
-    "verify_epistula",
     "verify_request",
 ]

@@ -62,8 +62,6 @@ __all__ = [
     "sign_btauth",
     "sign_epistula",
     "sign_request",
-    "verify_btauth",
-    "verify_epistula",
     "verify_request",
 ]
 
@@ -500,56 +498,6 @@ def check_nonce_window(nonce_store: NonceStore, max_age: float, allowed_skew: fl
             f"nonce store retains entries for {nonce_store.retention:g}s but the freshness window "
             f"is {max_age + allowed_skew:g}s; use retention >= max_age + allowed_skew"
         )
-
-
-def verify_btauth(
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    method: str,
-    path: str,
-    receiver_ss58: str,
-    nonce_store: NonceStore,
-    max_age: float = DEFAULT_MAX_AGE,
-    allowed_skew: float = DEFAULT_ALLOWED_SKEW,
-    now: float | None = None,
-) -> Caller:
-    """Verify a btauth/1 request (no sender policy). Raises an `AuthError` subclass."""
-    check_nonce_window(nonce_store, max_age, allowed_skew)
-    checked = _check_btauth(
-        headers,
-        body,
-        method=method,
-        path=path,
-        receiver_ss58=receiver_ss58,
-        max_age=max_age,
-        allowed_skew=allowed_skew,
-        now_ns=_now_ns(now),
-    )
-    return checked.claim(nonce_store)
-
-
-def verify_epistula(
-    headers: Mapping[str, str],
-    body: bytes,
-    *,
-    receiver_ss58: str,
-    nonce_store: NonceStore,
-    max_age: float = DEFAULT_MAX_AGE,
-    allowed_skew: float = DEFAULT_ALLOWED_SKEW,
-    now: float | None = None,
-) -> Caller:
-    """Verify an Epistula v2 request (no sender policy). Raises an `AuthError` subclass."""
-    check_nonce_window(nonce_store, max_age, allowed_skew)
-    checked = _check_epistula(
-        headers,
-        body,
-        receiver_ss58=receiver_ss58,
-        max_age=max_age,
-        allowed_skew=allowed_skew,
-        now_ns=_now_ns(now),
-    )
-    return checked.claim(nonce_store)
 
 
 def verify_request(

@@ -28,10 +28,21 @@ __all__ = [
     "MemoryNonceStore",
     "NonceStore",
     "SqliteNonceStore",
+    "retention_for",
 ]
 
 # Covers bittensor's default window (10 s back + 2 s skew) with a wide margin.
 DEFAULT_RETENTION = 60.0
+# Past the freshness window, so a nonce is still remembered while a request signed at the
+# window's very edge is being verified (the clock moves between the check and the claim).
+RETENTION_MARGIN_S = 5.0
+
+
+def retention_for(max_age: float, allowed_skew: float) -> float:
+    """How long a store must remember nonces for a server accepting signatures up to `max_age`
+    seconds old and `allowed_skew` seconds ahead (what `auth.check_nonce_window` requires, plus
+    a margin): a forgotten nonce inside that window would let a replay through."""
+    return max_age + allowed_skew + RETENTION_MARGIN_S
 
 
 class NonceStore(Protocol):

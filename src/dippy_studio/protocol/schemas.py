@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
-from dippy_studio.engine.limits import MAX_LORAS, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
+from dippy_studio.protocol.limits import MAX_LORAS, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -104,7 +104,8 @@ class JobView(BaseModel):
     """A job's state as the miner reports it (GET /v1/jobs/{id} and callbacks)."""
 
     job_id: str
-    kind: JobKind
+    # A job kind's name (the orchestrator's registry knows them; miners serve `JobKind` lanes).
+    kind: str = Field(max_length=32)
     status: JobStatus
     created_at: datetime
     started_at: datetime | None = None

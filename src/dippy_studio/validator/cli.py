@@ -42,60 +42,98 @@ def show_report(report) -> None:
 def run(
     once: Annotated[bool, typer.Option("--once", help="Run one round and exit.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Compute and print weights; set nothing.")] = False,
-    data_dir: Annotated[Path, typer.Option("--data-dir", envvar="DIPPY_DATA_DIR", help="Local subnet dir.")] = Path(
-        ".dippy"
-    ),
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir", envvar="DIPPY_DATA_DIR", help="Local subnet dir. Default: .dippy", show_default=False
+        ),
+    ] = None,
     orchestrator_url: Annotated[str | None, typer.Option(help="Orchestrator base URL.")] = None,
     orchestrator_hotkey: Annotated[str | None, typer.Option(help="SS58 hotkey that must sign scores.")] = None,
     dev_key: Annotated[str | None, typer.Option("--dev-key", help="Validator dev key URI, e.g. //Alice.")] = None,
     wallet: Annotated[str | None, typer.Option("--wallet", help="Bittensor wallet name.")] = None,
-    hotkey: Annotated[str, typer.Option("--hotkey", help="Hotkey name in the wallet.")] = "default",
+    hotkey: Annotated[str | None, typer.Option("--hotkey", help="Hotkey name in the wallet. Default: default")] = None,
     wallet_path: Annotated[Path | None, typer.Option("--wallet-path", help="Wallets directory.")] = None,
     network: Annotated[str | None, typer.Option("--network", help="finney, test, or ws://... (real chain).")] = None,
     netuid: Annotated[int | None, typer.Option("--netuid", help="Subnet uid on the real chain.")] = None,
-    alpha: Annotated[float, typer.Option(help="EMA weight of the new round (0..1].")] = 0.1,
+    alpha: Annotated[float | None, typer.Option(help="EMA weight of the new round (0..1]. Default: 0.1")] = None,
     burn_uid: Annotated[int | None, typer.Option(help="uid that receives the burn share.")] = None,
-    burn_share: Annotated[float, typer.Option(help="Share of weight burned to --burn-uid.")] = 0.0,
-    version_key: Annotated[int, typer.Option(help="version_key sent with set_weights.")] = 0,
-    max_scores_age: Annotated[float, typer.Option(help="Reject scores whose window ended longer ago (s).")] = 3600,
+    burn_share: Annotated[float | None, typer.Option(help="Share of weight burned to --burn-uid. Default: 0")] = None,
+    version_key: Annotated[int | None, typer.Option(help="version_key sent with set_weights. Default: 0")] = None,
+    max_scores_age: Annotated[
+        float | None, typer.Option(help="Reject scores whose window ended longer ago (s). Default: 3600")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
 ) -> None:
-    """Run the validator loop (or one round with --once) and print the weights table each round."""
-    from dippy_studio.chain.cli import open_chain
-    from dippy_studio.cli import fail
-    from dippy_studio.protocol.keys import SigningKeyError, load_signer
-    from dippy_studio.validator.loop import Validator, ValidatorConfig
+    """Run the validator loop (or one round with --once) and print the weights table each round.
+    Settings: flags > DIPPY_VALIDATOR_* env > --config file > DATA_DIR/subnet.json (local subnets)."""
+    from pydantic import ValidationError
 
-    local = _subnet_file(data_dir) if network is None else {}
-    orchestrator_url = orchestrator_url or local.get("orchestrator_url")
-    orchestrator_hotkey = orchestrator_hotkey or local.get("orchestrator_hotkey")
-    if not (wallet or dev_key) and local.get("validator_wallet"):
-        wallet, wallet_path = local["validator_wallet"], wallet_path or data_dir / "wallets"
-    if not orchestrator_url or not orchestrator_hotkey:
-        fail("need --orchestrator-url and --orchestrator-hotkey (or a --data-dir made by `dippy-studio up`)")
-    if not (0 < alpha <= 1) or not (0 <= burn_share <= 1):
-        fail("--alpha must be in (0, 1] and --burn-share in [0, 1]")
+    from dippy_studio.chain.cli import open_chain
+    from dippy_studio.cli_support import describe_validation, fail
+    from dippy_studio.protocol.keys import SigningKeyError, load_signer
+    from dippy_studio.validator.loop import Validator
+    from dippy_studio.validator.settings import ValidatorSettings
+
+    overrides = {
+        "data_dir": data_dir,
+        "orchestrator_url": orchestrator_url,
+        "orchestrator_hotkey": orchestrator_hotkey,
+        "dev_key": dev_key,
+        "wallet_name": wallet,
+        "wallet_hotkey": hotkey,
+        "wallet_path": wallet_path,
+        "network": network,
+        "netuid": netuid,
+        "alpha": alpha,
+        "burn_uid": burn_uid,
+        "burn_share": burn_share,
+        "version_key": version_key,
+        "max_scores_age_s": max_scores_age,
+    }
     try:
-        extra = {"wallet_path": wallet_path} if wallet_path else {}
-        signer = load_signer(uri=dev_key, wallet_name=wallet, hotkey=hotkey, **extra) if (dev_key or wallet) else None
+        settings = ValidatorSettings.load(config, **overrides)
+    except ValidationError as exc:
+        fail(describe_validation(exc))
+    except ValueError as exc:
+        fail(str(exc))
+    local = _subnet_file(settings.data_dir) if settings.network is None else {}
+    settings = settings.model_copy(update=_from_subnet_file(settings, local))
+    if not settings.orchestrator_url or not settings.orchestrator_hotkey:
+        fail("need --orchestrator-url and --orchestrator-hotkey (or a --data-dir made by `dippy-studio up`)")
+    try:
+        extra = {"wallet_path": settings.wallet_path} if settings.wallet_path else {}
+        signer = (
+            load_signer(uri=settings.dev_key, wallet_name=settings.wallet_name, hotkey=settings.wallet_hotkey, **extra)
+            if (settings.dev_key or settings.wallet_name)
+            else None
+        )
     except SigningKeyError as exc:
         fail(str(exc))
     if signer is None:
         fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use")
-    chain = open_chain(data_dir, network, netuid)
-    config = ValidatorConfig(
-        orchestrator_url=orchestrator_url, orchestrator_hotkey=orchestrator_hotkey,
-        state_path=data_dir / "validator" / f"state-{signer.ss58_address[:10]}.json", alpha=alpha,
-        burn_uid=burn_uid, burn_share=burn_share, version_key=version_key, max_scores_age_s=max_scores_age,
-    )  # fmt: skip
+    chain = open_chain(settings.data_dir, settings.network, settings.netuid)
     from dippy_studio.logs import configure_logging
 
     configure_logging()
-    validator = Validator(config, chain, signer)
+    validator = Validator(settings, chain, signer)
     if once or dry_run:
         show_report(validator.run_round(dry_run=dry_run))
         return
     block_time = float(local.get("block_time", 12.0))
     validator.run_forever(block_time, show_report)
+
+
+def _from_subnet_file(settings, local: dict) -> dict:
+    """What a local subnet's subnet.json supplies: only settings no flag, variable or file gave."""
+    update = {}
+    for key in ("orchestrator_url", "orchestrator_hotkey"):
+        if getattr(settings, key) is None and local.get(key):
+            update[key] = local[key]
+    if not (settings.wallet_name or settings.dev_key) and local.get("validator_wallet"):
+        update["wallet_name"] = local["validator_wallet"]
+        update["wallet_path"] = settings.wallet_path or settings.data_dir / "wallets"
+    return update
 
 
 def _subnet_file(data_dir: Path) -> dict:
@@ -105,6 +143,6 @@ def _subnet_file(data_dir: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except ValueError:
-        from dippy_studio.cli import fail
+        from dippy_studio.cli_support import fail
 
         fail(f"{path} is not valid JSON")

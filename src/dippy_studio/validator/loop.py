@@ -23,30 +23,14 @@ import httpx
 
 from dippy_studio.chain.base import Chain, ChainError, ChainUnavailable, InvalidWeights, RateLimited
 from dippy_studio.chain.conformance import blocks_until_allowed
+from dippy_studio.protocol.auth import DEFAULT_ALLOWED_SKEW, DEFAULT_MAX_AGE
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.nonces import MemoryNonceStore
+from dippy_studio.protocol.nonces import MemoryNonceStore, retention_for
 from dippy_studio.validator.scores import ScoresRejected, ScoresUnavailable, fetch_scores
-from dippy_studio.validator.weights import DEFAULT_EMA_ALPHA, drop_reassigned, next_weights
+from dippy_studio.validator.settings import ValidatorSettings
+from dippy_studio.validator.weights import drop_reassigned, next_weights
 
 log = logging.getLogger("dippy_studio.validator")
-
-
-@dataclass(frozen=True)
-class ValidatorConfig:
-    orchestrator_url: str
-    orchestrator_hotkey: str
-    state_path: Path
-    alpha: float = DEFAULT_EMA_ALPHA
-    burn_uid: int | None = None
-    burn_share: float = 0.0
-    banned_hotkeys: frozenset[str] = frozenset()
-    banned_coldkeys: frozenset[str] = frozenset()
-    version_key: int = 0
-    max_scores_age_s: float = 3600.0
-    http_timeout_s: float = 10.0
-    retries: int = 3
-    backoff_s: float = 1.0
-    tempo: int | None = None  # blocks between rounds; None: the chain's tempo
 
 
 @dataclass
@@ -106,25 +90,31 @@ def with_retries(call: Callable[[], Any], *, retries: int, backoff_s: float, ret
 class Validator:
     def __init__(
         self,
-        config: ValidatorConfig,
+        settings: ValidatorSettings,
         chain: Chain,
         signer: Signer,
         http: httpx.Client | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
+        if not settings.orchestrator_url or not settings.orchestrator_hotkey:
+            raise ValueError("the validator needs orchestrator_url and orchestrator_hotkey")
+        self.settings = settings
         self.chain = chain
         self.signer = signer
-        self.http = http or httpx.Client(base_url=config.orchestrator_url, timeout=config.http_timeout_s)
+        self.http = http or httpx.Client(base_url=settings.orchestrator_url, timeout=settings.http_timeout_s)
         self.clock = clock
-        self.nonces = MemoryNonceStore(retention=30.0)
-        self.state = State.load(config.state_path)
+        # Scores are verified with the default freshness window (validator/scores.py).
+        self.nonces = MemoryNonceStore(retention=retention_for(DEFAULT_MAX_AGE, DEFAULT_ALLOWED_SKEW))
+        self.state_path = settings.state_path or (
+            settings.data_dir / "validator" / f"state-{signer.ss58_address[:10]}.json"
+        )
+        self.state = State.load(self.state_path)
 
     def _retry(self, call, retry_on):
-        return with_retries(call, retries=self.config.retries, backoff_s=self.config.backoff_s, retry_on=retry_on)
+        return with_retries(call, retries=self.settings.retries, backoff_s=self.settings.backoff_s, retry_on=retry_on)
 
     def run_round(self, *, dry_run: bool = False) -> RoundReport:
-        cfg = self.config
+        settings = self.settings
         block = self._retry(self.chain.block, (ChainUnavailable,))
         hp = self._retry(self.chain.hyperparameters, (ChainUnavailable,))
         graph = self._retry(self.chain.metagraph, (ChainUnavailable,))
@@ -144,9 +134,9 @@ class Validator:
                 lambda: fetch_scores(
                     self.http,
                     me=self.signer,
-                    orchestrator_hotkey=cfg.orchestrator_hotkey,
+                    orchestrator_hotkey=settings.orchestrator_hotkey,
                     nonce_store=self.nonces,
-                    max_age_s=cfg.max_scores_age_s,
+                    max_age_s=settings.max_scores_age_s,
                     now=self.clock(),
                 ),
                 (ScoresUnavailable,),
@@ -158,9 +148,9 @@ class Validator:
         previous = drop_reassigned(self.state.smoothed, self.state.hotkeys, hotkeys)
         try:
             round_ = next_weights(
-                scores, previous, hyperparameters=hp, alpha=cfg.alpha, hotkeys=hotkeys, coldkeys=coldkeys,
-                banned_hotkeys=cfg.banned_hotkeys, banned_coldkeys=cfg.banned_coldkeys,
-                burn_uid=cfg.burn_uid, burn_share=cfg.burn_share, self_uid=me.uid,
+                scores, previous, hyperparameters=hp, alpha=settings.alpha, hotkeys=hotkeys, coldkeys=coldkeys,
+                banned_hotkeys=settings.banned_hotkeys, banned_coldkeys=settings.banned_coldkeys,
+                burn_uid=settings.burn_uid, burn_share=settings.burn_share, self_uid=me.uid,
             )  # fmt: skip
         except InvalidWeights as exc:
             return self._keep_previous(block, f"weights cannot meet the subnet's rules: {exc}", dry_run)
@@ -179,7 +169,7 @@ class Validator:
         except (RateLimited, ChainError) as exc:
             return RoundReport(block, "kept previous", f"chain refused the weights: {exc}", rows)
         self.state = State(round_.smoothed, hotkeys, set_, block)
-        self.state.save(cfg.state_path)
+        self.state.save(self.state_path)
         window = f"{sheet.window_start:%H:%M:%S}-{sheet.window_end:%H:%M:%S}"
         return RoundReport(block, "set", f"scores for window {window} from {len(sheet.scores)} miners", rows, set_)
 
@@ -187,7 +177,7 @@ class Validator:
         uids = sorted(row)
         return self._retry(
             lambda: self.chain.set_weights(
-                hotkey, uids, [float(row[u]) for u in uids], version_key=self.config.version_key
+                hotkey, uids, [float(row[u]) for u in uids], version_key=self.settings.version_key
             ),
             (ChainUnavailable,),
         )
@@ -214,7 +204,7 @@ class Validator:
             except ChainError as exc:
                 report = RoundReport(-1, "waiting", f"chain unavailable: {exc}")
             on_report(report)
-            tempo = self.config.tempo or self._tempo()
+            tempo = self.settings.tempo or self._tempo()
             blocks = tempo if report.action in ("set", "kept previous") else 1
             deadline = time.monotonic() + blocks * block_time_s
             while time.monotonic() < deadline and not (stop and stop()):

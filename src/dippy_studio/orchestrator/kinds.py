@@ -1,0 +1,315 @@
+"""Job kinds as data: everything the orchestrator knows about a kind of job, in one registry entry.
+
+A kind says how a client's request becomes a job's payload, what a miner is sent and where, how
+the miner's result is checked and audited, what it is worth in a score, and how the API and the
+dashboard show it. The core (store, dispatch, callbacks, scoring, audits, dashboard) is written
+against `JobKindSpec` and looks kinds up by name (`get`), so a new kind is one `register` call
+plus the miner's code for it. The built-in kinds are `inference` (text-to-image) and `training`
+(a LoRA), defined at the end of this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
+
+from dippy_studio.orchestrator.audit import HELDOUT_KEY, audit_inference_job, audit_training_job
+from dippy_studio.orchestrator.errors import InvalidRequest
+from dippy_studio.orchestrator.results import check_image, check_lora, lora_id_for, read_lora_bytes
+from dippy_studio.orchestrator.schemas import ImageRequest, LoraInput, TrainingRequest
+from dippy_studio.protocol.limits import DEFAULT_TARGETS, MAX_SEED, profile_limits, training_defaults
+from dippy_studio.protocol.schemas import InferenceJob, LoraDownload, TrainJob
+
+if TYPE_CHECKING:
+    from dippy_studio.orchestrator.audit import AuditContext, AuditOutcome
+    from dippy_studio.orchestrator.blobs import BlobStore
+    from dippy_studio.orchestrator.models import ApiKey, Job
+    from dippy_studio.orchestrator.settings import OrchestratorSettings
+    from dippy_studio.orchestrator.store import Store
+
+# No job can be dispatched, run and called back in less (a shorter deadline is refused).
+MIN_DEADLINE_S = 1.0
+# What the engine's training accepts as a trigger word (one line, no tabs or brackets).
+_TRIGGER = re.compile(r"^[^\t\r\n\[\]]+$")
+
+
+class SubmitContext(Protocol):
+    """What a kind may use while it builds a job's payload (the orchestrator service)."""
+
+    settings: OrchestratorSettings
+    store: Store
+    assets: BlobStore
+    heldout: BlobStore
+
+    @property
+    def audits_on(self) -> bool: ...
+
+    def fetch(self, url: str, max_bytes: int, what: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class JobKindSpec:
+    """One kind of job. Functions take the job (`models.Job`) whose `payload` they built."""
+
+    name: str  # stored in `jobs.kind`, sent back by miners in their JobView
+    lane: str  # the miner's capacity lane that serves it (`protocol.schemas.Capacity`)
+    miner_path: str  # where the miner takes it: a signed POST of `miner_request(...)`
+    score_weight: float  # its share of a miner's score (`scoring.score_window`)
+    # Seconds: the client's deadline when it gives none, and one miner's time before the sweeper
+    # takes the job back.
+    default_deadline_s: Callable[[OrchestratorSettings], float]
+    attempt_timeout_s: Callable[[OrchestratorSettings], float]
+    # The client's request (validated as `request_model`) -> the job's payload. `blocking(request)`
+    # says it fetches or stores something: then it runs on a worker thread, after admission.
+    request_model: type[BaseModel]
+    build_payload: Callable[[SubmitContext, ApiKey, Any, datetime], dict[str, Any]]
+    # The wire request for the current attempt: `common` holds job_id, callback_url and deadline.
+    miner_request: Callable[[Job, Mapping[str, Any], Callable[[str], str]], BaseModel]
+    # Why the miner's result is not acceptable for this job, or None.
+    check_result: Callable[[Job, bytes], str | None]
+    blocking: Callable[[Any], bool] = lambda request: False
+    media_type: str = "application/octet-stream"
+    filename: str = "result.bin"
+    # Results are private to the client, except where later jobs send them to miners (LoRAs).
+    shared_result: bool = False
+    # A `Prefer: wait` answer carries the result inline (small results: images).
+    inline_result: bool = False
+    # Re-run or measure the job on a trusted reference (`audit.AuditQueue`); None: never audited.
+    audit: Callable[[AuditContext, Job], AuditOutcome] | None = None
+    # What a success registers for the client besides its result: a LoRA row (`Store.succeed`).
+    registers: Callable[[Job, str], Mapping[str, Any]] | None = None
+    # What a client sees of the payload in the request's status.
+    public_input: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
+    # The dashboard: what it calls the kind, and whether results go in the image gallery.
+    label: str = ""
+    gallery: bool = False
+
+
+_REGISTRY: dict[str, JobKindSpec] = {}
+
+
+class UnknownKind(LookupError):
+    """No job kind of this name is registered."""
+
+
+def register(spec: JobKindSpec) -> JobKindSpec:
+    """Add a kind (or replace one of the same name); returns it."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def get(name: str) -> JobKindSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownKind(f"no job kind {name!r}") from None
+
+
+def all_kinds() -> list[JobKindSpec]:
+    return list(_REGISTRY.values())
+
+
+def score_weights() -> dict[str, float]:
+    return {spec.name: spec.score_weight for spec in _REGISTRY.values()}
+
+
+def deadline_after(now: datetime, requested_s: float | None, default_s: float, cap_s: float) -> datetime:
+    """The client's deadline: `requested_s` from now (the kind's default when None), at most `cap_s`."""
+    seconds = requested_s if requested_s is not None else default_s
+    if seconds < MIN_DEADLINE_S:
+        raise InvalidRequest(f"deadline_s {seconds:g} is under the {MIN_DEADLINE_S:g}s minimum")
+    if seconds > cap_s:
+        raise InvalidRequest(f"deadline_s {seconds:g} is over the {cap_s:g}s maximum")
+    return now + timedelta(seconds=seconds)
+
+
+def check_sha256(data: bytes, expected: str | None, what: str) -> str:
+    actual = hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
+        raise InvalidRequest(f"{what} has sha256 {actual}, not the {expected} given")
+    return actual
+
+
+def new_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+# ---- inference: text-to-image ------------------------------------------------------------------
+
+
+def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
+    limits = profile_limits(ctx.settings.profile)
+    for name, side in (("width", body.width), ("height", body.height)):
+        if not limits.min_side <= side <= limits.max_side:
+            raise InvalidRequest(
+                f"{name} {side} is outside {limits.min_side}..{limits.max_side} for profile {limits.name}"
+            )
+    steps = body.steps if body.steps is not None else limits.default_steps
+    if steps > limits.max_steps:
+        raise InvalidRequest(f"steps {steps} is over {limits.max_steps} for profile {limits.name}")
+    return {
+        "prompt": body.prompt,
+        "seed": body.seed if body.seed is not None else new_seed(),
+        "width": body.width,
+        "height": body.height,
+        "steps": steps,
+        "guidance": body.guidance if body.guidance is not None else limits.default_guidance,
+        "loras": [_resolve_lora(ctx, key, lora) for lora in body.loras],
+    }
+
+
+def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput) -> dict[str, Any]:
+    if lora.id is not None:
+        found = ctx.store.get_lora(lora.id, key.id)
+        if found is None:
+            raise InvalidRequest(f"no LoRA {lora.id} for this API key")
+        return {"id": lora.id, "sha256": found.sha256, "scale": lora.scale}
+    assert lora.url is not None
+    data = ctx.fetch(lora.url, ctx.settings.max_lora_bytes, "LoRA")
+    sha256 = check_sha256(data, lora.sha256, f"the LoRA at {lora.url}")
+    if not ctx.assets.exists(sha256):
+        tensors, problem = read_lora_bytes(data)
+        if tensors is None:
+            raise InvalidRequest(f"the LoRA at {lora.url} is not usable: {problem}")
+        ctx.assets.put(data)
+    return {"url": lora.url, "sha256": sha256, "scale": lora.scale}
+
+
+def _image_request(job: Job, common: Mapping[str, Any], blob_url: Callable[[str], str]) -> InferenceJob:
+    payload = job.payload
+    loras = [
+        LoraDownload(url=blob_url(lora["sha256"]), sha256=lora["sha256"], scale=lora["scale"])
+        for lora in payload.get("loras", [])
+    ]
+    fields = {k: payload[k] for k in ("prompt", "seed", "width", "height", "steps", "guidance")}
+    return InferenceJob(**common, **fields, loras=loras)
+
+
+INFERENCE = register(
+    JobKindSpec(
+        name="inference",
+        lane="inference",
+        miner_path="/v1/inference",
+        score_weight=0.3,
+        default_deadline_s=lambda settings: settings.inference_deadline_s,
+        attempt_timeout_s=lambda settings: settings.inference_attempt_timeout_s,
+        request_model=ImageRequest,
+        build_payload=_image_payload,
+        blocking=lambda body: any(lora.url is not None for lora in body.loras),
+        miner_request=_image_request,
+        check_result=lambda job, data: check_image(data, job.payload["width"], job.payload["height"]),
+        media_type="image/png",
+        filename="result.png",
+        inline_result=True,
+        audit=audit_inference_job,
+        label="text-to-image",
+        gallery=True,
+    )
+)
+
+
+# ---- training: a LoRA --------------------------------------------------------------------------
+
+
+def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, now: datetime) -> dict[str, Any]:
+    # Imported here: dataset handling reads images (PIL), which only training submissions need.
+    from dippy_studio.engine.datasets import dataset_zip, load_zip_bytes, split_dataset
+    from dippy_studio.engine.errors import DatasetError
+
+    settings = ctx.settings
+    trigger_word = body.trigger_word.strip()
+    if not _TRIGGER.match(trigger_word):
+        raise InvalidRequest("trigger_word must be one line of text without tabs or brackets")
+    dataset = body.dataset
+    if dataset is None:
+        assert body.dataset_url is not None
+        dataset = ctx.fetch(body.dataset_url, settings.max_dataset_bytes, "dataset")
+    try:
+        uploaded = load_zip_bytes(dataset, source="the dataset")
+    except DatasetError as exc:
+        raise InvalidRequest(str(exc)) from None
+    held: dict[str, Any] = {}
+    # Split whenever audits are on, not only for jobs that will be audited: the miner must not
+    # learn from its dataset whether its result will be checked.
+    split = (
+        split_dataset(uploaded, settings.audit_heldout_share, settings.audit_heldout_min_images)
+        if ctx.audits_on
+        else None
+    )
+    if split is not None:
+        dataset = dataset_zip(split.train)
+        held = {HELDOUT_KEY: ctx.heldout.put(dataset_zip(split.heldout)), "heldout_images": len(split.heldout)}
+    options = {"alpha": body.alpha, "steps": body.steps, "lr": body.lr, "seed": body.seed}
+    options["max_seconds"] = body.max_seconds
+    return {
+        # What the miner downloads: the training part when the upload was split.
+        "dataset_sha256": ctx.assets.put(dataset),
+        **held,
+        "trigger_word": trigger_word,
+        "name": (body.name or "").strip() or trigger_word,
+        **{k: v for k, v in options.items() if v is not None},
+        # The promise the result is checked against: explicit, so miners cannot differ on defaults.
+        "rank": body.rank or training_defaults(settings.profile)["rank"],
+        "targets": list(DEFAULT_TARGETS),
+    }
+
+
+def _training_request(job: Job, common: Mapping[str, Any], blob_url: Callable[[str], str]) -> TrainJob:
+    payload = job.payload
+    names = ("trigger_word", "rank", "alpha", "steps", "lr", "seed", "max_seconds")
+    fields = {k: payload[k] for k in names if payload.get(k) is not None}
+    return TrainJob(
+        **common, **fields, dataset_url=blob_url(payload["dataset_sha256"]), dataset_sha256=payload["dataset_sha256"]
+    )
+
+
+def _training_public_input(payload: Mapping[str, Any]) -> dict[str, Any]:
+    # Internal to audits; `heldout_images` tells the client how many of its images were kept back.
+    return {k: v for k, v in payload.items() if k not in ("targets", HELDOUT_KEY)}
+
+
+def _training_lora(job: Job, sha256: str) -> dict[str, Any]:
+    # The id follows from the request, so a retried callback cannot register two.
+    return {
+        "id": lora_id_for(job.id),
+        "api_key_id": job.api_key_id,
+        "name": job.payload.get("name") or lora_id_for(job.id),
+        "sha256": sha256,
+        "rank": int(job.payload["rank"]),
+        "trigger_word": job.payload.get("trigger_word") or "",
+        "source_job_id": job.id,
+    }
+
+
+TRAINING = register(
+    JobKindSpec(
+        name="training",
+        lane="training",
+        miner_path="/v1/train",
+        score_weight=0.7,
+        default_deadline_s=lambda settings: settings.training_deadline_s,
+        attempt_timeout_s=lambda settings: settings.training_attempt_timeout_s,
+        request_model=TrainingRequest,
+        build_payload=_training_payload,
+        blocking=lambda body: True,
+        miner_request=_training_request,
+        check_result=lambda job, data: check_lora(data, int(job.payload["rank"]), job.payload["targets"]),
+        filename="lora.safetensors",
+        shared_result=True,
+        audit=audit_training_job,
+        registers=_training_lora,
+        public_input=_training_public_input,
+        label="LoRA training",
+    )
+)

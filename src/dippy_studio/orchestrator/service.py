@@ -1,0 +1,437 @@
+"""The orchestrator as a service object: its parts, its background loops, and the operations the
+API calls. No HTTP here: refusals are `errors` exceptions, which `api` maps to status codes.
+
+`Orchestrator` holds the store, the blob stores, the miner registry, the dispatcher, the callback
+handler, the webhook sender, the audit queue and the score snapshot, and is the `JobEvents` they
+report to once their writes have committed. Every part takes the store and a clock, so several
+orchestrators can share one database and tests can build one in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dippy_studio.chain.base import Chain
+from dippy_studio.orchestrator import kinds
+from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
+from dippy_studio.orchestrator.auditing import AuditQueue
+from dippy_studio.orchestrator.blobs import BlobStore
+from dippy_studio.orchestrator.callbacks import CallbackHandler, announce
+from dippy_studio.orchestrator.dispatch import Dispatcher
+from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound
+from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
+from dippy_studio.orchestrator.registry import Registry
+from dippy_studio.orchestrator.scoring import window_scores
+from dippy_studio.orchestrator.settings import OrchestratorSettings
+from dippy_studio.orchestrator.states import RequestStatus
+from dippy_studio.orchestrator.store import Listener, Store, job_row
+from dippy_studio.orchestrator.views import request_view
+from dippy_studio.orchestrator.webhooks import WebhookSender
+from dippy_studio.protocol.keys import Signer, load_signer
+from dippy_studio.protocol.limits import profile_limits
+from dippy_studio.protocol.nonces import NonceStore, SqliteNonceStore, retention_for
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
+
+log = logging.getLogger("dippy_studio.orchestrator")
+
+NONCE_FILE = "orchestrator-nonces.sqlite"
+_POLL_S = 1.0
+
+# (store, window start, window end) -> {hotkey: score}
+ScoreFn = Callable[[Store, datetime, datetime], Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class ScoreSnapshot:
+    start: datetime
+    end: datetime
+    scores: dict[str, float]
+
+
+class Orchestrator:
+    """Everything a running orchestrator holds. Also the `JobEvents` its parts report to."""
+
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        *,
+        store: Store | None = None,
+        chain: Chain | None = None,
+        signer: Signer | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        rng: random.Random | None = None,
+        nonces: NonceStore | None = None,
+        score_fn: ScoreFn | None = None,
+        auditor: Auditor | None = None,
+        sampler: AuditSampler | None = None,
+    ) -> None:
+        # An unknown profile fails here, at startup, not at the first request.
+        profile_limits(settings.profile)
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.signer = signer or load_signer(
+            uri=settings.dev_key,
+            wallet_name=settings.wallet_name,
+            hotkey=settings.wallet_hotkey,
+            **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
+        )
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._owns_store = store is None
+        self.store = store or Store.open(settings.database_url)
+        # Results (client images) are private; assets (datasets, LoRAs) are served to miners.
+        self.results = BlobStore(settings.blob_dir / "results")
+        self.assets = BlobStore(settings.blob_dir / "assets")
+        # Held-out parts of training datasets: read by audits only, never served to anyone.
+        self.heldout = BlobStore(settings.blob_dir / "heldout")
+        retention = retention_for(settings.max_signature_age, settings.allowed_clock_skew)
+        self.nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
+        if chain is None and settings.chain_path is not None:
+            from dippy_studio.chain.local import LocalChain
+
+            chain = LocalChain(settings.chain_path, create=False)
+        self.chain = chain
+        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.waiters = Waiters()
+        self.registry = Registry(self.store, chain, self.signer, settings, clock=clock)
+        self.dispatcher = Dispatcher(self.store, self.registry, self.signer, settings, self, rng=self.rng, clock=clock)
+        self.callbacks = CallbackHandler(
+            self.store, self.blobs_for, self.signer, self.nonces, settings, self, clock=clock
+        )
+        self.webhooks = WebhookSender(
+            self.store, settings, lambda job: request_view(job, settings.public_url), clock=clock
+        )
+        lookback = timedelta(seconds=max(settings.inference_attempt_timeout_s, settings.training_attempt_timeout_s))
+        self.score_fn = score_fn or (
+            lambda store, start, end: window_scores(store, start, end, lookback, kinds.score_weights())
+        )
+        self._scores: ScoreSnapshot | None = None
+        self.listener: Listener | None = None
+        self._http = httpx.Client(timeout=settings.download_timeout_s, follow_redirects=False)
+        self.audits = (
+            AuditQueue(
+                self.store,
+                self.results,
+                self.assets,
+                sampler or AuditSampler(sampler_policy(settings)),
+                auditor or settings,
+                heldout=self.heldout,
+                clock=clock,
+            )
+            if settings.audit or auditor is not None
+            else None
+        )
+        self.tasks = {
+            "sweep": Periodic("sweep", self.sweep_once, settings.sweep_interval_s),
+            "sync": Periodic("sync", self.registry.sync, settings.sync_interval_s),
+            "probe": Periodic("probe", self.registry.probe_all, settings.probe_interval_s),
+            "webhooks": Periodic("webhooks", self.webhooks.deliver_due, settings.webhook_interval_s, eager=True),
+            "scores": Periodic("scores", self.refresh_scores, settings.score_interval_s),
+        }
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background threads. The dispatcher runs on the app's event loop: the
+        lifespan starts and stops it (`Dispatcher.start`, `Dispatcher.stop`)."""
+        # Miners first, so the first dispatch round has someone to send to.
+        try:
+            self.registry.refresh()
+        except Exception:
+            log.exception("first miner refresh failed; the loops will retry")
+        for task in self.tasks.values():
+            task.start()
+        if self.audits is not None:
+            self.audits.start()
+        # Other replicas' writes (PostgreSQL): wake for jobs they queue and results they receive.
+        self.listener = self.store.listen(self._job_event)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        for task in self.tasks.values():
+            task.stop()
+        if self.audits is not None:
+            self.audits.stop()
+        self.webhooks.close()
+        self.registry.close()
+        self._http.close()
+        if self._owns_store:
+            self.store.close()
+
+    # ---- JobEvents: after a change has committed ------------------------------------------------
+
+    def requeued(self, job_id: str) -> None:
+        self.dispatcher.wake()
+
+    def finished(self, job: Job) -> None:
+        self.waiters.notify(job.id)
+        if job.webhook_url is not None:
+            # Most requests have none: waking the sender would only cost it a query.
+            self.tasks["webhooks"].wake()
+
+    def succeeded(self, job: Job) -> None:
+        if self.audits is not None:
+            self.audits.offer(job)
+
+    def _job_event(self, status: str, job_id: str) -> None:
+        """A job event from the database (`Store.listen`), this replica's own writes included."""
+        if status == RequestStatus.queued.value:
+            self.dispatcher.wake()
+        else:
+            self.waiters.notify(job_id)
+
+    # ---- client operations --------------------------------------------------------------------
+
+    async def submit(
+        self,
+        secret: str | None,
+        kind: str,
+        body: Any,
+        *,
+        webhook_url: str | None = None,
+        deadline_s: float | None = None,
+        key: ApiKey | None = None,
+    ) -> Job:
+        """Create a request of `kind` from the client's `body` (the kind's `request_model`), as the
+        key whose secret this is (or as `key`, admitted already). One write when the kind's payload
+        needs no network or disk: admission and insert together; otherwise admission first, then
+        the payload on a worker thread, then the insert. Refusals raise `errors.OrchestratorError`."""
+        spec = kinds.get(kind)
+        now = self.clock()
+        settings = self.settings
+        deadline = kinds.deadline_after(now, deadline_s, spec.default_deadline_s(settings), settings.max_deadline_s)
+        per_attempt = min(spec.attempt_timeout_s(settings), (deadline - now).total_seconds())
+
+        def row(key: ApiKey, payload: dict[str, Any]) -> dict[str, Any]:
+            return job_row(
+                key.id,
+                spec.name,
+                payload,
+                deadline,
+                per_attempt,
+                webhook_url=webhook_url,
+                max_attempts=settings.max_attempts,
+                now=now,
+            )
+
+        if key is None and webhook_url is None and not spec.blocking(body):
+            created = await self.store.call(
+                self.store.submit_job, secret, lambda key: row(key, spec.build_payload(self, key, body, now)), now
+            )
+            if not isinstance(created, Job):
+                raise created
+        else:
+            if key is None:
+                key = await self.store.call(self.store.admit, secret, now)
+            payload = await asyncio.to_thread(self._blocking_payload, spec, key, body, now, webhook_url)
+            (created,) = await self.store.call(self.store.insert_jobs, [row(key, payload)])
+        self.requeued(created.id)
+        return created
+
+    def _blocking_payload(
+        self, spec: kinds.JobKindSpec, key: ApiKey, body: Any, now: datetime, webhook_url: str | None
+    ) -> dict[str, Any]:
+        if webhook_url is not None:
+            try:
+                check_url(webhook_url, self.url_policy)  # resolves the name: blocking
+            except OutboundError as exc:
+                raise InvalidRequest(f"webhook_url refused: {exc}") from None
+        return spec.build_payload(self, key, body, now)
+
+    def admit(self, secret: str | None) -> ApiKey:
+        """The caller's live API key, with this request counted against its rate limit (blocking)."""
+        return self.store.admit(secret, now=self.clock())
+
+    def own_job(self, key: ApiKey, job_id: str) -> Job:
+        job = self.store.get_job(job_id, key.id)
+        if job is None:
+            raise NotFound(f"no request {job_id}")
+        return job
+
+    def cancel(self, key: ApiKey, job_id: str) -> Job:
+        """Cancel a request that has not finished, and ask its miner to stop."""
+        job = self.own_job(key, job_id)
+        if RequestStatus(job.status).terminal or not self.store.cancel_job(job.id, key.id, now=self.clock()):
+            raise Conflict(f"request {job_id} already {self.own_job(key, job_id).status}")
+        self.dispatcher.cancel_at_miner(job)
+        canceled = self.own_job(key, job_id)
+        self.finished(canceled)
+        return canceled
+
+    async def wait_finished(self, job_id: str, timeout: float) -> Job | None:
+        """The job once it is in a final state, or None after `timeout` seconds."""
+
+        def done() -> bool:
+            current = self.store.load_job(job_id)
+            return current is not None and RequestStatus(current.status).terminal
+
+        if not await self.waiters.wait(job_id, timeout, done):
+            return None
+        return await asyncio.to_thread(self.store.load_job, job_id)
+
+    def fetch(self, url: str, max_bytes: int, what: str) -> bytes:
+        """Download a client-given URL (SSRF-checked, size-capped); `InvalidRequest` on failure."""
+        try:
+            check_url(url, self.url_policy)
+            with self._http.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise InvalidRequest(f"{what} download from {url} failed: HTTP {response.status_code}")
+                chunks, size = [], 0
+                for chunk in response.iter_bytes(1 << 16):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise InvalidRequest(f"{what} at {url} is over the {max_bytes}-byte limit")
+                    chunks.append(chunk)
+        except OutboundError as exc:
+            raise InvalidRequest(f"{what} URL refused: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise InvalidRequest(f"{what} download from {url} failed: {type(exc).__name__}") from None
+        return b"".join(chunks)
+
+    @property
+    def audits_on(self) -> bool:
+        return self.audits is not None
+
+    # ---- results and scores -------------------------------------------------------------------
+
+    def blobs_for(self, spec: kinds.JobKindSpec) -> BlobStore:
+        """Where results of this kind are kept: assets (served to miners) or private results."""
+        return self.assets if spec.shared_result else self.results
+
+    def result_path(self, job: Job) -> Path:
+        if job.status != RequestStatus.succeeded.value or not job.result_blob:
+            raise Conflict(f"request {job.id} has no result: it is {job.status}")
+        return self.blobs_for(kinds.get(job.kind)).path(job.result_blob)
+
+    def result_bytes(self, job: Job) -> bytes:
+        return self.result_path(job).read_bytes()
+
+    def sweep_once(self) -> None:
+        """Take back jobs whose miner ran out of time; fail those whose client deadline passed."""
+        result = self.store.sweep(now=self.clock(), min_attempt_s=self.settings.min_attempt_s)
+        for job_id in result.requeued:
+            log.info("%s timed out at its miner; back in the queue", job_id)
+            self.requeued(job_id)
+        for job in self.store.load_jobs(result.failed).values():
+            announce(self, job, job.status)
+
+    def refresh_scores(self) -> ScoreSnapshot:
+        """Score the window ending now, keep it for `GET /v1/scores`, and feed routing."""
+        end = self.clock()
+        start = end - timedelta(seconds=self.settings.score_window_s)
+        scores = {hotkey: float(score) for hotkey, score in self.score_fn(self.store, start, end).items()}
+        # Miners with no work in the window score 0 for routing, not whatever they had before.
+        self.store.set_scores({m.hotkey: 0.0 for m in self.store.list_miners()} | scores, now=end)
+        self._scores = ScoreSnapshot(start, end, scores)
+        return self._scores
+
+    def scores(self) -> ScoreSnapshot:
+        return self._scores or self.refresh_scores()
+
+
+def sampler_policy(settings: OrchestratorSettings) -> SamplerPolicy:
+    return SamplerPolicy(
+        base_rate=settings.audit_base_rate,
+        probation_jobs=settings.audit_probation_jobs,
+        probation_rate=settings.audit_probation_rate,
+        max_gap=settings.audit_max_gap,
+    )
+
+
+class Periodic:
+    """Runs `fn` in a thread every `interval` seconds, or at once when woken. With `eager`, a
+    truthy return value (work was found, so more may be waiting) runs it again without sleeping."""
+
+    def __init__(self, name: str, fn: Callable[[], Any], interval: float, eager: bool = False) -> None:
+        self.name = name
+        self.fn = fn
+        self.interval = interval
+        self.eager = eager
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"orch-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # Cleared before the run, so a wake-up that arrives during it starts the next one at once.
+            self._wake.clear()
+            more = False
+            try:
+                more = bool(self.fn()) and self.eager
+            except Exception:
+                # One bad round (database blip, bug) must not end the loop for good.
+                log.exception("%s loop failed; retrying in %.1fs", self.name, self.interval)
+            if not more:
+                self._wake.wait(self.interval)
+
+
+class Waiters:
+    """Lets an async request handler wait for a job that another thread finishes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    def notify(self, job_id: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting.get(job_id, ()))
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits there any more
+                loop.call_soon_threadsafe(event.set)
+
+    async def wait(self, job_id: str, timeout: float, is_done: Callable[[], bool]) -> bool:
+        """True once `is_done()` holds, False after `timeout` seconds. `is_done` (a blocking read)
+        runs first, then on every notification and at least every second, so results that arrive
+        at another replica are seen too."""
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        entry = (loop, event)
+        with self._lock:
+            self._waiting.setdefault(job_id, []).append(entry)
+        try:
+            end = loop.time() + timeout
+            while True:
+                # Checked after registering, so a notification cannot slip in between unseen.
+                if await asyncio.to_thread(is_done):
+                    return True
+                left = end - loop.time()
+                if left <= 0:
+                    return False
+                event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, _POLL_S))
+        finally:
+            with self._lock:
+                entries = self._waiting.get(job_id, [])
+                if entry in entries:
+                    entries.remove(entry)
+                if not entries:
+                    self._waiting.pop(job_id, None)
