@@ -237,3 +237,14 @@ def test_event_streams_end_at_once_when_the_server_closes(subnet):
     events = asyncio.run(read_all())
     assert time.monotonic() - started < 2.0, "a closing server must not wait out the stream"
     assert any(e.startswith("event: snapshot") for e in events)
+
+
+def test_latency_percentiles_interpolate_between_ranks_as_numpy_does():
+    import numpy as np
+
+    from dippy_studio.orchestrator.dashboard import percentile
+
+    assert percentile([], 50) is None
+    for values in ([3.0], [1.0, 2.0], [0.5, 9.0, 2.0, 7.5, 1.25], list(range(101))):
+        for q in (0, 50, 95, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))

@@ -5,9 +5,17 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
-from dippy_studio.orchestrator.db import DatabaseUrlError, make_engine, upgrade
+from dippy_studio.orchestrator.db import (
+    HEAD_REVISION,
+    DatabaseUrlError,
+    alembic_config,
+    current_revision,
+    make_engine,
+    upgrade,
+)
 from dippy_studio.orchestrator.models import Base
 
 
@@ -32,7 +40,9 @@ def test_upgrade_creates_the_schema_the_models_describe(empty_url: str):
             diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         assert diff == []
         head = _head(engine)
-        assert head is not None
+        # The revision a start compares against before loading Alembic is the scripts' newest.
+        scripts = ScriptDirectory.from_config(alembic_config(engine))
+        assert head == scripts.get_current_head() == HEAD_REVISION == current_revision(engine)
         upgrade(empty_url)  # idempotent: a second start finds nothing to do
         assert _head(engine) == head
         assert set(inspect(engine).get_table_names()) == set(Base.metadata.tables) | {"alembic_version"}

@@ -110,14 +110,9 @@ class Engine:
 
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestError when the request is outside this profile's limits."""
-        spec = self.spec
-        for side_name, side in (("width", request.width), ("height", request.height)):
-            if not spec.min_side <= side <= spec.max_side:
-                raise RequestError(
-                    f"{side_name} {side} is outside {spec.min_side}..{spec.max_side} for profile {spec.name}"
-                )
-        if request.steps > spec.max_steps:
-            raise RequestError(f"steps {request.steps} is over {spec.max_steps} for profile {spec.name}")
+        problem = self.spec.image_problem(request.width, request.height, request.steps)
+        if problem is not None:
+            raise RequestError(problem)
 
     @contextmanager
     def session(self) -> Iterator[None]:

@@ -211,18 +211,26 @@ def lora_shape(shapes: Mapping[str, Sequence[int]]) -> LoraShape:
     Raises ValueError for keys that are not LoRA weights or shapes that are not matrices.
     """
     ranks: dict[str, int] = {}
+    inner: dict[str, int] = {}  # the rank each lora_B weight takes
     for key, shape in shapes.items():
         match = _LORA_KEY.match(key)
         if not match:
             raise ValueError(f"unexpected tensor {key!r} in a LoRA")
         component, module, which, kind = match.groups()
-        if kind != "weight" or which != "lora_A":
+        if kind != "weight":
             continue
         if len(shape) != 2:
             raise ValueError(f"{key!r} has shape {tuple(shape)}, expected a matrix")
-        ranks[f"{component}.{module}"] = int(shape[0])
+        layer = f"{component}.{module}"
+        if which == "lora_A":
+            ranks[layer] = int(shape[0])
+        else:
+            inner[layer] = int(shape[1])
     if not ranks:
         raise ValueError("no lora_A weights: not a LoRA")
+    for layer, rank in inner.items():
+        if ranks.get(layer) != rank:
+            raise ValueError(f"{layer}: lora_B takes rank {rank}, lora_A gives {ranks.get(layer)}")
     return LoraShape(ranks)
 
 

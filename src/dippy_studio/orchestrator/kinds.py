@@ -150,14 +150,10 @@ def new_seed() -> int:
 
 def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
     limits = profile_limits(ctx.settings.profile)
-    for name, side in (("width", body.width), ("height", body.height)):
-        if not limits.min_side <= side <= limits.max_side:
-            raise InvalidRequest(
-                f"{name} {side} is outside {limits.min_side}..{limits.max_side} for profile {limits.name}"
-            )
     steps = body.steps if body.steps is not None else limits.default_steps
-    if steps > limits.max_steps:
-        raise InvalidRequest(f"steps {steps} is over {limits.max_steps} for profile {limits.name}")
+    problem = limits.image_problem(body.width, body.height, steps)
+    if problem is not None:
+        raise InvalidRequest(problem)
     return {
         "prompt": body.prompt,
         "seed": body.seed if body.seed is not None else new_seed(),

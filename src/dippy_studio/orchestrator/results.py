@@ -4,7 +4,6 @@ acceptable (None when it is). Job kinds (`kinds`) pick theirs."""
 from __future__ import annotations
 
 import io
-import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +11,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from dippy_studio.orchestrator.audit import lora_shape, lora_shape_problem
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An image whose every channel spans at most this many levels is one flat colour: blank.
 BLANK_RANGE = 2
-_LORA_KEY = re.compile(r"^(?:transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.weight$")
 
 
 def lora_id_for(job_id: str) -> str:
@@ -60,27 +60,13 @@ def read_lora_bytes(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
 
 def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | None = None) -> str | None:
     """Why this is not the promised LoRA, or None: a diffusers-format Flux LoRA (what our miners
-    train) of lora_A/lora_B pairs, of rank `rank` on exactly the `targets` modules when given."""
+    train) of rank `rank` on exactly the `targets` layers when given. The same shape rule as a
+    training audit's (`audit.lora_shape_problem`), checked at delivery."""
     tensors, problem = read_lora_bytes(data)
     if tensors is None:
         return problem
-    found_targets: set[str] = set()
-    for name, tensor in tensors.items():
-        match = _LORA_KEY.match(name)
-        if match is None:
-            return f"unexpected tensor {name!r}: not a diffusers-format Flux LoRA"
-        module, which = match.groups()
-        if tensor.dim() != 2:
-            return f"tensor {name!r} has shape {tuple(tensor.shape)}, expected a matrix"
-        if targets is not None:
-            target = next((t for t in targets if module == t or module.endswith("." + t)), None)
-            if target is None:
-                return f"tensor {name!r} is on a module outside the promised targets {list(targets)}"
-            found_targets.add(target)
-        tensor_rank = tensor.shape[0] if which == "lora_A" else tensor.shape[1]
-        if rank is not None and tensor_rank != rank:
-            return f"tensor {name!r} has rank {tensor_rank}, the request promised rank {rank}"
-    missing = sorted(set(targets or ()) - found_targets)
-    if missing:
-        return f"no LoRA weights for promised targets {missing}"
-    return None
+    try:
+        shape = lora_shape({name: tuple(tensor.shape) for name, tensor in tensors.items()})
+    except ValueError as exc:
+        return str(exc)
+    return lora_shape_problem(shape, rank, targets)

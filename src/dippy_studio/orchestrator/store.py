@@ -367,7 +367,7 @@ class Store:
     def admit(self, secret: str | None, now: datetime | None = None) -> ApiKey:
         """The live key whose secret this is, with this request counted against its per-minute
         limit; `Unauthorized` or `RateLimited` otherwise. Every authenticated call counts."""
-        admitted = self._write(lambda conn: _admit(conn, self._insert, secret, now or utcnow()))
+        admitted = self._write(lambda conn: _admit(conn, secret, now or utcnow()))
         if isinstance(admitted, OrchestratorError):
             raise admitted
         return admitted
@@ -381,14 +381,14 @@ class Store:
         now = now or utcnow()
 
         def write(conn: Connection) -> Job | OrchestratorError:
-            key = _admit(conn, self._insert, secret, now)
+            key = _admit(conn, secret, now)
             if isinstance(key, OrchestratorError):
                 return key
             try:
                 row = build(key)
             except OrchestratorError as refused:
                 return refused
-            conn.execute(insert(_JOBS), [row])
+            conn.execute(_INSERT_JOB, [row])
             return Job(**row)
 
         return self._write(write)
@@ -396,7 +396,7 @@ class Store:
     def insert_jobs(self, rows: Sequence[Mapping[str, Any]]) -> list[Job]:
         """New queued jobs from `job_row`s, in one statement."""
         if rows:
-            self._write(lambda conn: conn.execute(insert(_JOBS), list(rows)))
+            self._write(lambda conn: conn.execute(_INSERT_JOB, list(rows)))
         return [Job(**row) for row in rows]
 
     def get_job(self, job_id: str, api_key_id: str) -> Job | None:
@@ -883,11 +883,10 @@ class Listener:
 # ---- statements -----------------------------------------------------------------------------------
 
 _KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id == bindparam("b_id"))
+_INSERT_JOB = insert(_JOBS)
 
 
-def _admit(
-    conn: Connection, insert_for: Callable[[type], Any], secret: str | None, now: datetime
-) -> ApiKey | OrchestratorError:
+def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | OrchestratorError:
     """`Store.admit` inside a transaction; the refusal is returned, so a group of writes is not
     rolled back and re-run for it (see `writer`)."""
     if secret is None:
@@ -897,27 +896,39 @@ def _admit(
     key = _live(secret, None if row is None else ApiKey(**row._mapping))
     if key is None:
         return Unauthorized("invalid or revoked API key")
-    if _count_request(conn, insert_for, key.id, now) > key.rate_limit_per_minute:
+    if _count_request(conn, key.id, now) > key.rate_limit_per_minute:
         reason = f"rate limit of {key.rate_limit_per_minute} requests per minute reached"
         return RateLimited(reason, _until_next_window(now))
     return key
 
 
-def _count_request(conn: Connection, insert_for: Callable[[type], Any], api_key_id: str, now: datetime) -> int:
+def _count_request(conn: Connection, api_key_id: str, now: datetime) -> int:
     """Count one request in the key's window for the minute of `now`; returns the window's count.
     Fixed windows may let a client burst up to twice its limit across a window boundary: the
     price of one row per key per minute, shared by every process on the database."""
-    window = now.replace(second=0, microsecond=0)
-    upsert = insert_for(RateWindow).values(api_key_id=api_key_id, window_start=window, count=1)
-    upsert = upsert.on_conflict_do_update(
-        index_elements=[RateWindow.api_key_id, RateWindow.window_start], set_={"count": RateWindow.count + 1}
-    ).returning(RateWindow.count)
-    total = conn.scalar(upsert)
+    params = {"b_key": api_key_id, "b_window": now.replace(second=0, microsecond=0)}
+    total = conn.scalar(_count_statement(conn.dialect.name), params)
     if total == 1:
         # The first request of a new window: the key's older windows will never be read again.
-        table = RateWindow.__table__
-        conn.execute(table.delete().where(table.c.api_key_id == api_key_id, table.c.window_start < window))
+        conn.execute(_PRUNE_WINDOWS, params)
     return total
+
+
+_RATES = RateWindow.__table__
+_PRUNE_WINDOWS = _RATES.delete().where(
+    _RATES.c.api_key_id == bindparam("b_key"), _RATES.c.window_start < bindparam("b_window")
+)
+
+
+@cache
+def _count_statement(dialect: str) -> Any:
+    """The upsert counting a request, built once per dialect (on the path of every request)."""
+    upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_RATES)
+    window = bindparam("b_window", type_=_RATES.c.window_start.type)
+    upsert = upsert.values(api_key_id=bindparam("b_key"), window_start=window, count=1)
+    return upsert.on_conflict_do_update(
+        index_elements=[_RATES.c.api_key_id, _RATES.c.window_start], set_={"count": _RATES.c.count + 1}
+    ).returning(_RATES.c.count)
 
 
 def _transition_op(

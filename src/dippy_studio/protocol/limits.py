@@ -83,6 +83,15 @@ class ProfileLimits:
     max_steps: int
     training: TrainingDefaults = REAL_MODEL_TRAINING
 
+    def image_problem(self, width: int, height: int, steps: int) -> str | None:
+        """Why an image request of this size and step count is outside the profile, or None."""
+        for name, side in (("width", width), ("height", height)):
+            if not self.min_side <= side <= self.max_side:
+                return f"{name} {side} is outside {self.min_side}..{self.max_side} for profile {self.name}"
+        if steps > self.max_steps:
+            return f"steps {steps} is over {self.max_steps} for profile {self.name}"
+        return None
+
 
 class UnknownProfile(ValueError):
     """No profile has this name."""
