@@ -30,9 +30,9 @@ server = miner_kit.server  # fixture: the client's webhook receiver
 subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
 
 
-def test_inference_from_submit_to_webhook_result_audit_and_score(subnet, server):
+def test_inference_from_submit_to_webhook_result_audit_and_score(subnet, server, db_url):
     bob = subnet.add_miner("//Bob")
-    orch = subnet.start_orchestrator(audit_all=True)
+    orch = subnet.start_orchestrator(audit_all=True, db_url=db_url)
     key = subnet.new_key(orch)
     client = subnet.client(orch, key)
 
@@ -85,9 +85,9 @@ def test_inference_from_submit_to_webhook_result_audit_and_score(subnet, server)
     assert scores.json()["scores"][bob.hotkey] > 0
 
 
-def test_cancel_a_running_request(subnet, server):
+def test_cancel_a_running_request(subnet, server, db_url):
     stub = subnet.add_stub_miner("//Dave")  # accepts and never calls back
-    orch = subnet.start_orchestrator()
+    orch = subnet.start_orchestrator(db_url=db_url)
     key = subnet.new_key(orch)
     client = subnet.client(orch, key)
     request_id = client.post("/v1/images", json=image_body(webhook_url=server.url("/hook"))).json()["request_id"]
@@ -128,9 +128,9 @@ def test_a_miner_that_never_answers_is_timed_out_and_the_job_goes_elsewhere(subn
     assert "no result within 4s" in first.error
 
 
-def test_train_a_lora_then_generate_with_it(subnet, server):
+def test_train_a_lora_then_generate_with_it(subnet, server, db_url):
     subnet.add_miner("//Bob")
-    orch = subnet.start_orchestrator()
+    orch = subnet.start_orchestrator(db_url=db_url)
     key = subnet.new_key(orch)
     client = subnet.client(orch, key)
     submitted = client.post(
