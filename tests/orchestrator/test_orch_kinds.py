@@ -142,7 +142,8 @@ def test_a_kind_defined_outside_the_core_flows_from_submit_to_score(subnet, echo
     try:
 
         async def submit(text: str) -> Job:
-            return await orch.submit(key.secret, "echo", EchoRequest(text=text))
+            # A plain dict, validated by the kind's own request model.
+            return await orch.submit(key.secret, "echo", {"text": text})
 
         job = asyncio.run(submit("hello kinds"))
         assert (job.kind, job.payload) == ("echo", {"text": "hello kinds"})
@@ -155,6 +156,8 @@ def test_a_kind_defined_outside_the_core_flows_from_submit_to_score(subnet, echo
         # The kind's refusal reaches the client as the service's error, with nothing stored.
         with pytest.raises(InvalidRequest, match="not allowed"):
             asyncio.run(submit("forbidden"))
+        with pytest.raises(InvalidRequest, match="not a echo request"):
+            asyncio.run(submit(""))  # under the model's min_length
         # Scored with the kind's own weight: one fast, valid attempt is worth nearly 0.5.
         snapshot = orch.refresh_scores()
         assert 0.4 < snapshot.scores[honest] <= 0.5

@@ -608,10 +608,6 @@ class AuditSampler:
         """A copy of what the sampler knows about this miner and kind (new miners start on probation)."""
         return replace(self._state(hotkey, kind))
 
-    def restore(self, hotkey: str, kind: str, state: MinerAuditState) -> None:
-        """Seed the state of a miner, e.g. from audit history in storage after a restart."""
-        self._states[(hotkey, kind)] = replace(state)
-
     def _state(self, hotkey: str, kind: str) -> MinerAuditState:
         key = (hotkey, kind)
         if key not in self._states:

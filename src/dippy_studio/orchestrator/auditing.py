@@ -72,9 +72,6 @@ class AuditQueue:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
-    def idle(self) -> bool:
-        return self._queue.unfinished_tasks == 0
-
     def offer(self, job: Job) -> bool:
         """Decide whether to audit this succeeded job, and queue it if so. Does not block: the
         callback's event loop calls it; the audit thread records the pick before the audit."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from dippy_studio.chain.base import Chain
 from dippy_studio.orchestrator import kinds
@@ -209,6 +210,10 @@ class Orchestrator:
         needs no network or disk: admission and insert together; otherwise admission first, then
         the payload on a worker thread, then the insert. Refusals raise `errors.OrchestratorError`."""
         spec = kinds.get(kind)
+        try:
+            body = spec.request_model.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidRequest(f"not a {spec.name} request: {exc.errors()[0].get('msg', 'invalid')}") from None
         now = self.clock()
         settings = self.settings
         deadline = kinds.deadline_after(now, deadline_s, spec.default_deadline_s(settings), settings.max_deadline_s)
