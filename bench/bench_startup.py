@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 
-from common import CURRENT, BenchResult, Code, Column, NoProgress, Progress, code_at, describe
+from common import CURRENT, BenchResult, Code, Column, NoProgress, Progress, code_at, describe, stop, tail
 
 GOAL_READY_S = 3.0
 GOAL_RSS_MB = 150.0
@@ -191,23 +191,6 @@ def torch_mapped(pid: int) -> bool:
         return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def model_imports(code: Code) -> str:

@@ -73,7 +73,7 @@ import httpx
 from sqlalchemy import JSON, Column, DateTime, Engine, Integer, MetaData, String, Table, create_engine, func, select
 from sqlalchemy.engine import make_url
 
-from common import CURRENT, BenchResult, Code, NoProgress, Progress, code_at, describe, paired_ratio
+from common import CURRENT, BenchResult, Code, NoProgress, Progress, code_at, describe, paired_ratio, stop, tail
 from common import Column as TableColumn
 from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import signer_from_uri
@@ -325,23 +325,6 @@ def start_bare(
             stop_piped(proc)
         raise
     return started
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def tree_cpu_seconds(pid: int) -> float | None:

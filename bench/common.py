@@ -143,6 +143,25 @@ class BenchResult:
         return {"name": self.name, "title": self.title, "rows": self.rows, "notes": self.notes}
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server the benchmark started: SIGTERM, then SIGKILL if it has not exited in 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a log, for an error message (empty when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def environment() -> dict[str, Any]:
     import diffusers
     import peft
