@@ -186,6 +186,9 @@ def test_bad_image_requests_get_422_with_a_reason(api: Api):
         assert response.status_code == 422, change
         assert reason in json.dumps(response.json()), (change, response.json())
     assert api.call("GET", "/v1/requests", key).json() == []  # nothing was queued
+    # Without a key, the limits that depend on the profile and settings are not disclosed: 401 first.
+    for change in ({"width": 512}, {"steps": 80}, {"deadline_s": 10**9}):
+        assert api.call("POST", "/v1/images", None, json=image_body(**change)).status_code == 401, change
 
 
 def test_malformed_and_oversized_bodies(api: Api):

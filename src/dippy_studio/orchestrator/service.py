@@ -216,10 +216,9 @@ class Orchestrator:
             raise InvalidRequest(f"not a {spec.name} request: {exc.errors()[0].get('msg', 'invalid')}") from None
         now = self.clock()
         settings = self.settings
-        deadline = kinds.deadline_after(now, deadline_s, spec.default_deadline_s(settings), settings.max_deadline_s)
-        per_attempt = min(spec.attempt_timeout_s(settings), (deadline - now).total_seconds())
 
-        def row(key: ApiKey, payload: dict[str, Any]) -> dict[str, Any]:
+        def row(key: ApiKey, payload: dict[str, Any], deadline: datetime) -> dict[str, Any]:
+            per_attempt = min(spec.attempt_timeout_s(settings), (deadline - now).total_seconds())
             return job_row(
                 key.id,
                 spec.name,
@@ -231,17 +230,25 @@ class Orchestrator:
                 now=now,
             )
 
+        # Checked once the caller is admitted: a stranger learns nothing about a request's limits.
+        def deadline() -> datetime:
+            return kinds.deadline_after(now, deadline_s, spec.default_deadline_s(settings), settings.max_deadline_s)
+
         if key is None and webhook_url is None and not spec.blocking(body):
-            created = await self.store.call(
-                self.store.submit_job, secret, lambda key: row(key, spec.build_payload(self, key, body, now)), now
-            )
+
+            def build(key: ApiKey) -> dict[str, Any]:
+                until = deadline()
+                return row(key, spec.build_payload(self, key, body, now), until)
+
+            created = await self.store.call(self.store.submit_job, secret, build, now)
             if not isinstance(created, Job):
                 raise created
         else:
             if key is None:
                 key = await self.store.call(self.store.admit, secret, now)
+            until = deadline()
             payload = await asyncio.to_thread(self._blocking_payload, spec, key, body, now, webhook_url)
-            (created,) = await self.store.call(self.store.insert_jobs, [row(key, payload)])
+            (created,) = await self.store.call(self.store.insert_jobs, [row(key, payload, until)])
         self.requeued(created.id)
         return created
 
