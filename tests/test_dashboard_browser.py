@@ -85,8 +85,13 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
             for request_id in first:
                 figure = page.locator(f'#gallery figure[data-job-id="{request_id}"]')
                 expect(figure).to_be_visible(timeout=30_000)
-                loaded = figure.locator("img").evaluate("img => img.complete && img.naturalWidth", timeout=30_000)
-                assert loaded == 64, "the gallery shows the image itself"
+                # The gallery's images load lazily: wait for this one to be decoded, whatever else redraws.
+                figure.scroll_into_view_if_needed()
+                page.wait_for_function(
+                    "sel => document.querySelector(sel)?.complete && document.querySelector(sel).naturalWidth === 64",
+                    arg=f'#gallery figure[data-job-id="{request_id}"] img',
+                    timeout=30_000,
+                )  # the gallery shows the image itself, at the tiny profile's 64 px
             # Every job is audited on a local subnet: the cheater's wrong seeds show up with evidence.
             failure = page.locator("#audit-failures article").first
             expect(failure).to_be_visible(timeout=90_000)

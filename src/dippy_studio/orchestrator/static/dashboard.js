@@ -166,12 +166,19 @@ function renderGallery(snapshot) {
   // Keep figures that are still shown, so their images are not fetched again on every update.
   const existing = new Map([...gallery.children].map((f) => [f.dataset.jobId, f]));
   const figures = items.map((item) => {
-    const kept = existing.get(item.job_id);
-    if (kept && kept.dataset.audit === String(item.audit)) return kept;
     const caption = el("figcaption", {},
       el("span", { class: "prompt", title: item.prompt, text: item.prompt }),
       `seed ${item.seed} · ${item.width}×${item.height} · uid ${item.miner_uid}` + (item.loras ? ` · ${item.loras} LoRA` : ""),
       item.audit ? el("span", { class: `pill ${item.audit}`, text: ` audit ${item.audit}` }) : null);
+    const kept = existing.get(item.job_id);
+    if (kept) {
+      // A new audit verdict changes the caption only; the image stays as loaded.
+      if (kept.dataset.audit !== String(item.audit)) {
+        kept.querySelector("figcaption").replaceWith(caption);
+        kept.dataset.audit = String(item.audit);
+      }
+      return kept;
+    }
     return el("figure", { "data-job-id": item.job_id, "data-audit": String(item.audit) },
       el("img", { src: item.image, alt: item.prompt, loading: "lazy" }), caption);
   });
