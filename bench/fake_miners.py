@@ -1,6 +1,7 @@
 """Instant fake miners for the throughput benchmark: real HTTP, real signatures, no engine.
 
-    .venv/bin/python bench/fake_miners.py --count 8 --orchestrator SS58 [--key-prefix //bench/miner]
+    .venv/bin/python bench/fake_miners.py --count 8 --orchestrator SS58 [--key-prefix //bench/miner] [--delay-s S]
+        [--workers W]
 
 Starts `count` small ASGI apps under uvicorn on 127.0.0.1 (one event loop, one process), prints
 one JSON line `{"miners": [{"uri", "hotkey", "port"}, ...]}` once they listen, and runs until its
@@ -15,6 +16,11 @@ Each miner speaks the miner protocol the orchestrator needs and does no work:
   The PNG has the requested size and noise pixels (so the orchestrator's blank-image check
   passes); a tEXt chunk naming the miner's job id makes every result's bytes (and sha256) unique,
   as real results are. `meta.timings.miner_s` is the miner's own time, receipt to callback.
+  With `--delay-s` each job takes that long before its callback, so jobs are in flight at a
+  miner when a fault test kills it (tests/orchestrator/test_orch_crash.py).
+- With `--workers W` a miner works on at most W jobs at once, holds one more in its queue, says so
+  in its capacity, and answers 429 with Retry-After beyond that, as a real miner does (the
+  fairness test, tests/orchestrator/test_orch_fairness.py). Without it, every job is taken at once.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ CALLBACK_ATTEMPTS = 5
 CALLBACK_BACKOFF_S = 0.2
 # The callback's deadline is the job's own; its timeout only bounds a stuck connection.
 CALLBACK_TIMEOUT_S = 60.0
+QUEUE_LIMIT = 1  # with --workers: jobs a busy miner holds beyond those it works on
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,13 +100,24 @@ def multipart(parts: list[tuple[str, str, str, bytes]]) -> tuple[bytes, str]:
 class FakeMiner:
     """One miner as a raw ASGI app: the smallest honest speaker of the miner protocol."""
 
-    def __init__(self, signer: Signer, orchestrator_ss58: str, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        orchestrator_ss58: str,
+        http: aiohttp.ClientSession,
+        delay_s: float = 0.0,
+        workers: int | None = None,
+    ) -> None:
         self.signer = signer
         self.hotkey = signer.ss58_address
         self.http = http
         self.nonces = MemoryNonceStore()
         self.policy = SenderPolicy.allow_list([orchestrator_ss58])
         self.orchestrator = orchestrator_ss58
+        self.delay_s = delay_s
+        self.workers = workers
+        self._working = asyncio.Semaphore(workers) if workers else None
+        self.held = 0  # jobs accepted and not yet called back
         self.callbacks_failed = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -133,6 +151,10 @@ class FakeMiner:
             await _reply(send, 200, self.capacity())
             return
         job = json.loads(body)
+        if self.workers and self.held >= self.workers + QUEUE_LIMIT:
+            await _reply(send, 429, {"detail": "inference queue is full"}, {"retry-after": "1"})
+            return
+        self.held += 1
         await _reply(send, 202, {"job_id": job["job_id"], "status": "queued"})
         # After the reply, as a real miner's worker would: the orchestrator may see either first.
         task = asyncio.create_task(self.call_back(job, received))
@@ -140,7 +162,8 @@ class FakeMiner:
         task.add_done_callback(self._tasks.discard)
 
     def capacity(self) -> dict[str, Any]:
-        lane = {"available": True, "workers_alive": 1, "workers": 1, "queue_depth": 0, "queue_limit": 10_000}
+        workers, limit = (self.workers, QUEUE_LIMIT) if self.workers else (1, 10_000)
+        lane = {"available": True, "workers_alive": workers, "workers": workers, "queue_depth": 0, "queue_limit": limit}
         return {
             "hotkey": self.hotkey,
             "profile": PROFILE,
@@ -150,6 +173,14 @@ class FakeMiner:
         }
 
     async def call_back(self, job: dict[str, Any], received: float) -> None:
+        try:
+            async with self._working or contextlib.nullcontext():
+                await asyncio.sleep(self.delay_s)
+                await self._deliver(job, received)
+        finally:
+            self.held -= 1
+
+    async def _deliver(self, job: dict[str, Any], received: float) -> None:
         png = unique_png(job["width"], job["height"], job["job_id"])
         now = datetime.now(UTC).isoformat()
         meta = {
@@ -197,9 +228,10 @@ async def _read_body(receive: Any) -> bytes:
             return b"".join(chunks)
 
 
-async def _reply(send: Any, status: int, payload: dict[str, Any]) -> None:
+async def _reply(send: Any, status: int, payload: dict[str, Any], extra: dict[str, str] | None = None) -> None:
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.encode(), value.encode()) for name, value in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -211,7 +243,9 @@ def bind() -> socket.socket:
     return sock
 
 
-async def serve(count: int, orchestrator_ss58: str, key_prefix: str) -> None:
+async def serve(
+    count: int, orchestrator_ss58: str, key_prefix: str, delay_s: float = 0.0, workers: int | None = None
+) -> None:
     # aiohttp rather than httpx: a sixth of the CPU per request (0.1 against 0.6 ms measured
     # here), and this process shares the cores with the orchestrator it measures.
     connector = aiohttp.TCPConnector(limit=64)
@@ -220,7 +254,7 @@ async def serve(count: int, orchestrator_ss58: str, key_prefix: str) -> None:
         servers, announced = [], []
         for i in range(count):
             uri = f"{key_prefix}{i}"
-            miner = FakeMiner(signer_from_uri(uri), orchestrator_ss58, http)
+            miner = FakeMiner(signer_from_uri(uri), orchestrator_ss58, http, delay_s, workers)
             sock = bind()
             config = uvicorn.Config(miner, log_level="warning", lifespan="off", access_log=False)
             server = uvicorn.Server(config)
@@ -251,8 +285,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--orchestrator", required=True, help="the orchestrator's hotkey (SS58)")
     parser.add_argument("--key-prefix", default="//bench/miner", help="miner i signs with dev key PREFIX{i}")
+    parser.add_argument("--delay-s", type=float, default=0.0, help="seconds each job takes before its callback")
+    parser.add_argument("--workers", type=int, default=None, help="jobs each miner works on at once (default: all)")
     args = parser.parse_args()
-    asyncio.run(serve(args.count, args.orchestrator, args.key_prefix))
+    asyncio.run(serve(args.count, args.orchestrator, args.key_prefix, args.delay_s, args.workers))
 
 
 if __name__ == "__main__":

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -65,3 +70,32 @@ def signal_and_collect_survivors(up: subprocess.Popen, root: Path, sig: int) -> 
     while children_alive(root) and time.monotonic() < deadline:
         time.sleep(0.2)
     return children_alive(root)
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `predicate` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def pids(root: Path) -> dict[str, int]:
+    """The pids `up` runs, by process name (DIR/pids.json); empty while it has none."""
+    try:
+        return json.loads((root / "pids.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def layout(root: Path) -> dict[str, Any]:
+    return json.loads((root / "subnet.json").read_text())

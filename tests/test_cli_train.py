@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dippy_studio.cli import app
 from dippy_studio.engine.synthetic_data import write_dataset, zip_bytes
 from dippy_studio.engine.training import TrainConfig, read_metadata, train_lora
+from zip_bombs import MiB, amplifying_zip, peak_rss_growth
 
 runner = CliRunner()
 
@@ -133,6 +134,19 @@ def test_errors_are_clear_and_exit_non_zero(shapes, tmp_path):
         assert result.exit_code != 0, (args, result.output)
         assert message in " ".join(result.stderr.split()), (args, result.stderr)
     assert not out.exists()
+
+
+def test_train_refuses_an_amplifying_dataset_before_unpacking_it(tmp_path):
+    """About 3 MB of zip whose captions unpack to 192 MiB: a clear error, and no memory spent on them."""
+    bomb = tmp_path / "bomb.zip"
+    bomb.write_bytes(amplifying_zip(pairs=8, caption_bytes=24 * MiB))
+    result, growth = peak_rss_growth(lambda: invoke("train", bomb, "-o", tmp_path / "l.safetensors"))
+    assert result.exit_code != 0
+    assert "caption 'img00.txt' is 25165824 bytes, over the 4096-byte limit for a caption" in " ".join(
+        result.stderr.split()
+    )
+    assert growth < 50 * MiB, f"grew by {growth / MiB:.0f} MiB"
+    assert not (tmp_path / "l.safetensors").exists()
 
 
 def test_eval_lora_rejects_a_bad_heldout_dataset(shapes, tmp_path):

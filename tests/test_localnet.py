@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import httpx
 import pytest
+from rich.console import Console
 
 from dippy_studio.chain.local import LocalChain
+from dippy_studio.localnet import GaveUp, RestartPolicy, Supervisor, create_api_key
 from dippy_studio.orchestrator.db import default_url
 from dippy_studio.orchestrator.store import Store
-from localnet_kit import children_alive, free_port, signal_and_collect_survivors, stop, wait_healthy
+from localnet_kit import (
+    answers,
+    children_alive,
+    free_port,
+    layout,
+    pids,
+    signal_and_collect_survivors,
+    stop,
+    wait_healthy,
+    wait_until,
+)
 
 
 @pytest.mark.slow
@@ -80,3 +96,117 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
         stop(again, root)
         log.close()
     assert survivors == [], "SIGTERM must leave no orphan processes"
+
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+@pytest.mark.slow
+def test_a_killed_miner_is_restarted_and_serves_again_while_up_keeps_running(tmp_path):
+    root, port = tmp_path / "subnet", free_port()
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port),
+         "--miners", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_healthy(port)
+        # The validator starts last, once the rest answers: from then on `up` supervises.
+        wait_until(lambda: "validator" in pids(root), 120, "the validator to start")
+        first = pids(root)["miner-0"]
+        # One miner: the job after the kill can only be served by the restarted one.
+        health = f"http://127.0.0.1:{layout(root)['miners'][0]['port']}/health"
+        assert f"started miner-0 (pid {first})" in log_path.read_text(), "up prints each child's pid"
+        os.kill(first, signal.SIGKILL)
+
+        def restarted() -> int | None:
+            pid = pids(root).get("miner-0")
+            return pid if pid not in (None, first) else None
+
+        second = wait_until(restarted, 60, "miner-0 to run under a new pid")
+        assert "miner-0 exited with code -9 (SIGKILL); restarting in 1 s (restart 1)" in log_path.read_text()
+        wait_until(lambda: answers(health), 120, "the restarted miner's /health")
+        assert up.poll() is None, "up must keep running when a child dies"
+
+        secret, _ = create_api_key(root, "heal-test")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {secret}"}) as client:
+            body = {"prompt": "a lighthouse, after the crash", "seed": 3, "width": 64, "height": 64, "steps": 2}
+            reply = client.post("/v1/images", json=body, headers={"Prefer": "wait=30"}, timeout=60)
+            assert reply.status_code in (200, 202), reply.text
+            request_id = reply.json()["request_id"]
+
+            def finished() -> dict | None:
+                view = client.get(f"/v1/requests/{request_id}").json()
+                return view if view["status"] in TERMINAL else None
+
+            view = wait_until(finished, 90, "the job to finish")
+        assert view["status"] == "succeeded", view
+        assert pids(root)["miner-0"] == second and up.poll() is None
+    finally:
+        stop(up, root)
+        log.close()
+        print(log_path.read_text()[-6000:])  # pytest shows it when the test fails
+    assert not (root / "pids.json").exists(), "pids.json names running processes only"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _crashing_supervisor(tmp_path: Path, policy: RestartPolicy) -> tuple[Supervisor, FakeClock, io.StringIO]:
+    """A supervisor on a fake clock with one child that exits with code 3 as soon as it starts."""
+    clock, out = FakeClock(), io.StringIO()
+    supervisor = Supervisor(tmp_path, Console(file=out, width=200), policy, clock)
+    supervisor.start("flaky", [sys.executable, "-c", "raise SystemExit(3)"])
+    return supervisor, clock, out
+
+
+def _crash(supervisor: Supervisor, clock: FakeClock, ran_for: float) -> None:
+    """Let the child's exit be seen `ran_for` seconds after it started."""
+    supervisor.children["flaky"].proc.wait(30)
+    clock.now += ran_for
+    supervisor.tend()
+
+
+def test_a_crashing_child_is_restarted_after_doubling_delays_then_the_supervisor_gives_up(tmp_path):
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=4, stable_s=30, give_up_after=5)
+    supervisor, clock, out = _crashing_supervisor(tmp_path, policy)
+    try:
+        for restart, delay in enumerate([1, 2, 4, 4], start=1):
+            before = supervisor.children["flaky"].proc.pid
+            _crash(supervisor, clock, ran_for=0.1)
+            assert f"flaky exited with code 3; restarting in {delay} s (restart {restart})" in out.getvalue()
+            assert json.loads((tmp_path / "pids.json").read_text()) == {}, "a dead child has no pid"
+            clock.now += delay - 0.05
+            supervisor.tend()
+            assert supervisor.children["flaky"].proc.pid == before, "restarted before its delay was over"
+            clock.now += 0.1
+            supervisor.tend()
+            after = supervisor.children["flaky"].proc.pid
+            assert after != before and json.loads((tmp_path / "pids.json").read_text()) == {"flaky": after}
+        with pytest.raises(
+            GaveUp, match=r"flaky crashed 5 times in a row, never staying up 30 s \(last exit: code 3\)"
+        ):
+            _crash(supervisor, clock, ran_for=0.1)
+    finally:
+        supervisor.stop()
+    assert not (tmp_path / "pids.json").exists()
+
+
+def test_a_child_that_stayed_up_starts_its_backoff_again_and_is_never_given_up(tmp_path):
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=30, stable_s=10, give_up_after=3)
+    supervisor, clock, out = _crashing_supervisor(tmp_path, policy)
+    try:
+        for restart, (ran_for, delay) in enumerate([(0.1, 1), (0.1, 2), (10, 1), (0.1, 2), (60, 1)], start=1):
+            _crash(supervisor, clock, ran_for)
+            assert f"restarting in {delay} s (restart {restart})" in out.getvalue()
+            clock.now += delay
+            supervisor.tend()
+    finally:
+        supervisor.stop()

@@ -8,6 +8,10 @@ Layout of the data directory (a second `up` on it resumes the same subnet):
     DIR/orchestrator.sqlite  jobs, API keys, scores (the orchestrator's database)
     DIR/miners/miner-I/      each miner's jobs, results and caches
     DIR/logs/NAME.log        each process's output (also shown, prefixed, on the terminal)
+    DIR/pids.json            each running process's pid, by name (while `up` runs)
+
+A process that dies is started again after a delay that doubles with each crash in a row
+(`RestartPolicy`); one that keeps crashing right after it starts stops the whole subnet.
 
 Keys are deterministic dev keys (`//dippy/NAME`): fine on a laptop, never for real value.
 """
@@ -15,6 +19,7 @@ Keys are deterministic dev keys (`//dippy/NAME`): fine on a laptop, never for re
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,7 +27,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import httpx
 from rich.console import Console
@@ -34,6 +43,10 @@ from dippy_studio.subnet_layout import MinerSpec, SubnetLayout
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 VALIDATOR_STAKE = 1000.0
+# How often the supervisor looks for children that died.
+TEND_INTERVAL_S = 0.5
+
+T = TypeVar("T")
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -98,23 +111,88 @@ def prepare(
     return layout
 
 
-class Supervisor:
-    """Starts child processes in their own process groups, prefixes their output, and stops
-    them all (TERM, then KILL) on exit, so no orphans are left behind."""
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a child that died is started again: after `first_delay_s`, doubling with each crash in
+    a row up to `max_delay_s`. A child that stayed up `stable_s` starts the count again; one that
+    crashes `give_up_after` times in a row without staying up that long would only crash again (a
+    port in use, a bad setting), so the subnet stops instead."""
 
-    def __init__(self, root: Path, console: Console) -> None:
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    stable_s: float = 30.0
+    give_up_after: int = 7
+
+    def delay(self, crashes: int) -> float:
+        """Seconds to wait before starting a child again after its `crashes`-th crash in a row."""
+        return min(self.first_delay_s * 2 ** (crashes - 1), self.max_delay_s)
+
+
+class GaveUp(RuntimeError):
+    """A child kept crashing right after it started."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    color: str
+    proc: subprocess.Popen
+    started_at: float  # the supervisor's clock
+    crashes: int = 0  # in a row, since it last stayed up `stable_s`
+    restarts: int = 0
+    restart_at: float | None = None  # set while it is dead and waiting for its restart
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of a `dippy-studio` subcommand run by this Python."""
+    return [sys.executable, "-m", "dippy_studio.cli", *args]
+
+
+def exit_reason(code: int) -> str:
+    """`Popen.returncode` as an operator reads it: "code 1", or "code -9 (SIGKILL)"."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"code {code} ({signal.Signals(-code).name})"
+    return f"code {code}"
+
+
+class Supervisor:
+    """Starts child processes in their own process groups, prefixes their output, restarts those
+    that die (`tend`, by `policy`), and stops them all (TERM, then KILL) on exit, so no orphans are
+    left behind. Their pids are kept in DIR/pids.json while they run."""
+
+    def __init__(
+        self,
+        root: Path,
+        console: Console,
+        policy: RestartPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = root
         self.console = console
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.policy = policy or RestartPolicy()
+        self.clock = clock
+        self.children: dict[str, Child] = {}
         (root / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        color = COLORS[len(self.procs) % len(COLORS)]
+    @property
+    def pids_path(self) -> Path:
+        return self.root / "pids.json"
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        color = COLORS[len(self.children) % len(COLORS)]
+        proc = self._spawn(name, argv, env or {}, color)
+        self.children[name] = Child(name, argv, env or {}, color, proc, self.clock())
+        self._write_pids()
+        return proc
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str], color: str) -> subprocess.Popen:
         log = open(self.root / "logs" / f"{name}.log", "a", buffering=1)  # noqa: SIM115 (closed by the pump)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dippy_studio.cli", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True,
         )  # fmt: skip
 
         def pump() -> None:
@@ -125,33 +203,98 @@ class Supervisor:
             log.close()
 
         threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()
-        self.procs[name] = proc
+        self.console.print(f"started {name} (pid {proc.pid})", highlight=False)
         return proc
 
     def dead(self) -> list[str]:
-        return [name for name, proc in self.procs.items() if proc.poll() is not None]
+        return [name for name, child in self.children.items() if child.proc.poll() is not None]
+
+    def tend(self) -> None:
+        """Notice children that died and restart those whose delay is over. Raises GaveUp when one
+        has crashed `policy.give_up_after` times in a row."""
+        now = self.clock()
+        for child in self.children.values():
+            if child.restart_at is None:
+                code = child.proc.poll()
+                if code is not None:
+                    # What it left behind in its process group (workers) would hold its port.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.proc.pid, signal.SIGKILL)
+                    self._schedule_restart(child, code, now)
+            elif now >= child.restart_at:
+                child.proc = self._spawn(child.name, child.argv, child.env, child.color)
+                child.started_at, child.restart_at = now, None
+                self._write_pids()
+
+    def _schedule_restart(self, child: Child, code: int, now: float) -> None:
+        policy = self.policy
+        child.crashes = 1 if now - child.started_at >= policy.stable_s else child.crashes + 1
+        if child.crashes >= policy.give_up_after:
+            raise GaveUp(
+                f"{child.name} crashed {child.crashes} times in a row, never staying up {policy.stable_s:g} s "
+                f"(last exit: {exit_reason(code)}); stopping the subnet. See {self.root / 'logs' / child.name}.log"
+            )
+        delay = policy.delay(child.crashes)
+        child.restarts += 1
+        child.restart_at = now + delay
+        self._write_pids()
+        restarting = f"restarting in {delay:g} s (restart {child.restarts})"
+        self.console.print(f"[red]{child.name} exited with {exit_reason(code)}; {restarting}[/]", highlight=False)
+
+    def supervise_forever(self) -> NoReturn:
+        """Restart children that die, until Ctrl-C, SIGTERM or GaveUp."""
+        while True:
+            self.tend()
+            time.sleep(TEND_INTERVAL_S)
+
+    def supervise_while(self, work: Callable[[], T]) -> T:
+        """Run `work` in a thread while this one restarts children that die; its result (or error)."""
+        done: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(work())
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        # A daemon: if this thread stops the subnet first, `work` fails or is cut off with it.
+        threading.Thread(target=run, name="supervised-work", daemon=True).start()
+        while not done.done():
+            self.tend()
+            with contextlib.suppress(TimeoutError):
+                done.exception(TEND_INTERVAL_S)
+        return done.result()
+
+    def _write_pids(self) -> None:
+        pids = {name: child.proc.pid for name, child in self.children.items() if child.restart_at is None}
+        partial = self.pids_path.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(pids, indent=2) + "\n")
+        partial.replace(self.pids_path)
 
     def stop(self, timeout: float = 10.0) -> None:
-        for proc in self.procs.values():
+        procs = [child.proc for child in self.children.values()]
+        for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         end = time.monotonic() + timeout
-        for proc in self.procs.values():
+        for proc in procs:
             try:
                 proc.wait(max(0.1, end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
+        self.pids_path.unlink(missing_ok=True)
 
 
-def wait_ready(url: str, name: str, supervisor: Supervisor, timeout: float = 180.0) -> None:
-    """Poll `url` until it answers 200; give up early if the process `name` exits meanwhile."""
+def wait_ready(url: str, name: str, supervisor: Supervisor | None, timeout: float = 180.0) -> None:
+    """Poll `url` until it answers 200; with a supervisor, give up early if the process `name`
+    exits meanwhile (while the subnet starts, a crash is an error: nothing restarts it yet)."""
     end = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < end:
-        if name in supervisor.dead():
+        if supervisor is not None and name in supervisor.dead():
             raise RuntimeError(f"{name} exited while starting; see {supervisor.root}/logs/{name}.log")
         try:
             response = httpx.get(url, timeout=2)
@@ -171,11 +314,11 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
         # A demo cheater fakes every job (inference with a wrong seed, training skipped), so its
         # first audit catches it.
         env = {"DIPPY_MINER_CHEAT_RATE": "1.0"} if miner.cheater else {}
-        supervisor.start(miner.name, [
+        supervisor.start(miner.name, cli(
             "miner", "serve", "--wallet", miner.name, "--hotkey", "default", "--wallet-path", wallets,
             "--port", str(miner.port), "--allow-hotkey", layout.orchestrator_hotkey, "--allow-loopback",
             "--data-dir", str(root / "miners" / miner.name), "--profile", profile,
-        ], env)  # fmt: skip
+        ), env)  # fmt: skip
     orch_env = {
         "DIPPY_ORCH_WALLET_NAME": "orchestrator", "DIPPY_ORCH_WALLET_PATH": wallets,
         "DIPPY_ORCH_CHAIN_PATH": str(root / "chain.sqlite"), "DIPPY_ORCH_PUBLIC_URL": layout.orchestrator_url,
@@ -184,12 +327,12 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
         # A laptop demo audits every job of a miner's probation: cheap on tiny, and a cheater is caught at once.
         "DIPPY_ORCH_AUDIT_PROBATION_RATE": "1.0", "DIPPY_ORCH_SYNC_INTERVAL_S": "5", "DIPPY_ORCH_PROBE_INTERVAL_S": "3",
     }  # fmt: skip
-    supervisor.start("orchestrator", ["orchestrator", "serve", "--data-dir", str(root),
-                                      "--port", str(layout.orchestrator_port)], orch_env)  # fmt: skip
+    supervisor.start("orchestrator", cli("orchestrator", "serve", "--data-dir", str(root),
+                                         "--port", str(layout.orchestrator_port)), orch_env)  # fmt: skip
     for miner in layout.miners:
         wait_ready(f"http://127.0.0.1:{miner.port}/health", miner.name, supervisor)
     wait_ready(f"{layout.orchestrator_url}/health", "orchestrator", supervisor)
-    supervisor.start("validator", ["validator", "run", "--data-dir", str(root)])
+    supervisor.start("validator", cli("validator", "run", "--data-dir", str(root)))
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -234,7 +377,8 @@ def run_up(
     profile: str,
     console: Console,
 ) -> int:
-    """Bring the subnet up, optionally run the demo, and supervise until Ctrl-C (or the demo ends)."""
+    """Bring the subnet up, optionally run the demo, and keep it up, restarting any process that
+    dies, until Ctrl-C or SIGTERM (or, with --exit-after, the demo's end)."""
     # Ctrl-C and `kill` both mean "stop cleanly". Installed explicitly: a shell starts background
     # jobs with SIGINT ignored, and Python would keep ignoring it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -258,13 +402,11 @@ def run_up(
             soft_wrap=True,
         )
         if demo:
-            return _demo(layout, key, supervisor, console, exit_after)
+            # In a thread: this one restarts children that die meanwhile.
+            supervisor.supervise_while(lambda: _demo(layout, key, console))
         if exit_after:
             return 0
-        while not supervisor.dead():
-            time.sleep(1.0)
-        console.print(f"[red]{', '.join(supervisor.dead())} exited; stopping the subnet[/]")
-        return 1
+        supervisor.supervise_forever()
     except KeyboardInterrupt:
         console.print("\nstopping the subnet (data kept in " + str(root) + ")")
         return 130
@@ -275,13 +417,13 @@ def run_up(
         supervisor.stop()
 
 
-def _demo(layout: SubnetLayout, key: str, supervisor: Supervisor, console: Console, exit_after: bool) -> int:
+def _demo(layout: SubnetLayout, key: str, console: Console) -> None:
     from dippy_studio.demo import run_demo, summary_table
     from dippy_studio.orchestrator.db import default_url
     from dippy_studio.orchestrator.store import Store
 
     # /ready answers 200 once the orchestrator has found a healthy miner to send jobs to.
-    wait_ready(f"{layout.orchestrator_url}/ready", "orchestrator", supervisor, timeout=120)
+    wait_ready(f"{layout.orchestrator_url}/ready", "orchestrator", None, timeout=120)
     result = run_demo(layout, key, console)
     chain = LocalChain(layout.root / "chain.sqlite", create=False)
     demo_end = chain.block()
@@ -295,8 +437,3 @@ def _demo(layout: SubnetLayout, key: str, supervisor: Supervisor, console: Conso
     store.close()
     table, _weights = summary_table(layout, result, scores, audits)
     console.print(table)
-    if exit_after:
-        return 0
-    while not supervisor.dead():
-        time.sleep(1.0)
-    return 1

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from dippy_studio.engine.datasets import (
 from dippy_studio.engine.errors import DatasetError
 from dippy_studio.engine.images import encode_png
 from dippy_studio.engine.synthetic_data import write_dataset, zip_bytes
+from zip_bombs import MiB, amplifying_text, amplifying_zip, lying_zip, peak_rss_growth
 
 
 def png(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -57,6 +60,15 @@ def test_folder_and_zip_of_the_same_data_hash_the_same(tmp_path):
     assert load_dataset(archive).sha256 == from_folder.sha256
     assert load_dataset(nested).sha256 == from_folder.sha256
     assert load_zip_bytes(archive.read_bytes()).sha256 == from_folder.sha256
+
+
+def test_stored_and_deflated_archives_read_the_same(tmp_path):
+    files = folder_files(write_dataset(tmp_path / "shapes", "sunset", count=3, seed=0, size=32))
+    stored = io.BytesIO()
+    with zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in files:
+            archive.writestr(name, data)
+    assert load_zip_bytes(stored.getvalue()).sha256 == load_zip_bytes(zip_bytes(files)).sha256
 
 
 def test_hash_changes_with_any_caption_or_pixel(tmp_path):
@@ -175,9 +187,32 @@ def test_caption_not_utf8(tmp_path):
 
 
 def test_caption_too_long(tmp_path):
-    expect_error(
-        "over 10 bytes", write_files(tmp_path / "ds", {"a.png": png(), "a.txt": b"x" * 11}), max_caption_bytes=10
-    )
+    folder = write_files(tmp_path / "ds", {"a.png": png(), "a.txt": b"x" * 11})
+    expect_error("caption 'a.txt' is 11 bytes, over the 10-byte limit for a caption", folder, max_caption_bytes=10)
+    archive = tmp_path / "ds.zip"
+    archive.write_bytes(zip_bytes(folder_files(folder)))
+    expect_error("caption 'a.txt' is 11 bytes, over the 10-byte limit", archive, max_caption_bytes=10)
+
+
+def test_the_default_caption_limit_fits_what_the_text_encoder_reads(tmp_path):
+    """512 T5 tokens of English (the longest any profile reads) is about 2 KiB: such a caption
+    is kept whole; one twice the default limit is refused."""
+    long_caption = ("a photo of a red square on a plain white background, " * 60)[:3000]
+    folder = write_files(tmp_path / "ds", {"a.png": png(), "a.txt": long_caption.encode()})
+    assert load_dataset(folder).items[0].caption == long_caption.strip()
+    (folder / "a.txt").write_bytes(b"x" * 2 * DatasetLimits().max_caption_bytes)
+    expect_error("caption 'a.txt' is 8192 bytes, over the 4096-byte limit", folder)
+
+
+def test_files_that_are_not_part_of_the_dataset_are_never_read(tmp_path):
+    """A README or a caption without its image may be any size: only images and their captions count."""
+    files = {"a.png": png(), "a.txt": b"a red square", "README.txt": b"x" * 5000, "orphan.txt": b"y" * 5000}
+    folder = write_files(tmp_path / "ds", files)
+    archive = tmp_path / "ds.zip"
+    archive.write_bytes(zip_bytes(folder_files(folder)))
+    for source in (folder, archive):
+        dataset = load_dataset(source, DatasetLimits(max_caption_bytes=100))
+        assert [(item.name, item.caption) for item in dataset.items] == [("a.png", "a red square")]
 
 
 def test_too_many_files_in_a_folder(tmp_path):
@@ -224,11 +259,53 @@ def test_zip_bomb_compression_ratio(tmp_path):
     expect_error(r"bomb.txt' expands \d+x .* over the 100x limit \(a zip bomb\?\)", archive, max_compression_ratio=100)
 
 
-def test_zip_bomb_total_size(tmp_path):
-    archive = tmp_path / "big.zip"  # each entry compresses well but stays under the ratio check's floor
-    archive.write_bytes(zip_bytes([("ok.png", png()), *((f"{i}.txt", b"\x00" * 50_000) for i in range(3))]))
-    assert archive.stat().st_size < 5_000
-    expect_error("expands to more than 100000 bytes", archive, max_total_bytes=100_000)
+def uncompressed_png(side: int) -> bytes:
+    """A PNG stored without compression, so that it deflates well in a zip."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 120, 200)).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def test_the_total_uncompressed_size_is_bounded(tmp_path):
+    image = uncompressed_png(100)  # about 30 KB, under the ratio check's floor
+    archive = tmp_path / "big.zip"
+    archive.write_bytes(zip_bytes([(f"{i}.png", image) for i in range(4)]))
+    total = 4 * len(image)
+    assert archive.stat().st_size < total // 10  # the archive is well under the limit; its content is not
+    expect_error(
+        rf"come to more than {total - 1} bytes uncompressed \(the limit was passed at '3.png'\)",
+        archive,
+        max_total_bytes=total - 1,
+    )
+    assert len(load_dataset(archive, DatasetLimits(max_total_bytes=total))) == 4
+    folder = write_files(tmp_path / "ds", {f"{i}.png": image for i in range(4)})
+    expect_error(f"come to more than {total - 1} bytes", folder, max_total_bytes=total - 1)
+    assert len(load_dataset(folder, DatasetLimits(max_total_bytes=total))) == 4
+
+
+def test_image_too_large_in_bytes(tmp_path):
+    image = png() + b"\x00" * 2000  # trailing bytes after the PNG's end: still a readable image
+    folder = write_files(tmp_path / "ds", {"a.png": image})
+    expect_error(
+        f"image 'a.png' is {len(image)} bytes, over the 1000-byte limit for an image", folder, max_image_bytes=1000
+    )
+    archive = tmp_path / "ds.zip"
+    archive.write_bytes(zip_bytes([("a.png", image)]))
+    expect_error(f"image 'a.png' is {len(image)} bytes, over the 1000-byte limit", archive, max_image_bytes=1000)
+
+
+def with_size(data: bytes, width: int, height: int) -> bytes:
+    """A PNG whose header claims another size (with a valid checksum): a pixel bomb's header."""
+    header = bytearray(data)
+    struct.pack_into(">II", header, 16, width, height)
+    struct.pack_into(">I", header, 29, zlib.crc32(bytes(header[12:29])))
+    return bytes(header)
+
+
+@pytest.mark.parametrize("side", [10_000, 50_000])  # over our limit; over PIL's own bomb guard too
+def test_pixel_bombs_are_refused_from_the_header(tmp_path, side):
+    folder = write_files(tmp_path / "ds", {"a.png": with_size(png(), side, side)})
+    expect_error(rf"a.png is ({side}x{side}, )?over the limit of 25000000 pixels", folder)
 
 
 def test_archive_file_too_large(tmp_path):
@@ -236,6 +313,44 @@ def test_archive_file_too_large(tmp_path):
     archive.write_bytes(zip_bytes([(f"{i}.png", png()) for i in range(5)]))
     assert archive.stat().st_size > 300
     expect_error("the archive is larger than 300 bytes", archive, max_total_bytes=300)
+
+
+def test_amplifying_captions_are_refused_before_they_are_unpacked(tmp_path):
+    """Captions of 24 MiB that deflate ~70x (under the ratio check): refused from the archive's
+    directory, naming the caption, without the process growing by what they unpack to."""
+    data = amplifying_zip(pairs=8, caption_bytes=24 * MiB)
+    assert len(data) < 4 * MiB
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(data)
+    message = "caption 'img00.txt' is 25165824 bytes, over the 4096-byte limit for a caption"
+
+    def refuse() -> None:
+        with pytest.raises(DatasetError, match=message):
+            load_zip_bytes(data, source="the dataset")
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(archive)
+
+    _, growth = peak_rss_growth(refuse)
+    assert growth < 50 * MiB, f"grew by {growth / MiB:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("entry", "declared"), [("a.txt", b"a red square"), ("a.png", png())], ids=["caption", "image"]
+)
+def test_entries_that_hold_more_than_the_directory_declares_are_refused(tmp_path, entry, declared):
+    """The directory (with a matching CRC) declares a small entry that really unpacks to 24 MiB."""
+    archive = tmp_path / "lying.zip"
+    archive.write_bytes(lying_zip(entry, declared, amplifying_text(24 * MiB)))
+    with zipfile.ZipFile(archive) as opened:
+        assert opened.getinfo(entry).file_size == len(declared)  # what the directory says
+    message = rf"'{entry}' holds more than the {len(declared)} bytes its directory declares"
+
+    def refuse() -> None:
+        with pytest.raises(DatasetError, match=message):
+            load_dataset(archive)
+
+    _, growth = peak_rss_growth(refuse)
+    assert growth < 50 * MiB, f"grew by {growth / MiB:.0f} MiB"
 
 
 def test_not_a_zip(tmp_path):

@@ -66,7 +66,7 @@ def test_matches_stock_diffusers_exactly(tiny_engine):
     [
         ({"width": 63}, "multiple of 16"),
         ({"height": 8}, "greater than or equal to 16"),
-        ({"width": 8192}, "less than or equal to 4096"),
+        ({"width": 8192}, "less than or equal to 2048"),
         ({"steps": 0}, "greater than or equal to 1"),
         ({"steps": 1000}, "less than or equal to 100"),
         ({"prompt": ""}, "at least 1 character"),

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 
 import pytest
+import torch
+from safetensors.torch import save as save_safetensors
 
 from dippy_studio.engine import GenerationRequest, LoraRef
 from dippy_studio.engine.synthetic import write_random_lora
 from dippy_studio.miner.runners import InferenceRunner
+from dippy_studio.miner.workers import Outcome
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
-from miner_kit import MINER, ORCHESTRATOR, inference_job, miner_settings
+from miner_kit import MINER, ORCHESTRATOR, deadline, inference_job, miner_settings
 
 
 def test_inference_round_trip(make_miner, server, tiny_engine):
@@ -64,6 +68,64 @@ def test_inference_with_a_downloaded_lora(make_miner, server, tiny_engine, tmp_p
     assert client.post("/v1/inference", inference_job("lora-2", loras=[wrong])).status_code == 202
     view = client.wait_status("lora-2", {"succeeded", "failed"})
     assert view["status"] == "failed" and "expected " + "0" * 64 in view["error"]
+    assert view["input_error"] is False  # a bad download is not the request's fault
+
+
+def test_a_lora_that_does_not_fit_is_reported_as_bad_input_without_the_miners_paths(make_miner, server, tmp_path):
+    # Reads as a LoRA, but for a model whose layers are 8 wide (the tiny profile's are 32).
+    data = save_safetensors(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 8),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 2),
+        }
+    )
+    sha = hashlib.sha256(data).hexdigest()
+    server.files["/loras/other.safetensors"] = data
+    client = make_miner()
+    lora = {"url": server.url("/loras/other.safetensors"), "sha256": sha, "scale": 1.0}
+    assert client.post("/v1/inference", inference_job("misfit", server, loras=[lora])).status_code == 202
+    (callback,) = server.wait_for(lambda got: bool(server.callbacks_for("misfit")))
+    meta = callback.meta()
+    assert (meta["status"], meta["input_error"]) == ("failed", True)
+    assert "does not fit this profile" in meta["error"] and sha in meta["error"]
+    assert str(tmp_path) not in meta["error"] and "downloads" not in meta["error"]
+
+
+def test_a_lane_takes_no_more_jobs_than_it_can_finish_by_their_deadline(make_miner, tmp_path):
+    gate = threading.Event()
+
+    def runner(record, check):  # the first job takes a second; the others wait for the gate
+        if record.job_id == "warm":
+            time.sleep(1.0)
+        else:
+            gate.wait(30)
+        path = tmp_path / f"{record.job_id}.png"
+        path.write_bytes(b"x")
+        return Outcome(str(path), hashlib.sha256(b"x").hexdigest(), 1, "fp")
+
+    client = make_miner(inference_runner=runner)
+    assert client.get("/v1/capacity").json()["inference"]["seconds_per_job"] is None  # no pace yet
+    assert client.post("/v1/inference", inference_job("warm")).status_code == 202
+    client.wait_status("warm", {"succeeded"})
+    pace = client.get("/v1/capacity").json()["inference"]["seconds_per_job"]
+    assert 1.0 <= pace < 5.0
+    try:
+        # At that pace one worker finishes three jobs by this deadline: the one it runs and two more.
+        window = deadline(3.5 * pace)
+        for job_id in ("a", "b", "c"):
+            assert client.post("/v1/inference", inference_job(job_id, deadline=window)).status_code == 202
+        refused = client.post("/v1/inference", inference_job("d", deadline=window))
+        assert refused.status_code == 429 and "finishing by this deadline" in refused.json()["detail"]
+        assert int(refused.headers["retry-after"]) == math.ceil(pace)  # about when a job is done
+        assert client.get("/v1/jobs/d").status_code == 404
+        # A later deadline leaves time for the jobs ahead: taken.
+        assert client.post("/v1/inference", inference_job("e", deadline=deadline(60))).status_code == 202
+    finally:
+        gate.set()
+    client.wait_status("e", {"succeeded"})
+    # Started again on the same data, it still knows its pace.
+    restarted = make_miner(inference_runner=runner)
+    assert restarted.get("/v1/capacity").json()["inference"]["seconds_per_job"] > 0
 
 
 def test_resubmitting_is_idempotent(make_miner, server):
@@ -129,7 +191,6 @@ def test_deadlines(make_miner, tmp_path, tiny_engine, server):
         return real(record, check)
 
     client = make_miner(inference_runner=runner)
-    from miner_kit import deadline
 
     assert client.post("/v1/inference", inference_job("slow", server, deadline=deadline(1.0))).status_code == 202
     assert client.post("/v1/inference", inference_job("late", server, deadline=deadline(0.5))).status_code == 202
@@ -199,7 +260,7 @@ def test_jobs_are_private_to_their_sender(make_miner, tmp_path):
         ({"seed": -1}, 422, "seed"),
         ({"callback_url": "ftp://example.com/x"}, 422, "http"),
         ({"callback_url": "http://10.1.2.3/cb"}, 422, "private address"),
-        ({"callback_url": "http://169.254.169.254/latest"}, 422, "not a routable"),
+        ({"callback_url": "http://169.254.169.254/latest"}, 422, "169.254.169.254 is a cloud metadata address"),
         ({"loras": [{"url": "http://127.0.0.1/x", "sha256": "abc", "scale": 1}]}, 422, "sha256"),
         ({"deadline": "tomorrow"}, 422, "deadline"),
         ({"surprise": 1}, 422, "surprise"),

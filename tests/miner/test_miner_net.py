@@ -22,9 +22,9 @@ STRICT = UrlPolicy()
         ("http://10.0.0.5/cb", "private"),
         ("http://192.168.1.1/cb", "private"),
         ("http://172.16.3.4/cb", "private"),
-        ("http://169.254.169.254/latest/meta-data", "not a routable"),
-        ("http://[fe80::1]/cb", "not a routable"),
-        ("http://0.0.0.0/cb", "not a routable"),
+        ("http://169.254.169.254/latest/meta-data", "cloud metadata"),
+        ("http://[fe80::1]/cb", "link-local"),
+        ("http://0.0.0.0/cb", "unspecified"),
         ("http://[::ffff:10.0.0.1]/cb", "private"),
         ("ftp://example.com/file", "only http and https"),
         ("file:///etc/passwd", "only http and https"),
@@ -40,7 +40,7 @@ def test_policy_can_allow_loopback_and_private():
     check_url("http://10.0.0.5/x", UrlPolicy(allow_private=True))
     with pytest.raises(OutboundError, match="private"):
         check_url("http://10.0.0.5/x", UrlPolicy(allow_loopback=True))
-    with pytest.raises(OutboundError, match="not a routable"):  # never allowed: cloud metadata lives here
+    with pytest.raises(OutboundError, match="cloud metadata"):  # never allowed: cloud metadata lives here
         check_url("http://169.254.169.254/x", UrlPolicy(allow_loopback=True, allow_private=True))
 
 

@@ -58,10 +58,13 @@ def test_training_job_failures_are_reported(make_miner, server, tmp_path):
     assert client.post("/v1/train", train_job("bad-zip", server, sha)).status_code == 202
     view = client.wait_status("bad-zip", {"succeeded", "failed"}, timeout=60)
     assert view["status"] == "failed" and "zip" in view["error"]
+    assert view["input_error"] is True  # the dataset itself is unusable: the sender's to fix
+    assert str(tmp_path) not in view["error"]
 
     assert client.post("/v1/train", train_job("bad-sha", server, "0" * 64)).status_code == 202
     view = client.wait_status("bad-sha", {"succeeded", "failed"}, timeout=60)
     assert view["status"] == "failed" and "sha256" in view["error"]
+    assert view["input_error"] is False  # a download that went wrong is not the request's fault
 
     invalid = client.post("/v1/train", train_job("bad-rank", server, sha, rank=0))
     assert invalid.status_code == 422 and "rank" in invalid.text

@@ -11,7 +11,7 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,11 +115,20 @@ class OrchHandle:
         return self.orch.store
 
 
-def stub_miner_app(hotkey: str, received: list[dict[str, Any]], *, accept: bool = True) -> FastAPI:
+def stub_miner_app(
+    hotkey: str,
+    received: list[dict[str, Any]],
+    *,
+    accept: bool = True,
+    refusals: Iterable[tuple[int, str]] = (),
+    lane: dict[str, Any] | None = None,
+) -> FastAPI:
     """A miner that answers probes like a real one and accepts jobs (202) but never does them:
-    the 'never calls back' miner. With accept=False it refuses every job with 503."""
+    the 'never calls back' miner. With accept=False it refuses every job with 503. `refusals`
+    answer the first sends, one each, as (status, Retry-After); `lane` is what it advertises."""
     app = FastAPI()
-    lane = {"available": True, "workers_alive": 1, "workers": 1, "queue_depth": 0, "queue_limit": 64}
+    lane = {"available": True, "workers_alive": 1, "workers": 1, "queue_depth": 0, "queue_limit": 64, **(lane or {})}
+    pending = list(refusals)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -141,6 +150,9 @@ def stub_miner_app(hotkey: str, received: list[dict[str, Any]], *, accept: bool 
         received.append(body)
         if not accept:
             return JSONResponse({"detail": "busy"}, status_code=503, headers={"Retry-After": "30"})
+        if pending:
+            status, retry_after = pending.pop(0)
+            return JSONResponse({"detail": "queue is full"}, status_code=status, headers={"Retry-After": retry_after})
         return JSONResponse({"job_id": body["job_id"], "status": "queued"}, status_code=202)
 
     return app
@@ -184,10 +196,18 @@ class Subnet:
         self.miners.append(handle)
         return handle
 
-    def add_stub_miner(self, uri: str, *, stake: float = 10.0, accept: bool = True) -> MinerHandle:
+    def add_stub_miner(
+        self,
+        uri: str,
+        *,
+        stake: float = 10.0,
+        accept: bool = True,
+        refusals: Iterable[tuple[int, str]] = (),
+        lane: dict[str, Any] | None = None,
+    ) -> MinerHandle:
         hotkey = signer_from_uri(uri).ss58_address
         received: list[dict[str, Any]] = []
-        served = Served(stub_miner_app(hotkey, received, accept=accept))
+        served = Served(stub_miner_app(hotkey, received, accept=accept, refusals=refusals, lane=lane))
         hotkey, uid = self._register(uri, served.url, stake)
         handle = MinerHandle(uri, hotkey, uid, served, received)
         self.miners.append(handle)

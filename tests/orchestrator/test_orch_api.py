@@ -71,10 +71,11 @@ def api(make_api) -> Api:
     return make_api()
 
 
-def lora_file(rank: int = 2) -> bytes:
+def lora_file(rank: int = 2, width: int = 32) -> bytes:
+    """A LoRA on one attention layer; the tiny profile's layers are 32 wide."""
     tensors = {
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, 8),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, rank),
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, width),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(width, rank),
     }
     return save_safetensors(tensors)
 
@@ -247,7 +248,18 @@ def test_blobs_serve_only_assets(api: Api):
 def test_loras_by_url_are_fetched_checked_and_stored(make_api, server):
     api = make_api(allow_loopback_urls=True)
     key = api.key()
-    server.files = {"/good.safetensors": lora_file(), "/bad.safetensors": b"\x80\x04 pickle"}
+    server.files = {
+        "/good.safetensors": lora_file(),
+        "/bad.safetensors": b"\x80\x04 pickle",
+        # Reads as a LoRA, but for a model whose layers are 8 wide: no miner of this profile could load it.
+        "/other-model.safetensors": lora_file(width=8),
+        "/no-such-layer.safetensors": save_safetensors(
+            {
+                "transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.zeros(2, 32),
+                "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.zeros(32, 2),
+            }
+        ),
+    }
     url = server.url("/good.safetensors")
     ok = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": url, "scale": 0.5}]))
     assert ok.status_code == 202, ok.text
@@ -261,6 +273,17 @@ def test_loras_by_url_are_fetched_checked_and_stored(make_api, server):
     assert bad.status_code == 422 and "pickle" in bad.json()["detail"]
     missing = api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": server.url("/none")}]))
     assert missing.status_code == 422 and "HTTP 404" in missing.json()["detail"]
+
+    def submit(path: str):
+        return api.call("POST", "/v1/images", key, json=image_body(loras=[{"url": server.url(path)}]))
+
+    misfit = submit("/other-model.safetensors")
+    assert misfit.status_code == 422, misfit.text
+    assert "does not fit this profile" in misfit.json()["detail"] and "needs (2, 32)" in misfit.json()["detail"]
+    nowhere = submit("/no-such-layer.safetensors")
+    assert nowhere.status_code == 422 and "targets no layer" in nowhere.json()["detail"]
+    # Nothing refused was kept for miners to download.
+    assert not api.orch.assets.exists(kit.sha256(lora_file(width=8)))
 
 
 def test_scores_are_signed_by_the_orchestrator(make_api):

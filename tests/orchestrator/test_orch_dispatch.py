@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,13 +15,18 @@ import pytest
 from PIL import Image
 
 import orchestrator.orch_kit as kit
+from dippy_studio.engine.errors import BadLoraError
 from dippy_studio.engine.images import encode_png
+from dippy_studio.orchestrator.callbacks import failure_outcome
 from dippy_studio.orchestrator.dispatch import Dispatcher
+from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.registry import parse_endpoint
+from dippy_studio.orchestrator.scoring import attempt_record
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store, job_row
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
+from dippy_studio.protocol.schemas import JobView
 from orchestrator.orch_kit import ORCHESTRATOR, bad_runner, image_body, noise_png, sha256, wait_status, wait_until
 
 subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
@@ -39,9 +45,91 @@ def test_a_refusing_miner_gets_the_job_taken_back_and_sent_elsewhere(subnet):
     view = wait_status(client, request_id, {"succeeded", "failed"})
     assert (view["status"], view["miner_hotkey"], view["attempts"]) == ("succeeded", bob.hotkey, 2)
     refused, done = orch.store.list_attempts(request_id)
-    assert (refused.miner_hotkey, refused.outcome, done.outcome) == (busy.hotkey, "refused", "succeeded")
+    assert (refused.miner_hotkey, refused.outcome, done.outcome) == (busy.hotkey, "busy", "succeeded")
     assert "HTTP 503" in refused.error and "busy" in refused.error
     assert len(busy.received) == 1
+
+
+def test_a_refusal_that_comes_in_while_a_round_is_claiming_still_cools_its_miner(subnet, monkeypatch):
+    busy = subnet.add_stub_miner("//Dave", accept=False)  # answers 503 with Retry-After: 30
+    orch = subnet.start_orchestrator()
+    store, claim = orch.store, orch.store.call
+
+    async def slow_claims(method, *args, **kwargs):
+        if getattr(method, "__name__", "") == "claim_for_dispatch":
+            await asyncio.sleep(0.3)  # a busy round: the refusal and its take-back land meanwhile
+        return await claim(method, *args, **kwargs)
+
+    monkeypatch.setattr(store, "call", slow_claims)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    wait_until(lambda: busy.received, 10, "the busy miner to be asked")
+    time.sleep(1.5)  # rounds that began before the refusal have claimed by now
+    assert len(busy.received) == 1
+    assert client.get(f"/v1/requests/{request_id}").json()["status"] == "queued"
+
+
+def test_a_miner_that_pushes_back_uses_up_no_attempt_and_gets_the_job_once_it_has_room(subnet):
+    pushy = subnet.add_stub_miner("//Dave", refusals=[(429, "0.2")] * 3)  # then accepts
+    orch = subnet.start_orchestrator(max_attempts=1)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body(deadline_s=60)).json()["request_id"]
+    view = wait_status(client, request_id, {"running", "failed"}, timeout=20)
+    # Three refusals, yet the one attempt it may have is still there: the fourth send is taken.
+    assert (view["status"], view["attempts"]) == ("running", 4)
+    outcomes = [(a.attempt, a.outcome) for a in orch.store.list_attempts(request_id)]
+    assert outcomes == [(1, "busy"), (2, "busy"), (3, "busy"), (4, None)]
+    assert [body["job_id"] for body in pushy.received] == [f"{request_id}-{n}" for n in (1, 2, 3, 4)]
+
+    png = noise_png()
+    done = CallbackSender(orch.url).send(request_id, signer_from_uri("//Dave"), view_meta(f"{request_id}-4", png), png)
+    assert done.json()["status"] == "succeeded"
+    assert wait_status(client, request_id, {"succeeded"})["result"]["sha256"] == sha256(png)
+
+
+def test_a_job_refused_until_its_deadline_ends_as_expired_not_as_failed_attempts(subnet):
+    subnet.add_stub_miner("//Dave", refusals=[(429, "0.2")] * 1000)
+    orch = subnet.start_orchestrator(max_attempts=3)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body(deadline_s=2.5)).json()["request_id"]
+    view = wait_status(client, request_id, {"succeeded", "failed"}, timeout=20)
+    # Ended by its deadline (at the last refusal, or by the sweeper if that came first), not by attempts.
+    assert view["status"] == "failed" and view["error"].startswith("deadline passed before a miner could")
+    assert "attempt" not in view["error"]
+    attempts = orch.store.list_attempts(request_id)
+    # More sends than max_attempts: refusals used none of them up.
+    assert len(attempts) > 3 and {a.outcome for a in attempts} == {"busy"}
+
+
+@pytest.mark.parametrize(
+    ("lane", "slots"),
+    [
+        ({"workers_alive": 1, "queue_limit": 2}, 3),  # its worker and its queue
+        # 20 s a job: one worker finishes 3 within the 60 s attempt timeout, whatever its queue takes.
+        ({"workers_alive": 1, "queue_limit": 64, "seconds_per_job": 20.0}, 3),
+        ({"workers_alive": 2, "queue_limit": 64, "seconds_per_job": 30.0}, 4),
+    ],
+    ids=["queue-limit", "pace", "pace-two-workers"],
+)
+def test_a_miner_is_sent_no_more_jobs_than_it_can_hold_and_finish_in_time(subnet, lane: dict[str, Any], slots: int):
+    holder = subnet.add_stub_miner("//Dave", lane=lane)  # accepts every job, finishes none
+    orch = subnet.start_orchestrator(inference_attempt_timeout_s=60)
+    client = subnet.client(orch, subnet.new_key(orch))
+    ids = [client.post("/v1/images", json=image_body(seed=n)).json()["request_id"] for n in range(slots + 3)]
+    wait_until(lambda: len(holder.received) >= slots, 10, "the miner's slots to fill")
+    time.sleep(1.0)  # several dispatch rounds: none may send more
+    assert len(holder.received) == slots
+    assert orch.store.active_counts() == {(holder.hotkey, "inference"): slots}
+    assert sum(client.get(f"/v1/requests/{i}").json()["status"] == "queued" for i in ids) == 3
+
+    # One finishes: one slot frees, and exactly one more job goes out.
+    first = holder.received[0]["job_id"]
+    png = noise_png()
+    request_id = first.rsplit("-", 1)[0]
+    CallbackSender(orch.url).send(request_id, signer_from_uri("//Dave"), view_meta(first, png), png)
+    wait_until(lambda: len(holder.received) == slots + 1, 10, "the freed slot to be used")
+    time.sleep(0.5)
+    assert len(holder.received) == slots + 1
 
 
 @pytest.mark.parametrize(
@@ -185,11 +273,70 @@ def test_a_failure_reported_by_the_miner_sends_the_job_elsewhere(subnet):
     client = subnet.client(orch, subnet.new_key(orch))
     request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
     wait_status(client, request_id, {"running"})
-    meta = view_meta(f"{request_id}-1", None, status="failed", error="CUDA out of memory")
+    error = "CUDA out of memory in /home/dave/.cache/dippy/kernels/flux_attn.so"
+    meta = view_meta(f"{request_id}-1", None, status="failed", error=error)
     reply = CallbackSender(orch.url).send(request_id, signer_from_uri("//Dave"), meta, None)
     assert reply.status_code == 200 and reply.json() == {"status": "failed"}  # no attempts left
     view = client.get(f"/v1/requests/{request_id}").json()
-    assert view["status"] == "failed" and "miner reported failed: CUDA out of memory" in view["error"]
+    assert view["status"] == "failed" and "miner reported failed: CUDA out of memory in" in view["error"]
+    # The miner's files are named, never where it keeps them.
+    assert "flux_attn.so" in view["error"] and "/home/dave" not in view["error"]
+    assert orch.store.list_attempts(request_id)[0].outcome == "failed"
+
+
+def test_a_miner_reported_input_error_fails_the_job_as_the_clients_without_charging_the_miner(subnet):
+    bad = "ab" * 32
+    data_dir = subnet.tmp_path / "miner__Bob"  # where add_miner keeps Bob's files
+
+    def unfit(record, check):  # what the engine says of a LoRA whose shapes do not fit
+        raise BadLoraError(f"{data_dir / 'downloads' / bad}: does not fit this profile: 'x.lora_A.weight' has shape")
+
+    subnet.add_miner("//Bob", inference_runner=unfit)
+    orch = subnet.start_orchestrator(max_attempts=3)
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body()).json()["request_id"]
+    view = wait_status(client, request_id, {"succeeded", "failed"})
+    # Failed at once, for a reason the client can act on: no other miner could do better.
+    assert (view["status"], view["attempts"]) == ("failed", 1)
+    assert view["error"].startswith("the request's input cannot be used: miner reported failed: " + bad)
+    assert str(subnet.tmp_path) not in view["error"] and "downloads" not in view["error"]
+    [attempt] = orch.store.list_attempts(request_id)
+    assert attempt.outcome == "bad_input"
+    # Scored as work the miner never took on, not as a failure of its own.
+    job = orch.store.load_job(request_id)
+    assert attempt_record(attempt, job, None, None).accepted is False
+
+
+def test_a_deadline_shorter_than_the_attempt_is_the_clients_expiry_not_a_miner_timeout(subnet):
+    silent = subnet.add_stub_miner("//Dave")  # accepts, never calls back
+    orch = subnet.start_orchestrator(inference_attempt_timeout_s=60)
+    client = subnet.client(orch, subnet.new_key(orch))
+    short = client.post("/v1/images", json=image_body(deadline_s=1.5)).json()["request_id"]
+    view = wait_status(client, short, {"succeeded", "failed"}, timeout=15)
+    assert view["status"] == "failed" and view["error"].startswith("deadline passed before the job could finish")
+    [attempt] = orch.store.list_attempts(short)
+    assert (attempt.miner_hotkey, attempt.outcome) == (silent.hotkey, "expired")
+    assert attempt_record(attempt, orch.store.load_job(short), None, None).accepted is False
+
+
+@pytest.mark.parametrize(
+    ("deadline_s", "reported_at_s", "outcome"),
+    [
+        (10.0, 10.5, "expired"),  # the client's deadline ended the attempt, and it has passed
+        (10.0, 3.0, "timeout"),  # the miner gave up long before that deadline: its own doing
+        (600.0, 61.0, "timeout"),  # it had its whole attempt time (60 s)
+    ],
+)
+def test_a_miner_reporting_expiry_is_charged_only_when_it_had_its_whole_attempt_time(
+    deadline_s: float, reported_at_s: float, outcome: str
+):
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    job = Job(**job_row("key", "inference", {}, t0 + timedelta(seconds=deadline_s), 60, now=t0))
+    job.dispatched_at = t0
+    meta = JobView.model_validate(view_meta("req-1", None, status="expired"))
+    assert failure_outcome(job, meta, t0 + timedelta(seconds=reported_at_s), skew_s=2.0) == outcome
+    failed = JobView.model_validate(view_meta("req-1", None, status="failed", input_error=True))
+    assert failure_outcome(job, failed, t0, skew_s=2.0) == "bad_input"
 
 
 def test_registry_follows_the_chain_and_probes(subnet):

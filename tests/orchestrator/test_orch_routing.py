@@ -40,6 +40,27 @@ def test_only_healthy_miners_of_the_profile_with_a_free_lane_are_eligible():
     assert choose_miner(candidates[1:], "inference", "tiny") is None
 
 
+@pytest.mark.parametrize(
+    ("lane", "slots"),
+    [
+        (Lane(True, queue_limit=8, workers=2), 10),  # its workers and its queue
+        (Lane(True, queue_limit=8, workers=2, seconds_per_job=20.0), 6),  # 3 each within 60 s
+        (Lane(True, queue_limit=2, workers=1, seconds_per_job=1.0), 3),  # fast, but its queue is short
+        (Lane(True, queue_limit=8, workers=1, seconds_per_job=90.0), 1),  # slower than the timeout: one at a time
+        (Lane(True), None),  # nothing advertised: no bound
+    ],
+)
+def test_a_miner_gets_no_more_jobs_than_its_slots(lane: Lane, slots: int | None):
+    assert lane.slots(60.0) == slots
+    candidates = [miner(0, lanes={"inference": lane}), miner(1)]
+    full = {"hk0": slots or 10**6}
+    assert [c.uid for c in eligible(candidates, "inference", "tiny", held=full, attempt_timeout_s=60.0)] == (
+        [1] if slots else [0, 1]
+    )
+    one_free = {"hk0": (slots or 10**6) - 1}
+    assert choose_miner(candidates[:1], "inference", "tiny", held=one_free, attempt_timeout_s=60.0) == candidates[0]
+
+
 def test_miners_that_tried_the_job_come_last():
     candidates = [miner(0), miner(1), miner(2)]
     assert set(draws(candidates, 300, tried={"hk0": 1, "hk1": 1})) == {2}

@@ -285,6 +285,20 @@ def test_claim_takes_oldest_first_and_caps_the_attempt_by_the_deadline(store: St
     assert store.load_job(late.id).status == "queued"
 
 
+def test_claim_takes_turns_between_keys_so_a_flood_does_not_starve_others(store: Store, key_id: str):
+    other = store.create_api_key("other").key.id
+    flood = [make_job(store, key_id, created_s=n) for n in range(8)]
+    assert [j.id for j in claim(store, 3, at=20)] == [j.id for j in flood[:3]]  # out at miners now
+    late = make_job(store, other, created_s=30)  # behind the whole flood by age
+    later = make_job(store, other, created_s=31)
+
+    # The key with the least under way goes first: `late` before the flood's older jobs.
+    assert [j.id for j in claim(store, 1, at=40)] == [late.id]
+    # Then turns: the flood's 4th (3 out + 1) against `later` (1 out + 1).
+    assert [j.id for j in claim(store, 1, at=40)] == [later.id]
+    assert [j.id for j in claim(store, 10, at=40)] == [j.id for j in flood[3:]]
+
+
 def test_claim_can_assign_miners_in_the_same_transaction(store: Store, key_id: str):
     again = make_job(store, key_id, created_s=0)
     dispatch(store, again.id, "hk1", 1, at=1)
@@ -388,6 +402,50 @@ def test_a_job_taken_back_from_its_miner_is_retried_while_attempts_and_time_allo
     tight = make_job(store, key_id, deadline_s=10, created_s=1)
     dispatch(store, tight.id, "hk1", 1, at=2)
     assert store.take_back(store.load_job(tight.id), "busy", outcome="refused", now=sec(7), min_attempt_s=5) == "failed"
+
+
+def test_a_miner_that_did_not_take_the_job_uses_up_none_of_its_attempts(store: Store, key_id: str):
+    job = make_job(store, key_id, deadline_s=600, max_attempts=1)
+    for n, outcome in enumerate(["busy", "busy", "unreachable"]):
+        dispatch(store, job.id, "hk1", 1, at=n)
+        assert store.take_back(store.load_job(job.id), "HTTP 429", outcome=outcome, now=sec(n), min_attempt_s=5) == (
+            "queued"
+        )
+    dispatch(store, job.id, "hk2", 2, at=5)
+    # Its one attempt is the first miner that took it and failed.
+    assert store.take_back(store.load_job(job.id), "crashed", outcome="failed", now=sec(6), min_attempt_s=5) == "failed"
+    failed = store.load_job(job.id)
+    assert failed.attempts == 4 and "attempt 1 of 1 failed (crashed)" in failed.error
+
+    # Refused with too little time left: the deadline, not the refusals, ends it.
+    late = make_job(store, key_id, deadline_s=10, created_s=7)
+    dispatch(store, late.id, "hk1", 1, at=7)
+    assert store.take_back(store.load_job(late.id), "HTTP 429", outcome="busy", now=sec(7), min_attempt_s=5) == "failed"
+    assert store.load_job(late.id).error == "deadline passed before a miner could take the job (the last: HTTP 429)"
+
+
+def test_a_request_whose_own_input_or_deadline_ended_the_attempt_fails_at_once(store: Store, key_id: str):
+    job = make_job(store, key_id, deadline_s=600, max_attempts=3)
+    dispatch(store, job.id, "hk1", 1, at=0)
+    reason = "miner reported failed: the LoRA does not fit this profile"
+    assert store.take_back(store.load_job(job.id), reason, outcome="bad_input", now=sec(1), min_attempt_s=5) == "failed"
+    assert store.load_job(job.id).error == f"the request's input cannot be used: {reason}"
+    assert [a.outcome for a in store.list_attempts(job.id)] == ["bad_input"]
+
+    # 10 s to its deadline when a 60 s attempt starts: the sweeper finds the client's time up, not the miner's.
+    short = make_job(store, key_id, deadline_s=11, timeout_s=60, created_s=1)
+    dispatch(store, short.id, "hk1", 1, at=1)
+    assert store.sweep(now=sec(11.5)).failed == [short.id]
+    expired = store.load_job(short.id)
+    assert expired.error.startswith("deadline passed before the job could finish")
+    assert [a.outcome for a in store.list_attempts(short.id)] == ["expired"]
+
+
+def test_active_counts_are_what_each_miner_holds(store: Store, key_id: str):
+    jobs = [make_job(store, key_id, created_s=n) for n in range(4)]
+    claim(store, 3, at=5, assign=lambda job, tried: ("hk1", 1) if job.id != jobs[1].id else ("hk2", 2))
+    assert store.transition(jobs[0].id, "dispatched", "succeeded", now=sec(6))
+    assert store.active_counts() == {("hk1", "inference"): 1, ("hk2", "inference"): 1}
 
 
 def test_a_success_stores_the_result_and_registers_its_lora_once(store: Store, key_id: str):

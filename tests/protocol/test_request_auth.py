@@ -31,7 +31,7 @@ from dippy_studio.protocol import (
     sign_request,
     verify_request,
 )
-from dippy_studio.protocol.auth import check_nonce_window, check_request
+from dippy_studio.protocol.auth import WrongTarget, check_headers, check_nonce_window, check_request
 
 T0 = 1_700_000_000.0
 BODY = b'{"prompt": "a cat in a hat", "seed": 7}'
@@ -111,23 +111,27 @@ def test_headers_from_bittensor_sign_are_accepted(alice: Signer, bob: Signer, st
     assert verify(headers, bob, store).hotkey_ss58 == alice.ss58_address
 
 
-def test_epistula_headers_built_like_the_reference_client_are_accepted(bob: Signer, store) -> None:
-    # Interop: what other subnets' orchestrators send, built here by hand from the spec.
-    keypair = Keypair.create_from_uri("//Dave")
+def reference_epistula(body: bytes, receiver: Signer, uri: str = "//Dave") -> dict[str, str]:
+    """What other subnets' orchestrators send, built by hand from the spec: no request target."""
+    keypair = Keypair.create_from_uri(uri)
     timestamp = str(round(T0 * 1000))
     request_uuid = str(uuid.uuid4())
-    message = f"{hashlib.sha256(BODY).hexdigest()}.{request_uuid}.{timestamp}.{bob.ss58_address}"
-    headers = {
+    message = f"{hashlib.sha256(body).hexdigest()}.{request_uuid}.{timestamp}.{receiver.ss58_address}"
+    return {
         "Epistula-Version": "2",
         "Epistula-Timestamp": timestamp,
         "Epistula-Uuid": request_uuid,
         "Epistula-Signed-By": keypair.ss58_address,
-        "Epistula-Signed-For": bob.ss58_address,
+        "Epistula-Signed-For": receiver.ss58_address,
         "Epistula-Request-Signature": "0x" + bytes(keypair.sign(message.encode())).hex(),
     }
+
+
+def test_epistula_headers_built_like_the_reference_client_are_accepted(bob: Signer, store) -> None:
+    headers = reference_epistula(BODY, bob)
     caller = verify(headers, bob, store)
-    assert caller.hotkey_ss58 == keypair.ss58_address
-    assert caller.request_id == request_uuid
+    assert caller.hotkey_ss58 == Keypair.create_from_uri("//Dave").ss58_address
+    assert caller.request_id == headers["Epistula-Uuid"]
 
 
 # --- rejected: authentication (401) -------------------------------------------------------
@@ -311,13 +315,49 @@ def test_btauth_binds_method_and_path(alice: Signer, bob: Signer, store) -> None
         verify(headers, bob, store, method="PUT")
 
 
-def test_epistula_does_not_bind_method_or_path(alice: Signer, bob: Signer, store) -> None:
-    # A property of the Epistula spec, pinned so nobody relies on it: only the UUID
-    # replay check stops a captured request being re-aimed at another endpoint.
+def test_our_epistula_signatures_bind_method_and_path(alice: Signer, bob: Signer, store) -> None:
     headers = sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, "epistula", now=T0)
-    verify(headers, bob, store, path="/elsewhere", method="PUT")
-    with pytest.raises(ReplayedRequest):
-        verify(headers, bob, store)
+    assert headers["Epistula-Request-Target"] == f"{METHOD} {PATH}"
+    with pytest.raises(WrongTarget, match="signed for 'POST /inference"):
+        verify(headers, bob, store, path="/elsewhere")
+    with pytest.raises(WrongTarget):
+        verify(headers, bob, store, method="PUT")
+    # Rewriting the target to match, or dropping it, breaks the signature: the target is signed.
+    with pytest.raises(BadSignature):
+        verify({**headers, "Epistula-Request-Target": "PUT /elsewhere"}, bob, store, path="/elsewhere", method="PUT")
+    unbound = {k: v for k, v in headers.items() if k != "Epistula-Request-Target"}
+    with pytest.raises(BadSignature):
+        verify(unbound, bob, store, path="/elsewhere")
+    assert len(store) == 0
+    assert verify(headers, bob, store).hotkey_ss58 == alice.ss58_address
+
+
+def test_a_standard_epistula_signature_cannot_authorise_a_bodiless_action(alice: Signer, bob: Signer, store) -> None:
+    # Headers from a body-less GET, aimed at a body-less POST (a cancel): nothing signed says which.
+    headers = reference_epistula(b"", bob, "//Alice")
+    with pytest.raises(WrongTarget, match="without a body") as caught:
+        verify(headers, bob, store, body=b"", method="POST", path="/v1/jobs/x/cancel")
+    assert caught.value.status_code == 401 and len(store) == 0
+    with pytest.raises(WrongTarget):
+        verify(headers, bob, store, body=b"", method="DELETE", path="/v1/jobs/x")
+    # Reads stay open to standard senders; so do requests whose signed body says what they are.
+    assert verify(headers, bob, store, body=b"", method="GET", path="/v1/capacity")
+    assert verify(reference_epistula(BODY, bob, "//Alice"), bob, store).hotkey_ss58 == alice.ss58_address
+
+
+def test_headers_are_checked_before_the_body(alice: Signer, bob: Signer, charlie: Signer, store) -> None:
+    # A server taking large bodies refuses on the headers alone, then verifies against the digest.
+    checks = dict(method=METHOD, path=PATH, receiver_ss58=bob.ss58_address, now=T0)
+    for scheme in SCHEMES:
+        with pytest.raises(StaleRequest):
+            check_headers(sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0 - 60), **checks)
+        with pytest.raises(WrongReceiver):
+            check_headers(sign_request(alice, METHOD, PATH, BODY, charlie.ss58_address, scheme, now=T0), **checks)
+        signed = check_headers(sign_request(alice, METHOD, PATH, BODY, bob.ss58_address, scheme, now=T0), **checks)
+        assert signed.sender == alice.ss58_address
+        with pytest.raises(BadSignature):
+            signed.check_body(hashlib.sha256(BODY + b"!").hexdigest(), SenderPolicy.open())
+        assert signed.check_body(hashlib.sha256(BODY).hexdigest(), SenderPolicy.open()).claim(store)
 
 
 # --- rejected: policy (403), and what it leaves behind --------------------------------------

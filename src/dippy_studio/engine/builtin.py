@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from dippy_studio.engine.tokenizers import clip_tokenizer, t5_tokenizer
 
@@ -124,21 +124,7 @@ def build_pipeline(config: BuiltinConfig) -> FluxPipeline:
         scaling_factor=1.5035,
         **config.vae,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            hidden_size=config.clip_width,
-            intermediate_size=config.clip_width * 4,
-            num_attention_heads=4,
-            num_hidden_layers=config.clip_layers,
-            projection_dim=config.clip_width,
-            max_position_embeddings=clip_tok.model_max_length,
-            hidden_act="gelu",
-        )
-    )
+    text_encoder = CLIPTextModel(clip_config(config, clip_tok))
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tok),
@@ -171,6 +157,24 @@ def build_pipeline(config: BuiltinConfig) -> FluxPipeline:
         text_encoder_2=text_encoder_2,
         tokenizer_2=t5_tok,
         transformer=transformer,
+    )
+
+
+def clip_config(config: BuiltinConfig, clip_tok: CLIPTokenizer | None = None) -> CLIPTextConfig:
+    """The CLIP text encoder's architecture (the built-in byte-level tokenizer unless given)."""
+    clip_tok = clip_tok or clip_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=len(clip_tok),
+        bos_token_id=clip_tok.bos_token_id,
+        eos_token_id=clip_tok.eos_token_id,
+        pad_token_id=clip_tok.pad_token_id,
+        hidden_size=config.clip_width,
+        intermediate_size=config.clip_width * 4,
+        num_attention_heads=4,
+        num_hidden_layers=config.clip_layers,
+        projection_dim=config.clip_width,
+        max_position_embeddings=clip_tok.model_max_length,
+        hidden_act="gelu",
     )
 
 

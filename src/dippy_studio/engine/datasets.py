@@ -12,6 +12,7 @@ the same.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -19,9 +20,11 @@ import re
 import stat
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -33,21 +36,28 @@ CAPTION_SUFFIX = ".txt"
 TRIGGER_PLACEHOLDER = "[trigger]"
 _SKIPPED_DIRS = {"__MACOSX"}
 ZIP_DATE = (2026, 1, 1, 0, 0, 0)  # fixed entry timestamps keep archives byte-identical
+_READ_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
 class DatasetLimits:
-    """What a dataset may hold. The defaults suit client uploads; tests pass tiny limits."""
+    """What a dataset may hold. The defaults suit a local dataset; services pass their own total
+    (`max_dataset_bytes` in the orchestrator's and the miner's settings); tests pass tiny limits."""
 
     max_files: int = 5000  # archive entries or folder files, of any kind
-    max_total_bytes: int = 2 * 1024**3  # uncompressed
-    max_file_bytes: int = 64 * 1024**2
+    # Everything read into memory (images and captions, uncompressed), and the archive itself.
+    max_total_bytes: int = 2 * 1024**3
+    # One image file: a 25-megapixel PNG of a photo is about 40 MB; more is padding or a bomb.
+    max_image_bytes: int = 64 * 1024**2
     max_compression_ratio: float = 100.0
     # Small entries can compress well without being dangerous (a short repetitive caption).
     ratio_exempt_bytes: int = 64 * 1024
     min_side: int = 16
     max_pixels: int = 25_000_000
-    max_caption_bytes: int = 16 * 1024
+    # The text encoder reads a caption as at most 512 T5 tokens (the longest max_sequence_length
+    # of any profile), about 2 KiB of English; the rest is cut off and never trained on. 4 KiB
+    # leaves room for text that tokenizes densely (other scripts, punctuation, numbers).
+    max_caption_bytes: int = 4 * 1024
 
 
 @dataclass(frozen=True)
@@ -107,31 +117,34 @@ def _tidy(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip(" ,;:")
 
 
-def load_dataset(source: Path, limits: DatasetLimits | None = None) -> Dataset:
-    """Read and check a dataset folder or .zip archive."""
+def load_dataset(source: Path, limits: DatasetLimits | None = None, *, name: str | None = None) -> Dataset:
+    """Read and check a dataset folder or .zip archive. `name` stands for `source` in errors."""
     limits = limits or DatasetLimits()
+    label = name or str(source)
     if source.is_dir():
-        files = _folder_files(source, limits)
-    elif source.is_file():
-        try:
-            if source.stat().st_size > limits.max_total_bytes:
-                raise DatasetError(f"{source}: the archive is larger than {limits.max_total_bytes} bytes")
-            data = source.read_bytes()
-        except OSError as exc:
-            raise DatasetError(f"cannot read {source}: {exc.strerror}") from None
-        return load_zip_bytes(data, limits, source=str(source))
-    else:
-        raise DatasetError(f"dataset {source} does not exist")
-    return _build(files, limits, str(source))
+        return _build(_folder_files(source, limits, label), limits, label)
+    if not source.is_file():
+        raise DatasetError(f"dataset {label} does not exist")
+    try:
+        if source.stat().st_size > limits.max_total_bytes:
+            raise DatasetError(f"{label}: the archive is larger than {limits.max_total_bytes} bytes")
+        # Read from disk entry by entry: only what the dataset holds is ever in memory.
+        return _load_zip(source, limits, label)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {label}: {exc.strerror or exc}") from None
 
 
 def load_zip_bytes(data: bytes, limits: DatasetLimits | None = None, source: str = "<zip>") -> Dataset:
-    """Read and check a dataset from the bytes of a .zip archive (as downloaded), in memory."""
+    """Read and check a dataset from the bytes of a .zip archive (as uploaded), in memory."""
     limits = limits or DatasetLimits()
     if len(data) > limits.max_total_bytes:
         raise DatasetError(f"{source}: the archive is larger than {limits.max_total_bytes} bytes")
+    return _load_zip(io.BytesIO(data), limits, source)
+
+
+def _load_zip(archive_file: Path | BinaryIO, limits: DatasetLimits, source: str) -> Dataset:
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
+        archive = zipfile.ZipFile(archive_file)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as exc:
         raise DatasetError(f"{source} is not a dataset folder or a readable .zip archive: {exc}") from None
     with archive:
@@ -139,11 +152,15 @@ def load_zip_bytes(data: bytes, limits: DatasetLimits | None = None, source: str
 
 
 def _zip_files(archive: zipfile.ZipFile, limits: DatasetLimits, source: str) -> list[tuple[str, bytes]]:
+    """Check the archive's directory, then read the images and their captions.
+
+    Every bound is checked twice: against the sizes the directory declares, before anything is
+    decompressed, and while reading, since a crafted archive can declare less than it holds.
+    """
     infos = archive.infolist()
     if len(infos) > limits.max_files:
         raise DatasetError(f"{source}: {len(infos)} archive entries is over the limit of {limits.max_files}")
-    seen: set[str] = set()
-    wanted: list[tuple[str, zipfile.ZipInfo]] = []
+    entries: dict[str, zipfile.ZipInfo] = {}
     total = compressed = 0
     for info in infos:
         name = _safe_entry_name(info.filename, source)
@@ -154,14 +171,8 @@ def _zip_files(archive: zipfile.ZipFile, limits: DatasetLimits, source: str) -> 
             raise DatasetError(f"{source}: archive entry {info.filename!r} is a symbolic link")
         if info.flag_bits & 0x1:
             raise DatasetError(f"{source}: archive entry {info.filename!r} is encrypted")
-        if name in seen:
+        if name in entries:
             raise DatasetError(f"{source}: archive entry {name!r} appears twice")
-        seen.add(name)
-        if info.file_size > limits.max_file_bytes:
-            raise DatasetError(
-                f"{source}: {info.filename!r} is {info.file_size} bytes uncompressed, "
-                f"over the per-file limit of {limits.max_file_bytes}"
-            )
         ratio = info.file_size / max(1, info.compress_size)
         if info.file_size > limits.ratio_exempt_bytes and ratio > limits.max_compression_ratio:
             raise DatasetError(
@@ -170,30 +181,73 @@ def _zip_files(archive: zipfile.ZipFile, limits: DatasetLimits, source: str) -> 
             )
         total += info.file_size
         compressed += info.compress_size
-        if total > limits.max_total_bytes:
-            raise DatasetError(
-                f"{source}: the archive expands to more than {limits.max_total_bytes} bytes (a zip bomb?)"
-            )
-        if not _skipped(name):
-            wanted.append((name, info))
+        entries[name] = info
     overall = total / max(1, compressed)
     if total > limits.ratio_exempt_bytes and overall > limits.max_compression_ratio:
         raise DatasetError(
             f"{source}: the archive expands {overall:.0f}x ({compressed} -> {total} bytes), "
             f"over the {limits.max_compression_ratio:.0f}x limit (a zip bomb?)"
         )
-    files = []
-    for name, info in wanted:
-        if not _relevant(name):
-            continue
-        try:
-            with archive.open(info) as member:
-                # zipfile never returns more than the declared size, and that size was checked above.
-                content = member.read(info.file_size + 1)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            raise DatasetError(f"{source}: archive entry {info.filename!r} is corrupt: {exc}") from None
-        files.append((name, content))
-    return _strip_common_folder(files)
+    wanted = _dataset_files(entries)
+    _check_sizes({name: entries[name].file_size for name in wanted}, limits, source)
+    return _strip_common_folder([(name, _read_entry(archive, entries[name], source)) for name in wanted])
+
+
+def _check_sizes(sizes: dict[str, int], limits: DatasetLimits, source: str) -> None:
+    """Each image and caption within its bound, and all of them within the dataset's total."""
+    total = 0
+    for name, size in sizes.items():
+        if _is_caption(name) and size > limits.max_caption_bytes:
+            raise DatasetError(
+                f"{source}: caption {name!r} is {size} bytes, over the {limits.max_caption_bytes}-byte limit "
+                "for a caption"
+            )
+        if _is_image(name) and size > limits.max_image_bytes:
+            raise DatasetError(
+                f"{source}: image {name!r} is {size} bytes, over the {limits.max_image_bytes}-byte limit for an image"
+            )
+        total += size
+        if total > limits.max_total_bytes:
+            raise DatasetError(
+                f"{source}: the dataset's images and captions come to more than {limits.max_total_bytes} bytes "
+                f"uncompressed (the limit was passed at {name!r})"
+            )
+
+
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> bytes:
+    """Decompress one entry in chunks, never more than one byte past its declared size (which was
+    checked).
+
+    zipfile stops at the declared size by itself and hides what lies beyond (with a forged CRC,
+    silently). Told a chunk more (it decompresses a few KiB ahead and checks the CRC where it
+    thinks the entry ends), it hands over the byte past the declared size of an entry that holds
+    more, and still checks the CRC of one that ends where it says.
+    """
+    probe = copy.copy(info)
+    probe.file_size = info.file_size + _READ_CHUNK
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with archive.open(probe) as member:
+            while chunk := member.read(min(_READ_CHUNK, info.file_size + 1 - size)):
+                size += len(chunk)
+                if size > info.file_size:
+                    raise DatasetError(
+                        f"{source}: archive entry {info.filename!r} holds more than the {info.file_size} bytes "
+                        "its directory declares (a zip bomb?)"
+                    )
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise DatasetError(f"{source}: archive entry {info.filename!r} is corrupt: {exc}") from None
+    return b"".join(chunks)
+
+
+def _dataset_files(names: Iterable[str]) -> list[str]:
+    """The files a dataset is made of, in name order: images and the captions of images. Other
+    files (a README.txt, a caption without its image, hidden files) are never read."""
+    names = sorted(name for name in names if not _skipped(name))
+    stems = {name.rsplit(".", 1)[0] for name in names if _is_image(name)}
+    return [name for name in names if _is_image(name) or (_is_caption(name) and _caption_stem(name) in stems)]
 
 
 def _safe_entry_name(raw: str, source: str) -> str:
@@ -216,37 +270,40 @@ def _strip_common_folder(files: list[tuple[str, bytes]]) -> list[tuple[str, byte
     return files
 
 
-def _folder_files(root: Path, limits: DatasetLimits) -> list[tuple[str, bytes]]:
-    paths: list[tuple[str, Path]] = []
-    count = total = 0
+def _folder_files(root: Path, limits: DatasetLimits, source: str) -> list[tuple[str, bytes]]:
+    paths: dict[str, Path] = {}
+    count = 0
     for directory, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
         for filename in sorted(filenames):
             count += 1
             if count > limits.max_files:
-                raise DatasetError(f"{root}: more than {limits.max_files} files in the dataset folder")
+                raise DatasetError(f"{source}: more than {limits.max_files} files in the dataset folder")
             path = Path(directory, filename)
-            name = path.relative_to(root).as_posix()
-            if _skipped(name) or not _relevant(name):
-                continue
-            info = path.lstat()
-            if stat.S_ISLNK(info.st_mode):
-                raise DatasetError(f"{root}: {name} is a symbolic link; a dataset holds plain files only")
-            if info.st_size > limits.max_file_bytes:
-                raise DatasetError(
-                    f"{root}: {name} is {info.st_size} bytes, over the per-file limit of {limits.max_file_bytes}"
-                )
-            total += info.st_size
-            if total > limits.max_total_bytes:
-                raise DatasetError(f"{root}: the dataset is larger than {limits.max_total_bytes} bytes")
-            paths.append((name, path))
-    files = []
-    for name, path in paths:
+            paths[path.relative_to(root).as_posix()] = path
+    sizes: dict[str, int] = {}
+    for name in _dataset_files(paths):
         try:
-            files.append((name, path.read_bytes()))
+            info = paths[name].lstat()
         except OSError as exc:
-            raise DatasetError(f"{root}: cannot read {name}: {exc.strerror}") from None
-    return files
+            raise DatasetError(f"{source}: cannot read {name}: {exc.strerror}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise DatasetError(f"{source}: {name} is a symbolic link; a dataset holds plain files only")
+        sizes[name] = info.st_size
+    _check_sizes(sizes, limits, source)
+    return [(name, _read_file(paths[name], sizes[name], source, name)) for name in sizes]
+
+
+def _read_file(path: Path, size: int, source: str, name: str) -> bytes:
+    """Read a file of a checked size; one that grew since is refused rather than read whole."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(size + 1)
+    except OSError as exc:
+        raise DatasetError(f"{source}: cannot read {name}: {exc.strerror}") from None
+    if len(data) > size:
+        raise DatasetError(f"{source}: {name} grew while it was being read")
+    return data
 
 
 def _skipped(name: str) -> bool:
@@ -254,25 +311,29 @@ def _skipped(name: str) -> bool:
     return any(part.startswith(".") or part in _SKIPPED_DIRS for part in name.split("/"))
 
 
-def _relevant(name: str) -> bool:
-    return name.lower().endswith((*IMAGE_SUFFIXES, CAPTION_SUFFIX))
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _is_caption(name: str) -> bool:
+    return name.lower().endswith(CAPTION_SUFFIX)
+
+
+def _caption_stem(name: str) -> str:
+    return name[: -len(CAPTION_SUFFIX)]
 
 
 def _build(files: Iterable[tuple[str, bytes]], limits: DatasetLimits, source: str) -> Dataset:
     by_name = dict(files)
-    captions = {
-        name[: -len(CAPTION_SUFFIX)]: (name, data)
-        for name, data in by_name.items()
-        if name.lower().endswith(CAPTION_SUFFIX)
-    }
+    captions = {_caption_stem(name): (name, data) for name, data in by_name.items() if _is_caption(name)}
     items = []
     for name in sorted(by_name):
-        if not name.lower().endswith(IMAGE_SUFFIXES):
+        if not _is_image(name):
             continue
         data = by_name[name]
         width, height = check_image(name, data, limits, source)
         stem = name.rsplit(".", 1)[0]
-        caption = _decode_caption(*captions[stem], limits, source) if stem in captions else None
+        caption = _decode_caption(*captions[stem], source) if stem in captions else None
         items.append(DatasetItem(name=name, data=data, caption=caption, width=width, height=height))
     if not items:
         kinds = ", ".join(IMAGE_SUFFIXES)
@@ -311,9 +372,7 @@ def check_image(name: str, data: bytes, limits: DatasetLimits, source: str = "da
     return width, height
 
 
-def _decode_caption(name: str, data: bytes, limits: DatasetLimits, source: str) -> str:
-    if len(data) > limits.max_caption_bytes:
-        raise DatasetError(f"{source}: caption {name} is over {limits.max_caption_bytes} bytes")
+def _decode_caption(name: str, data: bytes, source: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -13,6 +13,11 @@ class LoraError(EngineError, ValueError):
     """A LoRA file is missing, unreadable, malformed, or does not fit the profile."""
 
 
+class BadLoraError(LoraError):
+    """The LoRA's bytes are unusable: not a safe, well-formed LoRA, or one that does not fit the
+    profile. Any engine of the profile would refuse the same file: the fault is whoever chose it."""
+
+
 class ProfileError(EngineError, ValueError):
     """A model profile cannot be built or loaded as asked (unknown name, missing directory...)."""
 

@@ -12,6 +12,7 @@ import re
 import struct
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from dippy_studio.engine.errors import LoraError
+from dippy_studio.engine.errors import BadLoraError, LoraError
 from dippy_studio.protocol.limits import LoraScale
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
@@ -83,14 +84,14 @@ def read_lora(path: Path, max_bytes: int = MAX_LORA_BYTES) -> LoraFile:
     try:
         state_dict = load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise LoraError(f"{path}: not a valid safetensors file: {exc}") from None
+        raise BadLoraError(f"{path}: not a valid safetensors file: {exc}") from None
     if not state_dict:
-        raise LoraError(f"{path}: the file holds no tensors")
+        raise BadLoraError(f"{path}: the file holds no tensors")
     for name, tensor in state_dict.items():
         if not tensor.is_floating_point():
-            raise LoraError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
+            raise BadLoraError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected floating point")
         if not bool(torch.isfinite(tensor).all()):
-            raise LoraError(f"{path}: tensor {name!r} contains NaN or Inf values")
+            raise BadLoraError(f"{path}: tensor {name!r} contains NaN or Inf values")
     sha256 = hashlib.sha256(data).hexdigest()
     return LoraFile(path=path, sha256=sha256, state_dict=state_dict, adapter_metadata=_adapter_metadata(path, header))
 
@@ -104,9 +105,9 @@ def _adapter_metadata(path: Path, header: bytes) -> dict[str, object] | None:
             return None
         metadata = json.loads(raw)
     except (ValueError, AttributeError):
-        raise LoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not valid JSON") from None
+        raise BadLoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not valid JSON") from None
     if not isinstance(metadata, dict):
-        raise LoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not a JSON object")
+        raise BadLoraError(f"{path}: the '{ADAPTER_METADATA_KEY}' in its header is not a JSON object")
     return metadata
 
 
@@ -120,34 +121,52 @@ def _check_safetensors_header(path: Path, data: bytes) -> bytes:
         if header_len <= len(data) - 8 and data[8:9] == b"{":
             return data[8 : 8 + header_len]
     if data[:2] == b"PK" or data[:1] == b"\x80":
-        raise LoraError(f"{path}: this is a pickle/torch.save checkpoint; pickle files are refused")
+        raise BadLoraError(f"{path}: this is a pickle/torch.save checkpoint; pickle files are refused")
     if len(data) < 10:
-        raise LoraError(f"{path}: too short to be a safetensors file")
-    raise LoraError(f"{path}: not a safetensors file (bad header)")
+        raise BadLoraError(f"{path}: too short to be a safetensors file")
+    raise BadLoraError(f"{path}: not a safetensors file (bad header)")
 
 
 def check_lora_fits(pipe: FluxPipeline, lora: LoraFile) -> None:
-    """Check that every tensor of the LoRA targets a real Linear layer with matching shapes.
+    """Check that every tensor of the LoRA targets a real Linear layer with matching shapes
+    (`lora_fit_problem`); BadLoraError otherwise."""
+    problem = lora_fit_problem(pipe, lora.state_dict)
+    if problem is not None:
+        raise BadLoraError(f"{lora.path}: {problem}")
+
+
+def lora_fit_problem(model: FluxPipeline | LayerModels, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Why these LoRA tensors do not fit `model` (a pipeline, or a profile's `layer_models`
+    without weights), or None: every tensor must target a real Linear layer with matching shapes.
 
     Kohya / ai-toolkit / XLabs formats are converted by diffusers first, exactly as
     `load_lora_weights` would.
     """
     try:
-        converted = FluxPipeline.lora_state_dict(dict(lora.state_dict))
+        converted = FluxPipeline.lora_state_dict(dict(state_dict))
     except Exception as exc:  # diffusers raises assorted types for unknown layouts
-        raise LoraError(f"{lora.path}: not a Flux LoRA diffusers can read: {exc}") from None
+        return f"not a Flux LoRA diffusers can read: {exc}"
     if not converted:
-        raise LoraError(f"{lora.path}: no LoRA weights for a Flux transformer or text encoder")
+        return "no LoRA weights for a Flux transformer or text encoder"
     problems: list[str] = []
     ranks: dict[str, int] = {}
     for key, tensor in converted.items():
-        problem = _check_key(pipe, key, tuple(tensor.shape), ranks)
+        problem = _check_key(model, key, tuple(tensor.shape), ranks)
         if problem:
             problems.append(problem)
-    if problems:
-        shown = "; ".join(problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise LoraError(f"{lora.path}: does not fit this profile: {shown}{more}")
+    if not problems:
+        return None
+    shown = "; ".join(problems[:5])
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return f"does not fit this profile: {shown}{more}"
+
+
+@dataclass(frozen=True)
+class LayerModels:
+    """The models a LoRA may adapt, as `_check_key` looks them up on a pipeline."""
+
+    transformer: torch.nn.Module
+    text_encoder: torch.nn.Module
 
 
 def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
@@ -171,7 +190,7 @@ def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
 _LORA_KEY = re.compile(r"^(transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.(weight|bias)$")
 
 
-def _check_key(pipe: FluxPipeline, key: str, shape: tuple[int, ...], ranks: dict[str, int]) -> str | None:
+def _check_key(pipe: FluxPipeline | LayerModels, key: str, shape: tuple[int, ...], ranks: dict[str, int]) -> str | None:
     match = _LORA_KEY.match(key)
     if not match:
         return f"unexpected key {key!r}"

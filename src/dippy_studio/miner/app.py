@@ -1,21 +1,25 @@
 """The miner's HTTP service: an ASGI app built from settings by `create_app`.
 
 Every /v1 route is signed (btauth/1 or Epistula v2) by a hotkey the sender policy admits;
-jobs are visible only to the hotkey that submitted them.
+jobs are visible only to the hotkey that submitted them. What the signature headers alone can
+refuse (missing, malformed, stale, for another receiver, a sender not admitted) is refused before
+the body is read.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import math
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from starlette.datastructures import Headers
 
 from dippy_studio.engine import Engine
 from dippy_studio.engine.errors import EngineError
@@ -25,9 +29,11 @@ from dippy_studio.miner.net import DownloadCache
 from dippy_studio.miner.runners import InferenceRunner, TrainingRunner, generation_request
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
-from dippy_studio.miner.workers import Runner, WorkerPool
-from dippy_studio.protocol.asgi import BodyLimit
-from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, verify_request
+from dippy_studio.miner.workers import Runner, WorkerPool, max_ahead
+from dippy_studio.protocol import http_errors
+from dippy_studio.protocol.asgi import BodyLimit, RefuseBeforeBody, Scope, request_target
+from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, check_headers, verify_request
+from dippy_studio.protocol.http_errors import error_responses
 from dippy_studio.protocol.keys import Signer, load_signer
 from dippy_studio.protocol.nonces import SqliteNonceStore, retention_for
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
@@ -46,6 +52,26 @@ from dippy_studio.protocol.schemas import (
 log = logging.getLogger("dippy_studio.miner")
 
 RESULT_MEDIA_TYPES = {JobKind.inference: "image/png", JobKind.training: "application/octet-stream"}
+# Why the job API answers each refusal status; every one of them carries an `ErrorBody`.
+_REASONS = {
+    400: "the body could not be read as sent",
+    401: "bad or missing signature",
+    403: "sender not admitted",
+    404: "no such job from this sender",
+    409: "the job_id is taken by another job, or the job is not in a state that allows this",
+    413: "the body is over the size limit",
+    422: "the job is invalid, or cannot be served as asked (the reason says which)",
+    429: "the lane's queue is full; see Retry-After",
+    503: "this miner does not serve this kind of job right now",
+}
+
+JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="Letters, digits, '_' and '-'; at most 128.")]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    problems: list[str]
+    fingerprint: str
 
 
 class Miner:
@@ -109,6 +135,7 @@ class Miner:
             {JobKind.inference: settings.inference_workers, JobKind.training: settings.training_workers},
             on_finished=self._finished,
             clock=clock,
+            private_dirs=[data],
         )
         self.metrics = MinerMetrics(self.store, self._cache_stats, self.pool.alive)
 
@@ -147,6 +174,7 @@ class Miner:
             workers=configured,
             queue_depth=self.store.depth(kind),
             queue_limit=limit,
+            seconds_per_job=self.pool.seconds_per_job(kind),
         )
 
     def capacity(self) -> Capacity:
@@ -186,18 +214,37 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
     )
     app.state.miner = miner
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    http_errors.install(app)
+
+    def refuse_unsigned(scope: Scope) -> tuple[int, str] | None:
+        """What the headers alone decide, before FastAPI reads and parses a body: a signature that
+        is missing, malformed, stale or for another receiver, or a sender the policy turns away."""
+        if not scope["path"].startswith("/v1/"):
+            return None
+        try:
+            signed = check_headers(
+                Headers(scope=scope),
+                method=scope["method"],
+                path=request_target(scope),
+                receiver_ss58=miner.signer.ss58_address,
+                max_age=settings.max_signature_age,
+                allowed_skew=settings.allowed_clock_skew,
+            )
+            miner.policy.check(signed.sender)
+        except AuthError as exc:
+            return exc.status_code, exc.reason
+        return None
+
+    app.add_middleware(RefuseBeforeBody, refuse=refuse_unsigned)
 
     async def authenticated(request: Request) -> Caller:
         body = await request.body()
-        path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-        if request.scope.get("query_string"):
-            path += "?" + request.scope["query_string"].decode("latin-1")
         try:
             return verify_request(
                 request.headers,
                 body,
                 method=request.method,
-                path=path,
+                path=request_target(request.scope),
                 receiver_ss58=miner.signer.ss58_address,
                 nonce_store=miner.nonces,
                 policy=miner.policy,
@@ -208,8 +255,6 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             raise HTTPException(exc.status_code, detail=exc.reason) from None
 
     def own_job(job_id: str, caller: Caller) -> JobRecord:
-        if not re.match(JOB_ID_PATTERN, job_id):
-            raise HTTPException(422, detail="invalid job_id: use letters, digits, '_' and '-' (at most 128)")
         record = miner.store.get(job_id)
         if record is None or record.sender != caller.hotkey_ss58:
             raise HTTPException(404, detail=f"no job {job_id}")
@@ -230,6 +275,9 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             except OutboundError as exc:
                 raise HTTPException(422, detail=str(exc)) from None
         request = job.model_dump(mode="json")
+        pace, workers = lane.seconds_per_job, lane.workers_alive
+        # Only as many jobs as can still finish by this one's deadline (workers.max_ahead).
+        ahead = max_ahead(deadline - miner.clock(), workers, pace)
         created = miner.store.create(
             job_id=job.job_id,
             kind=kind,
@@ -238,13 +286,15 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             callback_url=job.callback_url,
             deadline=deadline,
             queue_limit=lane.queue_limit,
+            max_ahead=ahead,
         )
         if created is None:
-            return JSONResponse(
-                {"detail": f"{kind.value} queue is full ({lane.queue_limit} jobs)"},
-                status_code=429,
-                headers={"Retry-After": str(settings.retry_after_seconds)},
-            )
+            detail = f"{kind.value} queue is full ({lane.queue_limit} jobs"
+            if pace is not None and ahead is not None:
+                detail += f", or {ahead + 1} finishing by this deadline at {pace:.2f}s a job"
+            # Come back when about one job has finished.
+            retry = settings.retry_after_seconds if pace is None else max(1, math.ceil(pace / max(workers, 1)))
+            return JSONResponse({"detail": detail + ")"}, status_code=429, headers={"Retry-After": str(retry)})
         record, is_new = created
         if not is_new:
             if record.sender != caller.hotkey_ss58 or record.kind != kind or _work(record.request) != _work(request):
@@ -256,9 +306,15 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
         miner.pool.notify(kind)
         return JSONResponse(Accepted(job_id=record.job_id, status=record.status).model_dump(), status_code=202)
 
-    errors = {401: {"description": "bad or missing signature"}, 403: {"description": "sender not admitted"}}
+    def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        return error_responses({status: _REASONS[status] for status in statuses})
 
-    @app.post("/v1/inference", status_code=202, response_model=Accepted, responses=errors)
+    submits = {
+        **refusals(400, 401, 403, 409, 413, 422, 429, 503),
+        200: {"model": JobView, "description": "this job was sent before and has finished: its state"},
+    }
+
+    @app.post("/v1/inference", status_code=202, response_model=Accepted, responses=submits)
     def post_inference(job: InferenceJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
         try:
             miner.engine.check(generation_request(job))
@@ -266,16 +322,23 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             raise HTTPException(422, detail=str(exc)) from None
         return submit(JobKind.inference, job, caller)
 
-    @app.post("/v1/train", status_code=202, response_model=Accepted, responses=errors)
+    @app.post("/v1/train", status_code=202, response_model=Accepted, responses=submits)
     def post_train(job: TrainJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
         return submit(JobKind.training, job, caller)
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=errors)
-    def get_job(job_id: str, caller: Caller = Depends(authenticated)) -> JobView:
+    @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=refusals(401, 403, 404, 422))
+    def get_job(job_id: JobIdPath, caller: Caller = Depends(authenticated)) -> JobView:
         return own_job(job_id, caller).view()
 
-    @app.get("/v1/jobs/{job_id}/result", responses=errors)
-    def get_result(job_id: str, caller: Caller = Depends(authenticated)) -> FileResponse:
+    @app.get(
+        "/v1/jobs/{job_id}/result",
+        response_class=Response,
+        responses={
+            200: {"content": {media_type: {} for media_type in RESULT_MEDIA_TYPES.values()}},
+            **refusals(401, 403, 404, 409, 422),
+        },
+    )
+    def get_result(job_id: JobIdPath, caller: Caller = Depends(authenticated)) -> FileResponse:
         record = own_job(job_id, caller)
         if record.status != JobStatus.succeeded or not record.result_path:
             raise HTTPException(409, detail=f"job {job_id} has no result: it is {record.status.value}")
@@ -285,15 +348,15 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             headers={"X-Result-Sha256": record.result_sha256 or ""},
         )
 
-    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses=errors)
-    def cancel_job(job_id: str, caller: Caller = Depends(authenticated)) -> JobView:
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView, responses=refusals(401, 403, 404, 409, 422))
+    def cancel_job(job_id: JobIdPath, caller: Caller = Depends(authenticated)) -> JobView:
         record = own_job(job_id, caller)
         if record.status.terminal:
             raise HTTPException(409, detail=f"job {job_id} already {record.status.value}")
         updated = miner.pool.cancel(record)
         return (updated or record).view()
 
-    @app.get("/v1/capacity", response_model=Capacity, responses=errors)
+    @app.get("/v1/capacity", response_model=Capacity, responses=refusals(401, 403))
     def capacity(caller: Caller = Depends(authenticated)) -> Capacity:
         return miner.capacity()
 
@@ -301,7 +364,11 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready: `problems` says why"}},
+    )
     def ready() -> JSONResponse:
         cap = miner.capacity()
         lanes = {"inference": cap.inference, "training": cap.training}
@@ -321,7 +388,7 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
     def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(miner.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/check/{hotkey}")
+    @app.get("/check/{hotkey}", responses=error_responses({404: "not this miner's hotkey", 422: _REASONS[422]}))
     def check_hotkey(hotkey: str) -> dict[str, str]:
         if hotkey != miner.signer.ss58_address:
             raise HTTPException(404, detail="not this miner's hotkey")

@@ -20,7 +20,7 @@ import httpx
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
 from dippy_studio.protocol.schemas import JobKind, JobStatus
 
 log = logging.getLogger("dippy_studio.miner.callbacks")
@@ -70,7 +70,7 @@ class CallbackSender:
         self.attempts = attempts
         self.backoff = backoff
         self.receiver_for = receiver_for
-        self._client = httpx.Client(timeout=timeout, follow_redirects=False)
+        self._client = guarded_client(policy, timeout=timeout)
         self._heap: list[tuple[float, int, str, int]] = []
         self._counter = 0
         self._cv = threading.Condition()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
 
 
 class DownloadCache:
@@ -43,7 +43,8 @@ class DownloadCache:
         try:
             with (
                 os.fdopen(fd, "wb") as out,
-                httpx.stream("GET", url, timeout=self.timeout, follow_redirects=False) as response,
+                guarded_client(self.policy, timeout=self.timeout) as client,
+                client.stream("GET", url) as response,
             ):
                 if response.status_code != 200:
                     raise OutboundError(f"download of {url} failed: HTTP {response.status_code}")

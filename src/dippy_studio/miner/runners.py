@@ -88,13 +88,14 @@ class TrainingRunner:
 
     def __call__(self, record: JobRecord, check: AbortCheck) -> Outcome:
         # Imported here: training pulls in PEFT and the optimizer only when a job needs them.
-        from dippy_studio.engine.datasets import load_zip_bytes
+        from dippy_studio.engine.datasets import DatasetLimits, load_dataset
         from dippy_studio.engine.training import TrainConfig, train_lora
 
         job = TrainJob.model_validate(record.request)
         archive = self.downloads.fetch(job.dataset_url, job.dataset_sha256, self.max_dataset_bytes)
         check()
-        dataset = load_zip_bytes(archive.read_bytes(), source=f"dataset {job.dataset_sha256[:12]}")
+        limits = DatasetLimits(max_total_bytes=self.max_dataset_bytes)
+        dataset = load_dataset(archive, limits, name=f"dataset {job.dataset_sha256[:12]}")
         config = TrainConfig(
             profile=self.options.profile,
             trigger=job.trigger_word,

@@ -42,6 +42,7 @@ class MinerSettings(ServiceSettings):
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_lora_bytes: int = Field(default=512 << 20, ge=1)
+    # A training dataset's download, and separately the images and captions it unpacks to.
     max_dataset_bytes: int = Field(default=1 << 30, ge=1)
     download_timeout: float = Field(default=120.0, gt=0)
     download_cache_bytes: int = Field(default=20 << 30, ge=1)

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     deadline REAL NOT NULL,
     error TEXT,
+    input_error INTEGER NOT NULL DEFAULT 0,
     result_path TEXT,
     result_sha256 TEXT,
     result_bytes INTEGER,
@@ -38,6 +39,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (kind, status, created_at);
 """
+# Columns added after the first release, added to an older database when it is opened.
+ADDED_COLUMNS = {"input_error": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class JobRecord:
     metrics: dict[str, Any] = field(default_factory=dict)
     callback_state: str = "none"
     callback_attempts: int = 0
+    input_error: bool = False
 
     def view(self) -> JobView:
         return JobView(
@@ -72,6 +76,7 @@ class JobRecord:
             finished_at=_dt(self.finished_at),
             deadline=_dt(self.deadline),
             error=self.error,
+            input_error=self.input_error,
             result_sha256=self.result_sha256,
             result_bytes=self.result_bytes,
             fingerprint=self.fingerprint,
@@ -93,6 +98,10 @@ class JobStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._db().executescript(SCHEMA)  # executescript manages its own transaction
+        have = {row["name"] for row in self._db().execute("PRAGMA table_info(jobs)")}
+        for name, declaration in ADDED_COLUMNS.items():
+            if name not in have:
+                self._db().execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -130,17 +139,24 @@ class JobStore:
         callback_url: str | None,
         deadline: float,
         queue_limit: int,
+        max_ahead: int | None = None,
     ) -> tuple[JobRecord, bool] | None:
         """Insert a queued job. Returns (record, created); (existing, False) when the id is
-        taken; None when the lane's queue is full."""
+        taken; None when the lane's queue is full, or when more than `max_ahead` jobs of the lane
+        are queued or running (then this one could not finish in time)."""
         with self._tx() as db:
             existing = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if existing is not None:
                 return _record(existing), False
-            depth = db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE kind = ? AND status = 'queued'", (kind.value,)
-            ).fetchone()[0]
-            if depth >= queue_limit:
+            counts = dict(
+                db.execute(
+                    "SELECT status, COUNT(*) FROM jobs WHERE kind = ? AND status IN ('queued', 'running') "
+                    "GROUP BY status",
+                    (kind.value,),
+                ).fetchall()
+            )
+            depth = counts.get("queued", 0)
+            if depth >= queue_limit or (max_ahead is not None and depth + counts.get("running", 0) > max_ahead):
                 return None
             db.execute(
                 "INSERT INTO jobs (job_id, kind, status, sender, request, callback_url, created_at, deadline) "
@@ -160,6 +176,19 @@ class JobStore:
             .execute("SELECT COUNT(*) FROM jobs WHERE kind = ? AND status = 'queued'", (kind.value,))
             .fetchone()[0]
         )
+
+    def recent_run_seconds(self, kind: JobKind, limit: int = 20) -> list[float]:
+        """How long the lane's latest succeeded jobs held a worker, oldest first."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT finished_at - started_at FROM jobs WHERE kind = ? AND status = 'succeeded' "
+                "AND started_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
+                (kind.value, limit),
+            )
+            .fetchall()
+        )
+        return [max(0.0, float(seconds)) for (seconds,) in reversed(rows)]
 
     def counts(self) -> dict[tuple[str, str], int]:
         rows = self._db().execute("SELECT kind, status, COUNT(*) FROM jobs GROUP BY kind, status").fetchall()
@@ -216,9 +245,16 @@ class JobStore:
             metrics=json.dumps(metrics),
         )
 
-    def end(self, job_id: str, status: JobStatus, error: str) -> JobRecord | None:
-        """Move a queued or running job to failed / expired / canceled."""
-        return self._transition(job_id, frm=(JobStatus.queued, JobStatus.running), to=status, error=error[:2000])
+    def end(self, job_id: str, status: JobStatus, error: str, *, input_error: bool = False) -> JobRecord | None:
+        """Move a queued or running job to failed / expired / canceled; `input_error` says the
+        job's input, not this miner, is why it failed."""
+        return self._transition(
+            job_id,
+            frm=(JobStatus.queued, JobStatus.running),
+            to=status,
+            error=error[:2000],
+            input_error=int(input_error),
+        )
 
     def recover(self) -> list[JobRecord]:
         """After a restart: jobs that were running are queued again (work is deterministic,
@@ -282,4 +318,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         metrics=json.loads(row["metrics"]),
         callback_state=row["callback_state"],
         callback_attempts=row["callback_attempts"],
+        input_error=bool(row["input_error"]),
     )

@@ -3,20 +3,37 @@
 Inference and training have separate lanes (and threads), so a long training job never
 blocks inference. A job is checked against its deadline and cancelation between stages
 and at every denoising step; past its deadline it is abandoned and reported expired.
+
+How much a lane takes on: each lane keeps its recent pace (`WorkerPool.seconds_per_job`, a
+running mean of the seconds its succeeded jobs held a worker). A new job is accepted only while
+the jobs already queued or running leave it time to finish by its deadline at that pace
+(`max_ahead`), and never beyond the lane's configured queue limit; otherwise the sender gets 429
+with a Retry-After of about one job's time. The pace is also advertised in `/v1/capacity`, so a
+sender can keep no more jobs here than the workers finish within its attempt timeout. Until a
+job has finished there is no pace, and only the queue limit applies; after a restart the pace is
+taken up again from the jobs on record.
+
+A job that fails because of its input (`INPUT_ERRORS`: a LoRA that is malformed or does not fit
+the profile, a dataset that does not load) is marked as such, so the sender knows the
+request, not this miner, is at fault. Error messages never carry this miner's own paths: they are
+shortened to the file's name (`scrub_paths`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from dippy_studio.engine.errors import EngineError
+from dippy_studio.engine.errors import BadLoraError, DatasetError, EngineError
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.protocol.outbound import OutboundError
 from dippy_studio.protocol.schemas import JobKind, JobStatus
@@ -49,6 +66,34 @@ class Outcome:
 Runner = Callable[[JobRecord, AbortCheck], Outcome]
 Listener = Callable[[JobRecord], None]
 
+# Failures caused by what the job asked for, not by this miner: any engine of the profile would
+# refuse the same LoRA or dataset. (A LoRA this miner cannot read or hold is its own failure.)
+INPUT_ERRORS = (BadLoraError, DatasetError)
+# Weight of the latest job in a lane's running mean of seconds per job.
+PACE_SMOOTHING = 0.2
+
+
+def max_ahead(seconds_left: float, workers: int, seconds_per_job: float | None) -> int | None:
+    """How many jobs may be queued or running in a lane ahead of a new one for the new one to
+    finish within `seconds_left`, at `seconds_per_job` on each of `workers`; None without a pace.
+
+    Each worker gets through floor(seconds_left / seconds_per_job) jobs in that time, the new one
+    among them. An idle lane always takes a job (0): the pace is an estimate, and a try costs
+    nothing that waiting would not."""
+    if seconds_per_job is None or seconds_per_job <= 0 or workers <= 0:
+        return None
+    return max(math.floor(seconds_left / seconds_per_job) * workers - 1, 0)
+
+
+def scrub_paths(message: str, directories: Iterable[Path]) -> str:
+    """`message` with every path under `directories` shortened to its file name: where this
+    miner keeps its files is nobody else's business."""
+    for directory in directories:
+        for form in {str(directory), str(directory.resolve())}:
+            pattern = re.escape(form.rstrip("/")) + r"(?![^/\s:'\"])(?:/[^\s:'\"]*)?"
+            message = re.sub(pattern, lambda m: Path(m.group(0)).name or "<file>", message)
+    return message
+
 
 class WorkerPool:
     def __init__(
@@ -58,12 +103,16 @@ class WorkerPool:
         workers: dict[JobKind, int],
         on_finished: Listener,
         clock: Callable[[], float] = time.time,
+        private_dirs: Iterable[Path] = (),
     ) -> None:
         self.store = store
         self.runners = runners
         self.workers = workers
         self.on_finished = on_finished
         self.clock = clock
+        self.private_dirs = tuple(private_dirs)  # scrubbed from error messages
+        self._pace: dict[JobKind, float] = {}
+        self._pace_lock = threading.Lock()
         self._wake = {kind: threading.Event() for kind in JobKind}
         self._cancel: set[str] = set()
         self._cancel_lock = threading.Lock()
@@ -71,6 +120,10 @@ class WorkerPool:
         self._threads: dict[JobKind, list[threading.Thread]] = {kind: [] for kind in JobKind}
 
     def start(self) -> None:
+        # The pace survives a restart: a miner that comes back to a burst knows what it can take.
+        for kind in self.runners:
+            for seconds in self.store.recent_run_seconds(kind):
+                self._observe(kind, seconds)
         for kind, count in self.workers.items():
             if kind not in self.runners:
                 continue
@@ -95,6 +148,16 @@ class WorkerPool:
 
     def notify(self, kind: JobKind) -> None:
         self._wake[kind].set()
+
+    def seconds_per_job(self, kind: JobKind) -> float | None:
+        """The lane's recent seconds per succeeded job on one worker; None before the first."""
+        with self._pace_lock:
+            return self._pace.get(kind)
+
+    def _observe(self, kind: JobKind, seconds: float) -> None:
+        with self._pace_lock:
+            previous = self._pace.get(kind)
+            self._pace[kind] = seconds if previous is None else previous + PACE_SMOOTHING * (seconds - previous)
 
     def cancel(self, record: JobRecord) -> JobRecord | None:
         """Cancel a queued job now, or ask a running one to stop at its next check."""
@@ -150,15 +213,20 @@ class WorkerPool:
         except JobAbandoned as exc:
             finished = self.store.end(job_id, exc.status, exc.reason)
         except (EngineError, OutboundError, ValidationError, ValueError) as exc:
-            finished = self.store.end(job_id, JobStatus.failed, str(exc))
+            error = scrub_paths(str(exc), self.private_dirs)
+            finished = self.store.end(job_id, JobStatus.failed, error, input_error=isinstance(exc, INPUT_ERRORS))
         except Exception as exc:  # a bug must fail the job, not kill the worker
             log.exception("job %s crashed", job_id)
-            finished = self.store.end(job_id, JobStatus.failed, f"internal error: {type(exc).__name__}: {exc}")
+            error = scrub_paths(f"internal error: {type(exc).__name__}: {exc}", self.private_dirs)
+            finished = self.store.end(job_id, JobStatus.failed, error)
         finally:
             with self._cancel_lock:
                 self._cancel.discard(job_id)
-        if finished is not None:
-            self.on_finished(finished)
+        if finished is None:
+            return
+        if finished.status == JobStatus.succeeded and finished.started_at is not None:
+            self._observe(record.kind, max(0.0, (finished.finished_at or self.clock()) - finished.started_at))
+        self.on_finished(finished)
 
 
 class _ShuttingDown(Exception):

@@ -15,7 +15,8 @@ and datasets). For validators: `GET /v1/scores` (signed). For operators: `/healt
 
 Clients authenticate with `Authorization: Bearer <API key>`. Each key has its own per-minute
 limit (429 with Retry-After when it is spent; every authenticated call counts) and sees only
-its own requests and LoRAs: another key's ids answer 404, as unknown ones do.
+its own requests and LoRAs: another key's ids answer 404, as unknown ones do. Every refusal is
+`{"detail": "<reason>"}` (`protocol.http_errors`), and each route documents the ones it gives.
 
 `Prefer: wait=N` (at most `max_wait_s`) holds the submit response until the request finishes
 or N seconds pass. Finished (in any final state): 200 with the request's status; for an image,
@@ -35,19 +36,30 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.requests import ClientDisconnect
 
 from dippy_studio.orchestrator import errors, kinds
 from dippy_studio.orchestrator.models import ApiKey, Job
-from dippy_studio.orchestrator.schemas import ImageRequest, LoraView, RequestView, Submitted, TrainingRequest
+from dippy_studio.orchestrator.schemas import (
+    MIN_DEADLINE_S,
+    ImageRequest,
+    LoraView,
+    Readiness,
+    RequestView,
+    Submitted,
+    TrainingRequest,
+)
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.states import RequestStatus
 from dippy_studio.orchestrator.views import lora_view, request_view, urls_for
+from dippy_studio.protocol.asgi import request_target
 from dippy_studio.protocol.auth import sign_request
+from dippy_studio.protocol.http_errors import error_responses
 from dippy_studio.protocol.limits import MAX_SEED
 from dippy_studio.protocol.schemas import SHA256_PATTERN
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
-_SS58 = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{46,48}$")
+_SS58 = r"^[1-9A-HJ-NP-Za-km-z]{46,48}$"
 _STATUS = {
     errors.Unauthorized: 401,
     errors.RateLimited: 429,
@@ -56,6 +68,23 @@ _STATUS = {
     errors.NotFound: 404,
     errors.Conflict: 409,
 }
+
+
+# Why this API answers each refusal status; every one of them carries an `ErrorBody`.
+_REASONS = {
+    400: "the body could not be read as sent",
+    401: "missing, invalid or revoked API key",
+    404: "no such request or LoRA for this API key",
+    409: "not in a state that allows this",
+    413: "the body is over its size limit",
+    422: "the request is invalid, or cannot be served as asked (the reason says which)",
+    429: "rate limit reached; see Retry-After",
+}
+
+
+def refusals(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's documented refusals (its `responses=`), each with this API's reason."""
+    return error_responses({status: _REASONS[status] for status in statuses})
 
 
 def http_error(exc: errors.OrchestratorError) -> HTTPException:
@@ -89,8 +118,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
     store = orch.store
     settings = orch.settings
 
-    def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
-        return orch.admit(_secret(credentials))
+    async def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
+        secret = _secret(credentials)
+        orch.refusals.check(secret)  # on the loop: a remembered refusal needs no thread or database
+        return await store.call(orch.admit, secret)
 
     async def submitted(request: Request, job: Job) -> JSONResponse:
         base = str(request.base_url)
@@ -105,16 +136,14 @@ def build_router(orch: Orchestrator) -> APIRouter:
         body = Submitted(request_id=job.id, status=RequestStatus(job.status), **urls_for(base, job.id))
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
-    responses: dict[int | str, dict[str, Any]] = {
-        401: {"description": "missing, invalid or revoked API key"},
-        429: {"description": "rate limit reached; see Retry-After"},
-    }
-
     @router.post(
         "/v1/images",
         status_code=202,
         response_model=Submitted,
-        responses={**responses, 200: {"model": RequestView, "description": "finished within Prefer: wait=N"}},
+        responses={
+            **refusals(400, 401, 413, 422, 429),
+            200: {"model": RequestView, "description": "finished within Prefer: wait=N"},
+        },
         tags=["requests"],
     )
     async def submit_image(
@@ -129,7 +158,13 @@ def build_router(orch: Orchestrator) -> APIRouter:
         )
         return await submitted(request, job)
 
-    @router.post("/v1/loras", status_code=202, response_model=Submitted, responses=responses, tags=["loras"])
+    @router.post(
+        "/v1/loras",
+        status_code=202,
+        response_model=Submitted,
+        responses=refusals(400, 401, 413, 422, 429),
+        tags=["loras"],
+    )
     async def submit_training(
         request: Request,
         trigger_word: Annotated[str, Form(min_length=1, max_length=64)],
@@ -144,7 +179,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         seed: Annotated[int, Form(ge=0, le=MAX_SEED)] = 0,
         max_seconds: Annotated[float | None, Form(gt=0, le=7 * 24 * 3600)] = None,
         webhook_url: Annotated[str | None, Form(max_length=2048)] = None,
-        deadline_s: Annotated[float | None, Form(gt=0)] = None,
+        deadline_s: Annotated[float | None, Form(ge=MIN_DEADLINE_S)] = None,
     ) -> JSONResponse:
         """Queue a LoRA training request. When it succeeds, its status names the new LoRA's id
         (`result.lora_id`), which `/v1/images` accepts in `loras`."""
@@ -171,7 +206,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         job = await orch.submit(None, "training", body, webhook_url=webhook_url, deadline_s=deadline_s, key=key)
         return await submitted(request, job)
 
-    @router.get("/v1/requests", response_model=list[RequestView], responses=responses, tags=["requests"])
+    @router.get("/v1/requests", response_model=list[RequestView], responses=refusals(401, 422, 429), tags=["requests"])
     def list_requests(
         request: Request,
         key: ApiKey = Depends(client),
@@ -181,13 +216,21 @@ def build_router(orch: Orchestrator) -> APIRouter:
         """Your requests, newest first."""
         return [request_view(job, str(request.base_url)) for job in store.list_jobs(key.id, status=status, limit=limit)]
 
-    @router.get("/v1/requests/{request_id}", response_model=RequestView, responses=responses, tags=["requests"])
+    @router.get(
+        "/v1/requests/{request_id}",
+        response_model=RequestView,
+        responses=refusals(401, 404, 422, 429),
+        tags=["requests"],
+    )
     def get_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
         return request_view(orch.own_job(key, request_id), str(request.base_url))
 
     @router.get(
         "/v1/requests/{request_id}/result",
-        responses={**responses, 200: {"content": {"image/png": {}, "application/octet-stream": {}}}},
+        responses={
+            **refusals(401, 404, 409, 422, 429),
+            200: {"content": {"image/png": {}, "application/octet-stream": {}}},
+        },
         response_class=Response,
         tags=["requests"],
     )
@@ -202,16 +245,21 @@ def build_router(orch: Orchestrator) -> APIRouter:
             headers={"X-Result-Sha256": job.result_blob or ""},
         )
 
-    @router.post("/v1/requests/{request_id}/cancel", response_model=RequestView, responses=responses, tags=["requests"])
+    @router.post(
+        "/v1/requests/{request_id}/cancel",
+        response_model=RequestView,
+        responses=refusals(401, 404, 409, 422, 429),
+        tags=["requests"],
+    )
     def cancel_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
         """Cancel a request that has not finished; 409 when it already has."""
         return request_view(orch.cancel(key, request_id), str(request.base_url))
 
-    @router.get("/v1/loras", response_model=list[LoraView], responses=responses, tags=["loras"])
+    @router.get("/v1/loras", response_model=list[LoraView], responses=refusals(401, 429), tags=["loras"])
     def list_loras(key: ApiKey = Depends(client)) -> list[dict[str, Any]]:
         return [lora_view(lora) for lora in store.list_loras(key.id)]
 
-    @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=responses, tags=["loras"])
+    @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=refusals(401, 404, 422, 429), tags=["loras"])
     def get_lora(lora_id: str, key: ApiKey = Depends(client)) -> dict[str, Any]:
         lora = store.get_lora(lora_id, key.id)
         if lora is None:
@@ -221,7 +269,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
     @router.get(
         "/v1/blobs/{sha256}",
         response_class=Response,
-        responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no such blob"}},
+        responses={
+            200: {"content": {"application/octet-stream": {}}},
+            **error_responses({404: "no such blob", 422: _REASONS[422]}),
+        },
         tags=["miners"],
     )
     def get_blob(sha256: str) -> FileResponse:
@@ -240,26 +291,47 @@ def build_router(orch: Orchestrator) -> APIRouter:
     @router.post(
         "/v1/miner-callbacks/{job_id}",
         tags=["miners"],
-        responses={401: {"description": "bad signature"}, 403: {"description": "not this job's miner"}},
+        responses=error_responses(
+            {
+                400: "the body is not a multipart form, or shorter than its Content-Length",
+                401: "bad signature",
+                403: "not this job's miner",
+                404: "no such request",
+                410: "not the request's current attempt",
+                411: "no Content-Length",
+                413: "larger than a result of this job's kind can be",
+                422: "no valid 'meta' part, or the result is not acceptable",
+            }
+        ),
     )
-    async def miner_callback(job_id: str, request: Request) -> JSONResponse:
-        """Where miners deliver results: a signed multipart POST (`meta` JobView, `result` file)."""
-        body = await request.body()
-        target = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-        if request.scope.get("query_string"):
-            target += "?" + request.scope["query_string"].decode("latin-1")
-        reply = await orch.callbacks.handle(job_id, request.headers, body, target)
+    async def miner_callback(job_id: str, request: Request) -> Response:
+        """Where miners deliver results: a signed multipart POST (`meta` JobView, `result` file) with
+        a Content-Length. The signature headers, the job's miner and the size are checked before
+        the body is read."""
+        try:
+            target = request_target(request.scope)
+            reply = await orch.callbacks.handle(job_id, request.headers, target, request.stream())
+        except ClientDisconnect:
+            # The miner went away mid-body: nobody may read this, but the shape stays the same.
+            return JSONResponse({"detail": "the connection closed before the body ended"}, status_code=400)
         return JSONResponse(reply.body, status_code=reply.status_code)
 
-    @router.get("/v1/scores", tags=["validators"], responses={200: {"description": "signed with btauth headers"}})
-    async def scores(request: Request) -> Response:
+    @router.get(
+        "/v1/scores",
+        tags=["validators"],
+        responses={200: {"description": "signed with btauth headers"}, **refusals(422)},
+    )
+    async def scores(
+        request: Request,
+        receiver: Annotated[
+            str | None, Query(alias="for", pattern=_SS58, description="Your hotkey (SS58), to sign for.")
+        ] = None,
+    ) -> Response:
         """`{scores: {hotkey: score}, window: {start, end}, orchestrator, netuid}`, signed by the
         orchestrator's hotkey over the exact body (btauth/1 headers, method GET and this path).
         Pass `?for=<your hotkey>` to have it signed for you as receiver (else for our own hotkey);
         verify with `protocol.auth.verify_request`."""
-        receiver = request.query_params.get("for") or orch.signer.ss58_address
-        if not _SS58.match(receiver):
-            raise HTTPException(422, detail="'for' must be an SS58 hotkey address")
+        receiver = receiver or orch.signer.ss58_address
         snapshot = await run_in_threadpool(orch.scores)
         payload = {
             "scores": dict(sorted(snapshot.scores.items())),
@@ -276,7 +348,12 @@ def build_router(orch: Orchestrator) -> APIRouter:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/ready", tags=["operators"])
+    @router.get(
+        "/ready",
+        tags=["operators"],
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready: `problems` says why"}},
+    )
     def ready() -> JSONResponse:
         loops = {"dispatch": orch.dispatcher, **orch.tasks}
         problems = [f"{name} loop is not running" for name, task in loops.items() if not task.alive]

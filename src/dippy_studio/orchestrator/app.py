@@ -13,7 +13,9 @@ from dippy_studio.orchestrator import errors
 from dippy_studio.orchestrator.api import build_router, http_error
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
+from dippy_studio.protocol import http_errors
 from dippy_studio.protocol.asgi import BodyLimit
+from dippy_studio.protocol.http_errors import error_body
 
 JSON_BODY_LIMIT = 1 << 20
 
@@ -52,9 +54,10 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
     async def refused(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.OrchestratorError)
         http = http_error(exc)
-        return JSONResponse({"detail": http.detail}, status_code=http.status_code, headers=http.headers)
+        return JSONResponse(error_body(http.detail), status_code=http.status_code, headers=http.headers)
 
     app.add_middleware(BodyLimit, limit=limit_for)
+    http_errors.install(app)
     app.add_exception_handler(errors.OrchestratorError, refused)
     app.include_router(build_router(orch))
     if settings.dashboard:

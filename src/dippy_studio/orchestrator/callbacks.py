@@ -3,8 +3,12 @@
 A callback is the miner's signed multipart POST (`meta`: its JobView as JSON; `result`: the
 result's bytes). In order:
 
-1. The signature must verify (btauth/1 or Epistula, for our hotkey) and the signer must be the
-   hotkey the request is assigned to: 401 / 403 otherwise, and nothing changes.
+1. Before the body is read: the signature headers must be well formed, fresh and for our hotkey
+   (401), the request must exist (404) and be assigned to the hotkey they name (403), and the
+   Content-Length must be given (411) and fit the job's kind: a few megabytes for an image, up to
+   `max_result_bytes` for a LoRA (413). An unauthenticated body costs no memory.
+   Then the body is streamed to a temporary file (in memory while small), hashed as it arrives,
+   and the signature must verify against that digest (401); nothing has changed until here.
 2. A request that already finished answers 200 without changing anything (`duplicate` when the
    same result arrives again), so a miner's retries are harmless.
 3. `meta.job_id` must name the current attempt (`<request id>-<attempt>`): 410 for an older one.
@@ -27,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+import re
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from pathlib import Path
+from typing import IO, Any, Protocol
 
 from pydantic import ValidationError
 
@@ -39,8 +46,8 @@ from dippy_studio.orchestrator.blobs import BlobStore
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.orchestrator.store import Store, Success
-from dippy_studio.protocol.auth import AuthError, Checked, SenderPolicy, check_nonce_window, check_request
+from dippy_studio.orchestrator.store import Store, Success, cut_short_by_deadline
+from dippy_studio.protocol.auth import AuthError, Checked, SenderPolicy, check_headers, check_nonce_window
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.multipart import FormError, parse_form
 from dippy_studio.protocol.nonces import NonceStore
@@ -94,32 +101,55 @@ class CallbackHandler:
         # Who signed is checked against the job below; any correct signature passes this policy.
         self._policy = SenderPolicy.open()
         check_nonce_window(nonces, settings.max_signature_age, settings.allowed_clock_skew)
+        # Where bodies too big to keep in memory wait for their signature check.
+        self.incoming = settings.data_dir / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
 
-    async def handle(self, job_id: str, headers: Mapping[str, str], body: bytes, target: str) -> Reply:
-        """One callback, on the event loop: database work on the store's writer thread, and slow
-        result checks and blob writes on worker threads."""
+    async def handle(self, job_id: str, headers: Mapping[str, str], target: str, body: AsyncIterator[bytes]) -> Reply:
+        """One callback, on the event loop: `target` is the request target as received, `body` its
+        chunks, read only once the headers, the job and the declared size allow. Database work runs
+        on the store's writer thread; hashing, spooling, result checks and blob writes on workers."""
         try:
-            checked = check_request(
+            signed = check_headers(
                 headers,
-                body,
                 method="POST",
                 path=target,
                 receiver_ss58=self.signer.ss58_address,
-                policy=self._policy,
                 max_age=self.settings.max_signature_age,
                 allowed_skew=self.settings.allowed_clock_skew,
             )
-            job = await self.store.call(self._claim_and_load, checked, job_id)
         except AuthError as exc:
             return Reply(exc.status_code, {"detail": exc.reason})
+        # A read: no need to queue behind the writer's work.
+        job = await asyncio.to_thread(self.store.load_job, job_id)
         if job is None:
             return Reply(404, {"detail": f"no request {job_id}"})
-        if job.miner_hotkey is None or checked.caller.hotkey_ss58 != job.miner_hotkey:
-            log.warning("callback for %s from %s, which it is not assigned to", job_id, checked.caller.hotkey_ss58)
+        if job.miner_hotkey is None or signed.sender != job.miner_hotkey:
+            log.warning("callback for %s from %s, which it is not assigned to", job_id, signed.sender)
             return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
+        limit = kinds.get(job.kind).max_result_bytes(job, self.settings) + META_BYTES
+        size, refusal = declared_size(headers, limit, job.kind)
+        if refusal is not None:
+            return refusal
+        with Spooled(self.incoming) as received:
+            await received.take(body)
+            if received.size != size:
+                return Reply(400, {"detail": f"the body has {received.size} bytes, its Content-Length says {size}"})
+            try:
+                checked = signed.check_body(received.sha256, self._policy)
+                job = await self.store.call(self._claim_and_load, checked, job_id)
+            except AuthError as exc:
+                return Reply(exc.status_code, {"detail": exc.reason})
+            if job is None:
+                return Reply(404, {"detail": f"no request {job_id}"})
+            if job.miner_hotkey is None or checked.caller.hotkey_ss58 != job.miner_hotkey:
+                # Taken back and given to another miner while this body was arriving.
+                return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
+            # Authenticated, and no larger than this job's kind allows: now it may be in memory.
+            data = await received.read()
         # After the signature: a bad signature is refused before a malformed body.
         try:
-            form = parse_form(body, headers.get("content-type"), max_parts=2)
+            form = parse_form(data, headers.get("content-type"), max_parts=2)
         except FormError as exc:
             return Reply(400, {"detail": f"not a multipart form: {exc}"})
         if "meta" not in form:
@@ -147,8 +177,8 @@ class CallbackHandler:
             )
             return Reply(200, {"status": "running"})
         if meta.status != JobStatus.succeeded:
-            outcome = "timeout" if meta.status == JobStatus.expired else "failed"
-            reason = f"miner reported {meta.status.value}: {meta.error or 'no reason given'}"[:1000]
+            reason = scrub_paths(f"miner reported {meta.status.value}: {meta.error or 'no reason given'}")[:1000]
+            outcome = failure_outcome(job, meta, self.clock(), self.settings.allowed_clock_skew)
             status = await self._take_back(job, reason, outcome)
             return Reply(200, {"status": status or job.status})
         spec = kinds.get(job.kind)
@@ -214,6 +244,22 @@ class CallbackHandler:
 
 # Results up to this size are checked on the event loop (a small PNG decodes in well under a ms).
 SMALL_RESULT_BYTES = 1 << 20
+# Room in a callback for its `meta` part and the form's framing, beside the result.
+META_BYTES = 1 << 20
+# While its signature waits to be checked, a callback body is kept in memory up to this size; past
+# it, it goes to a temporary file in batches of this size.
+IN_MEMORY_BYTES = 1 << 20
+
+
+def declared_size(headers: Mapping[str, str], limit: int, kind: str) -> tuple[int, Reply | None]:
+    """The callback's Content-Length, or the refusal: 411 without one, 413 over `limit`."""
+    raw = headers.get("content-length")
+    if raw is None or not (raw.isascii() and raw.isdigit()):
+        return 0, Reply(411, {"detail": "a callback must declare its size in Content-Length"})
+    size = int(raw)
+    if size > limit:
+        return size, Reply(413, {"detail": f"a {kind} callback may be at most {limit} bytes; this one declares {size}"})
+    return size, None
 
 
 def announce(events: JobEvents, job: Job, status: str | None) -> None:
@@ -230,3 +276,76 @@ def already_finished(job: Job, result: bytes | None) -> Reply:
     if job.status == RequestStatus.succeeded.value and same:
         return Reply(200, {"status": "duplicate"})
     return Reply(200, {"status": "ignored", "detail": f"request {job.id} is already {job.status}"})
+
+
+def failure_outcome(job: Job, meta: JobView, now: datetime, skew_s: float) -> str:
+    """How a failure the miner reported counts (`states.CLIENTS_DOING`): the request's own doing
+    when its input is unusable, or when the client's deadline, not the attempt timeout, ran out
+    (and has passed, give or take `skew_s` of clock difference: a miner that gives up earlier
+    than that gave up on its own)."""
+    if meta.input_error:
+        return "bad_input"
+    if meta.status == JobStatus.expired:
+        due = cut_short_by_deadline(job) and (job.deadline - now).total_seconds() <= skew_s
+        return "expired" if due else "timeout"
+    return "failed"
+
+
+# An absolute path: a slash-led run of path segments, not inside a word or a URL.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s/:'\"]+)+/?")
+
+
+def scrub_paths(message: str) -> str:
+    """`message` with every absolute path shortened to its last segment: a miner's directories
+    are no business of the client who reads the error."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "<path>", message)
+
+
+class Spooled:
+    """A callback body as it arrives: hashed, kept in memory while small, then in an unnamed
+    temporary file (gone when closed, or if the process dies)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._tail = bytearray()  # what has not gone to the file
+        self._file: IO[bytes] | None = None
+
+    async def take(self, chunks: AsyncIterator[bytes]) -> None:
+        async for chunk in chunks:
+            self.size += len(chunk)
+            self._tail += chunk
+            if len(self._tail) >= IN_MEMORY_BYTES:
+                # Hashing and writing a megabyte: on a worker thread, off the event loop.
+                await asyncio.to_thread(self._spill, bytes(self._tail))
+                self._tail.clear()
+        self._digest.update(self._tail)
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    async def read(self) -> bytes:
+        if self._file is None:
+            return bytes(self._tail)
+        file = self._file
+
+        def read_all() -> bytes:
+            file.seek(0)
+            return file.read() + self._tail
+
+        return await asyncio.to_thread(read_all)
+
+    def _spill(self, data: bytes) -> None:
+        self._digest.update(data)
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self.directory)  # noqa: SIM115 (closed by __exit__)
+        self._file.write(data)
+
+    def __enter__(self) -> Spooled:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()

@@ -405,7 +405,12 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         version, snapshot = await run_in_threadpool(dashboard.snapshot)
         return JSONResponse(snapshot, headers={"ETag": f'"{version}"'})
 
-    @app.get("/dashboard/api/events", tags=["operators"])
+    @app.get(
+        "/dashboard/api/events",
+        tags=["operators"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}, "description": "snapshots as server-sent events"}},
+    )
     async def events(request: Request) -> StreamingResponse:
         """The same snapshot as server-sent events (`event: snapshot`), sent when it changes."""
         return StreamingResponse(

@@ -9,9 +9,15 @@ from an earlier attempt can be told apart. Results come back by callback to
 `{public_url}/v1/miner-callbacks/{request id}`; LoRAs and datasets are fetched from
 `{public_url}/v1/blobs/{sha256}`.
 
-A miner that refuses (429, 5xx, any other non-2xx) or cannot be reached gets the job back: it
-goes to the queue for another miner (the attempt is recorded as `refused`) and that miner gets
-nothing for a cool-down. The sweeper (`Orchestrator.sweep_once`) takes back jobs whose miner ran out of time.
+Back-pressure: a miner is sent no more jobs of a kind than it has slots for (`routing.Lane.slots`:
+its workers and queue, and no more than it finishes within the attempt timeout at the pace it
+advertises), counting every job it holds of ours (`Store.active_counts`). A miner that still
+pushes back (429, or 503 with Retry-After), does not answer within `dispatch_timeout_s`, or cannot
+be reached gives the job back without using up one of the job's attempts (recorded as `busy` or
+`unreachable`); the job waits in the queue for a free miner until its deadline, and that miner
+gets nothing for its Retry-After (or `refusal_cooldown_s`). Any other refusal (another non-2xx)
+is recorded as `refused` and uses up an attempt. The sweeper (`Orchestrator.sweep_once`) takes
+back jobs whose miner ran out of time.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from dippy_studio.orchestrator import kinds
-from dippy_studio.orchestrator.callbacks import JobEvents, announce, miner_job_id
+from dippy_studio.orchestrator.callbacks import JobEvents, announce, miner_job_id, scrub_paths
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.registry import Registry, endpoint_url
 from dippy_studio.orchestrator.routing import Candidate, choose_miner, eligible
@@ -40,6 +46,7 @@ from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
+from dippy_studio.protocol.outbound import UrlPolicy, guarded_socket_factory
 
 log = logging.getLogger("dippy_studio.orchestrator.dispatch")
 
@@ -109,7 +116,9 @@ class Dispatcher:
         self._wake, self._room = asyncio.Event(), asyncio.Event()
         timeout = aiohttp.ClientTimeout(total=self.settings.dispatch_timeout_s)
         # No connection cap of aiohttp's own: `dispatch_concurrency` bounds the sends.
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+        policy = UrlPolicy(self.settings.allow_loopback_urls, self.settings.allow_private_urls)
+        connector = aiohttp.TCPConnector(limit=0, socket_factory=guarded_socket_factory(policy))
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         self._task = asyncio.create_task(self._run(), name="orch-dispatch")
 
     async def stop(self) -> None:
@@ -183,20 +192,46 @@ class Dispatcher:
         candidates = self.registry.cached_candidates()
         if candidates is None:
             candidates = await store.call(self.registry.candidates)
-        cooling = self._cooling()
         profile = self.settings.profile
-        lanes = {spec.name: spec.lane for spec in kinds.all_kinds()}
-        wanted = [kind for kind, lane in lanes.items() if eligible(candidates, lane, profile, cooling)]
+        specs = {spec.name: spec for spec in kinds.all_kinds()}
+        if not any(eligible(candidates, spec.lane, profile, self._cooling()) for spec in specs.values()):
+            return 0
+        # What each miner already holds of ours, per lane: its free slots are what is left.
+        held: dict[str, Counter[str]] = {spec.lane: Counter() for spec in specs.values()}
+        for (hotkey, kind), count in (await asyncio.to_thread(store.active_counts)).items():
+            if kind in specs:
+                held[specs[kind].lane][hotkey] += count
+        timeouts = {name: spec.attempt_timeout_s(self.settings) for name, spec in specs.items()}
+        wanted = [
+            name
+            for name, spec in specs.items()
+            if eligible(
+                candidates, spec.lane, profile, self._cooling(), held=held[spec.lane], attempt_timeout_s=timeouts[name]
+            )
+        ]
         if not wanted:
             return 0
         chosen: dict[str, Candidate] = {}
 
         def assign(job: Job, tried: Counter[str]) -> tuple[str, int | None] | None:
-            lane = lanes[job.kind]
+            lane = specs[job.kind].lane
+            # Read now, on the writer thread, not at the round's start: a refusal that came in
+            # meanwhile has set its cool-down before its job went back to the queue.
+            cooling = self._cooling()
             with self._lock:  # random.Random is not safe to share between threads
-                choice = choose_miner(candidates, lane, profile, tried=tried, exclude=cooling, rng=self.rng)
+                choice = choose_miner(
+                    candidates,
+                    lane,
+                    profile,
+                    tried=tried,
+                    exclude=cooling,
+                    held=held[lane],
+                    attempt_timeout_s=timeouts[job.kind],
+                    rng=self.rng,
+                )
             if choice is None:
                 return None  # nobody can take it right now: it stays queued, no attempt counted
+            held[lane][choice.hotkey] += 1
             chosen[job.id] = choice
             return choice.hotkey, choice.uid
 
@@ -233,15 +268,24 @@ class Dispatcher:
                     self._note_running(job.id)
                     return
                 detail = await _detail(response)
-                retry_after = _retry_after(response.headers.get("retry-after"), self.settings.refusal_cooldown_s)
+                given = response.headers.get("retry-after")
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing was delivered: the miner is down (or its address is), not busy.
             reason = f"miner uid {choice.uid} unreachable: {type(exc).__name__}"
             await self.store.call(self.registry.mark_unhealthy, choice.hotkey, reason)
-            await self._refused(job, choice, reason, self.settings.refusal_cooldown_s)
+            await self._refused(job, choice, reason, "unreachable", self.settings.refusal_cooldown_s)
+            return
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Sent, but no answer in time: an overloaded miner. It may have queued the job; if so, its
+            # late callback is ignored (the job has moved on) and costs only its own work.
+            reason = f"miner uid {choice.uid} did not answer: {type(exc).__name__}"
+            await self._refused(job, choice, reason, "busy", self.settings.refusal_cooldown_s)
             return
         reason = f"miner uid {choice.uid} refused: HTTP {status} {detail}".strip()
-        await self._refused(job, choice, reason, retry_after)
+        pushed_back = status == 429 or (status == 503 and given is not None)
+        cooldown = _retry_after(given, self.settings.refusal_cooldown_s)
+        await self._refused(job, choice, reason, "busy" if pushed_back else "refused", cooldown)
 
     def _note_running(self, job_id: str) -> None:
         if not self._accepted:
@@ -271,7 +315,7 @@ class Dispatcher:
             # transaction, such as a replica's claim that looked at the row: try those again.
             self._loop.call_later(self.settings.dispatch_interval_s, self._flush_running, left, at, tries + 1)
 
-    async def _refused(self, job: Job, miner: Candidate, reason: str, cooldown_s: float) -> None:
+    async def _refused(self, job: Job, miner: Candidate, reason: str, outcome: str, cooldown_s: float) -> None:
         log.info("%s: %s", job.id, reason)
         with self._lock:
             self._cooldown[miner.hotkey] = time.monotonic() + cooldown_s
@@ -279,7 +323,7 @@ class Dispatcher:
             self.store.take_back,
             job,
             reason,
-            outcome="refused",
+            outcome=outcome,
             now=self.clock(),
             min_attempt_s=self.settings.min_attempt_s,
             lock_key=job.id,
@@ -336,7 +380,8 @@ async def _detail(response: aiohttp.ClientResponse) -> str:
         detail = (await response.json(content_type=None)).get("detail")
     except (ValueError, AttributeError, aiohttp.ClientError):
         return ""
-    return str(detail)[:200] if detail else ""
+    # Clients may read it (a job's error): a miner's file paths are none of theirs.
+    return scrub_paths(str(detail))[:200] if detail else ""
 
 
 def _retry_after(value: str | None, default: float) -> float:

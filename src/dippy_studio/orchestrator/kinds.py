@@ -22,8 +22,8 @@ from pydantic import BaseModel
 
 from dippy_studio.orchestrator.audit import HELDOUT_KEY, audit_inference_job, audit_training_job
 from dippy_studio.orchestrator.errors import InvalidRequest
-from dippy_studio.orchestrator.results import check_image, check_lora, lora_id_for, read_lora_bytes
-from dippy_studio.orchestrator.schemas import ImageRequest, LoraInput, TrainingRequest
+from dippy_studio.orchestrator.results import check_image, check_lora, check_lora_fit, lora_id_for
+from dippy_studio.orchestrator.schemas import MIN_DEADLINE_S, ImageRequest, LoraInput, TrainingRequest
 from dippy_studio.protocol.limits import DEFAULT_TARGETS, MAX_SEED, profile_limits, training_defaults
 from dippy_studio.protocol.schemas import InferenceJob, LoraDownload, TrainJob
 
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from dippy_studio.orchestrator.settings import OrchestratorSettings
     from dippy_studio.orchestrator.store import Store
 
-# No job can be dispatched, run and called back in less (a shorter deadline is refused).
-MIN_DEADLINE_S = 1.0
 # What the engine's training accepts as a trigger word (one line, no tabs or brackets).
 _TRIGGER = re.compile(r"^[^\t\r\n\[\]]+$")
 
@@ -74,6 +72,9 @@ class JobKindSpec:
     miner_request: Callable[[Job, Mapping[str, Any], Callable[[str], str]], BaseModel]
     # Why the miner's result is not acceptable for this job, or None.
     check_result: Callable[[Job, bytes], str | None]
+    # The most bytes a result for this job can take: a callback declaring more is refused before
+    # its body is read.
+    max_result_bytes: Callable[[Job, OrchestratorSettings], int] = lambda job, settings: settings.max_result_bytes
     blocking: Callable[[Any], bool] = lambda request: False
     media_type: str = "application/octet-stream"
     filename: str = "result.bin"
@@ -174,10 +175,12 @@ def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput) -> dict[str,
     assert lora.url is not None
     data = ctx.fetch(lora.url, ctx.settings.max_lora_bytes, "LoRA")
     sha256 = check_sha256(data, lora.sha256, f"the LoRA at {lora.url}")
+    # Checked here, as a miner's engine would: a LoRA that cannot work is the client's to fix, and
+    # must not fail on miners as if they were at fault.
+    problem = check_lora_fit(data, ctx.settings.profile, ctx.settings.audit_model_path)
+    if problem is not None:
+        raise InvalidRequest(f"the LoRA at {lora.url} is not usable with profile {ctx.settings.profile}: {problem}")
     if not ctx.assets.exists(sha256):
-        tensors, problem = read_lora_bytes(data)
-        if tensors is None:
-            raise InvalidRequest(f"the LoRA at {lora.url} is not usable: {problem}")
         ctx.assets.put(data)
     return {"url": lora.url, "sha256": sha256, "scale": lora.scale}
 
@@ -190,6 +193,13 @@ def _image_request(job: Job, common: Mapping[str, Any], blob_url: Callable[[str]
     ]
     fields = {k: payload[k] for k in ("prompt", "seed", "width", "height", "steps", "guidance")}
     return InferenceJob(**common, **fields, loras=loras)
+
+
+def largest_png(width: int, height: int) -> int:
+    """An upper bound on a PNG of this size: 16-bit RGBA stored uncompressed (8 bytes a pixel and
+    a filter byte a row), with room for zlib's and the chunks' framing and some metadata."""
+    raw = height * (1 + 8 * width)
+    return raw + raw // 100 + (64 << 10)
 
 
 INFERENCE = register(
@@ -205,6 +215,9 @@ INFERENCE = register(
         blocking=lambda body: any(lora.url is not None for lora in body.loras),
         miner_request=_image_request,
         check_result=lambda job, data: check_image(data, job.payload["width"], job.payload["height"]),
+        max_result_bytes=lambda job, settings: min(
+            settings.max_result_bytes, largest_png(job.payload["width"], job.payload["height"])
+        ),
         media_type="image/png",
         filename="result.png",
         inline_result=True,
@@ -220,7 +233,7 @@ INFERENCE = register(
 
 def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, now: datetime) -> dict[str, Any]:
     # Imported here: dataset handling reads images (PIL), which only training submissions need.
-    from dippy_studio.engine.datasets import dataset_zip, load_zip_bytes, split_dataset
+    from dippy_studio.engine.datasets import DatasetLimits, dataset_zip, load_zip_bytes, split_dataset
     from dippy_studio.engine.errors import DatasetError
 
     settings = ctx.settings
@@ -232,7 +245,8 @@ def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, no
         assert body.dataset_url is not None
         dataset = ctx.fetch(body.dataset_url, settings.max_dataset_bytes, "dataset")
     try:
-        uploaded = load_zip_bytes(dataset, source="the dataset")
+        limits = DatasetLimits(max_total_bytes=settings.max_dataset_bytes)
+        uploaded = load_zip_bytes(dataset, limits, source="the dataset")
     except DatasetError as exc:
         raise InvalidRequest(str(exc)) from None
     held: dict[str, Any] = {}

@@ -4,6 +4,7 @@ acceptable (None when it is). Job kinds (`kinds`) pick theirs."""
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from dippy_studio.orchestrator.audit import lora_shape, lora_shape_problem
+
+log = logging.getLogger("dippy_studio.orchestrator.results")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An image whose every channel spans at most this many levels is one flat colour: blank.
@@ -70,3 +73,26 @@ def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | No
     except ValueError as exc:
         return str(exc)
     return lora_shape_problem(shape, rank, targets)
+
+
+def check_lora_fit(data: bytes, profile: str, model_path: Path | None = None) -> str | None:
+    """Why a client's LoRA cannot be used on `profile`, or None: it must read as a LoRA
+    (`read_lora_bytes`), and every tensor must fit a layer of the profile's transformer or text
+    encoder, shapes included: the check a miner's engine makes before it loads a LoRA
+    (`engine.lora.lora_fit_problem`), made here on the profile's layers without weights. The
+    architecture of a profile that loads from a directory is read from `model_path`; without one
+    only the first part is checked."""
+    tensors, problem = read_lora_bytes(data)
+    if tensors is None:
+        return problem
+    # Imported here: torch is needed only when a LoRA arrives.
+    from dippy_studio.engine.errors import ProfileError
+    from dippy_studio.engine.lora import lora_fit_problem
+    from dippy_studio.engine.profiles import layer_models
+
+    try:
+        models = layer_models(profile, model_path)
+    except ProfileError as exc:
+        log.warning("LoRAs are not checked against the layers of %s: %s", profile, exc)
+        return None
+    return None if models is None else lora_fit_problem(models, tensors)

@@ -1,7 +1,10 @@
 """Which miner gets a job: a pure choice among candidates, weighted by stake and recent score.
 
 Only miners that are healthy, serve the orchestrator's profile, have a live lane for the job's
-kind and room in its queue are eligible. Among them, miners that have not tried this job yet
+kind and room in its queue are eligible. Room counts what the miner already holds of ours (jobs
+dispatched or running there, `held`) against its slots (`Lane.slots`): its workers plus its
+queue, and no more than its workers finish within the attempt timeout at the pace it advertises,
+so a job we send does not wait out its attempt in the miner's queue. Among them, miners that have not tried this job yet
 come first (a job that failed or timed out somewhere goes elsewhere); when every eligible miner
 has tried it, the ones that tried it least are used again rather than letting the job starve.
 
@@ -20,6 +23,7 @@ load towards idle miners. The random draw is injectable, so tests and audits can
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +38,24 @@ class Lane:
     available: bool
     queue_depth: int = 0
     queue_limit: int = 0
+    workers: int = 1
+    # The miner's recent seconds per job on one worker (None: not measured yet).
+    seconds_per_job: float | None = None
 
     @property
     def has_room(self) -> bool:
         return self.available and (self.queue_limit <= 0 or self.queue_depth < self.queue_limit)
+
+    def slots(self, attempt_timeout_s: float) -> int | None:
+        """How many jobs the miner can hold at once with each finishing within `attempt_timeout_s`:
+        its workers plus its queue limit, and at its advertised pace no more than its workers get
+        through in that time (at least one each). None when it advertises no bound at all."""
+        bounds = []
+        if self.queue_limit > 0:
+            bounds.append(max(self.workers, 0) + self.queue_limit)
+        if self.seconds_per_job is not None and self.seconds_per_job > 0 and self.workers > 0:
+            bounds.append(max(1, math.floor(attempt_timeout_s / self.seconds_per_job)) * self.workers)
+        return min(bounds) if bounds else None
 
 
 @dataclass(frozen=True)
@@ -61,24 +79,42 @@ class Candidate:
         lanes = {}
         for kind in ("inference", "training"):
             lane = capacity.get(kind) or {}
+            pace = lane.get("seconds_per_job")
             lanes[kind] = Lane(
                 available=bool(lane.get("available")),
                 queue_depth=int(lane.get("queue_depth") or 0),
                 queue_limit=int(lane.get("queue_limit") or 0),
+                workers=int(lane.get("workers_alive", lane.get("workers", 1)) or 0),
+                seconds_per_job=float(pace) if isinstance(pace, int | float) and pace > 0 else None,
             )
         return cls(hotkey, uid, endpoint, stake, score, healthy, capacity.get("profile"), lanes)
 
 
-def eligible(candidates: Iterable[Candidate], kind: str, profile: str, exclude: Iterable[str] = ()) -> list[Candidate]:
-    """Candidates that could take a job of this kind and profile now, minus `exclude` (hotkeys)."""
+def eligible(
+    candidates: Iterable[Candidate],
+    kind: str,
+    profile: str,
+    exclude: Iterable[str] = (),
+    *,
+    held: Mapping[str, int] | None = None,
+    attempt_timeout_s: float | None = None,
+) -> list[Candidate]:
+    """Candidates that could take a job of this kind and profile now, minus `exclude` (hotkeys).
+    With `held` (jobs of this kind each hotkey holds of ours) and `attempt_timeout_s`, a miner
+    whose `Lane.slots` are all taken is left out too."""
     skip = set(exclude)
     result = []
     for candidate in candidates:
         lane = candidate.lanes.get(kind)
         if candidate.hotkey in skip or not candidate.healthy or candidate.profile != profile:
             continue
-        if lane is not None and lane.has_room and candidate.endpoint:
-            result.append(candidate)
+        if lane is None or not lane.has_room or not candidate.endpoint:
+            continue
+        if held is not None and attempt_timeout_s is not None:
+            slots = lane.slots(attempt_timeout_s)
+            if slots is not None and held.get(candidate.hotkey, 0) >= slots:
+                continue
+        result.append(candidate)
     return result
 
 
@@ -102,14 +138,17 @@ def choose_miner(
     *,
     tried: Mapping[str, int] | None = None,
     exclude: Iterable[str] = (),
+    held: Mapping[str, int] | None = None,
+    attempt_timeout_s: float | None = None,
     rng: random.Random | None = None,
 ) -> Candidate | None:
     """Pick a miner for one job, or None when no miner can take it now.
 
     `tried` counts earlier attempts of this job per hotkey; `exclude` removes miners outright
-    (cooling down after a refusal).
+    (cooling down after a refusal); `held` and `attempt_timeout_s` leave out miners without a
+    free slot (`eligible`).
     """
-    pool = eligible(candidates, kind, profile, exclude)
+    pool = eligible(candidates, kind, profile, exclude, held=held, attempt_timeout_s=attempt_timeout_s)
     if not pool:
         return None
     tried = tried or {}

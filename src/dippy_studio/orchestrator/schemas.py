@@ -11,6 +11,9 @@ from dippy_studio.orchestrator.states import RequestStatus
 from dippy_studio.protocol.limits import MAX_LORAS, MAX_SEED, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
 from dippy_studio.protocol.schemas import HttpUrl, Sha256
 
+# No job can be dispatched, run and called back in less (a shorter deadline is refused).
+MIN_DEADLINE_S = 1.0
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -42,7 +45,11 @@ class ImageRequest(_Strict):
     guidance: Guidance | None = None
     loras: list[LoraInput] = Field(default_factory=list, max_length=MAX_LORAS)
     webhook_url: HttpUrl | None = None
-    deadline_s: float | None = Field(default=None, gt=0, description="Seconds from now the request may take.")
+    deadline_s: float | None = Field(
+        default=None,
+        ge=MIN_DEADLINE_S,
+        description="Seconds from now the request may take; at most the orchestrator's max_deadline_s.",
+    )
 
 
 class Submitted(BaseModel):
@@ -82,6 +89,12 @@ class RequestView(Submitted):
     input: dict[str, Any]
     result: ResultInfo | None
     webhook: WebhookInfo | None
+
+
+class Readiness(BaseModel):
+    ready: bool
+    problems: list[str]
+    healthy_miners: int
 
 
 class LoraView(BaseModel):

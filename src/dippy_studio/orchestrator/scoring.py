@@ -33,13 +33,17 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from dippy_studio.orchestrator.audit import DEFAULT_PENALTY, PenaltyPolicy, penalty_until
+from dippy_studio.orchestrator.states import CLIENTS_DOING, NOT_TAKEN
 
 if TYPE_CHECKING:
     from datetime import timedelta
 
+    from dippy_studio.orchestrator.models import Job, JobAttempt
     from dippy_studio.orchestrator.store import Store
 # Past this share of its timeout a result scores nothing.
 LATENCY_CUTOFF = 0.9
+# Attempt outcomes (`states`) that are not the miner's work: they count as never accepted.
+NOT_THE_MINERS = frozenset({"refused"}) | NOT_TAKEN | CLIENTS_DOING
 # The held-out loss improvement that earns a training job full quality: set below what an honest
 # LoRA trained as the tiny profile intends achieves, and above what a skimped one does
 # (bench/measure_training_audit.py, results in bench/README.md). A real Flux profile needs its
@@ -225,27 +229,32 @@ def window_scores(
         job = jobs.get(attempt.job_id)
         if job is None:
             continue
-        succeeded = attempt.outcome == "succeeded"
-        verdict = verdicts.get((job.id, attempt.miner_hotkey))
-        quality = qualities.get((job.id, attempt.miner_hotkey))
-        records.append(
-            AttemptRecord(
-                hotkey=attempt.miner_hotkey,
-                kind=job.kind,
-                finished_at=attempt.finished_at,
-                # "refused": the miner never took the job, which earns nothing but is no failure.
-                accepted=attempt.outcome != "refused",
-                completed=succeeded,
-                # Invalid results are recorded as "invalid", so a success is a validated one.
-                valid=succeeded,
-                latency_s=attempt.latency_s if succeeded else None,
-                timeout_s=job.attempt_timeout_s,
-                # Measured by a training audit (held-out loss improvement); where none measured it,
-                # `score_window` uses the miner's mean measured quality (1.0 without any).
-                quality=1.0 if quality is None else quality,
-                quality_measured=quality is not None,
-                audited=job.audit or verdict is not None,
-                audit_passed={"pass": True, "fail": False}.get(verdict or ""),
-            )
-        )
+        key = (job.id, attempt.miner_hotkey)
+        records.append(attempt_record(attempt, job, verdicts.get(key), qualities.get(key)))
     return score_window(records, start, end, penalties_from_failures(failures, end), weights=weights)
+
+
+def attempt_record(attempt: JobAttempt, job: Job, verdict: str | None, quality: float | None) -> AttemptRecord:
+    """The scorer's record of one finished attempt of `job`, with its audit's verdict and measured
+    quality when it has them."""
+    assert attempt.outcome is not None and attempt.finished_at is not None
+    succeeded = attempt.outcome == "succeeded"
+    return AttemptRecord(
+        hotkey=attempt.miner_hotkey,
+        kind=job.kind,
+        finished_at=attempt.finished_at,
+        # The miner never took the job (refused, busy, unreachable), or the client's own request
+        # ended it (bad_input, expired): it earns nothing, and is no failure.
+        accepted=attempt.outcome not in NOT_THE_MINERS,
+        completed=succeeded,
+        # Invalid results are recorded as "invalid", so a success is a validated one.
+        valid=succeeded,
+        latency_s=attempt.latency_s if succeeded else None,
+        timeout_s=job.attempt_timeout_s,
+        # Measured by a training audit (held-out loss improvement); where none measured it,
+        # `score_window` uses the miner's mean measured quality (1.0 without any).
+        quality=1.0 if quality is None else quality,
+        quality_measured=quality is not None,
+        audited=job.audit or verdict is not None,
+        audit_passed={"pass": True, "fail": False}.get(verdict or ""),
+    )

@@ -25,12 +25,13 @@ from pydantic import ValidationError
 
 from dippy_studio.chain.base import Chain
 from dippy_studio.orchestrator import kinds
+from dippy_studio.orchestrator.admission import Refusals
 from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.auditing import AuditQueue
 from dippy_studio.orchestrator.blobs import BlobStore
 from dippy_studio.orchestrator.callbacks import CallbackHandler, announce
 from dippy_studio.orchestrator.dispatch import Dispatcher
-from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound
+from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound, OrchestratorError
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
 from dippy_studio.orchestrator.scoring import window_scores
@@ -42,7 +43,7 @@ from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.keys import Signer, load_signer
 from dippy_studio.protocol.limits import profile_limits
 from dippy_studio.protocol.nonces import NonceStore, SqliteNonceStore, retention_for
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
 
 log = logging.getLogger("dippy_studio.orchestrator")
 
@@ -105,6 +106,7 @@ class Orchestrator:
         self.chain = chain
         self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
         self.waiters = Waiters()
+        self.refusals = Refusals()
         self.registry = Registry(self.store, chain, self.signer, settings, clock=clock)
         self.dispatcher = Dispatcher(self.store, self.registry, self.signer, settings, self, rng=self.rng, clock=clock)
         self.callbacks = CallbackHandler(
@@ -119,7 +121,7 @@ class Orchestrator:
         )
         self._scores: ScoreSnapshot | None = None
         self.listener: Listener | None = None
-        self._http = httpx.Client(timeout=settings.download_timeout_s, follow_redirects=False)
+        self._http = guarded_client(self.url_policy, timeout=settings.download_timeout_s)
         self.audits = (
             AuditQueue(
                 self.store,
@@ -178,6 +180,8 @@ class Orchestrator:
 
     def finished(self, job: Job) -> None:
         self.waiters.notify(job.id)
+        if job.miner_hotkey is not None:
+            self.dispatcher.wake()  # its miner has a free slot for a job that waits for one
         if job.webhook_url is not None:
             # Most requests have none: waking the sender would only cost it a query.
             self.tasks["webhooks"].wake()
@@ -188,10 +192,10 @@ class Orchestrator:
 
     def _job_event(self, status: str, job_id: str) -> None:
         """A job event from the database (`Store.listen`), this replica's own writes included."""
-        if status == RequestStatus.queued.value:
-            self.dispatcher.wake()
-        else:
+        if status != RequestStatus.queued.value:
             self.waiters.notify(job_id)
+        # Queued: a job to send; finished: a miner's slot that may be free now.
+        self.dispatcher.wake()
 
     # ---- client operations --------------------------------------------------------------------
 
@@ -240,12 +244,14 @@ class Orchestrator:
                 until = deadline()
                 return row(key, spec.build_payload(self, key, body, now), until)
 
+            self.refusals.check(secret)
             created = await self.store.call(self.store.submit_job, secret, build, now)
             if not isinstance(created, Job):
+                self.refusals.remember(secret, created)
                 raise created
         else:
             if key is None:
-                key = await self.store.call(self.store.admit, secret, now)
+                key = await self.store.call(self.admit, secret)
             until = deadline()
             payload = await asyncio.to_thread(self._blocking_payload, spec, key, body, now, webhook_url)
             (created,) = await self.store.call(self.store.insert_jobs, [row(key, payload, until)])
@@ -263,8 +269,14 @@ class Orchestrator:
         return spec.build_payload(self, key, body, now)
 
     def admit(self, secret: str | None) -> ApiKey:
-        """The caller's live API key, with this request counted against its rate limit (blocking)."""
-        return self.store.admit(secret, now=self.clock())
+        """The caller's live API key, with this request counted against its rate limit (blocking;
+        a remembered refusal is answered without the database)."""
+        self.refusals.check(secret)
+        try:
+            return self.store.admit(secret, now=self.clock())
+        except OrchestratorError as refused:
+            self.refusals.remember(secret, refused)
+            raise
 
     def own_job(self, key: ApiKey, job_id: str) -> Job:
         job = self.store.get_job(job_id, key.id)

@@ -107,7 +107,9 @@ class OrchestratorSettings(ServiceSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0)
     webhook_interval_s: float = Field(default=1.0, gt=0)
 
-    # Uploads and downloads.
+    # Uploads and downloads. A training dataset is bounded twice by max_dataset_bytes: as the
+    # archive, and as the images and captions it unpacks to (images do not shrink in a zip, so
+    # only a zip bomb unpacks to much more than it weighs).
     max_dataset_bytes: int = Field(default=256 << 20, ge=1024)
     max_lora_bytes: int = Field(default=512 << 20, ge=1024)
     max_result_bytes: int = Field(default=512 << 20, ge=1024)

@@ -54,6 +54,20 @@ TRANSITIONS: frozenset[tuple[RequestStatus, RequestStatus]] = frozenset(
 )
 
 
+# How an attempt (one dispatch to one miner, a `job_attempts` row) ended, and who that is on:
+#   succeeded, canceled           the job ended there.
+#   failed, invalid, timeout,     the miner did not deliver: the attempt counts against the job's
+#   refused                       `max_attempts` ("refused": any refusal not listed below).
+#   busy, unreachable             the miner did not take the job: it pushed back (429, or 503 with
+#                                 Retry-After), its answer did not come in time, or it could not be
+#                                 reached. Back-pressure, not a failure: no attempt is used up.
+#   bad_input, expired            the client's request ended it: the miner found its input unusable,
+#                                 or the client's deadline, not the attempt timeout, cut the
+#                                 attempt short. The job fails; the miner is not to blame.
+NOT_TAKEN: frozenset[str] = frozenset({"busy", "unreachable"})
+CLIENTS_DOING: frozenset[str] = frozenset({"bad_input", "expired"})
+
+
 def can_transition(frm: RequestStatus | str, to: RequestStatus | str) -> bool:
     """True when the state machine allows moving a job from `frm` to `to`."""
     try:

@@ -63,7 +63,9 @@ from dippy_studio.orchestrator.errors import OrchestratorError, RateLimited, Una
 from dippy_studio.orchestrator.models import ApiKey, Audit, Base, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
 from dippy_studio.orchestrator.states import (
     ACTIVE,
+    CLIENTS_DOING,
     NON_TERMINAL,
+    NOT_TAKEN,
     TERMINAL,
     RequestStatus,
     can_transition,
@@ -93,18 +95,42 @@ _JOBS = Job.__table__
 _ATTEMPTS = JobAttempt.__table__
 _JOB_COLUMNS = tuple(_JOBS.columns)
 
-# The oldest queued jobs that still have time, of the wanted kinds; rows another replica is
-# claiming right now are skipped (PostgreSQL; SQLite's write lock serializes claims anyway).
-_QUEUE = (
-    select(*_JOB_COLUMNS)
+# Queued jobs that still have time, of the wanted kinds, in fair turns between keys: a job's turn
+# is its place in its key's queue plus the jobs that key already has out at miners, so the key
+# with the least work under way goes first and one client's flood cannot keep the others waiting
+# behind it. Rows another replica is claiming right now are skipped (PostgreSQL; SQLite's write
+# lock serializes claims anyway): the limit applies after the skip, so replicas claiming at once
+# take different jobs rather than waiting on the same first few.
+_UNDER_WAY = (
+    select(_JOBS.c.api_key_id, func.count().label("jobs"))
+    .where(_JOBS.c.status.in_([s.value for s in ACTIVE]))
+    .group_by(_JOBS.c.api_key_id)
+    .subquery()
+)
+_WAITING = (
+    select(
+        _JOBS.c.id,
+        (
+            func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
+            + func.coalesce(_UNDER_WAY.c.jobs, 0)
+        ).label("turn"),
+    )
+    .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
     .where(
         _JOBS.c.status == RequestStatus.queued.value,
         _JOBS.c.deadline > bindparam("b_now"),
         _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)),
     )
-    .order_by(_JOBS.c.created_at, _JOBS.c.id)
+    .subquery()
+)
+_QUEUE = (
+    select(*_JOB_COLUMNS)
+    .join(_WAITING, _WAITING.c.id == _JOBS.c.id)
+    # Checked again on the row itself: PostgreSQL re-reads a row another claim just changed.
+    .where(_JOBS.c.status == RequestStatus.queued.value)
+    .order_by(_WAITING.c.turn, _JOBS.c.created_at, _JOBS.c.id)
     .limit(bindparam("b_limit"))
-    .with_for_update(skip_locked=True)
+    .with_for_update(of=_JOBS, skip_locked=True)
 )
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
 _CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
@@ -475,18 +501,24 @@ class Store:
     def take_back(
         self, job: Job, reason: str, *, outcome: str, now: datetime | None = None, min_attempt_s: float
     ) -> str | None:
-        """Take an active job back from its miner: to the queue when it has attempts and at least
-        `min_attempt_s` left before the client's deadline, else to `failed`. Returns the new status,
-        or None when the job had already moved on."""
+        """Take an active job back from its miner, closing its attempt as `outcome` (see
+        `states.NOT_TAKEN` and `states.CLIENTS_DOING`). Returns the new status, or None when the job
+        had already moved on.
+
+        Back to the queue while at least `min_attempt_s` are left before the client's deadline and,
+        unless the miner never took the job (`NOT_TAKEN`: no attempt used up), attempts are left;
+        otherwise `failed`. A job whose own request ended the attempt (`CLIENTS_DOING`) fails at
+        once, with an error that tells the client why.
+        """
         now = now or utcnow()
-        left = (job.deadline - now).total_seconds()
-        if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
-            target, fields = RequestStatus.queued, {}
-        else:
-            error = f"attempt {job.attempts} of {job.max_attempts} failed ({reason}); no attempts or time left"
-            target, fields = RequestStatus.failed, {"error": error}
-        move = _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)
-        return target.value if self._write(move, lock_key=job.id) else None
+
+        def write(conn: Connection) -> str | None:
+            spent = 0 if outcome in NOT_TAKEN | CLIENTS_DOING else _spent_attempts(conn, [job.id])[job.id] + 1
+            target, fields = _after_attempt(job, outcome, reason, now, min_attempt_s, spent)
+            moved = _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)(conn)
+            return target.value if moved else None
+
+        return self._write(write, lock_key=job.id)
 
     def succeed(self, job_id: str, success: Success, now: datetime | None = None) -> bool:
         """An active job's result is in: store it and move the job to `succeeded`, registering its
@@ -600,6 +632,17 @@ class Store:
 
         return self._write(claim)
 
+    def active_counts(self) -> Counter[tuple[str, str]]:
+        """Jobs dispatched or running right now, per (miner hotkey, job kind): what each miner
+        holds of ours (every replica's sends included)."""
+        query = (
+            select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
+            .where(_JOBS.c.status.in_([s.value for s in ACTIVE]), _JOBS.c.miner_hotkey.is_not(None))
+            .group_by(_JOBS.c.miner_hotkey, _JOBS.c.kind)
+        )
+        with self._read() as session:
+            return Counter({(hotkey, kind): count for hotkey, kind, count in session.execute(query)})
+
     def list_attempts(
         self, job_id: str | None = None, *, miner_hotkey: str | None = None, since: datetime | None = None
     ) -> list[JobAttempt]:
@@ -619,8 +662,11 @@ class Store:
 
         A timed-out job goes back to the queue (for another miner; its attempt is recorded as a
         timeout) while it has attempts left and at least `min_attempt_s` before the client's
-        deadline; otherwise it fails. Queued jobs past their deadline fail. Rows another sweeper
-        holds are skipped, so several orchestrators may sweep at once.
+        deadline; otherwise it fails. When the client's deadline, not the attempt timeout, ended
+        the attempt (the miner had less than its full attempt time), the job fails as expired and
+        the attempt is recorded as `expired`: not the miner's timeout. Queued jobs past their
+        deadline fail. Rows another sweeper holds are skipped, so several orchestrators may sweep
+        at once.
         """
         now = now or utcnow()
         stuck_query = (
@@ -639,17 +685,16 @@ class Store:
 
         def sweep(conn: Connection) -> SweepResult:
             result = SweepResult()
-            for job in [Job(**row._mapping) for row in conn.execute(stuck_query)]:
-                left = (job.deadline - now).total_seconds()
-                timeout = f"no result within {job.attempt_timeout_s:g}s"
-                if job.attempts < job.max_attempts and left > 0 and left >= min_attempt_s:
-                    target, fields, moved = RequestStatus.queued, {}, result.requeued
+            stuck = [Job(**row._mapping) for row in conn.execute(stuck_query)]
+            spent = _spent_attempts(conn, [job.id for job in stuck])
+            for job in stuck:
+                if cut_short_by_deadline(job):
+                    outcome, reason = "expired", f"the client's deadline ended the attempt at {_where(job)}"
                 else:
-                    where = f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
-                    where = where if job.miner_hotkey else "before a miner was assigned"
-                    error = f"attempt {job.attempts} timed out ({where}); no time or attempts left for another"
-                    target, fields, moved = RequestStatus.failed, {"error": error}, result.failed
-                if _transition_op(job.id, ACTIVE, target, now, "timeout", timeout, None, fields)(conn):
+                    outcome, reason = "timeout", f"no result within {job.attempt_timeout_s:g}s from {_where(job)}"
+                target, fields = _after_attempt(job, outcome, reason, now, min_attempt_s, spent[job.id] + 1)
+                moved = result.requeued if target is RequestStatus.queued else result.failed
+                if _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)(conn):
                     moved.append(job.id)
             for job_id in list(conn.scalars(expired_query)):
                 error = {"error": "deadline passed before a miner could finish the job"}
@@ -987,6 +1032,60 @@ def _implied_fields(target: RequestStatus, now: datetime) -> dict[str, Any]:
     if target is RequestStatus.running:
         return {"started_at": now}
     return {"finished_at": now}
+
+
+def cut_short_by_deadline(job: Job) -> bool:
+    """True when the client's deadline left the job's current miner less than its full attempt
+    timeout: then a miner that ran out of time ran out of the client's time, not its own."""
+    if job.dispatched_at is None:
+        return False
+    return job.deadline < job.dispatched_at + timedelta(seconds=job.attempt_timeout_s)
+
+
+def _where(job: Job) -> str:
+    if not job.miner_hotkey:
+        return "before a miner was assigned"
+    return f"miner {job.miner_uid if job.miner_uid is not None else job.miner_hotkey}"
+
+
+def _after_attempt(
+    job: Job, outcome: str, reason: str, now: datetime, min_attempt_s: float, spent: int
+) -> tuple[RequestStatus, dict[str, Any]]:
+    """Where a job goes when its current attempt ends as `outcome` (not a success), and the error
+    the client sees if that is `failed`. `spent`: the attempts used up, this one included."""
+    left = (job.deadline - now).total_seconds()
+    has_time = left > 0 and left >= min_attempt_s
+    if outcome == "bad_input":
+        error = f"the request's input cannot be used: {reason}"
+    elif outcome == "expired":
+        error = f"deadline passed before the job could finish ({reason})"
+    elif outcome in NOT_TAKEN:
+        if has_time:
+            return RequestStatus.queued, {}
+        error = f"deadline passed before a miner could take the job (the last: {reason})"
+    elif spent < job.max_attempts and has_time:
+        return RequestStatus.queued, {}
+    else:
+        error = f"attempt {spent} of {job.max_attempts} failed ({reason}); no attempts or time left"
+    return RequestStatus.failed, {"error": error[:2000]}
+
+
+def _spent_attempts(conn: Connection, job_ids: list[str]) -> Counter[str]:
+    """Per job, its finished attempts that used up one of its `max_attempts` (`states.NOT_TAKEN`
+    ones did not). The open attempt is not among them."""
+    spent: Counter[str] = Counter()
+    if job_ids:
+        query = (
+            select(_ATTEMPTS.c.job_id, func.count())
+            .where(
+                _ATTEMPTS.c.job_id.in_(job_ids),
+                _ATTEMPTS.c.outcome.is_not(None),
+                _ATTEMPTS.c.outcome.not_in(sorted(NOT_TAKEN)),
+            )
+            .group_by(_ATTEMPTS.c.job_id)
+        )
+        spent.update(dict(conn.execute(query).tuples().all()))
+    return spent
 
 
 def _tried(conn: Connection, job_ids: list[str]) -> dict[str, Counter[str]]:

@@ -36,7 +36,7 @@ import httpx
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
+from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
 
 log = logging.getLogger("dippy_studio.orchestrator.webhooks")
 
@@ -110,7 +110,7 @@ class WebhookSender:
         self.render = render
         self.clock = clock
         self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
-        self._http = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
+        self._http = guarded_client(self.url_policy, timeout=settings.webhook_timeout_s)
         self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="webhook")
 
     def close(self) -> None:
@@ -165,6 +165,8 @@ class WebhookSender:
         headers = headers_for(key.webhook_secret, f"msg_{job.id}", body)
         try:
             response = self._http.post(job.webhook_url, content=body, headers=headers)
+        except OutboundError as exc:  # the name resolves elsewhere now (DNS rebinding)
+            return False, str(exc), False
         except httpx.HTTPError as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500], True
         if 200 <= response.status_code < 300:

@@ -6,13 +6,43 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-__all__ = ["BodyLimit"]
+__all__ = ["BodyLimit", "RefuseBeforeBody", "Scope", "request_target"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def request_target(scope: Scope) -> str:
+    """The path and query string as the client sent them (what btauth and Epistula targets sign)."""
+    target = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+    if scope.get("query_string"):
+        target += "?" + scope["query_string"].decode("latin-1")
+    return target
+
+
+class RefuseBeforeBody:
+    """Middleware: answer `{"detail": reason}` with `refuse(scope)`'s status, without running the
+    app or reading the body, when it returns `(status, reason)`; else run the app.
+
+    For checks the headers can decide (a signature's shape, receiver, freshness and sender): a
+    framework that parses the body before its dependencies run would otherwise read, and hold,
+    every unauthenticated body first.
+    """
+
+    def __init__(self, app: ASGIApp, refuse: Callable[[Scope], tuple[int, str] | None]) -> None:
+        self.app = app
+        self.refuse = refuse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self.refuse(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, reason = refusal
+        await _answer(send, status, reason)
 
 
 class BodyLimit:
@@ -69,7 +99,11 @@ class _BodyTooLarge(Exception):
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body over the {limit}-byte limit"}).encode()
+    await _answer(send, 413, f"request body over the {limit}-byte limit")
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -6,14 +6,19 @@ Two wire schemes, one entry point (`verify_request`):
   method, the path with its query string, sha256 of the body, a nanosecond nonce, the
   sender and the receiver.
 - Epistula v2, which most existing subnet orchestrators speak: the signature covers
-  `sha256(body).hexdigest() + "." + uuid + "." + timestamp_ms + "." + signed_for`. It does
-  not cover the method or the path: an intercepted request could be re-aimed at another
-  endpoint of the same receiver. The UUID replay check (one store per receiver) makes
-  sure it is accepted at most once, wherever it lands; TLS keeps it from being seen.
+  `sha256(body).hexdigest() + "." + uuid + "." + timestamp_ms + "." + signed_for`, which
+  leaves out the method and the path. Our senders add `Epistula-Request-Target`
+  (`"POST /v1/jobs/x/cancel"`) and sign it too (`"." + target` after the standard
+  message), so their signatures are bound like btauth's. A standard, unbound signature is
+  refused on a body-less state-changing request (POST, PUT, PATCH, DELETE with no body):
+  with nothing else signed, headers captured from one request (a GET) would authorise any
+  other. With a body it is accepted: the signed body only makes sense at its own endpoint,
+  and the UUID replay check lets it in at most once, wherever it lands.
 
-Verification order, for both: header shape, receiver binding, freshness, signature,
-sender policy, replay. The replay store is written last, so neither forged requests nor
-refused senders can fill it or burn a legitimate sender's nonces.
+Verification order, for both: header shape, receiver binding, freshness (all from the
+headers: `check_headers`, before the body is read), then signature, sender policy and
+replay. The replay store is written last, so neither forged requests nor refused senders
+can fill it or burn a legitimate sender's nonces.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import ClassVar, Literal, Protocol
 from bittensor import http_auth
 from bittensor.sp_core import CRYPTO_SR25519
 from bittensor.sp_core import verify as sp_verify
+from bittensor.wallets import CRYPTO_TYPE_NAMES, parse_crypto_type
 
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.nonces import NonceStore
@@ -36,6 +42,7 @@ from dippy_studio.protocol.nonces import NonceStore
 __all__ = [
     "DEFAULT_ALLOWED_SKEW",
     "DEFAULT_MAX_AGE",
+    "EMPTY_BODY_SHA256",
     "EPISTULA_HEADERS",
     "SCHEMES",
     "AuthError",
@@ -51,14 +58,18 @@ __all__ = [
     "SenderNotAllowed",
     "SenderPolicy",
     "SenderRefused",
+    "SignedHeaders",
     "StakeLookup",
     "StaleRequest",
     "UnregisteredSender",
     "WrongReceiver",
+    "WrongTarget",
+    "check_headers",
     "check_nonce_window",
     "check_request",
     "detect_scheme",
     "epistula_message",
+    "request_line",
     "sign_btauth",
     "sign_epistula",
     "sign_request",
@@ -78,6 +89,8 @@ HEADER_EPISTULA_UUID = "Epistula-Uuid"
 HEADER_EPISTULA_SIGNED_BY = "Epistula-Signed-By"
 HEADER_EPISTULA_SIGNED_FOR = "Epistula-Signed-For"
 HEADER_EPISTULA_SIGNATURE = "Epistula-Request-Signature"
+# Our extension: the method and request target, signed after the standard message.
+HEADER_EPISTULA_TARGET = "Epistula-Request-Target"
 EPISTULA_HEADERS = (
     HEADER_EPISTULA_VERSION,
     HEADER_EPISTULA_TIMESTAMP,
@@ -85,7 +98,13 @@ EPISTULA_HEADERS = (
     HEADER_EPISTULA_SIGNED_BY,
     HEADER_EPISTULA_SIGNED_FOR,
     HEADER_EPISTULA_SIGNATURE,
+    HEADER_EPISTULA_TARGET,
 )
+
+EMPTY_BODY_SHA256 = hashlib.sha256(b"").hexdigest()
+# Methods that change nothing: an unbound Epistula signature may be re-aimed among them (it
+# reads the same caller's data), never at an action.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -120,6 +139,10 @@ class StaleRequest(AuthError):
 
 class FutureRequest(AuthError):
     """The signature timestamp is further ahead than `allowed_skew` (a clock is off)."""
+
+
+class WrongTarget(AuthError):
+    """The signature is for another method or path, or, where that matters, for none."""
 
 
 class ReplayedRequest(AuthError):
@@ -280,9 +303,20 @@ def sign_btauth(
     return http_auth.sign(signer, method=method, path=path, body=body, receiver_ss58=receiver_ss58, nonce_ns=nonce_ns)
 
 
-def epistula_message(body: bytes, uuid: str, timestamp_ms: str, signed_for: str) -> bytes:
-    """The exact bytes an Epistula v2 signature covers."""
-    return f"{hashlib.sha256(body).hexdigest()}.{uuid}.{timestamp_ms}.{signed_for}".encode()
+def epistula_message(body: bytes, uuid: str, timestamp_ms: str, signed_for: str, target: str | None = None) -> bytes:
+    """The exact bytes an Epistula v2 signature covers; with `target` ("METHOD /path?query"),
+    our bound form."""
+    return _epistula_payload(hashlib.sha256(body).hexdigest(), uuid, timestamp_ms, signed_for, target)
+
+
+def _epistula_payload(body_sha256: str, uuid: str, timestamp_ms: str, signed_for: str, target: str | None) -> bytes:
+    message = f"{body_sha256}.{uuid}.{timestamp_ms}.{signed_for}"
+    return (message if target is None else f"{message}.{target}").encode()
+
+
+def request_line(method: str, path: str) -> str:
+    """What `Epistula-Request-Target` carries: the method and the request target as sent."""
+    return f"{method.upper()} {path}"
 
 
 def sign_epistula(
@@ -290,17 +324,23 @@ def sign_epistula(
     body: bytes,
     receiver_ss58: str,
     *,
+    method: str | None = None,
+    path: str | None = None,
     now: float | None = None,
     uuid: str | None = None,
 ) -> dict[str, str]:
-    """Epistula v2 headers, bound to `receiver_ss58`."""
+    """Epistula v2 headers, bound to `receiver_ss58`, and with `method` and `path` (the request
+    target as sent) to that request: give both, unless the receiver only speaks standard Epistula."""
     # Epistula has no crypto-type header; verifiers assume sr25519.
     if signer.crypto_type != CRYPTO_SR25519:
         raise ValueError("Epistula signatures must be sr25519")
+    if (method is None) != (path is None):
+        raise ValueError("give both method and path, or neither")
+    target = request_line(method, path) if method is not None and path is not None else None
     timestamp_ms = str(time.time_ns() // 1_000_000 if now is None else round(now * 1000))
     request_uuid = str(uuid_lib.uuid4()) if uuid is None else uuid
-    signature = signer.sign(epistula_message(body, request_uuid, timestamp_ms, receiver_ss58))
-    return {
+    signature = signer.sign(epistula_message(body, request_uuid, timestamp_ms, receiver_ss58, target))
+    headers = {
         HEADER_EPISTULA_VERSION: EPISTULA_VERSION,
         HEADER_EPISTULA_TIMESTAMP: timestamp_ms,
         HEADER_EPISTULA_UUID: request_uuid,
@@ -308,6 +348,9 @@ def sign_epistula(
         HEADER_EPISTULA_SIGNED_FOR: receiver_ss58,
         HEADER_EPISTULA_SIGNATURE: "0x" + bytes(signature).hex(),
     }
+    if target is not None:
+        headers[HEADER_EPISTULA_TARGET] = target
+    return headers
 
 
 def sign_request(
@@ -327,7 +370,7 @@ def sign_request(
     if scheme == "btauth":
         return sign_btauth(signer, method, path, body, receiver_ss58, now=now)
     if scheme == "epistula":
-        return sign_epistula(signer, body, receiver_ss58, now=now)
+        return sign_epistula(signer, body, receiver_ss58, method=method, path=path, now=now)
     raise ValueError(f"unknown signature scheme {scheme!r}; expected one of {SCHEMES}")
 
 
@@ -366,17 +409,41 @@ class Checked:
         return self.caller
 
 
-class _DeferredNonce:
-    """Hands bittensor a store that accepts everything, so that the real replay check can
-    run after the sender policy. No `retention` attribute: the window is checked here."""
+@dataclass(frozen=True)
+class SignedHeaders:
+    """A request's signature headers, checked for all that the headers alone show (shape, receiver,
+    freshness, and for Epistula the signed target): what a server can refuse before it reads the
+    body. `sender` is claimed, not proven, until `check_body` verifies the signature."""
 
-    def check_and_store(self, hotkey_ss58: str, nonce_ns: int) -> bool:
-        return True
+    # The caller as the headers claim it.
+    claimed: Caller
+    # The bytes the signature must cover, given the body's sha256 (hex); raises an AuthError when
+    # no body could make this request acceptable.
+    payload: Callable[[str], bytes]
+    signature: bytes
+    crypto_type: int
+    record: Callable[[NonceStore], bool]
+
+    @property
+    def sender(self) -> str:
+        return self.claimed.hotkey_ss58
+
+    def check_body(self, body_sha256: str, policy: SenderPolicy) -> Checked:
+        """Verify the signature over the body (by its sha256, lower-case hex, so that a large body
+        can be hashed as it streams in) and apply the sender policy."""
+        try:
+            valid = sp_verify(self.payload(body_sha256), self.signature, self.sender, self.crypto_type)
+        except ValueError:
+            # Undecodable ss58 address or wrong-length signature.
+            raise MalformedAuth("invalid hotkey address or signature encoding") from None
+        if not valid:
+            raise BadSignature("signature does not verify against the claimed hotkey")
+        policy.check(self.sender)
+        return Checked(self.claimed, self.record)
 
 
-def _check_btauth(
-    headers: Mapping[str, str],
-    body: bytes,
+def _btauth_headers(
+    lowered: Mapping[str, str],
     *,
     method: str,
     path: str,
@@ -384,51 +451,57 @@ def _check_btauth(
     max_age: float,
     allowed_skew: float,
     now_ns: int,
-) -> Checked:
+) -> SignedHeaders:
+    # The checks of `http_auth.verify`, in its order, but without the body: its payload is built
+    # from the body's digest (`http_auth.build_payload`'s lines), so a body need not be in memory.
+    if lowered.get(http_auth.HEADER_VERSION.lower()) != http_auth.VERSION:
+        raise MalformedAuth(f"missing or unsupported {http_auth.HEADER_VERSION} (expected {http_auth.VERSION!r})")
+    sender = lowered.get(http_auth.HEADER_HOTKEY.lower())
+    if not sender:
+        raise MalformedAuth(f"missing {http_auth.HEADER_HOTKEY}")
+    nonce_raw = lowered.get(http_auth.HEADER_NONCE.lower())
+    if nonce_raw is None:
+        raise MalformedAuth(f"missing {http_auth.HEADER_NONCE}")
     try:
-        verified = http_auth.verify(
-            headers,
-            body,
-            method=method,
-            path=path,
-            self_hotkey_ss58=receiver_ss58,
-            max_age=max_age,
-            allowed_skew=allowed_skew,
-            require_receiver=True,
-            nonce_store=_DeferredNonce(),
-            now_ns=now_ns,
-        )
-    except http_auth.StaleRequest as error:
-        # bittensor raises one type for both directions; the nonce parsed fine if we got
-        # this far, so its sign relative to now tells which.
-        nonce_ns = int({k.lower(): v for k, v in headers.items()}[http_auth.HEADER_NONCE.lower()])
-        kind = FutureRequest if nonce_ns > now_ns else StaleRequest
-        raise kind(str(error)) from None
-    except http_auth.MalformedAuth as error:
-        raise MalformedAuth(str(error)) from None
-    except http_auth.WrongReceiver as error:
-        raise WrongReceiver(str(error)) from None
-    except http_auth.BadSignature as error:
-        raise BadSignature(str(error)) from None
-    except http_auth.ReplayedRequest as error:  # not raised with _DeferredNonce; kept for safety
-        raise ReplayedRequest(str(error)) from None
+        nonce_ns = int(nonce_raw)
+    except ValueError:
+        raise MalformedAuth(f"{http_auth.HEADER_NONCE} is not a decimal integer") from None
+    try:
+        crypto_type = parse_crypto_type(lowered.get(http_auth.HEADER_CRYPTO.lower(), "sr25519"))
+    except ValueError:
+        raise MalformedAuth(f"unsupported {http_auth.HEADER_CRYPTO}") from None
+    # The canonical name, never the header's spelling, goes into the signed bytes.
+    crypto_name = CRYPTO_TYPE_NAMES[crypto_type]
+    signature = _signature(lowered, http_auth.HEADER_SIGNATURE)
 
-    hotkey, nonce_ns = verified.hotkey_ss58, verified.nonce_ns
-    caller = Caller(hotkey_ss58=hotkey, scheme="btauth", request_id=str(nonce_ns), signed_at=nonce_ns / 1e9)
-    return Checked(caller, lambda store: store.check_and_store(hotkey, nonce_ns))
+    receiver = lowered.get(http_auth.HEADER_RECEIVER.lower())
+    if receiver is None:
+        raise WrongReceiver(f"missing {http_auth.HEADER_RECEIVER}: this server requires receiver-bound requests")
+    if receiver != receiver_ss58:
+        raise WrongReceiver("request was signed for a different receiving hotkey")
+    if now_ns - nonce_ns > max_age * 1e9:
+        raise StaleRequest(f"nonce is older than the {max_age:g}s freshness window")
+    if nonce_ns - now_ns > allowed_skew * 1e9:
+        raise FutureRequest(f"nonce is more than {allowed_skew:g}s in the future")
+
+    def payload(body_sha256: str) -> bytes:
+        lines = (http_auth.PROTOCOL, crypto_name, method.upper(), path, body_sha256, str(nonce_ns), sender, receiver)
+        return "\n".join(lines).encode()
+
+    caller = Caller(hotkey_ss58=sender, scheme="btauth", request_id=str(nonce_ns), signed_at=nonce_ns / 1e9)
+    return SignedHeaders(caller, payload, signature, crypto_type, lambda store: store.check_and_store(sender, nonce_ns))
 
 
-def _check_epistula(
-    headers: Mapping[str, str],
-    body: bytes,
+def _epistula_headers(
+    lowered: Mapping[str, str],
     *,
+    method: str,
+    path: str,
     receiver_ss58: str,
     max_age: float,
     allowed_skew: float,
     now_ns: int,
-) -> Checked:
-    lowered = {key.lower(): value for key, value in headers.items()}
-
+) -> SignedHeaders:
     def required(name: str) -> str:
         value = lowered.get(name.lower())
         if not value:
@@ -447,11 +520,7 @@ def _check_epistula(
     except ValueError:
         raise MalformedAuth(f"{HEADER_EPISTULA_UUID} is not a UUID") from None
     sender = required(HEADER_EPISTULA_SIGNED_BY)
-    signature_raw = required(HEADER_EPISTULA_SIGNATURE)
-    try:
-        signature = bytes.fromhex(signature_raw.removeprefix("0x"))
-    except ValueError:
-        raise MalformedAuth(f"{HEADER_EPISTULA_SIGNATURE} is not hex") from None
+    signature = _signature(lowered, HEADER_EPISTULA_SIGNATURE)
 
     # Epistula allows unbound ("broadcast") signatures with an empty Signed-For; a server
     # accepting them could be fed requests that were signed for someone else.
@@ -468,18 +537,36 @@ def _check_epistula(
     if timestamp_ms - now_ms > allowed_skew * 1000:
         raise FutureRequest(f"timestamp is more than {allowed_skew:g}s in the future")
 
-    message = epistula_message(body, uuid_raw, timestamp_raw, signed_for)
-    try:
-        valid = sp_verify(message, signature, sender, CRYPTO_SR25519)
-    except ValueError:
-        # Undecodable ss58 address or wrong-length signature.
-        raise MalformedAuth("invalid Epistula-Signed-By address or signature encoding") from None
-    if not valid:
-        raise BadSignature("signature does not verify against the claimed hotkey")
+    target = lowered.get(HEADER_EPISTULA_TARGET.lower())
+    this_request = request_line(method, path)
+    if target is not None and target != this_request:
+        raise WrongTarget(f"request was signed for {target!r}, not for {this_request!r}")
+    changes_state = method.upper() not in SAFE_METHODS
+
+    def payload(body_sha256: str) -> bytes:
+        if target is None and changes_state and body_sha256 == EMPTY_BODY_SHA256:
+            raise WrongTarget(
+                f"an Epistula signature without {HEADER_EPISTULA_TARGET} does not cover the method or path, "
+                f"so it cannot authorise a {method.upper()} without a body: sign with btauth/1, or send "
+                f"{HEADER_EPISTULA_TARGET} and sign it"
+            )
+        return _epistula_payload(body_sha256, uuid_raw, timestamp_raw, signed_for, target)
 
     caller = Caller(hotkey_ss58=sender, scheme="epistula", request_id=request_uuid, signed_at=timestamp_ms / 1000)
     # Prefixed like btauth nonces in the store, so the two kinds never collide.
-    return Checked(caller, lambda store: store.claim(sender, f"epistula:{request_uuid}"))
+    return SignedHeaders(
+        caller, payload, signature, CRYPTO_SR25519, lambda store: store.claim(sender, f"epistula:{request_uuid}")
+    )
+
+
+def _signature(lowered: Mapping[str, str], name: str) -> bytes:
+    raw = lowered.get(name.lower())
+    if not raw:
+        raise MalformedAuth(f"missing {name}")
+    try:
+        return bytes.fromhex(raw.removeprefix("0x"))
+    except ValueError:
+        raise MalformedAuth(f"{name} is not hex") from None
 
 
 def _now_ns(now: float | None) -> int:
@@ -537,6 +624,37 @@ def verify_request(
     return checked.claim(nonce_store)
 
 
+def check_headers(
+    headers: Mapping[str, str],
+    *,
+    method: str,
+    path: str,
+    receiver_ss58: str,
+    max_age: float = DEFAULT_MAX_AGE,
+    allowed_skew: float = DEFAULT_ALLOWED_SKEW,
+    schemes: Iterable[Scheme] = SCHEMES,
+    now: float | None = None,
+) -> SignedHeaders:
+    """The checks that need no body: which scheme, header shape, receiver, freshness, and for
+    Epistula the signed method and path. A server that takes large bodies calls this first and
+    reads the body only if it passes (and the claimed sender is one it would hear), then finishes
+    with `SignedHeaders.check_body`."""
+    scheme = detect_scheme(headers)
+    if scheme not in set(schemes):
+        raise MalformedAuth(f"{scheme} signatures are not accepted here")
+    lowered = {key.lower(): value for key, value in headers.items()}
+    read = _btauth_headers if scheme == "btauth" else _epistula_headers
+    return read(
+        lowered,
+        method=method,
+        path=path,
+        receiver_ss58=receiver_ss58,
+        max_age=max_age,
+        allowed_skew=allowed_skew,
+        now_ns=_now_ns(now),
+    )
+
+
 def check_request(
     headers: Mapping[str, str],
     body: bytes,
@@ -552,29 +670,14 @@ def check_request(
 ) -> Checked:
     """Everything `verify_request` checks but the replay: claim the result (`Checked.claim`) in a
     nonce store whose retention covers `max_age + allowed_skew` before acting on the request."""
-    scheme = detect_scheme(headers)
-    if scheme not in set(schemes):
-        raise MalformedAuth(f"{scheme} signatures are not accepted here")
-    now_ns = _now_ns(now)
-    if scheme == "btauth":
-        checked = _check_btauth(
-            headers,
-            body,
-            method=method,
-            path=path,
-            receiver_ss58=receiver_ss58,
-            max_age=max_age,
-            allowed_skew=allowed_skew,
-            now_ns=now_ns,
-        )
-    else:
-        checked = _check_epistula(
-            headers,
-            body,
-            receiver_ss58=receiver_ss58,
-            max_age=max_age,
-            allowed_skew=allowed_skew,
-            now_ns=now_ns,
-        )
-    policy.check(checked.caller.hotkey_ss58)
-    return checked
+    signed = check_headers(
+        headers,
+        method=method,
+        path=path,
+        receiver_ss58=receiver_ss58,
+        max_age=max_age,
+        allowed_skew=allowed_skew,
+        schemes=schemes,
+        now=now,
+    )
+    return signed.check_body(hashlib.sha256(body).hexdigest(), policy)

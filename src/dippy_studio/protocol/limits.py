@@ -20,7 +20,9 @@ from pydantic import AfterValidator, Field
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1  # fits a signed 64-bit column in every database
 SIZE_MULTIPLE = 16  # VAE downsampling (8) times the 2x2 latent packing of Flux
-MAX_SIDE = 4096
+# The largest any profile serves (`PROFILE_LIMITS` below; a test holds them equal): what every
+# request schema accepts at most, so a published schema allows nothing all servers refuse.
+MAX_SIDE = 2048
 MAX_STEPS = 100
 MAX_LORAS = 8
 
@@ -37,9 +39,19 @@ def _multiple_of_16(side: int) -> int:
     return side
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_has_text)]
+# The validators keep their own messages (they name the value); `json_schema_extra` states the
+# same rules in the JSON schema, for clients and generated tests.
+Prompt = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_PROMPT_CHARS, json_schema_extra={"pattern": r"\S"}),
+    AfterValidator(_has_text),
+]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-ImageSide = Annotated[int, Field(ge=SIZE_MULTIPLE, le=MAX_SIDE), AfterValidator(_multiple_of_16)]
+ImageSide = Annotated[
+    int,
+    Field(ge=SIZE_MULTIPLE, le=MAX_SIDE, json_schema_extra={"multipleOf": SIZE_MULTIPLE}),
+    AfterValidator(_multiple_of_16),
+]
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]
 LoraScale = Annotated[float, Field(ge=-8.0, le=8.0, allow_inf_nan=False)]

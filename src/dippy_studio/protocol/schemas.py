@@ -112,6 +112,9 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
     deadline: datetime
     error: str | None = None
+    # True when the job failed because its input is unusable (a LoRA that does not fit the
+    # profile, a dataset that does not load): the sender's request is at fault, not the miner.
+    input_error: bool = False
     result_sha256: str | None = None
     result_bytes: int | None = None
     fingerprint: str | None = None
@@ -125,6 +128,9 @@ class LaneCapacity(BaseModel):
     workers: int
     queue_depth: int
     queue_limit: int
+    # How long one job of this lane has recently taken a worker (None until one finished): a
+    # sender holds no more jobs here than the workers get through within its attempt timeout.
+    seconds_per_job: float | None = None
 
 
 class Capacity(BaseModel):

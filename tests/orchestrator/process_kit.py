@@ -1,0 +1,132 @@
+"""Real processes for fault tests: `dippy-studio orchestrator serve` and bench/fake_miners.py
+(signed miner protocol, no engine), each in a process of its own so a test can kill it alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from dippy_studio.chain.local import LocalChain
+from dippy_studio.protocol import signer_from_uri
+from localnet_kit import free_port
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+T = TypeVar("T")
+
+
+def _fake_miners_module() -> Any:
+    spec = importlib.util.spec_from_file_location("fake_miners", BENCH / "fake_miners.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fake_miners = _fake_miners_module()
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class FakeMiners:
+    """bench/fake_miners.py in a process of its own, so that it can be killed alone."""
+
+    def __init__(self, prefix: str, count: int, log: Path, orchestrator_uri: str, *extra: str) -> None:
+        args = [sys.executable, str(BENCH / "fake_miners.py"), "--count", str(count), "--key-prefix", prefix,
+                "--orchestrator", signer_from_uri(orchestrator_uri).ss58_address, *extra]  # fmt: skip
+        self.log = log
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True
+        )
+
+    def listening(self) -> list[dict[str, Any]]:
+        """The miners (uri, hotkey, port), once they listen: the process prints them as one JSON
+        line (call this once)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            raise RuntimeError(f"fake miners did not start:\n{tail(self.log)}")
+        return json.loads(line)["miners"]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # EOF is its signal to stop
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
+    chain = LocalChain(chain_dir / "chain.sqlite")
+    try:
+        for miner in miners:
+            chain.register(miner["hotkey"], signer_from_uri(miner["uri"] + "//cold").ss58_address)
+            chain.add_stake(miner["hotkey"], 10.0)
+            chain.commit(miner["hotkey"], f"http://127.0.0.1:{miner['port']}")
+    finally:
+        chain.close()
+
+
+class OrchestratorProcess:
+    """`dippy-studio orchestrator serve` on one database and port, started again after a crash."""
+
+    def __init__(self, tmp_path: Path, db_url: str, dev_key: str, env: Mapping[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = dict(env)
+        self.log = tmp_path / "logs" / "orchestrator.log"
+        self.args = [sys.executable, "-m", "dippy_studio.cli", "orchestrator", "serve",
+                     "--data-dir", str(tmp_path / "orch"), "--db", db_url, "--port", str(self.port),
+                     "--dev-key", dev_key, "--chain-data-dir", str(tmp_path / "chain"),
+                     "--allow-loopback"]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
+            self.proc = subprocess.Popen(
+                self.args, env={**os.environ, **self.env}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        """kill -9, its whole process group."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def healthy_miners(self) -> int:
+        try:
+            return int(httpx.get(f"{self.url}/ready", timeout=2).json().get("healthy_miners", 0))
+        except (httpx.HTTPError, ValueError):
+            return 0
