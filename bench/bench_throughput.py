@@ -75,9 +75,8 @@ from sqlalchemy.engine import make_url
 
 from common import CURRENT, BenchResult, Code, NoProgress, Progress, code_at, describe, paired_ratio, stop, tail
 from common import Column as TableColumn
-from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import signer_from_uri
-from fake_miners import unique_png
+from fake_miners import register, unique_png
 
 BENCH = Path(__file__).resolve().parent
 TARGET_JOBS_PER_S = 200.0
@@ -258,18 +257,6 @@ def stop_piped(proc: subprocess.Popen) -> None:
     with contextlib.suppress(BrokenPipeError):
         proc.stdin.close()  # EOF is its signal to stop
     stop(proc)
-
-
-def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
-    """A LocalChain with every miner registered, staked and its endpoint committed."""
-    chain = LocalChain(chain_dir / "chain.sqlite")
-    try:
-        for miner in miners:
-            chain.register(miner["hotkey"], signer_from_uri(miner["uri"] + "//cold").ss58_address)
-            chain.add_stake(miner["hotkey"], 10.0)
-            chain.commit(miner["hotkey"], f"http://127.0.0.1:{miner['port']}")
-    finally:
-        chain.close()
 
 
 def start_orchestrator(

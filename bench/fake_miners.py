@@ -40,6 +40,7 @@ import zlib
 from datetime import UTC, datetime
 from functools import lru_cache
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,6 +50,7 @@ import uvicorn
 from PIL import Image
 from starlette.datastructures import Headers
 
+from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import AuthError, MemoryNonceStore, SenderPolicy, Signer, signer_from_uri
 from dippy_studio.protocol.auth import sign_request, verify_request
 
@@ -273,6 +275,19 @@ async def serve(
         for server, _ in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
+    """A LocalChain with every miner (as `serve` prints them) registered, staked and its endpoint
+    committed."""
+    chain = LocalChain(chain_dir / "chain.sqlite")
+    try:
+        for miner in miners:
+            chain.register(miner["hotkey"], signer_from_uri(miner["uri"] + "//cold").ss58_address)
+            chain.add_stake(miner["hotkey"], 10.0)
+            chain.commit(miner["hotkey"], f"http://127.0.0.1:{miner['port']}")
+    finally:
+        chain.close()
 
 
 def _wait_for_eof(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

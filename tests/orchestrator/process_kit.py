@@ -9,47 +9,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
-from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import signer_from_uri
 from localnet_kit import free_port
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
-T = TypeVar("T")
 
-
-def _fake_miners_module() -> Any:
-    spec = importlib.util.spec_from_file_location("fake_miners", BENCH / "fake_miners.py")
+def _bench_module(name: str) -> Any:
+    """A module of bench/ (a folder of scripts, not a package), loaded under a private name."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-fake_miners = _fake_miners_module()
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+fake_miners = _bench_module("fake_miners")
+register = fake_miners.register
+tail = _bench_module("common").tail
 
 
 class FakeMiners:
@@ -85,17 +68,6 @@ class FakeMiners:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-
-def register(chain_dir: Path, miners: list[dict[str, Any]]) -> None:
-    chain = LocalChain(chain_dir / "chain.sqlite")
-    try:
-        for miner in miners:
-            chain.register(miner["hotkey"], signer_from_uri(miner["uri"] + "//cold").ss58_address)
-            chain.add_stake(miner["hotkey"], 10.0)
-            chain.commit(miner["hotkey"], f"http://127.0.0.1:{miner['port']}")
-    finally:
-        chain.close()
 
 
 class OrchestratorProcess:

@@ -26,7 +26,8 @@ from sqlalchemy import func, select
 from dippy_studio.orchestrator.models import Job, JobAttempt
 from dippy_studio.orchestrator.scoring import latency_score, window_scores
 from dippy_studio.orchestrator.store import Store
-from orchestrator.process_kit import FakeMiners, OrchestratorProcess, fake_miners, register, tail, wait_until
+from localnet_kit import wait_until
+from orchestrator.process_kit import FakeMiners, OrchestratorProcess, fake_miners, register, tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

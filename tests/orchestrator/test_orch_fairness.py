@@ -20,7 +20,8 @@ import httpx
 import pytest
 
 from dippy_studio.orchestrator.store import Store
-from orchestrator.process_kit import FakeMiners, OrchestratorProcess, register, tail, wait_until
+from localnet_kit import wait_until
+from orchestrator.process_kit import FakeMiners, OrchestratorProcess, register, tail
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
