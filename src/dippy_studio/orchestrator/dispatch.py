@@ -103,6 +103,7 @@ class Dispatcher:
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._wake_pending = False  # a wake-up from another thread is on its way to the loop
+        self._short_of_slots = False  # the last round left jobs queued: no miner had a free slot
         self._room: asyncio.Event | None = None  # set whenever a send ends
         self._sends: set[asyncio.Task[None]] = set()
         # Accepted sends move their jobs to `running` together: one write for all that were
@@ -150,6 +151,12 @@ class Dispatcher:
             self._wake_pending = True
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(self._woken)
+
+    def slot_freed(self) -> None:
+        """A job at a miner ended (from any thread): dispatch now if the last round left jobs
+        queued for want of a free miner, rather than at the next interval."""
+        if self._short_of_slots:
+            self.wake()
 
     def _woken(self) -> None:
         self._wake_pending = False
@@ -210,8 +217,10 @@ class Dispatcher:
             )
         ]
         if not wanted:
+            self._short_of_slots = True
             return 0
         chosen: dict[str, Candidate] = {}
+        self._short_of_slots = False
 
         def assign(job: Job, tried: Counter[str]) -> tuple[str, int | None] | None:
             lane = specs[job.kind].lane
@@ -230,6 +239,7 @@ class Dispatcher:
                     rng=self.rng,
                 )
             if choice is None:
+                self._short_of_slots = True
                 return None  # nobody can take it right now: it stays queued, no attempt counted
             held[lane][choice.hotkey] += 1
             chosen[job.id] = choice

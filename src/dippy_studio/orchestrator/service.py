@@ -181,7 +181,7 @@ class Orchestrator:
     def finished(self, job: Job) -> None:
         self.waiters.notify(job.id)
         if job.miner_hotkey is not None:
-            self.dispatcher.wake()  # its miner has a free slot for a job that waits for one
+            self.dispatcher.slot_freed()
         if job.webhook_url is not None:
             # Most requests have none: waking the sender would only cost it a query.
             self.tasks["webhooks"].wake()
@@ -192,10 +192,11 @@ class Orchestrator:
 
     def _job_event(self, status: str, job_id: str) -> None:
         """A job event from the database (`Store.listen`), this replica's own writes included."""
-        if status != RequestStatus.queued.value:
+        if status == RequestStatus.queued.value:
+            self.dispatcher.wake()
+        else:
             self.waiters.notify(job_id)
-        # Queued: a job to send; finished: a miner's slot that may be free now.
-        self.dispatcher.wake()
+            self.dispatcher.slot_freed()
 
     # ---- client operations --------------------------------------------------------------------
 

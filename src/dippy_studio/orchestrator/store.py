@@ -132,6 +132,12 @@ _QUEUE = (
     .limit(bindparam("b_limit"))
     .with_for_update(of=_JOBS, skip_locked=True)
 )
+# What each miner holds of ours, per kind (`Store.active_counts`), once per dispatch round.
+_HELD = (
+    select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
+    .where(_JOBS.c.status.in_(sorted(s.value for s in ACTIVE)), _JOBS.c.miner_hotkey.is_not(None))
+    .group_by(_JOBS.c.miner_hotkey, _JOBS.c.kind)
+)
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
 _CLAIMED = ("status", "attempts", "dispatched_at", "dispatch_deadline", "miner_hotkey", "miner_uid", "started_at",
             "updated_at")  # fmt: skip
@@ -286,6 +292,7 @@ class Store:
         )
         # expire_on_commit=False: returned rows stay readable after their session is gone.
         self._reads = sessionmaker(reader, expire_on_commit=False)
+        self._reader = reader
         self._writer = Writer(self.engine.execution_options(**{WRITE_OPTION: True}).begin)
 
     @classmethod
@@ -437,8 +444,8 @@ class Store:
     def _by_id(self, model: type[M], key: str) -> M | None:
         """One row by primary key, read with a prepared Core statement: on the path of every
         request and callback, where an ORM session's get costs three times as much."""
-        with self._read() as session:
-            row = session.execute(_by_id_statement(model), {"b_id": key}).first()
+        with self._reader.connect() as conn:
+            row = conn.execute(_by_id_statement(model), {"b_id": key}).first()
         return None if row is None else model(**row._mapping)
 
     def load_jobs(self, job_ids: Iterable[str], chunk: int = 500) -> dict[str, Job]:
@@ -635,13 +642,8 @@ class Store:
     def active_counts(self) -> Counter[tuple[str, str]]:
         """Jobs dispatched or running right now, per (miner hotkey, job kind): what each miner
         holds of ours (every replica's sends included)."""
-        query = (
-            select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
-            .where(_JOBS.c.status.in_([s.value for s in ACTIVE]), _JOBS.c.miner_hotkey.is_not(None))
-            .group_by(_JOBS.c.miner_hotkey, _JOBS.c.kind)
-        )
-        with self._read() as session:
-            return Counter({(hotkey, kind): count for hotkey, kind, count in session.execute(query)})
+        with self._reader.connect() as conn:
+            return Counter({(hotkey, kind): count for hotkey, kind, count in conn.execute(_HELD)})
 
     def list_attempts(
         self, job_id: str | None = None, *, miner_hotkey: str | None = None, since: datetime | None = None
