@@ -55,6 +55,17 @@ def test_data_dir_default_layout_and_human_output(tmp_path):
     assert [k["name"] for k in listed] == ["laptop"]
 
 
+def test_the_orchestrators_own_data_dir_variable_wins_over_the_generic_one(tmp_path, monkeypatch):
+    generic, own = tmp_path / "generic", tmp_path / "own"
+    monkeypatch.setenv("DIPPY_DATA_DIR", str(generic))
+    monkeypatch.setenv("DIPPY_ORCH_DATA_DIR", str(own))
+    assert keys("create", "--name", "ops").exit_code == 0
+    assert (own / "orchestrator.sqlite").is_file() and not generic.exists()
+    monkeypatch.delenv("DIPPY_ORCH_DATA_DIR")
+    assert json.loads(keys("list", "--json").stdout) == []  # the generic one, when it is the only one
+    assert (generic / "orchestrator.sqlite").is_file()
+
+
 def test_unknown_key_id_fails_clearly(tmp_path):
     result = keys("revoke", "key_0123456789abcdef", "--data-dir", str(tmp_path))
     assert result.exit_code != 0

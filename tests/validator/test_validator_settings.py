@@ -52,3 +52,18 @@ def test_cli_refuses_bad_settings_clearly(tmp_path):
     assert no_file.exit_code == 2 and "does not exist" in no_file.output
     no_hotkey = runner.invoke(validator_app, common)
     assert no_hotkey.exit_code == 2 and "--orchestrator-hotkey" in no_hotkey.output
+
+
+def test_the_validators_own_data_dir_variable_wins_over_the_generic_one(tmp_path, monkeypatch):
+    # Only the service's own directory names the orchestrator's hotkey: the error shows which was read.
+    for name, local in (("generic", {}), ("own", {"orchestrator_hotkey": "5OwnOrchestrator"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "subnet.json").write_text(json.dumps({"orchestrator_url": "http://127.0.0.1:1", **local}))
+    monkeypatch.setenv("DIPPY_DATA_DIR", str(tmp_path / "generic"))
+    monkeypatch.delenv("DIPPY_VALIDATOR_ORCHESTRATOR_HOTKEY", raising=False)
+    generic = CliRunner().invoke(validator_app, ["--once", "--dry-run"])
+    assert generic.exit_code == 2 and "--orchestrator-hotkey" in generic.output
+    monkeypatch.setenv("DIPPY_VALIDATOR_DATA_DIR", str(tmp_path / "own"))
+    own = CliRunner().invoke(validator_app, ["--once", "--dry-run"])
+    # Its subnet.json was read: the hotkey is known, and what is missing now is the validator's key.
+    assert own.exit_code == 2 and "no signing key" in own.output and "--orchestrator-hotkey" not in own.output

@@ -31,7 +31,8 @@ DataDirOpt = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        envvar="DIPPY_DATA_DIR",
+        # The service's own variable first: the generic one is shared by every service on a host.
+        envvar=["DIPPY_ORCH_DATA_DIR", "DIPPY_DATA_DIR"],
         help="Data directory; the database is DIR/orchestrator.sqlite. Default: .dippy",
         show_default=False,
     ),

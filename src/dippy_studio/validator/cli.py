@@ -45,7 +45,10 @@ def run(
     data_dir: Annotated[
         Path | None,
         typer.Option(
-            "--data-dir", envvar="DIPPY_DATA_DIR", help="Local subnet dir. Default: .dippy", show_default=False
+            "--data-dir",
+            envvar=["DIPPY_VALIDATOR_DATA_DIR", "DIPPY_DATA_DIR"],  # the service's own variable first
+            help="Local subnet dir. Default: .dippy",
+            show_default=False,
         ),
     ] = None,
     orchestrator_url: Annotated[str | None, typer.Option(help="Orchestrator base URL.")] = None,
