@@ -107,8 +107,9 @@ class CallbackHandler:
 
     async def handle(self, job_id: str, headers: Mapping[str, str], target: str, body: AsyncIterator[bytes]) -> Reply:
         """One callback, on the event loop: `target` is the request target as received, `body` its
-        chunks, read only once the headers, the job and the declared size allow. Database work runs
-        on the store's writer thread; hashing, spooling, result checks and blob writes on workers."""
+        chunks, read only once the signature headers and the declared size allow (and, for a body
+        over `IN_MEMORY_BYTES`, the job: its miner and its kind's size limit). Database work runs on
+        the store's writer thread; hashing, spooling, result checks and blob writes on workers."""
         try:
             signed = check_headers(
                 headers,
@@ -120,17 +121,16 @@ class CallbackHandler:
             )
         except AuthError as exc:
             return Reply(exc.status_code, {"detail": exc.reason})
-        # A read: no need to queue behind the writer's work.
-        job = await asyncio.to_thread(self.store.load_job, job_id)
-        if job is None:
-            return Reply(404, {"detail": f"no request {job_id}"})
-        if job.miner_hotkey is None or signed.sender != job.miner_hotkey:
-            log.warning("callback for %s from %s, which it is not assigned to", job_id, signed.sender)
-            return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
-        limit = kinds.get(job.kind).max_result_bytes(job, self.settings) + META_BYTES
-        size, refusal = declared_size(headers, limit, job.kind)
-        if refusal is not None:
-            return refusal
+        size = content_length(headers)
+        if size is None:
+            return Reply(411, {"detail": "a callback must declare its size in Content-Length"})
+        if size > IN_MEMORY_BYTES:
+            # Too big to take on trust: the job must be this sender's and allow this size before a
+            # byte is read. (A small body is read first and its job checked after the signature,
+            # which saves every image callback a read.)
+            early = await asyncio.to_thread(self.store.load_job, job_id)
+            if (refusal := self._refusal(early, job_id, signed.sender, size)) is not None:
+                return refusal
         with Spooled(self.incoming) as received:
             await received.take(body)
             if received.size != size:
@@ -140,11 +140,11 @@ class CallbackHandler:
                 job = await self.store.call(self._claim_and_load, checked, job_id)
             except AuthError as exc:
                 return Reply(exc.status_code, {"detail": exc.reason})
-            if job is None:
-                return Reply(404, {"detail": f"no request {job_id}"})
-            if job.miner_hotkey is None or checked.caller.hotkey_ss58 != job.miner_hotkey:
-                # Taken back and given to another miner while this body was arriving.
-                return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
+            # Again on the fresh row: it may have been taken back and given to another miner while
+            # this body was arriving.
+            if (refusal := self._refusal(job, job_id, checked.caller.hotkey_ss58, size)) is not None:
+                return refusal
+            assert job is not None
             # Authenticated, and no larger than this job's kind allows: now it may be in memory.
             data = await received.read()
         # After the signature: a bad signature is refused before a malformed body.
@@ -159,6 +159,19 @@ class CallbackHandler:
         except ValidationError as exc:
             return Reply(422, {"detail": f"meta is not a JobView: {exc.errors()[0].get('msg', 'invalid')}"})
         return await self._accept(job, meta, form.get("result"))
+
+    def _refusal(self, job: Job | None, job_id: str, sender: str, size: int) -> Reply | None:
+        """Why `sender` may not deliver a body of `size` bytes for this job, if it may not."""
+        if job is None:
+            return Reply(404, {"detail": f"no request {job_id}"})
+        if job.miner_hotkey is None or sender != job.miner_hotkey:
+            log.warning("callback for %s from %s, which it is not assigned to", job_id, sender)
+            return Reply(403, {"detail": f"request {job_id} is not assigned to this hotkey"})
+        limit = kinds.get(job.kind).max_result_bytes(job, self.settings) + META_BYTES
+        if size > limit:
+            detail = f"a {job.kind} callback may be at most {limit} bytes; this one declares {size}"
+            return Reply(413, {"detail": detail})
+        return None
 
     def _claim_and_load(self, checked: Checked, job_id: str) -> Job | None:
         # The nonce is recorded last, as `verify_request` would, beside the job's read.
@@ -251,15 +264,10 @@ META_BYTES = 1 << 20
 IN_MEMORY_BYTES = 1 << 20
 
 
-def declared_size(headers: Mapping[str, str], limit: int, kind: str) -> tuple[int, Reply | None]:
-    """The callback's Content-Length, or the refusal: 411 without one, 413 over `limit`."""
+def content_length(headers: Mapping[str, str]) -> int | None:
+    """The declared body size, or None when there is no usable Content-Length."""
     raw = headers.get("content-length")
-    if raw is None or not (raw.isascii() and raw.isdigit()):
-        return 0, Reply(411, {"detail": "a callback must declare its size in Content-Length"})
-    size = int(raw)
-    if size > limit:
-        return size, Reply(413, {"detail": f"a {kind} callback may be at most {limit} bytes; this one declares {size}"})
-    return size, None
+    return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
 
 
 def announce(events: JobEvents, job: Job, status: str | None) -> None:
