@@ -69,10 +69,11 @@ def test_repeated_refusals_take_no_turn_of_the_writer(api):
     writes = api.orch.store.writer.groups
     answers = [api.call("GET", "/v1/requests", limited) for _ in range(20)]
     answers += [api.call("POST", "/v1/images", limited, json=image_body()) for _ in range(20)]
+    answers += [api.call("POST", "/v1/loras", limited, data={"trigger_word": "zx"}) for _ in range(5)]
     answers += [api.call("POST", "/v1/images", BAD_SECRET, json=image_body()) for _ in range(20)]
-    assert [a.status_code for a in answers] == [429] * 40 + [401] * 20
-    assert all("2 requests per minute" in a.json()["detail"] for a in answers[:40])
-    assert all(1 <= int(a.headers["retry-after"]) <= 60 for a in answers[:40])
+    assert [a.status_code for a in answers] == [429] * 45 + [401] * 20
+    assert all("2 requests per minute" in a.json()["detail"] for a in answers[:45])
+    assert all(1 <= int(a.headers["retry-after"]) <= 60 for a in answers[:45])
     assert api.orch.store.writer.groups == writes, "refusals went through the database writer"
     assert api.call("GET", "/v1/requests", api.key()).status_code == 200  # other keys are served
 

@@ -119,9 +119,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     settings = orch.settings
 
     async def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
-        secret = _secret(credentials)
-        orch.refusals.check(secret)  # on the loop: a remembered refusal needs no thread or database
-        return await store.call(orch.admit, secret)
+        return await orch.admitted(_secret(credentials))
 
     async def submitted(request: Request, job: Job) -> JSONResponse:
         base = str(request.base_url)
@@ -184,7 +182,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         """Queue a LoRA training request. When it succeeds, its status names the new LoRA's id
         (`result.lora_id`), which `/v1/images` accepts in `loras`."""
         # Authenticated before the upload is read: a stranger's upload costs us nothing.
-        key = await orch.store.call(orch.admit, _secret(credentials))
+        key = await orch.admitted(_secret(credentials))
         if (dataset is None) == (not dataset_url):
             raise HTTPException(422, detail="give exactly one of a 'dataset' file or a 'dataset_url'")
         for url in (dataset_url, webhook_url):

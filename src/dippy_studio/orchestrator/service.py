@@ -252,7 +252,7 @@ class Orchestrator:
                 raise created
         else:
             if key is None:
-                key = await self.store.call(self.admit, secret)
+                key = await self.admitted(secret)
             until = deadline()
             payload = await asyncio.to_thread(self._blocking_payload, spec, key, body, now, webhook_url)
             (created,) = await self.store.call(self.store.insert_jobs, [row(key, payload, until)])
@@ -278,6 +278,12 @@ class Orchestrator:
         except OrchestratorError as refused:
             self.refusals.remember(secret, refused)
             raise
+
+    async def admitted(self, secret: str | None) -> ApiKey:
+        """`admit` from the event loop: a remembered refusal is answered on the loop, without a
+        turn of the writer thread."""
+        self.refusals.check(secret)
+        return await self.store.call(self.admit, secret)
 
     def own_job(self, key: ApiKey, job_id: str) -> Job:
         job = self.store.get_job(job_id, key.id)
