@@ -5,6 +5,7 @@
     .venv/bin/python bench/bench_throughput.py --compare-ref REF    # ... or of any git ref
     .venv/bin/python bench/bench_throughput.py --backend sqlite --jobs 500 --clients 16 --rounds 1
     .venv/bin/python bench/bench_throughput.py --quick              # fewer jobs, 2 rounds
+    .venv/bin/python bench/bench_throughput.py --backend postgres --s3   # ... and blobs in S3 (moto), alternately
     .venv/bin/python bench/run.py --only throughput                 # the same, from the runner
 
 Everything is real except the miners' work: the orchestrator runs as its own process
@@ -24,6 +25,11 @@ Variants, run alternately per configuration (A B C, C B A, ...), each on fresh p
   from the same run travels. Goal: at least 0.5.
 - `old` (with `--compare-ref REF`): the orchestrator of another commit, from a `git worktree` of
   it in a temporary directory (removed afterwards), run with the same venv. Goal: new / old >= 1.
+- `s3` (with `--s3`): the orchestrator of this checkout with its blobs in S3-compatible object
+  storage (`DIPPY_ORCH_BLOB_URL`) instead of its data dir: moto's standalone server
+  (`python -m moto.server`, a process of its own, so its CPU is counted apart) on a loopback port
+  with a fresh bucket. No floor: `s3 / disk` says what the object store costs against local disk.
+  moto is a Python server, far slower per request than S3 or MinIO, so this is an upper bound.
 
 Per variant and round, after a warm-up:
 
@@ -37,7 +43,8 @@ Per variant and round, after a warm-up:
    about 0). p50 and p99.
    The same numbers from phase 1 (`saturated`) mostly measure the time spent in the queue.
 
-Checks: every request was accepted (202) and succeeded, with the bytes the miner sent.
+Checks: every request was accepted (202) and succeeded, with the bytes the miner sent (and, for
+`s3`, every result is an object in the bucket).
 The server's CPU time per job (from /proc) is reported too: on a shared machine it is steadier
 than wall time. The table shows the median of the rounds; `--json` keeps every round.
 
@@ -116,12 +123,14 @@ class Variant:
 
     name: str
     code: Code | None
+    s3: bool = False  # blobs in S3 (moto's server) instead of the orchestrator's data dir
 
 
 BARE = Variant("bare", None)
+S3 = Variant("s3", CURRENT, s3=True)
 
 
-def columns(compared: bool) -> list[TableColumn]:
+def columns(compared: bool, s3: bool = False) -> list[TableColumn]:
     shown = [
         TableColumn("config", "config"),
         TableColumn("jobs", "jobs"),
@@ -137,6 +146,15 @@ def columns(compared: bool) -> list[TableColumn]:
             TableColumn("old_jobs_per_s", "old jobs/s", "{:.1f}"),
             TableColumn("vs_old", "new / old", "{:.2f}"),
             TableColumn("vs_old_paired", "paired", "{:.2f}"),
+        ]
+    if s3:
+        shown += [
+            TableColumn("s3_jobs_per_s", "s3 jobs/s", "{:.1f}"),
+            TableColumn("s3_vs_disk", "s3 / disk", "{:.2f}"),
+            TableColumn("s3_vs_disk_paired", "paired", "{:.2f}"),
+            TableColumn("s3_orch_cpu_ms_per_job", "s3 orch CPU ms/job", "{:.2f}"),
+            TableColumn("s3_store_cpu_ms_per_job", "moto CPU ms/job", "{:.2f}"),
+            TableColumn("s3_added_p50_ms", "s3 added p50 ms", "{:.1f}"),
         ]
     return [
         *shown,
@@ -260,16 +278,27 @@ def stop_piped(proc: subprocess.Popen) -> None:
 
 
 def start_orchestrator(
-    root: Path, db_url: str, chain_dir: Path, port: int, log: Path, workers: int = 1, code: Code = CURRENT
+    root: Path,
+    db_url: str,
+    chain_dir: Path,
+    port: int,
+    log: Path,
+    workers: int = 1,
+    code: Code = CURRENT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     args = [sys.executable, "-m", "dippy_studio.cli", "orchestrator", "serve", "--data-dir", str(root / "orch"),
             "--db", db_url, "--port", str(port), "--dev-key", ORCHESTRATOR_URI,
             "--chain-data-dir", str(chain_dir), "--allow-loopback", "--workers", str(workers)]  # fmt: skip
     # Audits re-run jobs on a reference engine: a different benchmark. Everything else is default.
-    env = code.env({"DIPPY_ORCH_AUDIT": "false"})
     # cwd: not the checkout, whose directories could shadow `code` on sys.path.
     return subprocess.Popen(
-        args, env=env, cwd=root, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT
+        args,
+        env=code.env({"DIPPY_ORCH_AUDIT": "false", **(env or {})}),
+        cwd=root,
+        stdin=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -312,6 +341,65 @@ def start_bare(
             stop_piped(proc)
         raise
     return started
+
+
+S3_BUCKET = "bench-blobs"
+# moto accepts any credentials; the orchestrator reads these through boto3's default chain.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """moto's S3 server as the `s3` variant uses it."""
+
+    pid: int
+    client: Any  # boto3's S3 client
+    env: dict[str, str]  # what the orchestrator needs to keep its blobs in the bucket
+
+    def names(self) -> set[str]:
+        """The blob names (sha256) of every object in the bucket."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET)
+        return {item["Key"].rsplit("/", 1)[-1] for page in pages for item in page.get("Contents", [])}
+
+
+@contextlib.contextmanager
+def object_store(log: Path) -> Iterator[ObjectStore]:
+    """moto's standalone S3 server in a process of its own (its CPU is counted apart) on a free
+    loopback port, with an empty bucket."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+
+    port = free_port()
+    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+            region_name=S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+        )
+        end = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto's server exited with {proc.returncode}:\n{tail(log)}")
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except BotoCoreError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
+        env = {
+            **S3_CREDENTIALS,
+            "DIPPY_ORCH_BLOB_URL": f"s3://{S3_BUCKET}/bench",
+            "DIPPY_ORCH_S3_ENDPOINT_URL": endpoint,
+        }
+        yield ObjectStore(proc.pid, client, env)
+    finally:
+        stop(proc)
 
 
 def tree_cpu_seconds(pid: int) -> float | None:
@@ -517,6 +605,7 @@ class Rig:
     pids: tuple[int, ...]  # the server's processes (each counted with its descendants)
     miners_pid: int
     progress: Progress
+    store_pid: int | None = None  # the object store's server (the `s3` variant)
 
 
 def run_phase(
@@ -556,6 +645,7 @@ def cpu_snapshot(rig: Rig) -> dict[str, float | None]:
         "miners": cpu_seconds(rig.miners_pid),
         "clients": time.process_time(),
         "database": postgres_cpu_seconds(),
+        "object_store": cpu_seconds(rig.store_pid) if rig.store_pid is not None else None,
     }
 
 
@@ -636,18 +726,27 @@ def measure(config: Config, variant: Variant, progress: Progress) -> dict[str, A
                 return measure_bare(config, root, miners, miners_proc.pid, progress)
             chain_dir = root / "chain"
             register(chain_dir, miners)
-            with database(config, root) as db_url:
+            s3_context = object_store(root / "moto.log") if variant.s3 else contextlib.nullcontext()
+            with database(config, root) as db_url, s3_context as s3:
                 keys = create_keys(variant.code, db_url, [f"bench-{name}" for name in PHASES], root)
                 port = free_port()
                 url = f"http://127.0.0.1:{port}"
                 orch_log = root / "orchestrator.log"
-                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log, config.workers, variant.code)
+                orch_proc = start_orchestrator(root, db_url, chain_dir, port, orch_log, config.workers, variant.code,
+                                               env=s3.env if s3 else None)  # fmt: skip
                 try:
                     wait_ready(orch_proc, url, config.miners, orch_log)
                     engine = create_engine(db_url)
                     try:
-                        rig = Rig(url, DatabaseReader(engine), (orch_proc.pid,), miners_proc.pid, progress)
-                        return run_phases(config, variant, rig, dict(zip(PHASES, keys.values(), strict=True)))
+                        reader = DatabaseReader(engine)
+                        rig = Rig(url, reader, (orch_proc.pid,), miners_proc.pid, progress, s3.pid if s3 else None)
+                        summary = run_phases(config, variant, rig, dict(zip(PHASES, keys.values(), strict=True)))
+                        if s3 is not None:
+                            stored = s3.names()
+                            results = {row.result_sha256 for key_id, _ in keys.values() for row in reader.rows(key_id)}
+                            summary["checks"]["all_in_bucket"] = results <= stored
+                            summary["identical"] = summary["identical"] and results <= stored
+                        return summary
                     finally:
                         engine.dispose()
                 finally:
@@ -703,6 +802,7 @@ def summarize(config: Config, burst: Phase, paced: Phase, rate: float) -> dict[s
         "miners_cpu_ms_per_job": per_job_ms(burst.cpu_s["miners"], burst.jobs),
         "clients_cpu_ms_per_job": per_job_ms(burst.cpu_s["clients"], burst.jobs),
         "database_cpu_ms_per_job": per_job_ms(burst.cpu_s["database"], burst.jobs),
+        "object_store_cpu_ms_per_job": per_job_ms(burst.cpu_s["object_store"], burst.jobs),
         "latency_rate": rate,
         "latency_jobs": config.latency_jobs,
         "latency_seconds": paced.seconds,
@@ -748,9 +848,12 @@ def measure_rounds(
     return measured
 
 
-def combine(config: Config, measured: list[dict[str, Any]], new: Variant, old: Variant | None) -> dict[str, Any]:
-    """One table row: the medians of the new code's rounds, with the bare baseline's and the old
-    code's jobs/s beside them and the ratios (of medians, and the median of per-round ratios)."""
+def combine(
+    config: Config, measured: list[dict[str, Any]], new: Variant, old: Variant | None, s3: Variant | None = None
+) -> dict[str, Any]:
+    """One table row: the medians of the new code's rounds, with the bare baseline's, the old
+    code's and the s3 variant's jobs/s beside them and the ratios (of medians, and the median of
+    per-round ratios)."""
     by_variant = {name: [m for m in measured if m["variant"] == name] for name in {m["variant"] for m in measured}}
     row = median_row(by_variant[new.name])
     jobs_per_s = {name: [m["jobs_per_s"] for m in rows] for name, rows in by_variant.items()}
@@ -770,6 +873,14 @@ def combine(config: Config, measured: list[dict[str, Any]], new: Variant, old: V
         row["vs_old"] = row["jobs_per_s"] / row["old_jobs_per_s"]
         row["vs_old_paired"] = paired_ratio(jobs_per_s[new.name], jobs_per_s[old.name])
         row["old_commit"] = old.code.commit if old.code else None
+    if s3 is not None:
+        s3_rows = by_variant[s3.name]
+        row["s3_jobs_per_s"] = statistics.median(jobs_per_s[s3.name])
+        row["s3_vs_disk"] = row["s3_jobs_per_s"] / row["jobs_per_s"]
+        row["s3_vs_disk_paired"] = paired_ratio(jobs_per_s[s3.name], jobs_per_s[new.name])
+        for key in ("orch_cpu_ms_per_job", "added_p50_ms", "added_p99_ms"):
+            row[f"s3_{key}"] = statistics.median(m[key] for m in s3_rows)
+        row["s3_store_cpu_ms_per_job"] = statistics.median(m["object_store_cpu_ms_per_job"] for m in s3_rows)
     row["identical"] = all(m["identical"] for m in measured)
     row["checks"] = {f"{m['variant']} round {m['round']}: {k}": ok for m in measured for k, ok in m["checks"].items()}
     row["load_average_1m"] = os.getloadavg()[0]
@@ -788,10 +899,13 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run(
-    configs: tuple[Config, ...] = FULL, progress: Progress | None = None, compare_ref: str | None = None
+    configs: tuple[Config, ...] = FULL,
+    progress: Progress | None = None,
+    compare_ref: str | None = None,
+    s3: bool = False,
 ) -> BenchResult:
-    """Measure each configuration: the new code and the bare baseline, and with `compare_ref`
-    the orchestrator of that git ref too, alternately."""
+    """Measure each configuration: the new code and the bare baseline, with `compare_ref` the
+    orchestrator of that git ref too, and with `s3` the new code with its blobs in S3, alternately."""
     progress = progress or NoProgress()
     console = getattr(progress, "console", None)  # rich's Progress has one; print each round there
 
@@ -802,12 +916,13 @@ def run(
     with contextlib.ExitStack() as stack:
         new = Variant("new", CURRENT)
         old = Variant("old", stack.enter_context(code_at(compare_ref))) if compare_ref else None
-        variants = [v for v in (old, new, BARE) if v is not None]
+        with_s3 = S3 if s3 else None
+        variants = [v for v in (old, new, with_s3, BARE) if v is not None]
         result = BenchResult(
             name="throughput",
             title=f"Orchestrator throughput, submit to scored, against a bare baseline "
             f"(goal: new / bare at least {TARGET_VS_BARE}{', new / old at least 1' if old else ''})",
-            columns=columns(old is not None),
+            columns=columns(old is not None, s3),
         )
         for config in configs:
             if config.backend == "postgres" and (problem := postgres_problem(config.pg_url)):
@@ -815,7 +930,7 @@ def run(
                 echo(f"postgres skipped: {problem}")
                 continue
             measured = measure_rounds(config, variants, progress, echo)
-            result.rows.append(combine(config, measured, new, old))
+            result.rows.append(combine(config, measured, new, old, with_s3))
     result.notes += [
         "jobs/s: N requests from the first POST until all succeeded, median of the rounds; paired: the median "
         "of per-round ratios",
@@ -824,6 +939,11 @@ def run(
         "CPU ms/job: the server's processes' CPU time per job; added: finished - created - the miner's own time, "
         "at a steady rate below saturation",
     ]
+    if s3:
+        result.notes.append(
+            "s3: the new code with its blobs in moto's S3 server (its own process, `moto CPU`) instead of its data "
+            "dir; s3 / disk: its jobs/s over new's (no floor). moto is far slower per request than S3 or MinIO"
+        )
     if old is not None and old.code is not None:
         result.notes.append(
             f"old: the orchestrator of {describe(compare_ref, old.code)} (a git worktree), same venv and settings"
@@ -848,6 +968,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"also run the orchestrator of this git ref (default {DEFAULT_REF}), alternately",
     )
     parser.add_argument("--quick", action="store_true", help="fewer requests")
+    parser.add_argument(
+        "--s3", action="store_true", help="also run the new code with its blobs in S3 (moto's server), alternately"
+    )
     parser.add_argument("--latency-jobs", type=int, help="requests in the latency phase (default 400, quick 100)")
     parser.add_argument("--latency-rate", type=float, help="requests/s in the latency phase (default: half of jobs/s)")
     parser.add_argument("--warmup", type=int, help="untimed requests first (default 100, quick 40)")
@@ -887,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)  # fmt: skip
     with progress:
-        result = run(configs_from(args), progress, args.compare_ref)
+        result = run(configs_from(args), progress, args.compare_ref, s3=args.s3)
     console.print(table(result))
     for check in result.failed_checks:
         console.print(f"[red]check failed[/] {check}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,3 +100,20 @@ def answers(url: str) -> bool:
 
 def layout(root: Path) -> dict[str, Any]:
     return json.loads((root / "subnet.json").read_text())
+
+
+def dashboard_urls(log: Path) -> list[str]:
+    """Every dashboard URL `up` printed into its log (one per `up`, once the subnet is up)."""
+    return re.findall(r"Dashboard: (http://\S+)", log.read_text())
+
+
+def open_dashboard(url: str) -> dict[str, Any]:
+    """Open the printed URL as a browser does (its token sets a cookie, the redirect drops it from
+    the address) and read the state the page fetches; fails unless both are served."""
+    with httpx.Client(timeout=30, follow_redirects=True) as browser:
+        page = browser.get(url)
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"], page.text[:300]
+        assert "token=" not in str(page.url), "the token leaves the address bar"
+        state = browser.get(str(page.url.join("/dashboard/api/state")))
+        assert state.status_code == 200, state.text[:300]
+        return state.json()

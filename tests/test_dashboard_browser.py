@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from dippy_studio.localnet import create_api_key
-from localnet_kit import free_port, stop, wait_healthy
+from localnet_kit import dashboard_urls, free_port, stop, wait_healthy, wait_until
 
 CHROMIUM = os.environ.get("DIPPY_CHROMIUM", "/usr/bin/chromium")
 # Where the screenshot lands (gitignored); CI can keep it as an artifact.
@@ -56,7 +56,8 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     root, port = tmp_path / "subnet", free_port()
-    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
     up = subprocess.Popen(
         [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port),
          "--miners", "2", "--cheater", "1"],
@@ -79,7 +80,10 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(f"{base}/dashboard")
+            # As a user does: the URL `up` printed, whose token becomes a cookie and leaves the address bar.
+            [url] = wait_until(lambda: dashboard_urls(log_path), 120, "up to print the dashboard URL")
+            page.goto(url)
+            assert page.url == f"{base}/dashboard"
             expect(page.locator("#live")).to_have_text("live", timeout=30_000)
             expect(page.locator("#miners tbody tr")).to_have_count(2, timeout=60_000)
             for request_id in first:

@@ -22,8 +22,10 @@ from dippy_studio.orchestrator.store import Store
 from localnet_kit import (
     answers,
     children_alive,
+    dashboard_urls,
     free_port,
     layout,
+    open_dashboard,
     pids,
     signal_and_collect_survivors,
     stop,
@@ -78,11 +80,18 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
     port = free_port()
     args = [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port)]
     args += ["--miners", "2"]
-    log = open(tmp_path / "up.log", "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
+    log_path = tmp_path / "up.log"
+    log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
     up = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_healthy(port)
         first = json.loads((root / "subnet.json").read_text())
+        # The URL `up` prints opens the dashboard; without its token, the dashboard answers 401.
+        [url] = wait_until(lambda: dashboard_urls(log_path), 120, "up to print the dashboard URL")
+        assert url.startswith(f"http://127.0.0.1:{port}/dashboard?token=")
+        hotkeys = {m["hotkey"] for m in first["miners"]}
+        wait_until(lambda: {m["hotkey"] for m in open_dashboard(url)["miners"]} == hotkeys, 60, "both miners shown")
+        assert httpx.get(f"http://127.0.0.1:{port}/dashboard/api/state").status_code == 401
         deadline = time.monotonic() + 60  # the validator starts once the orchestrator answers
         while len(children_alive(root)) < 5 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -98,6 +107,10 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
         wait_healthy(port)
         second = json.loads((root / "subnet.json").read_text())
         assert [m["hotkey"] for m in second["miners"]] == [m["hotkey"] for m in first["miners"]]
+        # The same token: a bookmarked URL (or an open tab's cookie) keeps working.
+        urls = wait_until(lambda: found if len(found := dashboard_urls(log_path)) == 2 else None, 120, "the URL")
+        assert urls == [url, url]
+        open_dashboard(url)
         assert len(LocalChain(root / "chain.sqlite", create=False).metagraph()) == len(first["miners"]) + 2
         survivors = signal_and_collect_survivors(again, root, signal.SIGTERM)  # `kill` is as clean as Ctrl-C
     finally:

@@ -48,6 +48,8 @@ CHECKS = [
 # Seconds per app (about 5 of them for the schema's boundary values and unserved methods, sent
 # first); generated requests fill the rest.
 BUDGET_S = 12
+# The dashboard's routes are in the schema only with an operator token set.
+DASHBOARD_TOKEN = "operator-token-for-schemathesis"
 
 
 def config(**extra: Any) -> SchemathesisConfig:
@@ -128,7 +130,7 @@ def no_name_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def orchestrator_app(tmp_path: Path) -> Any:
-    settings = OrchestratorSettings(data_dir=tmp_path / "orch", profile="tiny")
+    settings = OrchestratorSettings(data_dir=tmp_path / "orch", profile="tiny", dashboard_token=DASHBOARD_TOKEN)
     return create_orchestrator_app(settings, signer=ORCHESTRATOR)
 
 
@@ -137,12 +139,17 @@ def test_orchestrator_answers_as_its_schema_says(orchestrator_app: Any) -> None:
     secret = store.create_api_key("schemathesis", rate_limit_per_minute=10**7).secret
     # /ready answers 503 while no miner is healthy (none is, here): that is its documented answer.
     ready = {"include-path": "/ready", "checks": {"not_a_server_error": {"expected-statuses": ["2XX", "4XX", 503]}}}
-    run = run_schemathesis(orchestrator_app, config(headers={"Authorization": f"Bearer {secret}"}, operations=[ready]))
+    operator = {"include-path-regex": "^/dashboard/", "headers": {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}}
+    run = run_schemathesis(
+        orchestrator_app, config(headers={"Authorization": f"Bearer {secret}"}, operations=[ready, operator])
+    )
     assert not run.failures and not run.errors, run.report()
     assert run.refusal_shapes() == {"ErrorBody"}
     # The key worked: authenticated routes answered past it.
     assert run.answered("GET /v1/requests", range(200, 300)), run.statuses
     assert run.answered("POST /v1/images", range(200, 300)), run.statuses
+    # ... and so did the operator token, on the dashboard's.
+    assert run.answered("GET /dashboard/api/state", range(200, 300)), run.statuses
 
 
 def _instant(tmp_path: Path):

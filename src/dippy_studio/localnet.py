@@ -6,6 +6,7 @@ Layout of the data directory (a second `up` on it resumes the same subnet):
     DIR/chain.sqlite         the LocalChain
     DIR/wallets/             dev wallets: owner, orchestrator, validator, miner-0..N-1
     DIR/orchestrator.sqlite  jobs, API keys, scores (the orchestrator's database)
+    DIR/dashboard-token      the dashboard's operator token (mode 0600), made by the first `up`
     DIR/miners/miner-I/      each miner's jobs, results and caches
     DIR/logs/NAME.log        each process's output (also shown, prefixed, on the terminal)
     DIR/pids.json            each running process's pid, by name (while `up` runs)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -43,6 +45,7 @@ from dippy_studio.subnet_layout import MinerSpec, SubnetLayout
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 VALIDATOR_STAKE = 1000.0
+DASHBOARD_TOKEN_FILE = "dashboard-token"
 # How often the supervisor looks for children that died.
 TEND_INTERVAL_S = 0.5
 
@@ -307,6 +310,27 @@ def wait_ready(url: str, name: str, supervisor: Supervisor | None, timeout: floa
     raise RuntimeError(f"{name} was not ready at {url} within {timeout:.0f}s (last: {last})")
 
 
+def dashboard_token(root: Path) -> str:
+    """The subnet's dashboard operator token: made on the first `up` and kept in
+    DIR/dashboard-token (readable by its owner only), so a second `up` and open tabs keep it."""
+    path = root / DASHBOARD_TOKEN_FILE
+    if path.is_file() and (kept := path.read_text().strip()):
+        return kept
+    token = secrets.token_urlsafe(32)
+    # Written whole, then renamed: an `up` killed halfway never leaves an empty token behind.
+    partial = path.with_name(path.name + ".tmp")
+    partial.unlink(missing_ok=True)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(token + "\n")
+    partial.replace(path)
+    return token
+
+
+def dashboard_url(layout: SubnetLayout) -> str:
+    """The URL that opens the dashboard: its token sets the browser's cookie, then leaves the address bar."""
+    return f"{layout.orchestrator_url}/dashboard?token={dashboard_token(layout.root)}"
+
+
 def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) -> None:
     root = layout.root
     wallets = str(root / "wallets")
@@ -323,6 +347,7 @@ def start_processes(layout: SubnetLayout, supervisor: Supervisor, profile: str) 
         "DIPPY_ORCH_WALLET_NAME": "orchestrator", "DIPPY_ORCH_WALLET_PATH": wallets,
         "DIPPY_ORCH_CHAIN_PATH": str(root / "chain.sqlite"), "DIPPY_ORCH_PUBLIC_URL": layout.orchestrator_url,
         "DIPPY_ORCH_ALLOW_LOOPBACK_URLS": "true", "DIPPY_ORCH_PROFILE": profile,
+        "DIPPY_ORCH_DASHBOARD_TOKEN": dashboard_token(root),
         "DIPPY_ORCH_SCORE_INTERVAL_S": "5",
         # A laptop demo audits every job of a miner's probation: cheap on tiny, and a cheater is caught at once.
         "DIPPY_ORCH_AUDIT_PROBATION_RATE": "1.0", "DIPPY_ORCH_SYNC_INTERVAL_S": "5", "DIPPY_ORCH_PROBE_INTERVAL_S": "3",
@@ -392,7 +417,8 @@ def run_up(
         start_processes(layout, supervisor, profile)
         key, _secret = create_api_key(root)
         url = layout.orchestrator_url
-        console.print(f"\n[bold]Subnet is up.[/] Dashboard: {url}/dashboard")
+        # Unwrapped: the URL must stay one line to open from a terminal or a log.
+        console.print(f"\n[bold]Subnet is up.[/] Dashboard: {dashboard_url(layout)}", highlight=False, soft_wrap=True)
         console.print(f"API key (shown once): {key}")
         console.print(
             f"Try:\n  curl -s -X POST {url}/v1/images -H 'Authorization: Bearer {key}' "

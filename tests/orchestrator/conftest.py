@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 from dippy_studio.orchestrator.db import upgrade
 from dippy_studio.orchestrator.models import Base, JobTransition
 from dippy_studio.orchestrator.store import Store
+from orchestrator.s3_kit import CREDENTIALS, S3Server, s3_server
 
 PG_UNREACHABLE = "PostgreSQL not reachable at 127.0.0.1:5432"
 _ADMIN_CANDIDATES = [
@@ -103,3 +104,19 @@ def store(db_url: str) -> Iterator[Store]:
     store = Store(db_url)
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """moto's S3 server on a loopback port for the session, with credentials in the environment
+    (boto3's default chain, as the orchestrator reads them)."""
+    with pytest.MonkeyPatch.context() as env, s3_server() as server:
+        for name, value in CREDENTIALS.items():
+            env.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3: S3Server) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    return s3.new_bucket()

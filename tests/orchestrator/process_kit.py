@@ -74,13 +74,24 @@ class FakeMiners:
 class OrchestratorProcess:
     """`dippy-studio orchestrator serve` on one database and port, started again after a crash."""
 
-    def __init__(self, tmp_path: Path, db_url: str, dev_key: str, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        db_url: str,
+        dev_key: str,
+        env: Mapping[str, str],
+        name: str = "orchestrator",
+        data_dir: Path | None = None,
+    ) -> None:
+        """`name`: replicas on one database each get their own data dir and log (tmp_path/NAME-data,
+        tmp_path/logs/NAME.log); the first keeps tmp_path/orch. `data_dir`: share one instead."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = dict(env)
-        self.log = tmp_path / "logs" / "orchestrator.log"
+        self.log = tmp_path / "logs" / f"{name}.log"
+        self.data_dir = data_dir or tmp_path / ("orch" if name == "orchestrator" else f"{name}-data")
         self.args = [sys.executable, "-m", "dippy_studio.cli", "orchestrator", "serve",
-                     "--data-dir", str(tmp_path / "orch"), "--db", db_url, "--port", str(self.port),
+                     "--data-dir", str(self.data_dir), "--db", db_url, "--port", str(self.port),
                      "--dev-key", dev_key, "--chain-data-dir", str(tmp_path / "chain"),
                      "--allow-loopback"]  # fmt: skip
         self.proc: subprocess.Popen | None = None

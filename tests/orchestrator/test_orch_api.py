@@ -24,6 +24,7 @@ from dippy_studio.chain.local import LocalChain
 from dippy_studio.orchestrator.api import prefer_wait
 from dippy_studio.orchestrator.app import create_app
 from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.leader import ROLES
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, signer_from_uri, verify_request
@@ -322,6 +323,7 @@ def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.delenv("DIPPY_ORCH_PUBLIC_URL", raising=False)
+    monkeypatch.setenv("DIPPY_ORCH_DASHBOARD_TOKEN", "operator-token-of-this-test")  # serves the dashboard
     runner = CliRunner()
     common = ["serve", "--data-dir", str(tmp_path / "orch"), "--port", "8123"]
 
@@ -348,7 +350,9 @@ def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
 
 
 def test_health_and_readiness(api: Api):
-    assert api.client.get("/health").json() == {"status": "ok"}
+    # Alone on its database, it leads every singleton loop (each takes its role at its first run).
+    everything = {"status": "ok", "leads": sorted(ROLES)}
+    kit.wait_until(lambda: api.client.get("/health").json() == everything, 10, "every loop to be led")
     ready = api.client.get("/ready")
     # Up, with its loops running and its database reachable, but no miner to send work to.
     assert ready.status_code == 503 and ready.json()["problems"] == ["no healthy miner"]

@@ -1,5 +1,6 @@
-"""The dashboard: the pure snapshot over hand-made records, and the served page, JSON, event stream
-and images against real miners (one honest, one caught cheating)."""
+"""The dashboard: the pure snapshot over hand-made records, the served page, JSON, event stream
+and images against real miners (one honest, one caught cheating), and the operator token that
+every dashboard path needs (off without one)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from orchestrator.orch_kit import bad_runner, image_body, noise_png, wait_until
 subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+TOKEN = "operator-token-for-tests-0123456789"
+OPERATOR = {"Authorization": f"Bearer {TOKEN}"}
 ALICE, BOB = "5Alice", "5Bob"
 
 
@@ -158,7 +161,7 @@ def test_profiles_count_volume_and_latency_per_fingerprint():
 def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path):
     honest = subnet.add_miner("//Bob")
     cheat = subnet.add_miner("//Eve", inference_runner=bad_runner(tmp_path, lambda j: noise_png(seed=j["seed"])))
-    orch = subnet.start_orchestrator(audit_all=True, dashboard_refresh_s=0.1)
+    orch = subnet.start_orchestrator(audit_all=True, dashboard_refresh_s=0.1, dashboard_token=TOKEN)
     client = subnet.client(orch, subnet.new_key(orch))
     ids = [
         client.post("/v1/images", json=image_body(seed=s), headers={"Prefer": "wait=30"}).json()["request_id"]
@@ -169,7 +172,7 @@ def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path
     by_miner = {hotkey: [i for i in ids if served_by[i] == hotkey] for hotkey in (honest.hotkey, cheat.hotkey)}
     assert all(by_miner.values()), "both miners got work"
 
-    web = httpx.Client(base_url=orch.url, timeout=30)
+    web = httpx.Client(base_url=orch.url, headers=OPERATOR, timeout=30)
     page = web.get("/dashboard")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/dashboard/static/dashboard.js" in page.text and "//cdn" not in page.text
@@ -205,17 +208,106 @@ def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path
 
 def test_the_gallery_can_be_turned_off(subnet):
     subnet.add_miner("//Bob")
-    orch = subnet.start_orchestrator(dashboard_gallery=False)
+    orch = subnet.start_orchestrator(dashboard_gallery=False, dashboard_token=TOKEN)
     client = subnet.client(orch, subnet.new_key(orch))
     request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
-    assert httpx.get(f"{orch.url}/dashboard/api/state").json()["gallery"] is None
-    assert httpx.get(f"{orch.url}/dashboard/images/{request_id}.png").status_code == 404
+    assert httpx.get(f"{orch.url}/dashboard/api/state", headers=OPERATOR).json()["gallery"] is None
+    assert httpx.get(f"{orch.url}/dashboard/images/{request_id}.png", headers=OPERATOR).status_code == 404
 
 
-def test_no_dashboard_when_disabled(subnet):
-    orch = subnet.start_orchestrator(dashboard=False)
-    assert httpx.get(f"{orch.url}/dashboard").status_code == 404
-    assert httpx.get(f"{orch.url}/dashboard/api/state").status_code == 404
+# Every kind of dashboard path: the page, its assets, the state, the stream, both image routes.
+DASHBOARD_PATHS = [
+    "/dashboard", "/dashboard/static/dashboard.js", "/dashboard/api/state", "/dashboard/api/events",
+    "/dashboard/images/req_x.png", "/dashboard/audits/1/reference.png",
+]  # fmt: skip
+
+
+def test_the_dashboard_is_off_without_an_operator_token(subnet):
+    for orch in (
+        subnet.start_orchestrator(),
+        subnet.start_orchestrator(dashboard=True),
+        subnet.start_orchestrator(dashboard=False),
+    ):
+        for path in DASHBOARD_PATHS:
+            answer = httpx.get(f"{orch.url}{path}", headers=OPERATOR)
+            assert answer.status_code == 404, path
+            assert "set DIPPY_ORCH_DASHBOARD_TOKEN" in answer.json()["detail"], path
+        assert httpx.get(f"{orch.url}/dashboard?token={TOKEN}").status_code == 404
+        spec = httpx.get(f"{orch.url}/openapi.json").json()
+        assert not [path for path in spec["paths"] if path.startswith("/dashboard")]
+    # A token does not turn on a dashboard the operator turned off.
+    off = subnet.start_orchestrator(dashboard=False, dashboard_token=TOKEN)
+    answer = httpx.get(f"{off.url}/dashboard/api/state", headers=OPERATOR)
+    assert answer.status_code == 404 and "DIPPY_ORCH_DASHBOARD is false" in answer.json()["detail"]
+
+
+def test_every_dashboard_path_needs_the_operator_token(subnet):
+    subnet.add_miner("//Bob")
+    orch = subnet.start_orchestrator(dashboard_token=TOKEN)
+    key = subnet.new_key(orch)
+    client = subnet.client(orch, key)
+    request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
+    assert client.get(f"/v1/requests/{request_id}").json()["status"] == "succeeded"
+    image = f"/dashboard/images/{request_id}.png"
+
+    refused = {
+        "none": {},
+        "wrong token": {"Authorization": "Bearer not-the-operator-token-at-all"},
+        "a client's API key": {"Authorization": f"Bearer {key.secret}"},
+        "a forged cookie": {"Cookie": "dippy_dashboard=0123abcd"},
+    }
+    for what, headers in refused.items():
+        for path in [*DASHBOARD_PATHS, image]:
+            answer = httpx.get(f"{orch.url}{path}", headers=headers)
+            assert answer.status_code == 401, (what, path)
+            assert answer.headers["www-authenticate"].startswith("Bearer")
+            detail = answer.json()["detail"]
+            assert detail.startswith("the dashboard needs" if what == "none" else "wrong dashboard token"), detail
+    # The API a client uses is not behind the operator token.
+    assert client.get(f"/v1/requests/{request_id}/result").status_code == 200
+
+    with httpx.Client(base_url=orch.url, headers=OPERATOR, timeout=30) as operator:
+        assert operator.get("/dashboard").status_code == 200
+        assert {item["job_id"] for item in operator.get("/dashboard/api/state").json()["gallery"]} == {request_id}
+        assert operator.get(image).content.startswith(b"\x89PNG")
+
+    # A browser: the token URL sets the cookie and sends it away, then the cookie alone opens
+    # the page, the state it fetches and the images it shows.
+    with httpx.Client(base_url=orch.url, timeout=30, follow_redirects=True) as browser:
+        assert browser.get(f"/dashboard?token={TOKEN}x").status_code == 401 and not browser.cookies
+        opened = browser.get(f"/dashboard?token={TOKEN}")
+        [redirect] = opened.history
+        assert redirect.status_code == 303 and redirect.headers["location"] == "/dashboard"
+        cookie = redirect.headers["set-cookie"].lower()
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/dashboard" in cookie
+        assert TOKEN.lower() not in cookie, "the cookie holds a digest, not the token"
+        assert opened.status_code == 200 and str(opened.url) == f"{orch.url}/dashboard"
+        assert "text/html" in opened.headers["content-type"]
+        assert browser.get("/dashboard/static/dashboard.js").status_code == 200
+        assert browser.get("/dashboard/api/state").json()["gallery"][0]["job_id"] == request_id
+        assert browser.get(image).content.startswith(b"\x89PNG")
+        with browser.stream("GET", "/dashboard/api/events") as stream:
+            assert stream.status_code == 200
+            assert any(line.startswith("data: ") for line in stream.iter_lines())
+
+
+def test_the_schema_names_the_operator_token_on_dashboard_routes(subnet):
+    orch = subnet.start_orchestrator(dashboard_token=TOKEN)
+    spec = httpx.get(f"{orch.url}/openapi.json").json()
+    for path in ("/dashboard/api/state", "/dashboard/api/events"):
+        assert "401" in spec["paths"][path]["get"]["responses"], path
+
+
+@pytest.mark.parametrize("token", ["short-token", "a token with spaces in it", "tokén-with-accents-0123456789", ""])
+def test_a_weak_or_unsafe_operator_token_is_refused_with_the_reason(token):
+    from pydantic import ValidationError
+
+    from dippy_studio.orchestrator.settings import OrchestratorSettings
+
+    with pytest.raises(ValidationError, match="dashboard_token must be at least 16 characters"):
+        OrchestratorSettings(dashboard_token=token)
+    assert OrchestratorSettings(dashboard_token=TOKEN).dashboard_token.get_secret_value() == TOKEN
+    assert TOKEN not in repr(OrchestratorSettings(dashboard_token=TOKEN)), "the token stays out of logs"
 
 
 def test_event_streams_end_at_once_when_the_server_closes(subnet):
@@ -223,7 +315,7 @@ def test_event_streams_end_at_once_when_the_server_closes(subnet):
     import threading
     import time
 
-    orch = subnet.start_orchestrator(dashboard_refresh_s=5.0)
+    orch = subnet.start_orchestrator(dashboard_refresh_s=5.0, dashboard_token=TOKEN)
     dashboard = orch.app.state.dashboard
 
     async def read_all() -> list[str]:

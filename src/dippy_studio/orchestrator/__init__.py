@@ -21,5 +21,6 @@ checked by its kind, stored (`blobs`), and the job moves to `succeeded`; waiters
 
 Layout: `kinds` (job kinds as data), `states` (the state machine the database enforces),
 `store` (every SQL statement) on `writer` and `db`, `service` (the domain, no HTTP), `api` and
-`dashboard` (HTTP), `app` (the ASGI app), `serve` and `cli` (processes and commands).
+`dashboard` (HTTP; `dashboard_access` keeps it to the operator), `app` (the ASGI app), `serve` and
+`cli` (processes and commands).
 """

@@ -282,9 +282,13 @@ def build_router(orch: Orchestrator) -> APIRouter:
         bytes (or being told by us). The trade-off: anyone given a dispatched job's URL can fetch
         that LoRA or dataset, as with a signed URL that never expires.
         """
-        if not re.match(SHA256_PATTERN, sha256) or not orch.assets.exists(sha256):
+        if not re.match(SHA256_PATTERN, sha256):
             raise HTTPException(404, detail="no such blob")
-        return FileResponse(orch.assets.path(sha256), media_type="application/octet-stream")
+        try:
+            path = orch.assets.local_path(sha256)
+        except FileNotFoundError:
+            raise HTTPException(404, detail="no such blob") from None
+        return FileResponse(path, media_type="application/octet-stream")
 
     @router.post(
         "/v1/miner-callbacks/{job_id}",
@@ -343,8 +347,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
         return Response(body, media_type="application/json", headers=headers)
 
     @router.get("/health", tags=["operators"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> dict[str, Any]:
+        """`leads`: the singleton loops this replica runs now (sweep, sync, probe, scores, audits);
+        with several replicas on one database each loop has one leader."""
+        return {"status": "ok", "leads": orch.leadership.leads()}
 
     @router.get(
         "/ready",

@@ -3,6 +3,7 @@ routes (`api`, `dashboard`), a body-size limit, and a lifespan that starts and s
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -11,6 +12,8 @@ from fastapi.responses import JSONResponse
 
 from dippy_studio.orchestrator import errors
 from dippy_studio.orchestrator.api import build_router, http_error
+from dippy_studio.orchestrator.blobs import CorruptBlob
+from dippy_studio.orchestrator.dashboard_access import DashboardGuard
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.protocol import http_errors
@@ -18,6 +21,8 @@ from dippy_studio.protocol.asgi import BodyLimit
 from dippy_studio.protocol.http_errors import error_body
 
 JSON_BODY_LIMIT = 1 << 20
+
+log = logging.getLogger("dippy_studio.orchestrator")
 
 
 def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
@@ -56,11 +61,20 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
         http = http_error(exc)
         return JSONResponse(error_body(http.detail), status_code=http.status_code, headers=http.headers)
 
+    async def corrupt(_request: Request, exc: Exception) -> JSONResponse:
+        # Where and how it failed (bucket, key, hashes) is the operator's business: logged, not sent.
+        log.error("refused to serve a blob: %s", exc)
+        reason = "a stored blob failed its sha256 check and is not served (the orchestrator's log says which)"
+        return JSONResponse(error_body(reason), status_code=502)
+
     app.add_middleware(BodyLimit, limit=limit_for)
+    # Always in place: with the dashboard off, its paths still answer why.
+    app.add_middleware(DashboardGuard, token=settings.dashboard_token, enabled=settings.dashboard)
     http_errors.install(app)
     app.add_exception_handler(errors.OrchestratorError, refused)
+    app.add_exception_handler(CorruptBlob, corrupt)
     app.include_router(build_router(orch))
-    if settings.dashboard:
+    if settings.dashboard and settings.dashboard_token is not None:
         from dippy_studio.orchestrator import dashboard
 
         dashboard.mount(app, orch)

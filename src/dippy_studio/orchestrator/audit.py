@@ -4,14 +4,15 @@ Four parts, each usable alone:
 
 - `AuditSampler` decides, with a CSPRNG, whether a job that just finished is audited.
 - `inference_verdict` and `training_verdict` are pure functions from results to a `Verdict`.
-- `Auditor` re-runs a job on an in-process reference engine and applies the verdicts,
-  returning the evidence an `Audit` row keeps.
+- `Auditor` re-runs a job on a reference (an in-process engine, or a reference worker: see
+  references.py) and applies the verdicts, returning the evidence an `Audit` row keeps.
 - `penalty_until` is the pure rule for how long failed audits zero a miner's score.
 
 Audit traffic looks like client traffic because there is no audit traffic: the sampler is
 asked only after a client job has finished, and the re-run happens on the orchestrator's own
-engine (or a trusted audit miner), never on the miner under audit. Nothing a miner sees
-depends on whether its job will be audited, so it cannot behave well only when watched.
+engine or on a reference worker (a trusted miner that gets no client jobs), never on the miner
+under audit. Nothing a miner sees depends on whether its job will be audited, so it cannot
+behave well only when watched.
 
 Verdicts for inference: when the miner's profile fingerprint is one the auditor can reproduce,
 the PNG bytes must be equal (sha256). Otherwise the images are compared (engine/compare.py)
@@ -32,18 +33,21 @@ import hashlib
 import random
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
+    from typing import TypeGuard
+
     from dippy_studio.engine.datasets import Dataset
     from dippy_studio.engine.evaluation import LoraEvaluation
-    from dippy_studio.engine.generation import Engine, GenerationRequest
+    from dippy_studio.engine.generation import Engine, GenerationRequest, GenerationResult
     from dippy_studio.orchestrator.blobs import BlobStore
     from dippy_studio.orchestrator.models import Job
+    from dippy_studio.orchestrator.references import ReferenceWorker, WorkerResult
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,28 +325,57 @@ class AuditOutcome:
 
 
 class Auditor:
-    """Re-runs jobs on in-process reference engines and judges the miners' results.
+    """Re-runs jobs on trusted references and judges the miners' results.
 
-    `references` are engines the orchestrator trusts, keyed by their fingerprints. A job whose
-    miner reported one of those fingerprints is re-run on that engine and must match exactly;
-    any other job is re-run on the first engine and compared across profiles. Engines run one
-    generation at a time, so call an Auditor from one worker thread (or keep one per thread).
+    `references` are what the orchestrator trusts to re-run inference: in-process engines, or
+    reference workers (`references.ReferenceWorker`, trusted miners run by the subnet owner). A
+    job whose miner reported a reference's fingerprint is re-run on that reference and must match
+    exactly; any other job is re-run on the first one and compared across profiles.
+
+    Training audits measure the LoRA's held-out loss, which needs the model in this process: they
+    run on `training_engine` (an engine, or a function that builds one at the first training
+    audit), by default the first reference when that is an engine. Engines run one generation at
+    a time, so call an Auditor from one worker thread (or keep one per thread).
     """
 
-    def __init__(self, references: Sequence[Engine], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> None:
+    def __init__(
+        self,
+        references: Sequence[Engine | ReferenceWorker],
+        thresholds: Thresholds = DEFAULT_THRESHOLDS,
+        *,
+        training_engine: Engine | Callable[[], Engine] | None = None,
+    ) -> None:
         if not references:
-            raise ValueError("an auditor needs at least one reference engine")
-        self.references: dict[str, Engine] = {}
-        for engine in references:
-            self.references.setdefault(engine.fingerprint, engine)
+            raise ValueError("an auditor needs at least one reference")
+        self.references = list(references)
         self.primary = references[0]
         self.thresholds = thresholds
+        if training_engine is None and not _is_worker(self.primary):
+            training_engine = self.primary
+        self._training_engine = training_engine
 
-    def reference_for(self, fingerprint: str | None) -> Engine:
-        """The engine to re-run a job reported under `fingerprint`: its twin if we have one."""
-        if fingerprint is not None and fingerprint in self.references:
-            return self.references[fingerprint]
+    def reference_for(self, fingerprint: str | None) -> Engine | ReferenceWorker:
+        """The reference to re-run a job reported under `fingerprint`: its twin if we have one
+        (a worker that cannot be reached has no known fingerprint), else the first."""
+        from dippy_studio.orchestrator.references import ReferenceUnavailable
+
+        if fingerprint is not None:
+            for reference in self.references:
+                try:
+                    if reference.fingerprint == fingerprint:
+                        return reference
+                except ReferenceUnavailable:
+                    continue
         return self.primary
+
+    def training_engine(self) -> Engine:
+        """The in-process engine training audits run on (built now if it was given as a function)."""
+        engine = self._training_engine
+        if engine is None:
+            raise ValueError("this auditor has no in-process engine for training audits")
+        if callable(engine):  # built once, at the first training audit
+            engine = self._training_engine = engine()
+        return engine
 
     def audit_inference(
         self,
@@ -350,11 +383,16 @@ class Auditor:
         miner_png: bytes | None,
         miner_sha256: str | None,
         miner_fingerprint: str | None,
+        *,
+        lora_sha256: Sequence[str] = (),
     ) -> AuditOutcome:
-        """Re-run `request` (LoRAs given by local paths) and judge the miner's result for it."""
+        """Re-run `request` and judge the miner's result for it. The request's LoRAs are local
+        files, for an engine here; `lora_sha256` names each in the orchestrator's blob store, for
+        a reference worker, which downloads them from there as miners do."""
         from dippy_studio.engine.errors import EngineError
+        from dippy_studio.orchestrator.references import ReferenceUnavailable
 
-        engine = self.reference_for(miner_fingerprint)
+        reference = self.reference_for(miner_fingerprint)
         evidence: dict[str, Any] = {
             "kind": "inference",
             "request": request.model_dump(mode="json"),
@@ -364,15 +402,22 @@ class Auditor:
                 "sha256": hashlib.sha256(miner_png).hexdigest() if miner_png else None,
                 "bytes": len(miner_png) if miner_png else 0,
             },
-            "reference": {"fingerprint": engine.fingerprint, "profile": engine.spec.name},
         }
         try:
-            result = engine.generate(request)
-        except EngineError as exc:
-            # The reference cannot run it (a LoRA file gone, limits of this profile): no verdict.
+            if _is_worker(reference):
+                evidence["reference"] = reference.describe()
+                result: GenerationResult | WorkerResult = reference.generate(request, lora_sha256)
+            else:
+                evidence["reference"] = {"fingerprint": reference.fingerprint, "profile": reference.spec.name}
+                result = reference.generate(request)
+        except (EngineError, ReferenceUnavailable) as exc:
+            # The reference cannot run it (a LoRA file gone, limits of this profile, a reference
+            # worker down or failing): no verdict, and never the miner's fault.
             verdict = Verdict(False, f"the reference could not re-run the job: {exc}", conclusive=False)
             return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
-        evidence["reference"].update(sha256=result.sha256, bytes=len(result.png), loras=result.loras)
+        evidence["reference"].update(
+            fingerprint=result.fingerprint, sha256=result.sha256, bytes=len(result.png), loras=result.loras
+        )
         verdict = inference_verdict(
             result.png, result.fingerprint, miner_png, miner_sha256, miner_fingerprint, request, self.thresholds
         )
@@ -405,14 +450,16 @@ class Auditor:
         from dippy_studio.engine.lora import read_lora
         from dippy_studio.engine.training import TrainConfig
 
-        defaults = TrainConfig(profile=self.primary.spec.name)
+        # In this process even with reference workers: held-out loss needs the model here.
+        engine = self.training_engine()
+        defaults = TrainConfig(profile=engine.spec.name)
 
         threshold = self.thresholds.min_improvement if min_improvement is None else min_improvement
         evidence: dict[str, Any] = {
             "kind": "training",
             "request": dict(job or {}),
             "lora": str(lora) if lora is not None else None,
-            "reference": {"fingerprint": self.primary.fingerprint, "profile": self.primary.spec.name},
+            "reference": {"fingerprint": engine.fingerprint, "profile": engine.spec.name},
         }
         if lora is None:
             verdict = training_verdict(None, None, promised_rank, promised_targets, threshold, "no LoRA was delivered")
@@ -427,7 +474,7 @@ class Auditor:
             # A LoRA of the wrong shape fails without spending an evaluation on it.
             if heldout is not None and lora_shape_problem(shape, promised_rank, promised_targets) is None:
                 evaluation = evaluate_lora(
-                    self.primary,
+                    engine,
                     lora,
                     heldout,
                     seeds,
@@ -472,10 +519,11 @@ def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
         height=payload["height"],
         steps=payload["steps"],
         guidance=payload["guidance"],
-        loras=[LoraRef(path=ctx.assets.path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
+        loras=[LoraRef(path=ctx.assets.local_path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
     )
     png = ctx.results.get(job.result_blob)
-    return ctx.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint)
+    lora_sha256 = [lora["sha256"] for lora in payload["loras"]]
+    return ctx.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint, lora_sha256=lora_sha256)
 
 
 def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
@@ -484,9 +532,9 @@ def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
     payload = job.payload
     # No held-out part: the dataset was too small to split (or audits were off at submission).
     heldout_sha = payload.get(HELDOUT_KEY)
-    heldout = ctx.heldout.path(heldout_sha) if heldout_sha and ctx.heldout is not None else None
+    heldout = ctx.heldout.local_path(heldout_sha) if heldout_sha and ctx.heldout is not None else None
     return ctx.auditor().audit_training(
-        ctx.assets.path(job.result_blob),
+        ctx.assets.local_path(job.result_blob),
         heldout,
         payload["rank"],
         payload["targets"],
@@ -505,6 +553,13 @@ def _diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
         return dict(FluxPipeline.lora_state_dict(dict(state_dict)))
     except Exception as exc:  # diffusers raises assorted types for layouts it cannot read
         raise ValueError(f"not a Flux LoRA diffusers can read: {exc}") from None
+
+
+def _is_worker(reference: Engine | ReferenceWorker) -> TypeGuard[ReferenceWorker]:
+    # Imported here: engines load torch, and this module must load without it (see inference_verdict).
+    from dippy_studio.orchestrator.references import ReferenceWorker
+
+    return isinstance(reference, ReferenceWorker)
 
 
 def _verdict_dict(verdict: Verdict) -> dict[str, Any]:

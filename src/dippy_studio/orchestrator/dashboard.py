@@ -11,8 +11,9 @@ Three layers, so each is testable alone:
 The page itself (`static/dashboard.{html,js,css}`) is plain HTML, JS and CSS served from the
 package: no CDN, no build step, charts drawn as inline SVG.
 
-The gallery shows client images. On an orchestrator reachable from outside, turn it off
-(`DIPPY_ORCH_DASHBOARD_GALLERY=false`) or put `/dashboard` behind your proxy's authentication.
+The page, the state and every client image are for the operator only: `create_app` mounts them
+only with an operator token set, and `dashboard_access.DashboardGuard` lets a request under
+/dashboard through only with that token.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.audit import DEFAULT_PENALTY, PenaltyPolicy, penalty_until
 from dippy_studio.orchestrator.models import Audit, Job, JobAttempt, Miner
 from dippy_studio.orchestrator.states import RequestStatus
+from dippy_studio.protocol.http_errors import error_responses
 
 if TYPE_CHECKING:
     from dippy_studio.orchestrator.service import Orchestrator
@@ -57,6 +59,10 @@ CHAIN_REFRESH_S = 5.0
 # One event stream lasts this long; the browser reconnects at once (`retry`), so a server that is
 # shutting down never waits on an endless response.
 STREAM_S = 15.0
+# Every dashboard route needs the operator token (dashboard_access), never a client's API key.
+OPERATOR_ONLY = error_responses(
+    {401: "No operator token, or a wrong one: send Authorization: Bearer <dashboard token>."}
+)
 
 
 @dataclass(frozen=True)
@@ -398,7 +404,7 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "dashboard.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/dashboard/api/state", tags=["operators"])
+    @app.get("/dashboard/api/state", tags=["operators"], responses=OPERATOR_ONLY)
     async def state() -> JSONResponse:
         """Everything the dashboard shows: per-miner jobs, latency, audits, score, weight and
         emission; per-profile volume and latency; recent images; recent audit failures."""
@@ -409,7 +415,10 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         "/dashboard/api/events",
         tags=["operators"],
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}, "description": "snapshots as server-sent events"}},
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "snapshots as server-sent events"},
+            **OPERATOR_ONLY,
+        },
     )
     async def events(request: Request) -> StreamingResponse:
         """The same snapshot as server-sent events (`event: snapshot`), sent when it changes."""
@@ -424,7 +433,7 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         job = orch.store.load_job(job_id) if orch.settings.dashboard_gallery else None
         if job is None or not _shows_images(job.kind) or not job.result_blob:
             raise HTTPException(404, detail="no image for this job")
-        return FileResponse(orch.results.path(job.result_blob), media_type="image/png")
+        return FileResponse(orch.results.local_path(job.result_blob), media_type="image/png")
 
     @app.get("/dashboard/audits/{audit_id}/reference.png", include_in_schema=False)
     def reference(audit_id: int) -> FileResponse:
@@ -432,7 +441,7 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         blob = (audit.evidence or {}).get("reference_blob") if audit else None
         if not blob or not orch.results.exists(blob):
             raise HTTPException(404, detail="no reference image for this audit")
-        return FileResponse(orch.results.path(blob), media_type="image/png")
+        return FileResponse(orch.results.local_path(blob), media_type="image/png")
 
     return dashboard
 

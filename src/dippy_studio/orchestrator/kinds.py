@@ -180,8 +180,7 @@ def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput) -> dict[str,
     problem = check_lora_fit(data, ctx.settings.profile, ctx.settings.audit_model_path)
     if problem is not None:
         raise InvalidRequest(f"the LoRA at {lora.url} is not usable with profile {ctx.settings.profile}: {problem}")
-    if not ctx.assets.exists(sha256):
-        ctx.assets.put(data)
+    ctx.assets.put(data)  # idempotent: a LoRA fetched before is not stored again
     return {"url": lora.url, "sha256": sha256, "scale": lora.scale}
 
 

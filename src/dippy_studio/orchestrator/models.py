@@ -199,7 +199,7 @@ class Miner(Base):
 
 class Lora(Base):
     """A trained LoRA a client can name in later inference requests. The file is the blob whose
-    name is `sha256` (`BlobStore.path(sha256)`); no path is stored, so the data dir can move."""
+    name is `sha256` (`BlobStore.local_path(sha256)`); no path is stored, so the data dir can move."""
 
     __tablename__ = "loras"
     __table_args__ = (Index(None, "api_key_id", "created_at"),)

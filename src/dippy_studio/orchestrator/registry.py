@@ -77,6 +77,9 @@ class Registry:
         self._candidates: list[Candidate] | None = None
         self._candidates_at = 0.0
         self._generation = 0  # bumped by every change this process makes to the miners table
+        # Reference workers re-run audits only: were they dispatched client jobs, audited miners
+        # would see audit traffic (and audits would judge a worker by itself).
+        self._not_miners = {signer.ss58_address} | {hotkey for hotkey, _ in settings.reference_workers}
 
     def close(self) -> None:
         self._http.close()
@@ -99,8 +102,8 @@ class Registry:
         now = self.clock()
         seen = set()
         for neuron in metagraph.neurons:
-            if neuron.hotkey == self.signer.ss58_address:
-                continue  # the orchestrator's own hotkey is never a miner
+            if neuron.hotkey in self._not_miners:
+                continue  # the orchestrator's own hotkey and its reference workers are never miners
             endpoint = parse_endpoint(metagraph.endpoint_of(neuron.uid))
             self.store.upsert_miner(
                 neuron.hotkey, neuron.uid, coldkey=neuron.coldkey, endpoint=endpoint, stake=neuron.stake, now=now
@@ -191,6 +194,8 @@ class Registry:
         candidates = [
             Candidate.from_capacity(m.hotkey, m.uid, m.endpoint or "", m.stake, m.score, m.healthy, m.capacity or {})
             for m in self.store.list_miners(healthy_only=True)
+            # Another replica configured without this one's reference workers may have probed them.
+            if m.hotkey not in self._not_miners
         ]
         with self._lock:
             if generation == self._generation:  # else a probe wrote since: keep nothing stale

@@ -28,10 +28,11 @@ from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.admission import Refusals
 from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.auditing import AuditQueue
-from dippy_studio.orchestrator.blobs import BlobStore
+from dippy_studio.orchestrator.blobs import BlobStore, open_stores
 from dippy_studio.orchestrator.callbacks import CallbackHandler, announce
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound, OrchestratorError
+from dippy_studio.orchestrator.leader import Leadership, for_store
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
 from dippy_studio.orchestrator.scoring import window_scores
@@ -90,13 +91,20 @@ class Orchestrator:
             **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
         )
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Results (client images) are private; assets (datasets, LoRAs) are served to miners;
+        # held-out parts of training datasets are read by audits only, never served to anyone.
+        # First: a bucket that cannot be used stops startup before anything else is opened.
+        self.results, self.assets, self.heldout = open_stores(
+            ("results", "assets", "heldout"),
+            settings.data_dir,
+            settings.blob_url,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+        )
         self._owns_store = store is None
         self.store = store or Store.open(settings.database_url)
-        # Results (client images) are private; assets (datasets, LoRAs) are served to miners.
-        self.results = BlobStore(settings.blob_dir / "results")
-        self.assets = BlobStore(settings.blob_dir / "assets")
-        # Held-out parts of training datasets: read by audits only, never served to anyone.
-        self.heldout = BlobStore(settings.blob_dir / "heldout")
+        # Which singleton loops (sweep, sync, probe, scores, audits) this replica runs now.
+        self.leadership = for_store(self.store, settings.leader_takeover_s)
         retention = retention_for(settings.max_signature_age, settings.allowed_clock_skew)
         self.nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
         if chain is None and settings.chain_path is not None:
@@ -130,17 +138,23 @@ class Orchestrator:
                 sampler or AuditSampler(sampler_policy(settings)),
                 auditor or settings,
                 heldout=self.heldout,
+                signer=self.signer,
                 clock=clock,
+                leadership=self.leadership,
+                poll_s=settings.audit_poll_s,
             )
             if settings.audit or auditor is not None
             else None
         )
+        # Webhooks run on every replica (deliveries are leased per job); the rest only on the
+        # leader of their role, named after the loop.
+        leader = self.leadership
         self.tasks = {
-            "sweep": Periodic("sweep", self.sweep_once, settings.sweep_interval_s),
-            "sync": Periodic("sync", self.registry.sync, settings.sync_interval_s),
-            "probe": Periodic("probe", self.registry.probe_all, settings.probe_interval_s),
+            "sweep": Periodic("sweep", self.sweep_once, settings.sweep_interval_s, leadership=leader),
+            "sync": Periodic("sync", self.registry.sync, settings.sync_interval_s, leadership=leader),
+            "probe": Periodic("probe", self.registry.probe_all, settings.probe_interval_s, leadership=leader),
             "webhooks": Periodic("webhooks", self.webhooks.deliver_due, settings.webhook_interval_s, eager=True),
-            "scores": Periodic("scores", self.refresh_scores, settings.score_interval_s),
+            "scores": Periodic("scores", self.refresh_scores, settings.score_interval_s, leadership=leader),
         }
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -148,9 +162,13 @@ class Orchestrator:
     def start(self) -> None:
         """Start the background threads. The dispatcher runs on the app's event loop: the
         lifespan starts and stops it (`Dispatcher.start`, `Dispatcher.stop`)."""
-        # Miners first, so the first dispatch round has someone to send to.
+        # Miners first, so the first dispatch round has someone to send to (the leaders of sync
+        # and probe fill the table; a replica that leads neither finds it filled already).
         try:
-            self.registry.refresh()
+            if self.leadership.lead("sync"):
+                self.registry.sync()
+            if self.leadership.lead("probe"):
+                self.registry.probe_all()
         except Exception:
             log.exception("first miner refresh failed; the loops will retry")
         for task in self.tasks.values():
@@ -167,6 +185,8 @@ class Orchestrator:
             task.stop()
         if self.audits is not None:
             self.audits.stop()
+        # Once the loops are stopped, so a successor never overlaps their last runs.
+        self.leadership.close()
         self.webhooks.close()
         self.registry.close()
         self._http.close()
@@ -344,7 +364,7 @@ class Orchestrator:
     def result_path(self, job: Job) -> Path:
         if job.status != RequestStatus.succeeded.value or not job.result_blob:
             raise Conflict(f"request {job.id} has no result: it is {job.status}")
-        return self.blobs_for(kinds.get(job.kind)).path(job.result_blob)
+        return self.blobs_for(kinds.get(job.kind)).local_path(job.result_blob)
 
     def result_bytes(self, job: Job) -> bytes:
         return self.result_path(job).read_bytes()
@@ -359,17 +379,29 @@ class Orchestrator:
             announce(self, job, job.status)
 
     def refresh_scores(self) -> ScoreSnapshot:
-        """Score the window ending now, keep it for `GET /v1/scores`, and feed routing."""
+        """Score the window ending now, keep it for `GET /v1/scores`, and feed routing (the
+        scores leader's loop)."""
+        snapshot = self._score_window()
+        # Miners with no work in the window score 0 for routing, not whatever they had before.
+        self.store.set_scores({m.hotkey: 0.0 for m in self.store.list_miners()} | snapshot.scores, now=snapshot.end)
+        return snapshot
+
+    def scores(self) -> ScoreSnapshot:
+        """The latest scores, at most `score_interval_s` old, on every replica. A replica that
+        does not lead scoring computes them itself rather than read back what the leader stored:
+        scores are a pure function of the database and the window, so both agree, and the stored
+        column has neither the window nor a way to tell absent miners from idle ones."""
+        snapshot = self._scores
+        if snapshot is None or (self.clock() - snapshot.end).total_seconds() >= self.settings.score_interval_s:
+            snapshot = self._score_window()
+        return snapshot
+
+    def _score_window(self) -> ScoreSnapshot:
         end = self.clock()
         start = end - timedelta(seconds=self.settings.score_window_s)
         scores = {hotkey: float(score) for hotkey, score in self.score_fn(self.store, start, end).items()}
-        # Miners with no work in the window score 0 for routing, not whatever they had before.
-        self.store.set_scores({m.hotkey: 0.0 for m in self.store.list_miners()} | scores, now=end)
         self._scores = ScoreSnapshot(start, end, scores)
         return self._scores
-
-    def scores(self) -> ScoreSnapshot:
-        return self._scores or self.refresh_scores()
 
 
 def sampler_policy(settings: OrchestratorSettings) -> SamplerPolicy:
@@ -383,13 +415,23 @@ def sampler_policy(settings: OrchestratorSettings) -> SamplerPolicy:
 
 class Periodic:
     """Runs `fn` in a thread every `interval` seconds, or at once when woken. With `eager`, a
-    truthy return value (work was found, so more may be waiting) runs it again without sleeping."""
+    truthy return value (work was found, so more may be waiting) runs it again without sleeping.
+    With `leadership`, a singleton loop: each run first checks that this replica leads the role
+    named `name` (`leader.Leadership.lead`), and a follower asks again every `retry_s`."""
 
-    def __init__(self, name: str, fn: Callable[[], Any], interval: float, eager: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        interval: float,
+        eager: bool = False,
+        leadership: Leadership | None = None,
+    ) -> None:
         self.name = name
         self.fn = fn
         self.interval = interval
         self.eager = eager
+        self.leadership = leadership
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"orch-{name}", daemon=True)
@@ -414,6 +456,9 @@ class Periodic:
         while not self._stop.is_set():
             # Cleared before the run, so a wake-up that arrives during it starts the next one at once.
             self._wake.clear()
+            if self.leadership is not None and not self.leadership.lead(self.name):
+                self._wake.wait(min(self.interval, self.leadership.retry_s))
+                continue
             more = False
             try:
                 more = bool(self.fn()) and self.eager

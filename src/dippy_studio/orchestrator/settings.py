@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from dippy_studio.orchestrator.blobs import parse_s3_url
 from dippy_studio.orchestrator.db import default_url
 from dippy_studio.settings import ServiceSettings
+
+# Long enough not to be guessed, and only characters a URL carries unescaped.
+DASHBOARD_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -25,6 +31,13 @@ class OrchestratorSettings(ServiceSettings):
     # blobs live in DIR/blobs, the replay cache of signed requests in DIR/orchestrator-nonces.sqlite.
     data_dir: Path = Path(".dippy")
     db_url: str | None = None
+    # Blobs (results, datasets, LoRAs) in S3-compatible object storage instead of DIR/blobs:
+    # `s3://bucket/prefix`, which replicas on several machines must share (with one PostgreSQL
+    # database). Credentials: the usual AWS variables (boto3's default chain). Each replica keeps
+    # the blobs it reads in DIR/blob-cache. orchestrator/blobs.py.
+    blob_url: str | None = None
+    s3_endpoint_url: str | None = None  # None: AWS itself; else e.g. http://minio:9000
+    s3_region: str | None = None
     # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
     chain_path: Path | None = None
 
@@ -74,6 +87,12 @@ class OrchestratorSettings(ServiceSettings):
     score_interval_s: float = Field(default=60.0, gt=0)
     # A miner that refused a job (429, 5xx, unreachable) gets none for this long (or its Retry-After).
     refusal_cooldown_s: float = Field(default=5.0, ge=0)
+    # Singleton loops (sweep, sync, probe, scores, audits) run on one replica at a time, the
+    # leader of each (orchestrator/leader.py); when it dies, another takes over within this bound.
+    leader_takeover_s: float = Field(default=15.0, gt=0)
+    # How often the audits leader looks for jobs other replicas picked for an audit (its own
+    # picks wake it at once).
+    audit_poll_s: float = Field(default=2.0, gt=0)
 
     # Scores: the window `GET /v1/scores` covers.
     score_window_s: float = Field(default=24 * 3600.0, gt=0)
@@ -82,6 +101,14 @@ class OrchestratorSettings(ServiceSettings):
     # inference by re-running it, training by the LoRA's loss on held-out images.
     audit: bool = True
     audit_model_path: Path | None = None
+    # Reference workers: trusted miner processes (`dippy-studio miner serve` of `profile`, run by
+    # the subnet owner) that inference audits re-run on instead of the in-process engine, as
+    # "HOTKEY@URL" (env: a JSON list). They get no client jobs. A worker on the miners' hardware
+    # and dtype makes exact-hash audits of GPU miners possible. Empty: the in-process engine.
+    audit_references: list[str] = Field(default_factory=list)
+    # How long one re-run on a reference worker may take, queueing included, before the audit
+    # is inconclusive.
+    audit_reference_timeout_s: float = Field(default=300.0, gt=0)
     # The sampler's rates (defaults from bench/bench_audit.py; a local demo audits every job).
     audit_base_rate: float = Field(default=0.06, ge=0, le=1)
     audit_probation_rate: float = Field(default=0.25, ge=0, le=1)
@@ -93,9 +120,11 @@ class OrchestratorSettings(ServiceSettings):
     audit_heldout_share: float = Field(default=0.2, ge=0, lt=1)
     audit_heldout_min_images: int = Field(default=5, ge=2)
 
-    # The operator dashboard at /dashboard (orchestrator/dashboard.py). The gallery shows client
-    # images: turn it off on an orchestrator reachable from outside, or guard /dashboard in a proxy.
+    # The operator dashboard at /dashboard (orchestrator/dashboard.py). It shows every client's
+    # prompts and images, so it is off (404) until an operator token is set; then every path
+    # under /dashboard needs it (orchestrator/dashboard_access.py). `up` sets one for its subnet.
     dashboard: bool = True
+    dashboard_token: SecretStr | None = None
     dashboard_gallery: bool = True
     dashboard_refresh_s: float = Field(default=2.0, gt=0)
     dashboard_window_s: float = Field(default=3600.0, gt=0)
@@ -122,6 +151,46 @@ class OrchestratorSettings(ServiceSettings):
             raise ValueError("public_url must be an http:// or https:// URL")
         return url.rstrip("/")
 
+    @field_validator("audit_references")
+    @classmethod
+    def _audit_references(cls, entries: list[str]) -> list[str]:
+        workers = [reference_worker(entry) for entry in entries]
+        hotkeys = [hotkey for hotkey, _ in workers]
+        if len(set(hotkeys)) != len(hotkeys):
+            raise ValueError("audit_references names a hotkey twice")
+        return [f"{hotkey}@{url}" for hotkey, url in workers]
+
+    @field_validator("dashboard_token")
+    @classmethod
+    def _dashboard_token(cls, token: SecretStr | None) -> SecretStr | None:
+        # It guards every client's prompts and images; it travels in a header and, as typed, in a URL.
+        if token is not None and not DASHBOARD_TOKEN.fullmatch(token.get_secret_value()):
+            raise ValueError(
+                "dashboard_token must be at least 16 characters of A-Z a-z 0-9 . _ ~ - "
+                "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return token
+
+    @field_validator("blob_url")
+    @classmethod
+    def _blob_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parse_s3_url(url)
+        return url
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("s3_endpoint_url must be an http:// or https:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _s3_needs_blob_url(self) -> OrchestratorSettings:
+        if self.blob_url is None and (self.s3_endpoint_url or self.s3_region):
+            raise ValueError("s3_endpoint_url and s3_region need blob_url (s3://bucket/prefix)")
+        return self
+
     @model_validator(mode="after")
     def _one_key_source(self) -> OrchestratorSettings:
         if self.dev_key and self.wallet_name:
@@ -129,9 +198,30 @@ class OrchestratorSettings(ServiceSettings):
         return self
 
     @property
+    def reference_workers(self) -> list[tuple[str, str]]:
+        """`audit_references` as (hotkey, base URL) pairs."""
+        return [reference_worker(entry) for entry in self.audit_references]
+
+    @property
     def database_url(self) -> str:
         return self.db_url or default_url(self.data_dir)
 
-    @property
-    def blob_dir(self) -> Path:
-        return self.data_dir / "blobs"
+
+# An ss58 address: base58 (no 0, O, I or l), 46 to 48 characters for the usual prefixes.
+_SS58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{46,48}")
+
+
+def reference_worker(entry: str) -> tuple[str, str]:
+    """(hotkey, base URL) from an `audit_references` entry "HOTKEY@URL"; ValueError says what is wrong."""
+    hotkey, at, url = entry.strip().partition("@")
+    usage = f"audit_references entry {entry!r} is not HOTKEY@URL (e.g. 5F...@http://10.0.0.5:8091)"
+    if not at or not _SS58.fullmatch(hotkey):
+        raise ValueError(f"{usage}: the part before '@' must be the worker's ss58 hotkey")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a malformed port)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ValueError(f"{usage}: the part after '@' must be an http:// or https:// base URL")
+    return hotkey, url.rstrip("/")

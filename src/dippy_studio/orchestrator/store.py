@@ -866,6 +866,23 @@ class Store:
         with self._read() as session:
             return list(session.scalars(query))
 
+    def last_audit_id(self) -> int:
+        """The newest audit's id (0: none yet): where `failed_audits_after` starts from."""
+        with self._read() as session:
+            return int(session.scalar(select(func.max(Audit.id))) or 0)
+
+    def failed_audits_after(self, audit_id: int, limit: int = 1000) -> list[tuple[int, str]]:
+        """(id, miner hotkey) of failed audits newer than `audit_id`, oldest first: how replicas
+        learn the failures another replica judged (a range scan of the primary key)."""
+        query = (
+            select(Audit.id, Audit.miner_hotkey)
+            .where(Audit.id > audit_id, Audit.verdict == "fail")
+            .order_by(Audit.id)
+            .limit(limit)
+        )
+        with self._read() as session:
+            return [(int(row.id), row.miner_hotkey) for row in session.execute(query)]
+
     def get_audit(self, audit_id: int) -> Audit | None:
         with self._read() as session:
             return session.get(Audit, audit_id)

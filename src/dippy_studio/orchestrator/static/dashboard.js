@@ -242,7 +242,11 @@ function setLive(state, text) {
 async function poll() {
   try {
     const response = await fetch(STATE_URL, { cache: "no-store" });
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    if (!response.ok) {
+      // A 401 says how to get the operator token's cookie again: show that, not just the code.
+      const detail = await response.json().then((body) => body.detail, () => null);
+      throw new Error(detail || `HTTP ${response.status}`);
+    }
     render(await response.json());
     setLive("live", "live (polling)");
   } catch (err) {

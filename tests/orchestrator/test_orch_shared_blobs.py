@@ -1,0 +1,111 @@
+"""Two orchestrator replicas, as on two machines: separate data dirs, one PostgreSQL database, one
+S3 bucket (moto's server over HTTP). A request submitted to one is dispatched and completed there,
+and its result is downloaded from the other with the miner's exact bytes; a result whose object was
+tampered with in the bucket is refused, not served.
+
+Real processes: `dippy-studio orchestrator serve` twice and fake miners (bench/fake_miners.py:
+signed protocol, no engine, a unique PNG per job that the test recomputes).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dippy_studio.orchestrator.db import upgrade
+from dippy_studio.orchestrator.store import Store
+from localnet_kit import wait_until
+from orchestrator.process_kit import FakeMiners, OrchestratorProcess, fake_miners, register, tail
+from orchestrator.s3_kit import S3Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+ORCHESTRATOR_URI = "//shared/orchestrator"
+ORCHESTRATOR_ENV = {
+    "DIPPY_ORCH_AUDIT": "false",
+    "DIPPY_ORCH_PROBE_INTERVAL_S": "0.5",
+    "DIPPY_ORCH_SYNC_INTERVAL_S": "1",
+}
+
+
+def generate(http: httpx.Client, prompt: str) -> dict[str, Any]:
+    """Submit an image request and wait for it; its view once it succeeded."""
+    body = {"prompt": prompt, "seed": 7, "width": 64, "height": 64}
+    reply = http.post("/v1/images", json=body, headers={"Prefer": "wait=30"})
+    assert reply.status_code == 200 and reply.json()["status"] == "succeeded", reply.text
+    return reply.json()
+
+
+def miners_png(view: dict[str, Any]) -> bytes:
+    """The PNG the fake miner made for this request's last attempt."""
+    return fake_miners.unique_png(64, 64, f"{view['request_id']}-{view['attempts']}")
+
+
+def up(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    return False
+
+
+def test_a_result_completed_on_one_replica_is_downloaded_from_another(
+    tmp_path: Path, pg_databases: Callable[[], str], s3: S3Server, s3_bucket: str
+) -> None:
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "chain").mkdir()
+    db_url = pg_databases()
+    upgrade(db_url)
+    env = {**ORCHESTRATOR_ENV, **s3.env(s3_bucket, "prod")}
+    a = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, env, name="replica-a")
+    b = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, env, name="replica-b")
+    with contextlib.ExitStack() as cleanup:
+        miners = FakeMiners("//shared/miner", 2, tmp_path / "logs" / "miners.log", ORCHESTRATOR_URI)
+        cleanup.callback(miners.stop)
+        register(tmp_path / "chain", miners.listening())
+        store = Store.open(db_url, migrate=False)
+        cleanup.callback(store.close)
+        secret = store.create_api_key("client").secret
+        headers = {"Authorization": f"Bearer {secret}"}
+
+        # Replica A alone: whatever it completes, B has never seen.
+        a.start()
+        cleanup.callback(a.kill)
+        cleanup.callback(lambda: print(tail(a.log, 40)))  # pytest shows it when the test fails
+        wait_until(lambda: a.healthy_miners() == 2, 60, "replica A to see 2 healthy miners")
+        on_a = cleanup.enter_context(httpx.Client(base_url=a.url, headers=headers, timeout=30))
+        kept, tampered = generate(on_a, "a lighthouse"), generate(on_a, "a harbour")
+        assert base64.b64decode(kept["result"]["data_base64"]) == miners_png(kept)
+
+        b.start()
+        cleanup.callback(b.kill)
+        cleanup.callback(lambda: print(tail(b.log, 40)))
+        wait_until(lambda: up(b.url), 60, "replica B to answer")
+        on_b = cleanup.enter_context(httpx.Client(base_url=b.url, headers=headers, timeout=30))
+
+        download = on_b.get(f"/v1/requests/{kept['request_id']}/result")
+        assert download.status_code == 200, download.text
+        assert download.content == miners_png(kept)
+        assert download.headers["X-Result-Sha256"] == hashlib.sha256(download.content).hexdigest()
+        assert download.headers["X-Result-Sha256"] == kept["result"]["sha256"]
+        # B read it from the bucket into its own cache; neither replica keeps blobs of its own on disk.
+        assert list((b.data_dir / "blob-cache" / "results").rglob(kept["result"]["sha256"]))
+        assert not (a.data_dir / "blobs").exists() and not (b.data_dir / "blobs").exists()
+
+        sha = tampered["result"]["sha256"]
+        s3.client().put_object(Bucket=s3_bucket, Key=f"prod/results/{sha[:2]}/{sha[2:4]}/{sha}", Body=b"not it")
+        refused = on_b.get(f"/v1/requests/{tampered['request_id']}/result")
+        assert refused.status_code == 502, refused.text
+        assert "failed its sha256 check" in refused.json()["detail"]
+        assert on_a.get(f"/v1/requests/{tampered['request_id']}/result").content == miners_png(tampered)  # A's copy
+
+        # And the other way round, with both replicas serving.
+        wait_until(lambda: b.healthy_miners() == 2, 60, "replica B to see 2 healthy miners")
+        later = generate(on_b, "a quay at night")
+        download = on_a.get(f"/v1/requests/{later['request_id']}/result")
+        assert download.status_code == 200 and download.content == miners_png(later)
