@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, str] = {
     "training": "bench_training",
     "miner": "bench_miner",
     "startup": "bench_startup",
+    "edit": "bench_edit",
 }
 
 

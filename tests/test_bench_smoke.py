@@ -23,6 +23,7 @@ def bench():
             "bench_training",
             "bench_miner",
             "bench_startup",
+            "bench_edit",
             "run",
         )
         yield {name: importlib.import_module(name) for name in names}
@@ -105,4 +106,15 @@ def test_miner_bench_serves_the_engines_bytes_and_loses_no_job(bench):
 
 
 def test_runner_lists_every_benchmark(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner", "startup"}
+    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner", "startup", "edit"}
+
+
+def test_edit_bench_compares_equal_work_with_bare_kontext(bench):
+    # The engine and a bare FluxKontextPipeline on the same components give identical PNGs, so the
+    # edit overhead it reports compares equal work.
+    module = bench["bench_edit"]
+    result = module.run((module.Config("tiny-kontext", 32, 1, reps=1, warmup=0, threads=1),))
+    (row,) = result.rows
+    assert row["identical"]
+    assert row["ours_ms"] > 0 and row["bare_ms"] > 0
+    assert result.failed_checks == []

@@ -136,3 +136,118 @@ def test_unwritable_output(tmp_path):
 def test_help_everywhere(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+# Image tasks (edit, img2img, inpaint): --task, --image, --mask, --strength.
+
+_IMAGE_TASKS_SCRIPT = """
+import hashlib, io, json, sys
+import numpy as np
+from PIL import Image
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest
+
+def png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+image = png(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+mask = np.zeros((40, 48), dtype=np.uint8)
+mask[:20] = 255
+base = dict(prompt="make it red", seed=3, width=32, height=32, steps=2, image=image)
+runs = {
+    "tiny-kontext edit": ("tiny-kontext", dict(task="edit")),
+    "tiny img2img": ("tiny", dict(task="img2img", strength=0.6)),
+    "tiny inpaint": ("tiny", dict(task="inpaint", mask=png(mask), strength=0.6)),
+}
+shas = {}
+for name, (profile, fields) in runs.items():
+    engine = Engine(EngineOptions(profile=profile))
+    result = engine.generate(GenerationRequest(**base, **fields))
+    shas[name] = [result.sha256, result.fingerprint]
+print(json.dumps(shas))
+"""
+
+
+def test_image_tasks_are_byte_identical_across_processes():
+    import subprocess
+    import sys
+
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _IMAGE_TASKS_SCRIPT], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0] == outputs[1]
+    assert len({sha for sha, _ in outputs[0].values()}) == 3
+
+
+def _write_png(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    Image.new(mode, size, 255 if mode == "L" else (200, 30, 30)).save(path)
+    return path
+
+
+def test_edit_takes_its_size_from_the_input_image(tmp_path):
+    image = _write_png(tmp_path / "in.png", (70, 100))
+    result = invoke(
+        "generate", "make it blue", "--task", "edit", "--image", str(image), "--profile", "tiny-kontext",
+        "--steps", "2", "-o", str(tmp_path / "x.png"), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert (payload["width"], payload["height"], payload["task"]) == (64, 96, "edit")
+    sized = invoke(
+        "generate", "make it blue", "--task", "img2img", "--image", str(image), "--width", "32",
+        "--strength", "0.5", "--steps", "2", "-o", str(tmp_path / "y.png"), "--json",
+    )  # fmt: skip
+    assert sized.exit_code == 0, sized.output
+    assert (json.loads(sized.output)["width"], json.loads(sized.output)["height"]) == (32, 96)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "edit"], "needs input image"),
+        (["--task", "edit", "--image", "{bad}"], "not a PNG, JPEG or WebP"),
+        (["--task", "edit", "--image", "/nonexistent.png"], "cannot read it"),
+        (["--task", "inpaint", "--image", "{image}"], "needs mask"),
+        (["--task", "inpaint", "--image", "{image}", "--mask", "{small_mask}"], "must be the image's size"),
+        (["--task", "img2img", "--image", "{image}", "--strength", "0"], "strength"),
+        (["--task", "img2img", "--image", "{image}", "--strength", "1.5"], "strength"),
+        (["--task", "edit", "--image", "{image}", "--strength", "0.5"], "takes no strength"),
+        (["--task", "img2img", "--image", "{image}", "--profile", "tiny-kontext"], "does not serve task img2img"),
+        (["--task", "sketch"], "task"),
+    ],
+)
+def test_bad_image_task_input_exits_nonzero_with_a_message(tmp_path, args, message):
+    files = {
+        "bad": tmp_path / "bad.png",
+        "image": _write_png(tmp_path / "in.png", (48, 32)),
+        "small_mask": _write_png(tmp_path / "mask.png", (16, 16), "L"),
+    }
+    files["bad"].write_bytes(b"not an image")
+    args = [arg.format(**files) for arg in args]
+    result = invoke("generate", "a cat", "--steps", "2", "-o", str(tmp_path / "x.png"), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_profile_save_tiny_kontext_loads_as_stock_kontext(tmp_path):
+    from diffusers import FluxKontextPipeline
+
+    saved = tmp_path / "tiny-kontext"
+    result = invoke("profile", "--profile", "tiny-kontext", "--save", str(saved), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((saved / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
+    assert isinstance(FluxKontextPipeline.from_pretrained(saved, local_files_only=True), FluxKontextPipeline)
+    image = _write_png(tmp_path / "in.png", (48, 32))
+    args = ["generate", "make it blue", "--task", "edit", "--image", str(image), "--steps", "2", "--json"]
+    direct = invoke(*args, "--profile", "tiny-kontext", "-o", str(tmp_path / "a.png"))
+    loaded = invoke(*args, "--model-path", str(saved), "-o", str(tmp_path / "b.png"))
+    assert direct.exit_code == 0 and loaded.exit_code == 0, loaded.output
+    assert json.loads(direct.output)["sha256"] == json.loads(loaded.output)["sha256"]
+    assert json.loads(direct.output)["fingerprint"] == json.loads(loaded.output)["fingerprint"]

@@ -26,7 +26,11 @@ app = typer.Typer(
 out = Console()
 
 ProfileOpt = Annotated[
-    str | None, typer.Option("--profile", help="Model profile: tiny, small, flux-dev, flux-schnell.")
+    str | None,
+    typer.Option(
+        "--profile",
+        help="Model profile: tiny, tiny-kontext, small, flux-dev, flux-schnell, flux-kontext, flux-fill.",
+    ),
 ]
 ModelPathOpt = Annotated[Path | None, typer.Option("--model-path", help="Local diffusers-layout model directory.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda.")]
@@ -81,8 +85,12 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     seed: Annotated[int, typer.Option(help="Random seed; 0 is valid.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (profile default if unset).")] = None,
-    width: Annotated[int, typer.Option(help="Width in pixels, a multiple of 16.")] = 64,
-    height: Annotated[int, typer.Option(help="Height in pixels, a multiple of 16.")] = 64,
+    width: Annotated[
+        int | None, typer.Option(help="Width in pixels, a multiple of 16 (64; an image task: the input's).")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Height in pixels, a multiple of 16 (64; an image task: the input's).")
+    ] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (profile default if unset).")] = None,
     lora: Annotated[
         list[str] | None, typer.Option("--lora", help="LoRA .safetensors as PATH[:SCALE]; repeatable.")
@@ -94,15 +102,26 @@ def generate(
     threads: ThreadsOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the PNG.")] = Path("out.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    task: Annotated[str, typer.Option("--task", help="generate, edit, img2img or inpaint.")] = "generate",
+    image: Annotated[
+        Path | None, typer.Option("--image", help="Input image (PNG, JPEG, WebP) for edit, img2img, inpaint.")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option("--mask", help="Inpainting mask: white repaints, black keeps.")] = None,
+    strength: Annotated[
+        float | None, typer.Option("--strength", help="img2img/inpaint: how much to change, in (0, 1].")
+    ] = None,
 ) -> None:
-    """Generate one image and print its sha256 and the profile fingerprint."""
+    """Generate one image (or edit one: --task edit|img2img|inpaint --image IN.png) and print its
+    sha256 and the profile fingerprint."""
     from dippy_studio.engine import Engine, GenerationRequest
     from dippy_studio.engine.profiles import get_profile
 
     options = engine_options(profile, model_path, device, dtype, threads)
     loras = [parse_lora(s) for s in lora or []]
+    image_bytes, mask_bytes = _read_file(image, "--image"), _read_file(mask, "--mask")
     try:
         spec = get_profile(options.profile)
+        width, height = _output_size(spec, image_bytes, width, height)
         request = GenerationRequest(
             prompt=prompt,
             seed=seed,
@@ -111,6 +130,10 @@ def generate(
             steps=steps if steps is not None else spec.default_steps,
             guidance=guidance if guidance is not None else spec.default_guidance,
             loras=loras,
+            task=task,
+            image=image_bytes,
+            mask=mask_bytes,
+            strength=strength,
         )
         engine = Engine(options)
         engine.check(request)
@@ -134,6 +157,7 @@ def generate(
             "width": result.width,
             "height": result.height,
             "seed": result.seed,
+            "task": request.task,
             "timings": result.timings.as_dict(),
             "loras": result.loras,
         }
@@ -142,6 +166,33 @@ def generate(
         out.print(f"wrote {output}")
         out.print(f"sha256      {result.sha256}")
         out.print(f"fingerprint {result.fingerprint}")
+
+
+def _read_file(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        fail(f"{flag} {path}: cannot read it ({exc.strerror})")
+
+
+def _output_size(spec, image: bytes | None, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size asked for; missing sides: 64 for text-to-image, else the input image's
+    (`ProfileLimits.output_size`). Raises EngineError for an unreadable image."""
+    if width is not None and height is not None:
+        return width, height
+    if image is None:
+        return width or 64, height or 64
+    from dippy_studio.engine.errors import RequestError
+    from dippy_studio.protocol.images import InputImageError, read_input_image
+
+    try:
+        size = read_input_image(image, spec.max_input_pixels, "input image").size
+    except InputImageError as exc:
+        raise RequestError(str(exc)) from None
+    default_width, default_height = spec.output_size(*size)
+    return width or default_width, height or default_height
 
 
 @app.command()

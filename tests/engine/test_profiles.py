@@ -111,5 +111,5 @@ def test_profiles_take_their_limits_from_the_protocol_table():
         if spec.builtin is not None:
             assert spec.builtin.max_sequence_length == limits.max_sequence_length
     assert get_profile("tiny").builtin is not None and get_profile("flux-dev").builtin is None
-    with pytest.raises(ProfileError, match="known profiles: tiny, small"):
+    with pytest.raises(ProfileError, match="known profiles: tiny, tiny-kontext, small"):
         get_profile("flux-pro")

@@ -1,8 +1,10 @@
 """Built-in Flux-architecture pipelines with seeded random weights.
 
 `tiny` is the embedded default for demos and tests: the real Flux code path (transformer,
-VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `small` is a
-CPU benchmark size (about 9M transformer parameters, a 4-level VAE like the real one).
+VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `tiny-kontext`
+is tiny's architecture with its own seed, built as a FluxKontextPipeline (Kontext's
+architecture is FLUX.1's; only the pipeline feeds the input image's latents beside the noise).
+`small` is a CPU benchmark size (about 9M transformer parameters, a 4-level VAE like the real one).
 
 Weights are not left to torch's initialisers: those draw from the global RNG in module
 construction order and some use vectorised transcendental maths whose last bits may depend
@@ -14,7 +16,7 @@ builds the same bits and a test can pin their sha256.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,9 @@ TINY = BuiltinConfig(
     t5_layers=2,
 )
 
+# Its own weights, so its fingerprint and outputs can never be mistaken for tiny's.
+TINY_KONTEXT = replace(TINY, seed=20261206)
+
 SMALL = BuiltinConfig(
     seed=20261126,
     max_sequence_length=64,
@@ -109,8 +114,9 @@ SMALL = BuiltinConfig(
 )
 
 
-def build_pipeline(config: BuiltinConfig) -> FluxPipeline:
-    """Build a FluxPipeline from `config` with its seeded weights, in eval mode, float32 on CPU."""
+def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -> FluxPipeline:
+    """Build `pipeline_class` (a Flux pipeline: FluxPipeline, FluxKontextPipeline...) from `config`
+    with its seeded weights, in eval mode, float32 on CPU."""
     clip_tok = clip_tokenizer()
     t5_tok = t5_tokenizer(config.max_sequence_length)
     transformer = FluxTransformer2DModel(**config.transformer)
@@ -149,7 +155,7 @@ def build_pipeline(config: BuiltinConfig) -> FluxPipeline:
         # Modules built from a config start in train mode; T5 dropout would eat RNG.
         module.eval()
         module.requires_grad_(False)
-    return FluxPipeline(
+    return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
         vae=vae,
         text_encoder=text_encoder,

@@ -1,18 +1,31 @@
-"""Deterministic text-to-image generation: the request, the result, and the Engine that runs it.
+"""Deterministic generation: the request, the result, and the Engine that runs it.
 
-The steps are the stock FluxPipeline's, called in stages so each can be timed:
-LoRA activation -> text encoding -> denoising (latents) -> VAE decode -> PNG encoding.
+Every task runs a stock diffusers pipeline, called in stages so each can be timed:
+LoRA activation and input reading -> text encoding -> denoising (latents) -> VAE decode ->
+PNG encoding. The pipeline depends on the task: text-to-image `FluxPipeline`, edit
+`FluxKontextPipeline`, img2img `FluxImg2ImgPipeline`, inpaint `FluxInpaintPipeline`
+(`FluxFillPipeline` on a Fill profile). All are built once per engine from the one loaded
+set of models, so a LoRA or a dtype applies to every task alike.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from time import perf_counter
+from typing import Any
 
 import torch
+from diffusers import (
+    FluxFillPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+)
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,15 +39,32 @@ from dippy_studio.engine.fingerprint import (
     weights_sha256,
 )
 from dippy_studio.engine.images import encode_png, sha256_hex
+from dippy_studio.engine.inputs import TaskImages, read_task_images
 from dippy_studio.engine.lora import LoraCache, LoraRef
 from dippy_studio.engine.profiles import LORA_MODE, EngineOptions, get_profile, load_pipeline
-from dippy_studio.protocol.limits import MAX_LORAS, Guidance, ImageSide, Prompt, Seed, Steps
+from dippy_studio.protocol.limits import (
+    MAX_LORAS,
+    STRENGTH_TASKS,
+    Guidance,
+    ImageSide,
+    Prompt,
+    Seed,
+    Steps,
+    Strength,
+    Task,
+    task_inputs_problem,
+)
 
 StepCallback = Callable[[int, int], None]
 
 
 class GenerationRequest(BaseModel):
-    """One text-to-image request. Profile-specific limits are checked by the engine."""
+    """One request of any task. Profile-specific limits, and which inputs a task takes
+    (`task_inputs_problem`), are checked by the engine (`Engine.check`).
+
+    `width` x `height` is the output size for every task; an image task's input is resized to it
+    (callers derive it from the input with `ProfileLimits.output_size` when the user gave none).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -45,11 +75,21 @@ class GenerationRequest(BaseModel):
     steps: Steps = 4
     guidance: Guidance = 3.5
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    task: Task = "generate"
+    # Encoded image bytes (PNG, JPEG or WebP), decoded inside the engine by protocol.images.
+    image: bytes | None = Field(default=None, repr=False)
+    # Inpainting: white repaints, black keeps; the input image's size or the output size.
+    mask: bytes | None = Field(default=None, repr=False)
+    # img2img and inpaint; None: the profile's default_strength.
+    strength: Strength | None = None
 
 
 @dataclass(frozen=True)
 class Timings:
-    """Seconds spent in each stage of one generation."""
+    """Seconds spent in each stage of one generation. `load` covers what gets the request ready
+    before the models run: LoRA activation, reading and resizing an input image (and the model
+    load, on an engine's first request). Encoding an input image into latents is part of
+    `denoise`, where the pipeline does it."""
 
     load: float
     text_encode: float
@@ -81,6 +121,8 @@ class Engine:
     """A loaded profile that turns requests into PNGs, reproducibly.
 
     One generation runs at a time per engine (the active LoRA set is pipeline state).
+    `pipe` is the profile's own pipeline (the class it is saved as); `pipelines` holds one per
+    task it serves, all sharing pipe's models, scheduler and tokenizers.
     """
 
     def __init__(self, options: EngineOptions | None = None) -> None:
@@ -99,6 +141,7 @@ class Engine:
             compile=self.options.compile,
             **runtime_parts(),
         )
+        self.pipelines = task_pipelines(self.pipe, self.spec.tasks)
         self.loras = LoraCache(self.pipe, self.options.lora_cache_size, self.options.lora_dir)
         self.load_seconds = perf_counter() - started
         self._lock = threading.Lock()
@@ -108,11 +151,30 @@ class Engine:
     def fingerprint(self) -> str:
         return self.fingerprint_parts.id
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.spec.tasks
+
     def check(self, request: GenerationRequest) -> None:
-        """Raise RequestError when the request is outside this profile's limits."""
-        problem = self.spec.image_problem(request.width, request.height, request.steps)
+        """Raise RequestError when the request is outside this profile's limits or its inputs
+        do not fit its task. (Input images are decoded, and refused, in `generate`.)"""
+        problem = (
+            self.spec.task_problem(request.task)
+            or task_inputs_problem(
+                request.task, request.image is not None, request.mask is not None, request.strength is not None
+            )
+            or self.spec.image_problem(request.width, request.height, request.steps)
+        )
+        if problem is None and request.task in STRENGTH_TASKS and denoising_steps(request, self._strength(request)) < 1:
+            problem = (
+                f"strength {self._strength(request)} with {request.steps} steps leaves no denoising step; "
+                "raise the strength or the steps"
+            )
         if problem is not None:
             raise RequestError(problem)
+
+    def _strength(self, request: GenerationRequest) -> float:
+        return request.strength if request.strength is not None else self.spec.default_strength
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -125,10 +187,16 @@ class Engine:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> GenerationResult:
         self.check(request)
+        started = perf_counter()
+        images = None
+        if request.image is not None:
+            size = (request.width, request.height)
+            images = read_task_images(request.image, request.mask, size, self.spec.max_input_pixels)
+        prepare = perf_counter() - started
         with self.session():
             started = perf_counter()
             active = self.loras.activate(request.loras)
-            load = perf_counter() - started + self._pending_load
+            load = perf_counter() - started + prepare + self._pending_load
             self._pending_load = 0.0
 
             started = perf_counter()
@@ -141,7 +209,7 @@ class Engine:
             text_encode = perf_counter() - started
 
             started = perf_counter()
-            latents = self._denoise(request, prompt_embeds, pooled_embeds, on_step)
+            latents = self._denoise(request, images, prompt_embeds, pooled_embeds, on_step)
             denoise = perf_counter() - started
 
             started = perf_counter()
@@ -166,18 +234,24 @@ class Engine:
     def _denoise(
         self,
         request: GenerationRequest,
+        images: TaskImages | None,
         prompt_embeds: torch.Tensor,
         pooled_embeds: torch.Tensor,
         on_step: StepCallback | None,
     ) -> torch.Tensor:
+        total = request.steps
+        if request.task in STRENGTH_TASKS:
+            total = denoising_steps(request, self._strength(request))
+
         def step_end(pipe: object, step: int, timestep: object, tensors: dict) -> dict:
             if on_step is not None:
-                on_step(step + 1, request.steps)
+                on_step(step + 1, total)
             return tensors
 
         # Initial noise always comes from a CPU generator, so CPU and GPU engines start alike.
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        output = self.pipe(
+        output = self.pipelines[request.task](
+            **self._task_arguments(request, images),
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled_embeds,
             height=request.height,
@@ -191,6 +265,19 @@ class Engine:
         )
         return output.images
 
+    def _task_arguments(self, request: GenerationRequest, images: TaskImages | None) -> dict[str, Any]:
+        """What the task's pipeline takes beyond the text-to-image arguments."""
+        if images is None:
+            return {}
+        if request.task == "edit":
+            # Kontext otherwise rescales the output to max_area (1024^2) and the input to its
+            # preferred resolutions: both would ignore the requested size.
+            return {"image": images.image, "max_area": request.width * request.height, "_auto_resize": False}
+        arguments: dict[str, Any] = {"image": images.image, "strength": self._strength(request)}
+        if images.mask is not None:
+            arguments["mask_image"] = images.mask
+        return arguments
+
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> Image.Image:
         # The same arithmetic as FluxPipeline.__call__ with output_type="pil".
         pipe = self.pipe
@@ -198,3 +285,36 @@ class Engine:
         latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+
+# The pipeline class of each task; inpainting uses Fill's where the profile is a Fill model.
+TASK_PIPELINES: dict[str, type] = {
+    "generate": FluxPipeline,
+    "edit": FluxKontextPipeline,
+    "img2img": FluxImg2ImgPipeline,
+    "inpaint": FluxInpaintPipeline,
+}
+
+
+def task_pipelines(pipe: Any, tasks: tuple[str, ...]) -> dict[str, Any]:
+    """One pipeline per task, each built on `pipe`'s components (the same module objects, so the
+    models are in memory once and a LoRA loaded through `pipe` applies to all of them)."""
+    pipelines = {}
+    for task in tasks:
+        cls = TASK_PIPELINES[task]
+        if task == "inpaint" and isinstance(pipe, FluxFillPipeline):
+            cls = FluxFillPipeline
+        if type(pipe) is cls:
+            pipelines[task] = pipe
+            continue
+        accepted = inspect.signature(cls.__init__).parameters
+        built = cls(**{name: part for name, part in pipe.components.items() if name in accepted})
+        built.set_progress_bar_config(disable=True)
+        pipelines[task] = built
+    return pipelines
+
+
+def denoising_steps(request: GenerationRequest, strength: float) -> int:
+    """The steps img2img and inpainting run: the last `strength` of the schedule, computed as
+    the diffusers pipelines do (`get_timesteps`)."""
+    return request.steps - int(max(request.steps - request.steps * strength, 0))

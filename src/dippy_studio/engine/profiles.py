@@ -2,7 +2,9 @@
 
 A profile fixes everything that decides output bits besides the request: weights, dtype,
 device, thread count, sequence length, LoRA application mode. `EngineOptions` picks one and
-says where its weights come from; `load_pipeline` turns that into a ready FluxPipeline.
+says where its weights come from; `load_pipeline` turns that into a ready pipeline of the
+profile's class (FluxPipeline; FluxKontextPipeline for the Kontext profiles, FluxFillPipeline
+for flux-fill), the class its saved directory records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.utils import logging as transformers_logging
@@ -33,7 +35,18 @@ LORA_MODE = "peft-unfused"
 
 # Built from the lightweight table in protocol.limits (which the orchestrator reads without
 # loading torch) plus, for the built-ins, the architecture that builds their weights.
-_BUILTINS: dict[str, builtin.BuiltinConfig] = {"tiny": builtin.TINY, "small": builtin.SMALL}
+_BUILTINS: dict[str, builtin.BuiltinConfig] = {
+    "tiny": builtin.TINY,
+    "tiny-kontext": builtin.TINY_KONTEXT,
+    "small": builtin.SMALL,
+}
+# The pipeline class a profile is built, loaded and saved as (FluxPipeline when not listed).
+# The engine builds the other tasks' pipelines from the same components.
+_PIPELINE_CLASSES: dict[str, type] = {
+    "tiny-kontext": FluxKontextPipeline,
+    "flux-kontext": FluxKontextPipeline,
+    "flux-fill": FluxFillPipeline,
+}
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,15 @@ class ProfileSpec(ProfileLimits):
     or (None) a local diffusers-layout directory."""
 
     builtin: builtin.BuiltinConfig | None = None
+    pipeline_class: type = FluxPipeline
 
 
 def _spec(limits: ProfileLimits) -> ProfileSpec:
-    return ProfileSpec(**{f.name: getattr(limits, f.name) for f in fields(limits)}, builtin=_BUILTINS.get(limits.name))
+    return ProfileSpec(
+        **{f.name: getattr(limits, f.name) for f in fields(limits)},
+        builtin=_BUILTINS.get(limits.name),
+        pipeline_class=_PIPELINE_CLASSES.get(limits.name, FluxPipeline),
+    )
 
 
 PROFILES: dict[str, ProfileSpec] = {name: _spec(limits) for name, limits in PROFILE_LIMITS.items()}
@@ -106,9 +124,9 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
         configure_cuda()
     dtype = DTYPES[options.dtype]
     if options.model_path is not None:
-        pipe = _load_directory(options.model_path, dtype)
+        pipe = _load_directory(options.model_path, dtype, spec.pipeline_class)
     elif spec.builtin is not None:
-        pipe = builtin.build_pipeline(spec.builtin)
+        pipe = builtin.build_pipeline(spec.builtin, spec.pipeline_class)
     else:
         raise ProfileError(
             f"profile {spec.name!r} loads from a local diffusers-layout directory: pass --model-path DIR "
@@ -126,7 +144,7 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
     return pipe
 
 
-def _load_directory(path: Path, dtype: torch.dtype) -> FluxPipeline:
+def _load_directory(path: Path, dtype: torch.dtype, pipeline_class: type) -> FluxPipeline:
     if not path.is_dir():
         raise ProfileError(f"model directory {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -135,9 +153,11 @@ def _load_directory(path: Path, dtype: torch.dtype) -> FluxPipeline:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     try:
-        pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ProfileError(f"could not load a Flux pipeline from {path}: {exc}") from exc
+        raise ProfileError(f"could not load a {pipeline_class.__name__} from {path}: {exc}") from exc
+    if pipeline_class is FluxFillPipeline:
+        _check_fill_transformer(pipe, path)
     # safetensors memory-maps tensors at unaligned addresses and MKL picks different kernels
     # for them; fresh copies make loaded weights compute exactly like built ones.
     for module in _modules(pipe):
@@ -145,8 +165,27 @@ def _load_directory(path: Path, dtype: torch.dtype) -> FluxPipeline:
     return pipe
 
 
+def fill_in_channels(pipe: FluxPipeline) -> int:
+    """The transformer input width FLUX.1 Fill needs: the packed noise latents, the packed latents
+    of the masked image, and the packed mask (one channel per image pixel of a 2x2 latent patch)."""
+    latent = pipe.vae.config.latent_channels * 4
+    return latent + latent + pipe.vae_scale_factor**2 * 4
+
+
+def _check_fill_transformer(pipe: FluxPipeline, path: Path) -> None:
+    # A text-to-image FLUX.1 directory loads as a FluxFillPipeline without complaint and only
+    # fails inside the first request; refuse it here with the reason.
+    expected, found = fill_in_channels(pipe), pipe.transformer.config.in_channels
+    if found != expected:
+        raise ProfileError(
+            f"{path} is not a FLUX.1 Fill model: its transformer takes {found} input channels, "
+            f"Fill needs {expected} (noise, masked image and mask latents)"
+        )
+
+
 def save_pipeline(pipe: FluxPipeline, profile: str, directory: Path) -> None:
-    """Write the pipeline in diffusers layout (loadable by stock FluxPipeline) plus a profile marker."""
+    """Write the pipeline in diffusers layout (loadable by stock diffusers as the pipeline's own
+    class: FluxPipeline, FluxKontextPipeline...) plus a profile marker."""
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory, safe_serialization=True)
     (directory / PROFILE_MARKER).write_text(json.dumps({"profile": profile}, indent=2) + "\n")

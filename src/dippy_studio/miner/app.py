@@ -22,11 +22,10 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers
 
 from dippy_studio.engine import Engine
-from dippy_studio.engine.errors import EngineError
 from dippy_studio.miner.callbacks import CallbackSender
 from dippy_studio.miner.metrics import MinerMetrics
 from dippy_studio.miner.net import DownloadCache
-from dippy_studio.miner.runners import InferenceRunner, TrainingRunner, generation_request
+from dippy_studio.miner.runners import InferenceRunner, TrainingRunner
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.miner.workers import Runner, WorkerPool, max_ahead
@@ -115,7 +114,12 @@ class Miner:
         runners: dict[JobKind, Runner] = {}
         if settings.serve_inference:
             runners[JobKind.inference] = inference_runner or InferenceRunner(
-                self.engine, self.downloads, data / "results", settings.max_lora_bytes, settings.cheat_rate
+                self.engine,
+                self.downloads,
+                data / "results",
+                settings.max_lora_bytes,
+                settings.cheat_rate,
+                max_input_image_bytes=settings.max_input_image_bytes,
             )
         if settings.serve_training:
             runners[JobKind.training] = training_runner or TrainingRunner(
@@ -182,6 +186,7 @@ class Miner:
             hotkey=self.signer.ss58_address,
             profile=self.engine.spec.name,
             fingerprints=[self.engine.fingerprint],
+            tasks=list(self.engine.tasks),
             inference=self.lane(JobKind.inference),
             training=self.lane(JobKind.training),
         )
@@ -209,7 +214,10 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
     app = FastAPI(
         title="Dippy Studio miner",
         version="1",
-        description="Signed job API: Flux inference and LoRA training.",
+        description=(
+            "Signed job API: Flux image jobs (text-to-image, instruction editing, image-to-image and"
+            " inpainting, as the profile serves them: see /v1/capacity `tasks`) and LoRA training."
+        ),
         lifespan=lifespan,
     )
     app.state.miner = miner
@@ -268,7 +276,11 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
         if deadline <= miner.clock():
             raise HTTPException(422, detail="deadline has already passed")
         urls = [job.callback_url] if job.callback_url else []
-        urls += [lora.url for lora in job.loras] if isinstance(job, InferenceJob) else [job.dataset_url]
+        if isinstance(job, InferenceJob):
+            urls += [lora.url for lora in job.loras]
+            urls += [download.url for download in (job.image, job.mask) if download is not None]
+        else:
+            urls.append(job.dataset_url)
         for url in urls:
             try:
                 check_url(url, miner.url_policy)
@@ -316,10 +328,12 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
 
     @app.post("/v1/inference", status_code=202, response_model=Accepted, responses=submits)
     def post_inference(job: InferenceJob, caller: Caller = Depends(authenticated)) -> JSONResponse:
-        try:
-            miner.engine.check(generation_request(job))
-        except (EngineError, ValueError) as exc:
-            raise HTTPException(422, detail=str(exc)) from None
+        # What the profile decides before anything is fetched; the input image itself is read
+        # when the job runs (a bad one fails the job as input_error).
+        spec = miner.engine.spec
+        problem = spec.task_problem(job.task) or spec.image_problem(job.width, job.height, job.steps)
+        if problem is not None:
+            raise HTTPException(422, detail=problem)
         return submit(JobKind.inference, job, caller)
 
     @app.post("/v1/train", status_code=202, response_model=Accepted, responses=submits)

@@ -14,6 +14,11 @@ import httpx
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
 
 
+class DownloadRejected(OutboundError):
+    """The download arrived but is not what was promised: over the size limit, or another sha256.
+    Unlike a network failure, the fault is whoever named and hashed the file."""
+
+
 class DownloadCache:
     """Downloads verified by sha256, kept as DIR/<sha256> and evicted least-recently-used
     first when the total size passes `max_total_bytes`."""
@@ -50,15 +55,15 @@ class DownloadCache:
                     raise OutboundError(f"download of {url} failed: HTTP {response.status_code}")
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                    raise OutboundError(f"download of {url} is {declared} bytes, over the {max_bytes}-byte limit")
+                    raise DownloadRejected(f"download of {url} is {declared} bytes, over the {max_bytes}-byte limit")
                 for chunk in response.iter_bytes(1 << 16):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise OutboundError(f"download of {url} passed the {max_bytes}-byte limit")
+                        raise DownloadRejected(f"download of {url} passed the {max_bytes}-byte limit")
                     digest.update(chunk)
                     out.write(chunk)
             if digest.hexdigest() != sha256:
-                raise OutboundError(f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}")
+                raise DownloadRejected(f"download of {url} has sha256 {digest.hexdigest()}, expected {sha256}")
             tmp.replace(target)
         except httpx.HTTPError as exc:
             raise OutboundError(f"download of {url} failed: {type(exc).__name__}: {exc}") from None

@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
+from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
+from time import perf_counter
+from typing import Protocol
 
-from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraRef
-from dippy_studio.miner.net import DownloadCache
+from PIL import Image
+
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraRef, RequestError
+from dippy_studio.miner.net import DownloadCache, DownloadRejected
 from dippy_studio.miner.store import JobRecord
-from dippy_studio.miner.workers import AbortCheck, Outcome
-from dippy_studio.protocol.schemas import InferenceJob, TrainJob
+from dippy_studio.miner.workers import AbortCheck, BadInput, Outcome
+from dippy_studio.protocol.images import InputImageError, canonical_png, read_input_image
+from dippy_studio.protocol.limits import IMAGE_TASKS
+from dippy_studio.protocol.schemas import InferenceJob, InputDownload, TrainJob
 
 
-def generation_request(job: InferenceJob, loras: list[LoraRef] | None = None) -> GenerationRequest:
-    """The engine request for a wire job (LoRAs resolved to local files by the caller)."""
+def generation_request(
+    job: InferenceJob,
+    loras: list[LoraRef] | None = None,
+    image: bytes | None = None,
+    mask: bytes | None = None,
+) -> GenerationRequest:
+    """The engine request for a wire job (LoRAs resolved to local files, and the input image and
+    mask fetched, by the caller)."""
     return GenerationRequest(
+        task=job.task,
         prompt=job.prompt,
         seed=job.seed,
         width=job.width,
@@ -23,18 +39,64 @@ def generation_request(job: InferenceJob, loras: list[LoraRef] | None = None) ->
         steps=job.steps,
         guidance=job.guidance,
         loras=loras or [],
+        image=image,
+        mask=mask,
+        strength=job.strength,
     )
 
 
+class Cheat(StrEnum):
+    """How the demo's dishonest miner fakes an inference job to save work."""
+
+    shifted_seed = "shifted_seed"  # text-to-image with the next seed
+    ignored_input = "ignored_input"  # an image task rendered as text-to-image of its prompt
+    returned_input = "returned_input"  # an image task answered with its input, resized
+
+
+class Rolls(Protocol):
+    def random(self) -> float: ...
+
+
+def pick_cheat(task: str, tasks: Sequence[str], cheat_rate: float, rolls: Rolls) -> Cheat | None:
+    """Whether to cheat on a job of `task`, and how: image tasks split their cheats evenly between
+    ignoring the input and returning it (a profile without text-to-image can only return it)."""
+    if not cheat_rate or rolls.random() >= cheat_rate:
+        return None
+    if task not in IMAGE_TASKS:
+        return Cheat.shifted_seed
+    if "generate" in tasks and rolls.random() < 0.5:
+        return Cheat.ignored_input
+    return Cheat.returned_input
+
+
+def resized_input(image: bytes, width: int, height: int, max_pixels: int) -> bytes:
+    """The input image at the output size, as a PNG: what a miner returning its input sends."""
+    pixels = read_input_image(image, max_pixels, "input image")
+    return canonical_png(pixels.resize((width, height), Image.Resampling.LANCZOS))
+
+
 class InferenceRunner:
+    """Renders an image job on the engine. The input image and mask are fetched through the
+    download cache, verified by sha256; one that does not verify or cannot be read fails the job
+    as the sender's (`BadInput`), since the sender chose and hashed it."""
+
     def __init__(
-        self, engine: Engine, downloads: DownloadCache, results_dir: Path, max_lora_bytes: int, cheat_rate: float = 0.0
+        self,
+        engine: Engine,
+        downloads: DownloadCache,
+        results_dir: Path,
+        max_lora_bytes: int,
+        cheat_rate: float = 0.0,
+        max_input_image_bytes: int = 32 << 20,
+        rolls: Rolls | None = None,
     ) -> None:
         self.engine = engine
         self.cheat_rate = cheat_rate
+        self.rolls: Rolls = rolls or secrets.SystemRandom()
         self.downloads = downloads
         self.results_dir = results_dir
         self.max_lora_bytes = max_lora_bytes
+        self.max_input_image_bytes = max_input_image_bytes
         results_dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, record: JobRecord, check: AbortCheck) -> Outcome:
@@ -44,19 +106,61 @@ class InferenceRunner:
             path = self.downloads.fetch(lora.url, lora.sha256, self.max_lora_bytes)
             loras.append(LoraRef(path=path, scale=lora.scale))
             check()
-        if self.cheat_rate and secrets.SystemRandom().random() < self.cheat_rate:
-            job = job.model_copy(update={"seed": (job.seed + 1) % 2**63})  # the demo's dishonest miner
-        result = self.engine.generate(generation_request(job, loras), on_step=lambda done, total: check())
-        path = self.results_dir / f"{record.job_id}.png"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(result.png)
-        tmp.replace(path)
+        image = self._input(job.image, "input image")
+        mask = self._input(job.mask, "mask")
+        check()
+        cheat = pick_cheat(job.task, self.engine.tasks, self.cheat_rate, self.rolls)
+        if cheat == Cheat.returned_input and image is not None:
+            return self._returned_input(record.job_id, job, image)
+        if cheat == Cheat.shifted_seed:
+            job = job.model_copy(update={"seed": (job.seed + 1) % 2**63})
+        request = generation_request(job, loras, image, mask)
+        if cheat == Cheat.ignored_input:
+            request = request.model_copy(update={"task": "generate", "image": None, "mask": None, "strength": None})
+        try:
+            result = self.engine.generate(request, on_step=lambda done, total: check())
+        except (RequestError, InputImageError) as exc:
+            # Checked against the profile at submission; what is left to refuse is the input.
+            raise BadInput(str(exc)) from None
         return Outcome(
-            result_path=str(path),
+            result_path=str(self._save(record.job_id, result.png)),
             sha256=result.sha256,
             size=len(result.png),
             fingerprint=result.fingerprint,
             timings=result.timings.as_dict(),
+        )
+
+    def _input(self, download: InputDownload | None, what: str) -> bytes | None:
+        if download is None:
+            return None
+        try:
+            path = self.downloads.fetch(download.url, download.sha256, self.max_input_image_bytes)
+        except DownloadRejected as exc:
+            raise BadInput(f"the {what}: {exc}") from None
+        return path.read_bytes()
+
+    def _save(self, job_id: str, png: bytes) -> Path:
+        path = self.results_dir / f"{job_id}.png"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(png)
+        tmp.replace(path)
+        return path
+
+    def _returned_input(self, job_id: str, job: InferenceJob, image: bytes) -> Outcome:
+        started = perf_counter()
+        try:
+            png = resized_input(image, job.width, job.height, self.engine.spec.max_input_pixels)
+        except InputImageError as exc:
+            raise BadInput(str(exc)) from None
+        encode = perf_counter() - started
+        # Claims the engine's fingerprint and the stages of a real run, as a dishonest miner would.
+        timings = {"load": 0.0, "text_encode": 0.0, "denoise": 0.0, "decode": 0.0, "encode": encode, "total": encode}
+        return Outcome(
+            result_path=str(self._save(job_id, png)),
+            sha256=hashlib.sha256(png).hexdigest(),
+            size=len(png),
+            fingerprint=self.engine.fingerprint,
+            timings=timings,
         )
 
 

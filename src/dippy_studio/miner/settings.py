@@ -42,6 +42,8 @@ class MinerSettings(ServiceSettings):
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_lora_bytes: int = Field(default=512 << 20, ge=1)
+    # An image task's input image or mask, as downloaded (the pixel budget is the profile's).
+    max_input_image_bytes: int = Field(default=32 << 20, ge=1)
     # A training dataset's download, and separately the images and captions it unpacks to.
     max_dataset_bytes: int = Field(default=1 << 30, ge=1)
     download_timeout: float = Field(default=120.0, gt=0)
@@ -56,8 +58,9 @@ class MinerSettings(ServiceSettings):
     retry_after_seconds: int = Field(default=5, ge=1)
 
     # For demonstrating audits on a local subnet only: this share of jobs is faked, as a
-    # dishonest miner would to save work: inference run with a wrong seed, training not done
-    # at all (the LoRA delivered as initialised).
+    # dishonest miner would to save work: text-to-image run with a wrong seed, an image task
+    # either rendered as text-to-image (input ignored) or answered with its input resized, training
+    # not done at all (the LoRA delivered as initialised).
     cheat_rate: float = Field(default=0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")

@@ -14,7 +14,8 @@ job has finished there is no pace, and only the queue limit applies; after a res
 taken up again from the jobs on record.
 
 A job that fails because of its input (`INPUT_ERRORS`: a LoRA that is malformed or does not fit
-the profile, a dataset that does not load) is marked as such, so the sender knows the
+the profile, a dataset that does not load, an input image or mask that does not match its sha256
+or cannot be read) is marked as such, so the sender knows the
 request, not this miner, is at fault. Error messages never carry this miner's own paths: they are
 shortened to the file's name (`scrub_paths`).
 """
@@ -63,12 +64,17 @@ class Outcome:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class BadInput(ValueError):
+    """The job's input image or mask is unusable: not the promised file, or not an image the
+    profile can take. The message is for the sender."""
+
+
 Runner = Callable[[JobRecord, AbortCheck], Outcome]
 Listener = Callable[[JobRecord], None]
 
 # Failures caused by what the job asked for, not by this miner: any engine of the profile would
-# refuse the same LoRA or dataset. (A LoRA this miner cannot read or hold is its own failure.)
-INPUT_ERRORS = (BadLoraError, DatasetError)
+# refuse the same LoRA, dataset or input image. (A LoRA this miner cannot read or hold is its own failure.)
+INPUT_ERRORS = (BadLoraError, DatasetError, BadInput)
 # Weight of the latest job in a lane's running mean of seconds per job.
 PACE_SMOOTHING = 0.2
 

@@ -13,7 +13,7 @@ Two parts, both light on purpose (pydantic and the standard library only, no tor
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, Field
 
@@ -55,6 +55,32 @@ ImageSide = Annotated[
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Guidance = Annotated[float, Field(ge=0.0, le=30.0, allow_inf_nan=False)]
 LoraScale = Annotated[float, Field(ge=-8.0, le=8.0, allow_inf_nan=False)]
+# How far img2img and inpainting move from the input image: 1 repaints it all, 0.1 barely touches it.
+Strength = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+# What an image request does. `generate`: text to image. `edit`: an instruction applied to an
+# input image (FLUX.1 Kontext). `img2img`: the prompt drawn over the input image, `strength` of
+# the way. `inpaint`: the same inside a mask's white part only.
+Task = Literal["generate", "edit", "img2img", "inpaint"]
+TASKS: tuple[Task, ...] = get_args(Task)
+# The tasks that take an input image, and those that also take a mask and a strength.
+IMAGE_TASKS: frozenset[str] = frozenset({"edit", "img2img", "inpaint"})
+MASK_TASKS: frozenset[str] = frozenset({"inpaint"})
+STRENGTH_TASKS: frozenset[str] = frozenset({"img2img", "inpaint"})
+
+
+def task_inputs_problem(task: str, has_image: bool, has_mask: bool, has_strength: bool) -> str | None:
+    """Why these inputs do not fit `task`, or None: the one rule the public API, the wire and the
+    engine all apply."""
+    if task not in TASKS:
+        return f"unknown task {task!r}; tasks: {', '.join(TASKS)}"
+    if has_image != (task in IMAGE_TASKS):
+        return f"task {task} {'needs' if task in IMAGE_TASKS else 'takes no'} input image"
+    if has_mask != (task in MASK_TASKS):
+        return f"task {task} {'needs' if task in MASK_TASKS else 'takes no'} mask"
+    if has_strength and task not in STRENGTH_TASKS:
+        return f"task {task} takes no strength (img2img and inpaint do)"
+    return None
 
 
 # The transformer layers a LoRA adapts unless a job names others: attention in every block.
@@ -94,6 +120,12 @@ class ProfileLimits:
     max_side: int
     max_steps: int
     training: TrainingDefaults = REAL_MODEL_TRAINING
+    # The tasks its pipelines serve (`Task`).
+    tasks: tuple[str, ...] = ("generate", "img2img", "inpaint")
+    # The largest input image (pixels) an image task accepts; larger ones are refused, not shrunk
+    # silently, so the client knows what the model saw.
+    max_input_pixels: int = 4096 * 4096
+    default_strength: float = 0.8
 
     def image_problem(self, width: int, height: int, steps: int) -> str | None:
         """Why an image request of this size and step count is outside the profile, or None."""
@@ -103,6 +135,22 @@ class ProfileLimits:
         if steps > self.max_steps:
             return f"steps {steps} is over {self.max_steps} for profile {self.name}"
         return None
+
+    def task_problem(self, task: str) -> str | None:
+        if task not in self.tasks:
+            return f"profile {self.name} does not serve task {task} (it serves: {', '.join(self.tasks)})"
+        return None
+
+    def output_size(self, image_width: int, image_height: int) -> tuple[int, int]:
+        """The output size of an image task given no width and height: the input's, scaled down
+        (aspect kept) to fit `max_side` and rounded down to multiples of 16, at least `min_side`."""
+        scale = min(1.0, self.max_side / max(image_width, image_height))
+
+        def side(pixels: int) -> int:
+            rounded = int(pixels * scale) // SIZE_MULTIPLE * SIZE_MULTIPLE
+            return min(self.max_side, max(self.min_side, rounded))
+
+        return side(image_width), side(image_height)
 
 
 class UnknownProfile(ValueError):
@@ -124,6 +172,22 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_side=256,
             max_steps=50,
             training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            # One set of Flux weights runs every task's pipeline (Kontext's architecture is FLUX.1's).
+            tasks=TASKS,
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="tiny-kontext",
+            description="FLUX.1 Kontext pipeline, tiny's architecture with its own seeded weights; edits offline",
+            max_sequence_length=32,
+            default_steps=4,
+            default_guidance=2.5,
+            min_side=16,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("edit", "generate"),
+            max_input_pixels=1024 * 1024,
         ),
         ProfileLimits(
             name="small",
@@ -135,6 +199,8 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_side=1024,
             max_steps=50,
             training=TrainingDefaults(rank=8, alpha=8.0, lr=1e-3, steps=300, batch_size=2, resolution=128),
+            tasks=TASKS,
+            max_input_pixels=2048 * 2048,
         ),
         ProfileLimits(
             name="flux-dev",
@@ -155,6 +221,29 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             min_side=256,
             max_side=2048,
             max_steps=16,
+        ),
+        ProfileLimits(
+            name="flux-kontext",
+            description="FLUX.1 Kontext [dev] (instruction editing) from a local diffusers-layout directory",
+            max_sequence_length=512,
+            default_steps=28,
+            default_guidance=2.5,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("edit", "generate"),
+        ),
+        ProfileLimits(
+            name="flux-fill",
+            description="FLUX.1 Fill [dev] (inpainting) from a local diffusers-layout directory",
+            max_sequence_length=512,
+            default_steps=28,
+            default_guidance=30.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("inpaint",),
+            default_strength=1.0,
         ),
     )
 }

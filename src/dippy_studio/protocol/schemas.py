@@ -12,9 +12,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from dippy_studio.protocol.limits import MAX_LORAS, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
+from dippy_studio.protocol.limits import (
+    MAX_LORAS,
+    Guidance,
+    ImageSide,
+    LoraScale,
+    Prompt,
+    Seed,
+    Steps,
+    Strength,
+    Task,
+    task_inputs_problem,
+)
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -64,8 +75,19 @@ class LoraDownload(_Strict):
     scale: LoraScale = 1.0
 
 
+class InputDownload(_Strict):
+    """An input image or mask: a canonical PNG (`protocol.images.canonical_png`) to fetch and verify."""
+
+    url: HttpUrl
+    sha256: Sha256
+
+
 class InferenceJob(_Strict):
+    """An image job. `task` says which (`limits.Task`); the image tasks carry their input image,
+    inpainting a mask, img2img and inpainting a strength. The output is `width` x `height`."""
+
     job_id: JobId
+    task: Task = "generate"
     prompt: Prompt
     seed: Seed
     width: ImageSide
@@ -73,8 +95,19 @@ class InferenceJob(_Strict):
     steps: Steps
     guidance: Guidance = 3.5
     loras: list[LoraDownload] = Field(default_factory=list, max_length=MAX_LORAS)
+    image: InputDownload | None = None
+    mask: InputDownload | None = None
+    strength: Strength | None = None
     callback_url: HttpUrl | None = None
     deadline: AwareDatetime
+
+    @model_validator(mode="after")
+    def _inputs_fit_task(self) -> InferenceJob:
+        given = (self.image is not None, self.mask is not None, self.strength is not None)
+        problem = task_inputs_problem(self.task, *given)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
 
 
 class TrainJob(_Strict):
@@ -139,5 +172,8 @@ class Capacity(BaseModel):
     hotkey: str
     profile: str
     fingerprints: list[str]
+    # The image tasks its inference lane serves (`limits.Task`); a miner that does not say serves
+    # text-to-image only.
+    tasks: list[Task] = Field(default_factory=lambda: ["generate"])
     inference: LaneCapacity
     training: LaneCapacity
