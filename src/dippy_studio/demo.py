@@ -3,6 +3,8 @@ then a per-miner summary (jobs, latency, audits, score, on-chain weight)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import statistics
 import tempfile
 import time
@@ -32,11 +34,17 @@ class DemoClient:
     def __init__(self, base_url: str, api_key: str) -> None:
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
 
-    def image(self, prompt: str, seed: int, loras: list[dict[str, Any]] | None = None) -> str:
-        body = {"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": 4, "loras": loras or []}
+    def image(self, prompt: str, seed: int, loras: list[dict[str, Any]] | None = None, **task: Any) -> str:
+        """Submit an image request; `task` adds the image-task fields (task, image, mask, strength)."""
+        body = {"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": 4, "loras": loras or [], **task}
         response = self.http.post("/v1/images", json=body)
         response.raise_for_status()
         return response.json()["request_id"]
+
+    def result(self, view: dict[str, Any]) -> bytes:
+        response = self.http.get(view["result"]["url"])
+        response.raise_for_status()
+        return response.content
 
     def train(self, dataset: bytes, trigger: str) -> str:
         response = self.http.post(
@@ -76,20 +84,52 @@ def run_demo(layout: SubnetLayout, api_key: str, console: Console) -> DemoResult
     with Progress(*columns, console=console) as progress:
         prompts = ["a lighthouse at dusk", "a red fox in snow", "a city of glass", "a quiet harbour"]
         first = [client.image(prompts[i % len(prompts)], seed=i) for i in range(12)]
-        views += client.wait(first, progress, "1/3 inference without LoRAs")
+        views += client.wait(first, progress, "1/4 inference without LoRAs")
+        views += client.wait(_edits(client, views), progress, "2/4 edits, img2img and inpainting")
         with tempfile.TemporaryDirectory() as tmp:
             archive = write_dataset(Path(tmp) / "sunset.zip", style="sunset", count=6, seed=1)
             train_id = client.train(archive.read_bytes(), "sunsetstyle")
-        trained = client.wait([train_id], progress, "2/3 LoRA training", timeout=900)[0]
+        trained = client.wait([train_id], progress, "3/4 LoRA training", timeout=900)[0]
         views.append(trained)
         lora_id = (trained.get("result") or {}).get("lora_id")
         if lora_id:
             lora = [{"id": lora_id, "scale": 1.0}]
             third = [client.image(f"sunsetstyle {p}", seed=100 + i, loras=lora) for i, p in enumerate(prompts * 2)]
-            views += client.wait(third, progress, "3/3 inference with the trained LoRA")
+            views += client.wait(third, progress, "4/4 inference with the trained LoRA")
         else:
             console.print(f"[red]training did not produce a LoRA:[/] {trained.get('error')}")
     return DemoResult(views, lora_id)
+
+
+def _edits(client: DemoClient, done: list[dict[str, Any]]) -> list[str]:
+    """Image tasks on the first images drawn: an instruction edit, img2img and inpainting of each
+    (the cheater's variant cheats on these too: it ignores the input or returns it unchanged)."""
+    sources = [view for view in done if view["status"] == "succeeded"][:3]
+    ids = []
+    for i, view in enumerate(sources):
+        image = _data_uri(client.result(view))
+        ids.append(client.image("make it night, with stars", seed=200 + i, task="edit", image=image))
+        # At 4 steps a strength of 0.6 keeps the input's structure (at 0.8 no step would start from it).
+        ids.append(client.image("an oil painting", seed=300 + i, task="img2img", image=image, strength=0.6))
+        ids.append(
+            client.image("a full moon", seed=400 + i, task="inpaint", image=image, mask=_centre_mask(64), strength=0.9)
+        )
+    return ids
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _centre_mask(side: int) -> str:
+    """A mask that repaints the middle quarter of a square image (white: repaint)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).rectangle((side // 4, side // 4, 3 * side // 4 - 1, 3 * side // 4 - 1), fill=255)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return _data_uri(buffer.getvalue())
 
 
 def summary_table(layout: SubnetLayout, result: DemoResult, scores: dict[str, float], audits: dict[str, list[str]]):

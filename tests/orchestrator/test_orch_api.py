@@ -193,7 +193,9 @@ def test_bad_image_requests_get_422_with_a_reason(api: Api):
         assert api.call("POST", "/v1/images", None, json=image_body(**change)).status_code == 401, change
 
 
-def test_malformed_and_oversized_bodies(api: Api):
+def test_malformed_and_oversized_bodies(make_api):
+    # /v1/images takes an image and a mask as data: URIs: its body limit follows the image limit.
+    api = make_api(max_input_image_bytes=256 << 10)
     key = api.key()
     garbled = api.call("POST", "/v1/images", key, content=b"{not json", headers={"content-type": "application/json"})
     assert garbled.status_code == 422 and "JSON decode error" in json.dumps(garbled.json())

@@ -5,6 +5,7 @@ produce, as a GPU miner's cannot be on a CPU."""
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from pathlib import Path
 
@@ -203,3 +204,30 @@ def test_reference_settings_from_the_environment(monkeypatch, tmp_path):
     )
     assert served.exit_code == 2
     assert "audit_references" in served.output and "is not HOTKEY@URL" in served.output
+
+
+def test_an_image_task_is_re_run_on_the_reference_worker_with_the_input_as_a_blob_url(subnet):
+    bob = bf16_miner(subnet, "//Bob")
+    worker = bf16_miner(subnet, "//Dave")
+    orch = subnet.start_orchestrator(audit_all=True, auditor=None, audit_references=[reference(worker)])
+    client = subnet.client(orch, subnet.new_key(orch))
+    image = kit.noise_png(32, 32, seed=4)
+    body = {
+        "task": "img2img",
+        "prompt": "a stormy sea",
+        "seed": 3,
+        "steps": 2,
+        "strength": 0.6,
+        "image": "data:image/png;base64," + base64.b64encode(image).decode(),
+    }
+    request_id = client.post("/v1/images", json=body).json()["request_id"]
+    view = wait_status(client, request_id, {"succeeded", "failed"})
+    assert (view["status"], view["miner_hotkey"]) == ("succeeded", bob.hotkey), view
+
+    audit = audit_of(orch, request_id)
+    assert audit.verdict == "pass", audit.evidence["verdict"]
+    assert audit.evidence["verdict"]["metrics"]["comparison"] == "exact"
+    assert audit.evidence["reference"]["worker"] == worker.hotkey
+    assert audit.evidence["request"]["image_sha256"] == view["input"]["image_sha256"]
+    [(rerun, _)] = jobs_at(worker, subnet)
+    assert rerun.startswith("audit-")

@@ -148,7 +148,11 @@ def train(client: httpx.Client, upload: bytes, steps: str = STEPS) -> dict:
 def expected_score(orch: kit.OrchHandle, request_id: str, quality: float) -> float:
     [attempt] = orch.store.list_attempts(request_id)
     job = orch.store.load_job(request_id)
-    return score_weights()["training"] * latency_score(attempt.latency_s, job.attempt_timeout_s) * quality
+    return (
+        score_weights(orch.orch.settings)["training"]
+        * latency_score(attempt.latency_s, job.attempt_timeout_s)
+        * quality
+    )
 
 
 def test_an_honest_lora_passes_its_audit_and_scores_by_its_improvement(subnet):

@@ -15,7 +15,15 @@ from dippy_studio.protocol.limits import (
 
 
 def test_every_known_profile_has_limits():
-    assert list(PROFILE_LIMITS) == ["tiny", "small", "flux-dev", "flux-schnell"]
+    assert list(PROFILE_LIMITS) == [
+        "tiny",
+        "tiny-kontext",
+        "small",
+        "flux-dev",
+        "flux-schnell",
+        "flux-kontext",
+        "flux-fill",
+    ]
     tiny = profile_limits("tiny")
     assert (tiny.min_side, tiny.max_side, tiny.max_steps, tiny.default_steps) == (16, 256, 50, 4)
     schnell = profile_limits("flux-schnell")
@@ -25,7 +33,7 @@ def test_every_known_profile_has_limits():
 
 
 def test_an_unknown_profile_is_a_clear_value_error():
-    with pytest.raises(UnknownProfile, match="unknown profile 'flux-pro'; known profiles: tiny, small, flux-dev"):
+    with pytest.raises(UnknownProfile, match="unknown profile 'flux-pro'; known profiles: tiny, tiny-kontext, small"):
         profile_limits("flux-pro")
     with pytest.raises(ValueError):
         training_defaults("flux-pro")
@@ -37,3 +45,18 @@ def test_training_defaults_per_profile():
     # A fresh dict each time: a caller that fills in options cannot change the table.
     training_defaults("small")["rank"] = 64
     assert training_defaults("small")["rank"] == 8
+
+
+def test_each_profile_says_which_tasks_it_serves():
+    assert profile_limits("tiny").tasks == ("generate", "edit", "img2img", "inpaint")
+    assert profile_limits("flux-kontext").task_problem("edit") is None
+    assert "does not serve task img2img" in (profile_limits("flux-kontext").task_problem("img2img") or "")
+    assert profile_limits("flux-fill").tasks == ("inpaint",)
+
+
+def test_an_image_task_without_a_size_takes_the_inputs_scaled_to_fit():
+    tiny = profile_limits("tiny")
+    assert tiny.output_size(64, 48) == (64, 48)
+    assert tiny.output_size(70, 50) == (64, 48)  # rounded down to multiples of 16
+    assert tiny.output_size(1024, 512) == (256, 128)  # scaled to fit, aspect kept
+    assert tiny.output_size(4, 4) == (16, 16)  # never under the profile's smallest side

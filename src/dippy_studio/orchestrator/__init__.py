@@ -3,9 +3,11 @@ miners, stores results, audits a sample and scores miners.
 
 How a request flows (`POST /v1/images`, four hops to its committed row):
 
-1. `api.submit_image` validates the JSON (`schemas.ImageRequest`) and calls
-2. `service.Orchestrator.submit(secret, "inference", body)`, which looks the kind up in the
-   registry (`kinds`) and hands one function to the store's writer thread:
+1. `api.submit_image` validates the JSON or multipart form (`schemas.ImageRequest`) and calls
+2. `service.Orchestrator.submit(secret, kind, body)` with the kind of its `task` ("inference" for
+   text-to-image; `image_inputs.TASK_KINDS`), which looks the kind up in the registry (`kinds`)
+   and hands one function to the store's writer thread (a kind whose payload fetches or decodes
+   something, such as an input image, builds it on a worker thread first):
 3. `store.Store.submit_job` admits the key (live, under its rate limit), builds the payload with
    the kind's `build_payload`, and inserts the row, in one transaction (`writer.Writer` commits it
    together with whatever else arrived meanwhile). A refusal comes back as an `errors` exception,
@@ -19,8 +21,8 @@ checked by its kind, stored (`blobs`), and the job moves to `succeeded`; waiters
 (`webhooks`) and the audit queue (`auditing`, verdicts in `audit`) are told after that commit.
 `scoring` turns attempts and audits into per-miner scores for validators (`GET /v1/scores`).
 
-Layout: `kinds` (job kinds as data), `states` (the state machine the database enforces),
-`store` (every SQL statement) on `writer` and `db`, `service` (the domain, no HTTP), `api` and
-`dashboard` (HTTP; `dashboard_access` keeps it to the operator), `app` (the ASGI app), `serve` and
-`cli` (processes and commands).
+Layout: `kinds` (job kinds as data; `image_inputs` reads the image tasks' input images),
+`states` (the state machine the database enforces), `store` (every SQL statement) on `writer` and
+`db`, `service` (the domain, no HTTP), `api` and `dashboard` (HTTP; `dashboard_access` keeps it to
+the operator), `app` (the ASGI app), `serve` and `cli` (processes and commands).
 """

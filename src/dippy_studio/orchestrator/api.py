@@ -2,7 +2,9 @@
 
 For clients, in the style of fal's and Replicate's queue APIs:
 
-    POST /v1/images                 submit a text-to-image request (202; or the result, with Prefer: wait=N)
+    POST /v1/images                 submit an image request: text-to-image, or an edit, image-to-image
+                                    or inpainting of an input image (JSON, or multipart with the
+                                    image as a file; 202, or the result with Prefer: wait=N)
     POST /v1/loras                  submit a LoRA training request (multipart dataset zip or dataset_url; 202)
     GET  /v1/requests               your recent requests
     GET  /v1/requests/{id}          status, timings, miner uid, result link
@@ -10,8 +12,8 @@ For clients, in the style of fal's and Replicate's queue APIs:
     POST /v1/requests/{id}/cancel   cancel it
     GET  /v1/loras, /v1/loras/{id}  your trained LoRAs
 
-For miners: `POST /v1/miner-callbacks/{id}` (signed results) and `GET /v1/blobs/{sha256}` (LoRAs
-and datasets). For validators: `GET /v1/scores` (signed). For operators: `/health`, `/ready`.
+For miners: `POST /v1/miner-callbacks/{id}` (signed results) and `GET /v1/blobs/{sha256}` (LoRAs,
+datasets and input images). For validators: `GET /v1/scores` (signed). For operators: `/health`, `/ready`.
 
 Clients authenticate with `Authorization: Bearer <API key>`. Each key has its own per-minute
 limit (429 with Retry-After when it is spent; every authenticated call counts) and sees only
@@ -34,11 +36,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from dippy_studio.orchestrator import errors, kinds
+from dippy_studio.orchestrator.image_inputs import TASK_KINDS
 from dippy_studio.orchestrator.models import ApiKey, Job
 from dippy_studio.orchestrator.schemas import (
     MIN_DEADLINE_S,
@@ -143,16 +148,33 @@ def build_router(orch: Orchestrator) -> APIRouter:
             200: {"model": RequestView, "description": "finished within Prefer: wait=N"},
         },
         tags=["requests"],
+        openapi_extra={"requestBody": _image_request_body()},
     )
     async def submit_image(
-        body: ImageRequest,
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
     ) -> JSONResponse:
-        """Queue a text-to-image request. Send `Prefer: wait=N` to get the image in this response when
-        it is ready within N seconds."""
+        """Queue an image request: text-to-image (`task` generate, the default), or an edit,
+        image-to-image or inpainting of an input image given as a URL or `data:` URI (JSON), or
+        uploaded as a file part (multipart/form-data, the same fields). Send `Prefer: wait=N` to
+        get the image in this response when it is ready within N seconds."""
+        key = None
+        if _is_multipart(request.headers.get("content-type")):
+            # Authenticated before the upload is read: a stranger's upload costs us nothing.
+            key = await orch.admitted(_secret(credentials))
+            body = await _image_form(request, settings.max_input_image_bytes)
+        else:
+            raw = await request.body()
+            # A body with data: URIs can be tens of megabytes: parsed off the event loop.
+            parse = lambda: _validated(_json_body(raw))  # noqa: E731
+            body = parse() if len(raw) < _PARSE_ON_LOOP_BYTES else await run_in_threadpool(parse)
         job = await orch.submit(
-            _secret(credentials), "inference", body, webhook_url=body.webhook_url, deadline_s=body.deadline_s
+            _secret(credentials),
+            TASK_KINDS[body.task],
+            body,
+            webhook_url=body.webhook_url,
+            deadline_s=body.deadline_s,
+            key=key,
         )
         return await submitted(request, job)
 
@@ -374,11 +396,119 @@ def build_router(orch: Orchestrator) -> APIRouter:
     return router
 
 
-async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+async def _read_upload(upload: UploadFile, limit: int, what: str = "dataset") -> bytes:
     chunks, size = [], 0
     while chunk := await upload.read(1 << 20):
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, detail=f"dataset over the {limit}-byte limit")
+            raise HTTPException(413, detail=f"{what} over the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _is_multipart(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+# A JSON body up to this size is parsed on the event loop; larger ones (data: URIs) on a thread.
+_PARSE_ON_LOOP_BYTES = 256 << 10
+# Form parts that hold JSON (a list), and those that are files.
+_JSON_PARTS = frozenset({"loras"})
+_FILE_PARTS = ("image", "mask")
+
+
+async def _image_form(request: Request, max_image_bytes: int) -> ImageRequest:
+    """An `ImageRequest` from a multipart form: the JSON body's fields as parts, `image` and
+    `mask` as file parts (or as text parts holding a URL or data: URI), `loras` as JSON text."""
+    try:
+        form = await request.form(max_files=len(_FILE_PARTS), max_fields=2 * len(ImageRequest.model_fields))
+    except (HTTPException, ValueError, KeyError, AssertionError) as exc:
+        reason = getattr(exc, "detail", exc)
+        raise HTTPException(400, detail=f"the multipart body could not be read: {reason}") from None
+    fields: dict[str, Any] = {}
+    uploads: dict[str, bytes | None] = {}
+    for name in form:
+        values = form.getlist(name)
+        if len(values) != 1:
+            raise HTTPException(422, detail=f"form part {name!r} is given {len(values)} times")
+        value = values[0]
+        if isinstance(value, str):
+            if name in _JSON_PARTS:
+                try:
+                    fields[name] = json.loads(value)
+                except ValueError:
+                    raise HTTPException(422, detail=f"form part {name!r} is not JSON") from None
+            else:
+                fields[name] = value
+        elif name in _FILE_PARTS:
+            uploads[name] = await _read_upload(value, max_image_bytes, name)
+        else:
+            raise HTTPException(422, detail=f"form part {name!r} must not be a file")
+    return _validated(fields).with_uploads(**uploads)
+
+
+def _json_body(raw: bytes) -> Any:
+    """The JSON body, refused as FastAPI refuses a body it cannot parse."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        position = getattr(exc, "pos", 0)
+        error = {"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error", "input": {}}
+        raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from None
+
+
+def _validated(fields: Any) -> ImageRequest:
+    """An `ImageRequest`, its problems refused as FastAPI refuses a body that does not validate."""
+    try:
+        return ImageRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+_COMPONENTS = "#/components/schemas/{model}"
+
+
+def _image_form_schema() -> dict[str, Any]:
+    """The multipart form of `POST /v1/images`: the JSON body's fields, `image` and `mask` as files."""
+    schema = ImageRequest.model_json_schema(ref_template=_COMPONENTS)
+    schema.pop("$defs", None)
+    schema.pop("examples", None)
+    properties = dict(schema["properties"])
+    for name in _FILE_PARTS:
+        properties[name] = {
+            "type": "string",
+            "format": "binary",
+            "description": f"The {name} file (PNG, JPEG or WebP).",
+        }
+    properties["loras"] = {
+        "type": "string",
+        "description": "The LoRAs as a JSON array, as in the JSON body.",
+        "examples": ['[{"id": "lora_..."}]'],
+    }
+    return {**schema, "properties": properties, "title": "ImageForm"}
+
+
+def document_request_models(spec: dict[str, Any]) -> dict[str, Any]:
+    """Add the models that routes read themselves (`POST /v1/images`) to an OpenAPI document's
+    components, where those routes' request bodies refer to them."""
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    schema = ImageRequest.model_json_schema(ref_template=_COMPONENTS)
+    components.update(schema.pop("$defs", {}))
+    components["ImageRequest"] = schema
+    components["ImageForm"] = _image_form_schema()
+    return spec
+
+
+def _image_request_body() -> dict[str, Any]:
+    """The OpenAPI request body of `POST /v1/images`: JSON, or the same fields as a multipart form
+    (`document_request_models` adds both schemas)."""
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": _COMPONENTS.format(model="ImageRequest")}},
+            "multipart/form-data": {
+                "schema": {"$ref": _COMPONENTS.format(model="ImageForm")},
+                "encoding": {name: {"contentType": "image/png, image/jpeg, image/webp"} for name in _FILE_PARTS},
+            },
+        },
+    }

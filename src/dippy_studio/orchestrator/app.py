@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from dippy_studio.orchestrator import errors
-from dippy_studio.orchestrator.api import build_router, http_error
+from dippy_studio.orchestrator.api import build_router, document_request_models, http_error
 from dippy_studio.orchestrator.blobs import CorruptBlob
 from dippy_studio.orchestrator.dashboard_access import DashboardGuard
 from dippy_studio.orchestrator.service import Orchestrator
@@ -54,6 +54,9 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
             return settings.max_result_bytes + JSON_BODY_LIMIT
         if path == "/v1/loras":
             return settings.max_dataset_bytes + JSON_BODY_LIMIT
+        if path == "/v1/images":
+            # An image and a mask, uploaded or as base64 data: URIs (4 characters for 3 bytes).
+            return 2 * (settings.max_input_image_bytes * 4 // 3 + 4) + JSON_BODY_LIMIT
         return JSON_BODY_LIMIT
 
     async def refused(_request: Request, exc: Exception) -> JSONResponse:
@@ -74,6 +77,15 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
     app.add_exception_handler(errors.OrchestratorError, refused)
     app.add_exception_handler(CorruptBlob, corrupt)
     app.include_router(build_router(orch))
+    openapi = app.openapi
+
+    def documented() -> dict[str, Any]:
+        # Built once, by FastAPI, then completed with the request models routes read themselves.
+        if app.openapi_schema is None:
+            app.openapi_schema = document_request_models(openapi())
+        return app.openapi_schema
+
+    app.openapi = documented  # type: ignore[method-assign]
     if settings.dashboard and settings.dashboard_token is not None:
         from dippy_studio.orchestrator import dashboard
 

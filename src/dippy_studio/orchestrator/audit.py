@@ -395,7 +395,7 @@ class Auditor:
         reference = self.reference_for(miner_fingerprint)
         evidence: dict[str, Any] = {
             "kind": "inference",
-            "request": request.model_dump(mode="json"),
+            "request": _request_evidence(request),
             "miner": {
                 "fingerprint": miner_fingerprint,
                 "claimed_sha256": miner_sha256,
@@ -507,11 +507,21 @@ class AuditContext(Protocol):
 
 
 def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
-    """Re-run a text-to-image job on the reference and judge the miner's image."""
+    """Re-run an image job (text-to-image or an image task: its input image, mask and strength
+    read back from the assets store) on the reference and judge the miner's image."""
     from dippy_studio.engine import GenerationRequest, LoraRef
 
     assert job.result_blob is not None
     payload = job.payload
+    inputs: dict[str, Any] = {}
+    if "task" in payload:
+        inputs["task"] = payload["task"]
+        for name in ("image", "mask"):
+            sha256 = payload.get(f"{name}_sha256")
+            if sha256 is not None:
+                inputs[name] = ctx.assets.get(sha256)
+        if payload.get("strength") is not None:
+            inputs["strength"] = payload["strength"]
     request = GenerationRequest(
         prompt=payload["prompt"],
         seed=payload["seed"],
@@ -520,6 +530,7 @@ def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
         steps=payload["steps"],
         guidance=payload["guidance"],
         loras=[LoraRef(path=ctx.assets.local_path(lora["sha256"]), scale=lora["scale"]) for lora in payload["loras"]],
+        **inputs,
     )
     png = ctx.results.get(job.result_blob)
     lora_sha256 = [lora["sha256"] for lora in payload["loras"]]
@@ -542,6 +553,15 @@ def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
         trigger=payload["trigger_word"],
         job=payload,
     )
+
+
+def _request_evidence(request: GenerationRequest) -> dict[str, Any]:
+    """The re-run request for an audit's evidence: input images by sha256, not their bytes."""
+    evidence = request.model_dump(mode="json", exclude={"image", "mask"})
+    for name, data in (("image", request.image), ("mask", request.mask)):
+        if data is not None:
+            evidence[f"{name}_sha256"] = hashlib.sha256(data).hexdigest()
+    return evidence
 
 
 def _diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -209,7 +209,8 @@ class CallbackHandler:
         sha256 = hashlib.sha256(result).hexdigest()
         if meta.result_sha256 is not None and meta.result_sha256 != sha256:
             return f"sha256 of the bytes is {sha256}, the miner claimed {meta.result_sha256}"
-        if meta.kind != job.kind:
+        # Miners name their lane: every image task (edit, img2img, ...) runs on "inference".
+        if meta.kind not in (job.kind, spec.lane):
             return f"a {meta.kind} result for a {job.kind} request"
         if len(result) > SMALL_RESULT_BYTES:
             # Large results (LoRAs) take time to check: off the event loop.

@@ -201,7 +201,9 @@ class Dispatcher:
             candidates = await store.call(self.registry.candidates)
         profile = self.settings.profile
         specs = {spec.name: spec for spec in kinds.all_kinds()}
-        if not any(eligible(candidates, spec.lane, profile, self._cooling()) for spec in specs.values()):
+        if not any(
+            eligible(candidates, spec.lane, profile, self._cooling(), task=spec.task) for spec in specs.values()
+        ):
             return 0
         # What each miner already holds of ours, per lane: its free slots are what is left.
         held: dict[str, Counter[str]] = {spec.lane: Counter() for spec in specs.values()}
@@ -213,7 +215,13 @@ class Dispatcher:
             name
             for name, spec in specs.items()
             if eligible(
-                candidates, spec.lane, profile, self._cooling(), held=held[spec.lane], attempt_timeout_s=timeouts[name]
+                candidates,
+                spec.lane,
+                profile,
+                self._cooling(),
+                held=held[spec.lane],
+                attempt_timeout_s=timeouts[name],
+                task=spec.task,
             )
         ]
         if not wanted:
@@ -237,6 +245,7 @@ class Dispatcher:
                     held=held[lane],
                     attempt_timeout_s=timeouts[job.kind],
                     rng=self.rng,
+                    task=specs[job.kind].task,
                 )
             if choice is None:
                 self._short_of_slots = True

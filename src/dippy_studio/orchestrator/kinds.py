@@ -4,8 +4,9 @@ A kind says how a client's request becomes a job's payload, what a miner is sent
 the miner's result is checked and audited, what it is worth in a score, and how the API and the
 dashboard show it. The core (store, dispatch, callbacks, scoring, audits, dashboard) is written
 against `JobKindSpec` and looks kinds up by name (`get`), so a new kind is one `register` call
-plus the miner's code for it. The built-in kinds are `inference` (text-to-image) and `training`
-(a LoRA), defined at the end of this module.
+plus the miner's code for it. The built-in kinds, defined at the end of this module, are the image
+kinds `inference` (text-to-image), `edit`, `img2img` and `inpaint` (one per public API `task`,
+`image_inputs.TASK_KINDS`; all on the miner's inference lane) and `training` (a LoRA).
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ from pydantic import BaseModel
 
 from dippy_studio.orchestrator.audit import HELDOUT_KEY, audit_inference_job, audit_training_job
 from dippy_studio.orchestrator.errors import InvalidRequest
+from dippy_studio.orchestrator.image_inputs import store_inputs
 from dippy_studio.orchestrator.results import check_image, check_lora, check_lora_fit, lora_id_for
 from dippy_studio.orchestrator.schemas import MIN_DEADLINE_S, ImageRequest, LoraInput, TrainingRequest
-from dippy_studio.protocol.limits import DEFAULT_TARGETS, MAX_SEED, profile_limits, training_defaults
-from dippy_studio.protocol.schemas import InferenceJob, LoraDownload, TrainJob
+from dippy_studio.orchestrator.scoring import KindWeights, kind_weights
+from dippy_studio.protocol.limits import (
+    DEFAULT_TARGETS,
+    IMAGE_TASKS,
+    MAX_SEED,
+    STRENGTH_TASKS,
+    profile_limits,
+    task_inputs_problem,
+    training_defaults,
+)
+from dippy_studio.protocol.schemas import InferenceJob, InputDownload, LoraDownload, TrainJob
 
 if TYPE_CHECKING:
     from dippy_studio.orchestrator.audit import AuditContext, AuditOutcome
@@ -59,7 +70,8 @@ class JobKindSpec:
     name: str  # stored in `jobs.kind`, sent back by miners in their JobView
     lane: str  # the miner's capacity lane that serves it (`protocol.schemas.Capacity`)
     miner_path: str  # where the miner takes it: a signed POST of `miner_request(...)`
-    score_weight: float  # its share of a miner's score (`scoring.score_window`)
+    # Its share of a miner's score (`scoring.score_window`), from the settings (`scoring.kind_weights`).
+    score_weight: Callable[[OrchestratorSettings], float]
     # Seconds: the client's deadline when it gives none, and one miner's time before the sweeper
     # takes the job back.
     default_deadline_s: Callable[[OrchestratorSettings], float]
@@ -88,6 +100,8 @@ class JobKindSpec:
     registers: Callable[[Job, str], Mapping[str, Any]] | None = None
     # What a client sees of the payload in the request's status.
     public_input: Callable[[Mapping[str, Any]], dict[str, Any]] = dict
+    # The image task the miner's lane must list in its capacity (`Capacity.tasks`); None: any.
+    task: str | None = None
     # The dashboard: what it calls the kind, and whether results go in the image gallery.
     label: str = ""
     gallery: bool = False
@@ -121,8 +135,13 @@ def all_kinds() -> list[JobKindSpec]:
     return list(_REGISTRY.values())
 
 
-def score_weights() -> dict[str, float]:
-    return {spec.name: spec.score_weight for spec in _REGISTRY.values()}
+def score_weights(settings: OrchestratorSettings) -> dict[str, float]:
+    """Each registered kind's weight in a score under these settings."""
+    return {spec.name: spec.score_weight(settings) for spec in _REGISTRY.values()}
+
+
+def weights_of(settings: OrchestratorSettings) -> KindWeights:
+    return kind_weights(settings.training_weight, settings.inference_weight, settings.edit_share)
 
 
 def deadline_after(now: datetime, requested_s: float | None, default_s: float, cap_s: float) -> datetime:
@@ -146,24 +165,69 @@ def new_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
 
-# ---- inference: text-to-image ------------------------------------------------------------------
+# ---- image kinds: inference (text-to-image), edit, img2img, inpaint -----------------------------
 
 
-def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
+def _image_payload_for(task: str) -> Callable[[SubmitContext, ApiKey, ImageRequest, datetime], dict[str, Any]]:
+    """The payload builder of the kind that runs `task` (`image_inputs.TASK_KINDS`)."""
+
+    def build(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
+        return _image_payload(ctx, key, body, task)
+
+    return build
+
+
+def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: str) -> dict[str, Any]:
     limits = profile_limits(ctx.settings.profile)
-    steps = body.steps if body.steps is not None else limits.default_steps
-    problem = limits.image_problem(body.width, body.height, steps)
+    if body.task != task:
+        raise InvalidRequest(f"a {body.task} request is not a {task} job")
+    # The cheap checks first: nothing is fetched or decoded for a request refused anyway.
+    problem = limits.task_problem(task) or task_inputs_problem(
+        task,
+        body.image is not None or body.upload("image") is not None,
+        body.mask is not None or body.upload("mask") is not None,
+        body.strength is not None,
+    )
+    if problem is None and task not in IMAGE_TASKS and (body.image_sha256 or body.mask_sha256):
+        problem = f"task {task} takes no input image, so no image_sha256 or mask_sha256"
     if problem is not None:
         raise InvalidRequest(problem)
-    return {
+    if (body.width is None) != (body.height is None):
+        raise InvalidRequest("give both width and height, or neither")
+    if task not in IMAGE_TASKS and body.width is None:
+        raise InvalidRequest(f"task {task} needs width and height")
+    steps = body.steps if body.steps is not None else limits.default_steps
+    if body.width is not None and body.height is not None:
+        problem = limits.image_problem(body.width, body.height, steps)
+        if problem is not None:
+            raise InvalidRequest(problem)
+    loras = [_resolve_lora(ctx, key, lora) for lora in body.loras]
+    inputs = store_inputs(ctx, body, limits) if task in IMAGE_TASKS else None
+    width, height = body.width, body.height
+    if width is None or height is None:
+        assert inputs is not None  # the image tasks, checked above
+        width, height = limits.output_size(*inputs.size)
+        problem = limits.image_problem(width, height, steps)
+        if problem is not None:
+            raise InvalidRequest(f"the output size follows the image: {problem}")
+    payload: dict[str, Any] = {
         "prompt": body.prompt,
         "seed": body.seed if body.seed is not None else new_seed(),
-        "width": body.width,
-        "height": body.height,
+        "width": width,
+        "height": height,
         "steps": steps,
         "guidance": body.guidance if body.guidance is not None else limits.default_guidance,
-        "loras": [_resolve_lora(ctx, key, lora) for lora in body.loras],
+        "loras": loras,
     }
+    if inputs is None:
+        return payload  # text-to-image: the payload it always had
+    payload.update(task=task, image_sha256=inputs.image_sha256)
+    if inputs.mask_sha256 is not None:
+        payload["mask_sha256"] = inputs.mask_sha256
+    if task in STRENGTH_TASKS:
+        # Explicit, so miners cannot differ on defaults.
+        payload["strength"] = body.strength if body.strength is not None else limits.default_strength
+    return payload
 
 
 def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput) -> dict[str, Any]:
@@ -191,7 +255,17 @@ def _image_request(job: Job, common: Mapping[str, Any], blob_url: Callable[[str]
         for lora in payload.get("loras", [])
     ]
     fields = {k: payload[k] for k in ("prompt", "seed", "width", "height", "steps", "guidance")}
-    return InferenceJob(**common, **fields, loras=loras)
+    # The image tasks' inputs, as blobs miners download like LoRAs.
+    inputs: dict[str, Any] = {}
+    if "task" in payload:
+        inputs["task"] = payload["task"]
+        for name in ("image", "mask"):
+            sha256 = payload.get(f"{name}_sha256")
+            if sha256 is not None:
+                inputs[name] = InputDownload(url=blob_url(sha256), sha256=sha256)
+        if payload.get("strength") is not None:
+            inputs["strength"] = payload["strength"]
+    return InferenceJob(**common, **fields, loras=loras, **inputs)
 
 
 def largest_png(width: int, height: int) -> int:
@@ -201,17 +275,21 @@ def largest_png(width: int, height: int) -> int:
     return raw + raw // 100 + (64 << 10)
 
 
-INFERENCE = register(
-    JobKindSpec(
-        name="inference",
+def _image_kind(name: str, task: str, label: str, weight: Callable[[KindWeights], float]) -> JobKindSpec:
+    """An image kind: runs on the miner's inference lane, checked and audited the same way."""
+    return JobKindSpec(
+        name=name,
         lane="inference",
         miner_path="/v1/inference",
-        score_weight=0.3,
+        score_weight=lambda settings: weight(weights_of(settings)),
         default_deadline_s=lambda settings: settings.inference_deadline_s,
         attempt_timeout_s=lambda settings: settings.inference_attempt_timeout_s,
         request_model=ImageRequest,
-        build_payload=_image_payload,
-        blocking=lambda body: any(lora.url is not None for lora in body.loras),
+        build_payload=_image_payload_for(task),
+        # Input images are fetched or decoded and stored: off the event loop and the writer.
+        blocking=(lambda body: True)
+        if task in IMAGE_TASKS
+        else (lambda body: any(lora.url is not None for lora in body.loras)),
         miner_request=_image_request,
         check_result=lambda job, data: check_image(data, job.payload["width"], job.payload["height"]),
         max_result_bytes=lambda job, settings: min(
@@ -221,10 +299,16 @@ INFERENCE = register(
         filename="result.png",
         inline_result=True,
         audit=audit_inference_job,
-        label="text-to-image",
+        label=label,
         gallery=True,
+        task=task,
     )
-)
+
+
+INFERENCE = register(_image_kind("inference", "generate", "text-to-image", lambda w: w.generate))
+EDIT = register(_image_kind("edit", "edit", "image edit", lambda w: w.edit))
+IMG2IMG = register(_image_kind("img2img", "img2img", "image-to-image", lambda w: w.edit))
+INPAINT = register(_image_kind("inpaint", "inpaint", "inpainting", lambda w: w.edit))
 
 
 # ---- training: a LoRA --------------------------------------------------------------------------
@@ -306,7 +390,7 @@ TRAINING = register(
         name="training",
         lane="training",
         miner_path="/v1/train",
-        score_weight=0.7,
+        score_weight=lambda settings: weights_of(settings).training,
         default_deadline_s=lambda settings: settings.training_deadline_s,
         attempt_timeout_s=lambda settings: settings.training_attempt_timeout_s,
         request_model=TrainingRequest,

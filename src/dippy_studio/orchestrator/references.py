@@ -2,11 +2,11 @@
 
 A reference worker is a miner process (`dippy-studio miner serve`) that the subnet owner runs
 and names in `audit_references` as HOTKEY@URL. The auditor sends it the audited job as dispatch
-sends jobs to miners (signed for its hotkey, LoRAs as the orchestrator's blob URLs), with no
-callback URL: it polls the job, downloads the image and checks its sha256. The fingerprint the
-worker reports (signed `/v1/capacity`, then each job's own) is the reference a miner's reported
-fingerprint is matched against. A worker on the miners' GPU and dtype can reproduce their bytes,
-which an in-process CPU engine in float32 never can.
+sends jobs to miners (signed for its hotkey; LoRAs and an image task's input image and mask as the
+orchestrator's blob URLs), with no callback URL: it polls the job, downloads the image and checks
+its sha256. The fingerprint the worker reports (signed `/v1/capacity`, then each job's own) is the
+reference a miner's reported fingerprint is matched against. A worker on the miners' GPU and dtype
+can reproduce their bytes, which an in-process CPU engine in float32 never can.
 
 Workers get no client jobs (`Registry` leaves their hotkeys out), and audited miners are never
 asked to re-run anything: no miner under audit ever sees audit traffic. A worker that is down,
@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from dippy_studio.orchestrator.registry import endpoint_url
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.schemas import Capacity, InferenceJob, JobStatus, JobView, LoraDownload
+from dippy_studio.protocol.schemas import Capacity, InferenceJob, InputDownload, JobStatus, JobView, LoraDownload
 
 if TYPE_CHECKING:
     from dippy_studio.engine.generation import GenerationRequest
@@ -118,6 +118,13 @@ class ReferenceWorker:
             LoraDownload(url=self.blob_url(sha), sha256=sha, scale=lora.scale)
             for sha, lora in zip(lora_sha256, request.loras, strict=True)
         ]
+        # An image task's inputs are the orchestrator's blobs: canonical PNGs stored under their
+        # sha256 at submission, so the worker downloads them as the miner did.
+        inputs: dict[str, Any] = {"task": request.task, "strength": request.strength}
+        for name, data in (("image", request.image), ("mask", request.mask)):
+            if data is not None:
+                sha = hashlib.sha256(data).hexdigest()
+                inputs[name] = InputDownload(url=self.blob_url(sha), sha256=sha)
         job = InferenceJob(
             job_id=f"audit-{secrets.token_hex(12)}",
             prompt=request.prompt,
@@ -128,6 +135,7 @@ class ReferenceWorker:
             guidance=request.guidance,
             loras=loras,
             deadline=datetime.now(UTC) + timedelta(seconds=self.timeout_s),
+            **inputs,
         )
         give_up = time.monotonic() + self.timeout_s
         with self._client() as http:

@@ -1,11 +1,12 @@
 """Which miner gets a job: a pure choice among candidates, weighted by stake and recent score.
 
 Only miners that are healthy, serve the orchestrator's profile, have a live lane for the job's
-kind and room in its queue are eligible. Room counts what the miner already holds of ours (jobs
-dispatched or running there, `held`) against its slots (`Lane.slots`): its workers plus its
-queue, and no more than its workers finish within the attempt timeout at the pace it advertises,
-so a job we send does not wait out its attempt in the miner's queue. Among them, miners that have not tried this job yet
-come first (a job that failed or timed out somewhere goes elsewhere); when every eligible miner
+kind (listing its image task in `Capacity.tasks`) and room in its queue are eligible. Room counts
+what the miner already holds of ours (jobs dispatched or running there, `held`) against its
+slots (`Lane.slots`): its workers plus its queue, and no more than its workers finish within the
+attempt timeout at the pace it advertises, so a job we send does not wait out its attempt in the
+miner's queue. Among them, miners that have not tried this job yet come first (a job that failed
+or timed out somewhere goes elsewhere); when every eligible miner
 has tried it, the ones that tried it least are used again rather than letting the job starve.
 
 The weight of a miner is
@@ -70,6 +71,8 @@ class Candidate:
     healthy: bool = True
     profile: str | None = None
     lanes: Mapping[str, Lane] = field(default_factory=dict)
+    # The image tasks its inference lane serves; a miner that does not say serves text-to-image only.
+    tasks: frozenset[str] = frozenset({"generate"})
 
     @classmethod
     def from_capacity(
@@ -87,7 +90,11 @@ class Candidate:
                 workers=int(lane.get("workers_alive", lane.get("workers", 1)) or 0),
                 seconds_per_job=float(pace) if isinstance(pace, int | float) and pace > 0 else None,
             )
-        return cls(hotkey, uid, endpoint, stake, score, healthy, capacity.get("profile"), lanes)
+        tasks = capacity.get("tasks")
+        served = (
+            frozenset(t for t in tasks if isinstance(t, str)) if isinstance(tasks, list) else frozenset({"generate"})
+        )
+        return cls(hotkey, uid, endpoint, stake, score, healthy, capacity.get("profile"), lanes, served)
 
 
 def eligible(
@@ -98,10 +105,11 @@ def eligible(
     *,
     held: Mapping[str, int] | None = None,
     attempt_timeout_s: float | None = None,
+    task: str | None = None,
 ) -> list[Candidate]:
-    """Candidates that could take a job of this kind and profile now, minus `exclude` (hotkeys).
-    With `held` (jobs of this kind each hotkey holds of ours) and `attempt_timeout_s`, a miner
-    whose `Lane.slots` are all taken is left out too."""
+    """Candidates that could take a job of this kind (lane) and profile now, minus `exclude`
+    (hotkeys). With `task`, only miners that list it. With `held` (jobs of this lane each hotkey
+    holds of ours) and `attempt_timeout_s`, a miner whose `Lane.slots` are all taken is left out too."""
     skip = set(exclude)
     result = []
     for candidate in candidates:
@@ -109,6 +117,8 @@ def eligible(
         if candidate.hotkey in skip or not candidate.healthy or candidate.profile != profile:
             continue
         if lane is None or not lane.has_room or not candidate.endpoint:
+            continue
+        if task is not None and task not in candidate.tasks:
             continue
         if held is not None and attempt_timeout_s is not None:
             slots = lane.slots(attempt_timeout_s)
@@ -141,14 +151,15 @@ def choose_miner(
     held: Mapping[str, int] | None = None,
     attempt_timeout_s: float | None = None,
     rng: random.Random | None = None,
+    task: str | None = None,
 ) -> Candidate | None:
     """Pick a miner for one job, or None when no miner can take it now.
 
     `tried` counts earlier attempts of this job per hotkey; `exclude` removes miners outright
     (cooling down after a refusal); `held` and `attempt_timeout_s` leave out miners without a
-    free slot (`eligible`).
+    free slot, and `task` those that do not list it (`eligible`).
     """
-    pool = eligible(candidates, kind, profile, exclude, held=held, attempt_timeout_s=attempt_timeout_s)
+    pool = eligible(candidates, kind, profile, exclude, held=held, attempt_timeout_s=attempt_timeout_s, task=task)
     if not pool:
         return None
     tried = tried or {}

@@ -5,10 +5,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.protocol.limits import MAX_LORAS, MAX_SEED, Guidance, ImageSide, LoraScale, Prompt, Seed, Steps
+from dippy_studio.protocol.limits import (
+    MAX_LORAS,
+    MAX_SEED,
+    Guidance,
+    ImageSide,
+    LoraScale,
+    Prompt,
+    Seed,
+    Steps,
+    Strength,
+    Task,
+)
 from dippy_studio.protocol.schemas import HttpUrl, Sha256
 
 # No job can be dispatched, run and called back in less (a shorter deadline is refused).
@@ -36,11 +47,48 @@ class LoraInput(_Strict):
         return self
 
 
+# A 32x32 orange square and an all-white mask of its size (canonical PNGs), for the examples.
+_EXAMPLE_IMAGE = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAIAAAD8GO2jAAAALUlEQVR4nGM8UaHBQEvARFPTRy0YtWDUglEL"
+    "Ri0YtWDUglELRi0YtWDUAioCAJv+Aai8/qzNAAAAAElFTkSuQmCC"
+)
+_EXAMPLE_MASK = (
+    "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAACAAAAAgCAAAAABWESUoAAAAGUlEQVR4nGP8z4AfMBGQH1UwqmBUwbBVAACj"
+    "PQE/b0XQuQAAAABJRU5ErkJggg=="
+)
+
+
 class ImageRequest(_Strict):
+    """An image request. `task` says which: `generate` (text to image, the default), `edit` (an
+    instruction applied to `image`), `img2img` (the prompt drawn over `image`, `strength` of the
+    way) or `inpaint` (the same inside `mask`'s white part). The image tasks' output is `image`'s
+    size (scaled to fit the model) unless width and height are given."""
+
+    task: Task = Field(default="generate", description="generate (default), edit, img2img or inpaint.")
     prompt: Prompt
+    image: str | None = Field(
+        default=None,
+        description="edit, img2img, inpaint: the input image (PNG, JPEG or WebP) as an http(s):// URL "
+        "(fetched once, by us) or a `data:image/png;base64,...` URI. EXIF orientation is applied.",
+        examples=["https://example.com/photo.jpg", _EXAMPLE_IMAGE],
+    )
+    image_sha256: Sha256 | None = Field(default=None, description="The image's sha256 as sent, checked when given.")
+    mask: str | None = Field(
+        default=None,
+        description="inpaint: the mask, the image's size, as a URL or data: URI; white is repainted, black kept.",
+        examples=[_EXAMPLE_MASK],
+    )
+    mask_sha256: Sha256 | None = Field(default=None, description="The mask's sha256 as sent, checked when given.")
+    strength: Strength | None = Field(
+        default=None,
+        description="img2img, inpaint: how far from the image, in (0, 1]; the model's default when left out.",
+        examples=[0.6],
+    )
     seed: Seed | None = Field(default=None, description="Random when left out.")
-    width: ImageSide
-    height: ImageSide
+    width: ImageSide | None = Field(
+        default=None, description="Required for generate; for the image tasks the input's size when left out."
+    )
+    height: ImageSide | None = Field(default=None, description="As width.")
     steps: Steps | None = Field(default=None, description="The profile's default when left out.")
     guidance: Guidance | None = None
     loras: list[LoraInput] = Field(default_factory=list, max_length=MAX_LORAS)
@@ -50,6 +98,28 @@ class ImageRequest(_Strict):
         ge=MIN_DEADLINE_S,
         description="Seconds from now the request may take; at most the orchestrator's max_deadline_s.",
     )
+    # Files uploaded as multipart parts ("image", "mask"): bytes as sent, instead of `image`/`mask`.
+    _uploads: dict[str, bytes] = PrivateAttr(default_factory=dict)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7},
+                {"task": "edit", "prompt": "make it night", "image": "https://example.com/photo.jpg", "seed": 7},
+                {"task": "img2img", "prompt": "an oil painting", "image": _EXAMPLE_IMAGE, "strength": 0.6},
+                {"task": "inpaint", "prompt": "a red door", "image": _EXAMPLE_IMAGE, "mask": _EXAMPLE_MASK},
+            ]
+        },
+    )
+
+    def with_uploads(self, **uploads: bytes | None) -> ImageRequest:
+        """This request with uploaded files (multipart parts) for `image` and `mask`."""
+        self._uploads = {name: data for name, data in uploads.items() if data is not None}
+        return self
+
+    def upload(self, name: str) -> bytes | None:
+        return self._uploads.get(name)
 
 
 class Submitted(BaseModel):

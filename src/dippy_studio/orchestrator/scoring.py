@@ -11,8 +11,9 @@ The formula, all of it:
 - Its latency score is `max(0, 1 - latency / timeout)`, and 0 once latency exceeds 90% of
   the timeout: a result that arrives just in time is worth nothing, so miners gain nothing
   by accepting work they cannot finish comfortably.
-- It is worth `weight(kind) * latency_score * quality`, with weights training 0.7 and
-  inference 0.3, and a quality factor in [0, 1]: inference 1.0; training from the LoRA's
+- It is worth `weight(kind) * latency_score * quality`, with weights from settings
+  (`kind_weights`: training 0.7; inference 0.3, of which text-to-image gets 0.2 and each
+  editing kind 0.8), and a quality factor in [0, 1]: inference 1.0; training from the LoRA's
   held-out loss improvement as its audit measured it (`training_quality`, `measured_quality`).
   A training job whose quality was not measured gets its miner's mean measured training
   quality in the window (`spread_measured_quality`), or 1.0 while there is none.
@@ -49,6 +50,31 @@ NOT_THE_MINERS = frozenset({"refused"}) | NOT_TAKEN | CLIENTS_DOING
 # (bench/measure_training_audit.py, results in bench/README.md). A real Flux profile needs its
 # own measurement.
 FULL_CREDIT_IMPROVEMENT = 0.5
+
+
+@dataclass(frozen=True)
+class KindWeights:
+    """What one job is worth before latency and quality, per group of job kinds."""
+
+    training: float
+    generate: float  # text-to-image (`inference`)
+    edit: float  # each editing kind: edit, img2img, inpaint
+
+
+def kind_weights(training_weight: float, inference_weight: float, edit_share: float) -> KindWeights:
+    """Split the inference weight between text-to-image (`1 - edit_share` of it) and each
+    editing kind (`edit_share` of it); training keeps its own. Defaults 0.7, 0.3 and 0.8 give
+    training 0.7, text-to-image 0.06 and every editing kind 0.24."""
+    for name, value in (("training_weight", training_weight), ("inference_weight", inference_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, not {value}")
+    if not (math.isfinite(edit_share) and 0 <= edit_share <= 1):
+        raise ValueError(f"edit_share must be in [0, 1], not {edit_share}")
+    return KindWeights(
+        training=training_weight,
+        generate=inference_weight * (1 - edit_share),
+        edit=inference_weight * edit_share,
+    )
 
 
 @dataclass(frozen=True)
@@ -117,7 +143,7 @@ def score_window(
     weights: Mapping[str, float],
 ) -> dict[str, float]:
     """`{hotkey: score}` for attempts that finished in [start, end); `weights` by job kind
-    (`kinds.score_weights`: the subnet's published design gives training 0.7 and inference 0.3).
+    (`kinds.score_weights`, from settings through `kind_weights`).
 
     Every miner with an attempt in the window or a penalty entry gets a key, so a miner that
     earned nothing shows up as 0.0 rather than missing. A miner whose penalty runs past `end`

@@ -125,7 +125,7 @@ class Orchestrator:
         )
         lookback = timedelta(seconds=max(settings.inference_attempt_timeout_s, settings.training_attempt_timeout_s))
         self.score_fn = score_fn or (
-            lambda store, start, end: window_scores(store, start, end, lookback, kinds.score_weights())
+            lambda store, start, end: window_scores(store, start, end, lookback, kinds.score_weights(settings))
         )
         self._scores: ScoreSnapshot | None = None
         self.listener: Listener | None = None

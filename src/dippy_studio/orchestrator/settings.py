@@ -96,6 +96,15 @@ class OrchestratorSettings(ServiceSettings):
 
     # Scores: the window `GET /v1/scores` covers.
     score_window_s: float = Field(default=24 * 3600.0, gt=0)
+    # What a job is worth per kind (`scoring.kind_weights`): the published design's training and
+    # inference split, and the share of inference that goes to the editing kinds (edit, img2img,
+    # inpaint), the rest to text-to-image, as the live subnet splits it.
+    training_weight: float = Field(default=0.7, ge=0, allow_inf_nan=False)
+    inference_weight: float = Field(default=0.3, ge=0, allow_inf_nan=False)
+    edit_share: float = Field(default=0.8, ge=0, le=1, allow_inf_nan=False)
+    # The largest input image (edit, img2img, inpaint) a request may send, upload, data: URI or
+    # URL, in bytes as sent; its pixels are bounded by the profile (`ProfileLimits.max_input_pixels`).
+    max_input_image_bytes: int = Field(default=32 << 20, ge=1024)
     # Audits: a sample of succeeded jobs (orchestrator.audit.SamplerPolicy) is checked on a
     # reference engine of `profile`, built at the first audit (weights from audit_model_path):
     # inference by re-running it, training by the LoRA's loss on held-out images.

@@ -68,7 +68,8 @@ def read_input_image(data: bytes, max_pixels: int, what: str = "image") -> Image
 def read_mask(data: bytes, size: tuple[int, int], what: str = "mask") -> Image.Image:
     """A mask for inpainting as 8-bit grey (white: repaint, black: keep), the size of its image.
     Raises InputImageError."""
-    image = _open(data, what, size[0] * size[1])
+    # Any size passes the budget so that a wrong size is reported as such; it is refused next.
+    image = _open(data, what, max(4 * size[0] * size[1], 1 << 20))
     image = ImageOps.exif_transpose(image) or image
     if image.size != size:
         raise InputImageError(
