@@ -106,7 +106,15 @@ def test_miner_bench_serves_the_engines_bytes_and_loses_no_job(bench):
 
 
 def test_runner_lists_every_benchmark(bench):
-    assert set(bench["run"].BENCHMARKS) == {"overhead", "lora_switch", "throughput", "training", "miner", "startup", "edit"}
+    assert set(bench["run"].BENCHMARKS) == {
+        "overhead",
+        "lora_switch",
+        "throughput",
+        "training",
+        "miner",
+        "startup",
+        "edit",
+    }
 
 
 def test_edit_bench_compares_equal_work_with_bare_kontext(bench):
