@@ -116,6 +116,7 @@ def test_submit_status_cancel(api: Api):
     assert (view["status"], view["kind"], view["attempts"], view["miner_uid"]) == ("queued", "inference", 0, None)
     # Left-out seed and steps were filled in (random seed, the profile's default steps).
     assert isinstance(view["input"]["seed"], int) and view["input"]["steps"] == 4
+    assert 0 <= view["input"]["seed"] <= 2**53 - 1  # exact in every JSON client
     assert [r["request_id"] for r in api.call("GET", "/v1/requests", key).json()] == [request_id]
 
     early = api.call("GET", f"/v1/requests/{request_id}/result", key)
@@ -172,6 +173,8 @@ BAD_IMAGE_REQUESTS = [
     ({"width": 512}, "width 512 is outside 16..256 for profile tiny"),
     ({"steps": 80}, "steps 80 is over 50 for profile tiny"),
     ({"seed": -1}, "greater than or equal to 0"),
+    # One more than a JavaScript number holds exactly: a browser would show another seed.
+    ({"seed": 2**53}, "less than or equal to 9007199254740991"),
     ({"colour": "red"}, "Extra inputs are not permitted"),
     ({"loras": [{"id": "x", "url": "http://example.com/a"}]}, "exactly one of 'id' or 'url'"),
     ({"loras": [{"id": "x", "scale": 99}]}, "less than or equal to 8"),

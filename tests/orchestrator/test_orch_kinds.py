@@ -186,3 +186,11 @@ def test_a_result_that_fails_the_kinds_check_is_refused_and_retried(subnet, echo
     finally:
         for served in getattr(subnet, "extra_served", []):
             served.stop()
+
+
+def test_random_seeds_stay_within_what_a_javascript_number_holds():
+    from dippy_studio.orchestrator.kinds import new_seed
+
+    seeds = [new_seed() for _ in range(2000)]
+    assert max(seeds) <= 2**53 - 1
+    assert max(seeds) > 2**50  # drawn from the whole range, not a small corner of it

@@ -18,7 +18,7 @@ from dippy_studio.miner.net import DownloadCache, DownloadRejected
 from dippy_studio.miner.store import JobRecord
 from dippy_studio.miner.workers import AbortCheck, BadInput, Outcome
 from dippy_studio.protocol.images import InputImageError, canonical_png, read_input_image
-from dippy_studio.protocol.limits import IMAGE_TASKS
+from dippy_studio.protocol.limits import IMAGE_TASKS, MAX_SEED
 from dippy_studio.protocol.schemas import InferenceJob, InputDownload, TrainJob
 
 
@@ -113,7 +113,7 @@ class InferenceRunner:
         if cheat == Cheat.returned_input and image is not None:
             return self._returned_input(record.job_id, job, image)
         if cheat == Cheat.shifted_seed:
-            job = job.model_copy(update={"seed": (job.seed + 1) % 2**63})
+            job = job.model_copy(update={"seed": (job.seed + 1) % (MAX_SEED + 1)})
         request = generation_request(job, loras, image, mask)
         if cheat == Cheat.ignored_input:
             request = request.model_copy(update={"task": "generate", "image": None, "mask": None, "strength": None})

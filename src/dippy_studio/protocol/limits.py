@@ -18,7 +18,9 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import AfterValidator, Field
 
 MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**63 - 1  # fits a signed 64-bit column in every database
+# The largest integer a JavaScript number (and jq, and a browser's JSON) holds exactly: a seed
+# copied from any client reproduces the image. It also fits a signed 64-bit column.
+MAX_SEED = 2**53 - 1
 SIZE_MULTIPLE = 16  # VAE downsampling (8) times the 2x2 latent packing of Flux
 # The largest any profile serves (`PROFILE_LIMITS` below; a test holds them equal): what every
 # request schema accepts at most, so a published schema allows nothing all servers refuse.
