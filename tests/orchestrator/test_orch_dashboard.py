@@ -12,6 +12,7 @@ import pytest
 
 import orchestrator.orch_kit as kit
 from dippy_studio.chain.base import Neuron
+from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.dashboard import (
     GALLERY_SIZE,
     PLOT_BUCKETS,
@@ -21,7 +22,8 @@ from dippy_studio.orchestrator.dashboard import (
     consensus_weights,
 )
 from dippy_studio.orchestrator.models import Audit, Job, JobAttempt, Miner
-from orchestrator.orch_kit import bad_runner, image_body, noise_png, wait_until
+from dippy_studio.orchestrator.store import Success, job_row
+from orchestrator.orch_kit import bad_runner, image_body, noise_png, sha256, wait_until
 
 subnet = kit.subnet  # fixture: a local chain, miners and orchestrators
 
@@ -38,15 +40,33 @@ def miner(hotkey: str, uid: int, healthy: bool = True) -> Miner:
     )  # fmt: skip
 
 
-def job(n: int, hotkey: str, *, status: str = "succeeded", seconds_ago: float = 10, took: float = 1.0) -> Job:
+def job(
+    n: int,
+    hotkey: str,
+    *,
+    status: str = "succeeded",
+    seconds_ago: float = 10,
+    took: float = 1.0,
+    kind: str = "inference",
+    **inputs: object,
+) -> Job:
     created = NOW - timedelta(seconds=seconds_ago)
     return Job(
-        id=f"req_{n:03d}", api_key_id="k", kind="inference", status=status, created_at=created, updated_at=created,
+        id=f"req_{n:03d}", api_key_id="k", kind=kind, status=status, created_at=created, updated_at=created,
         deadline=NOW, attempt_timeout_s=60.0, miner_hotkey=hotkey, miner_uid=1 if hotkey == ALICE else 2,
         finished_at=created + timedelta(seconds=took) if status == "succeeded" else None,
         result_blob=f"blob{n}" if status == "succeeded" else None, fingerprint=f"fp-{hotkey}",
-        payload={"prompt": f"prompt {n}", "seed": n, "width": 64, "height": 64, "loras": []},
+        payload={"prompt": f"prompt {n}", "seed": n, "width": 64, "height": 64, "loras": [], **inputs},
     )  # fmt: skip
+
+
+IMAGE_KINDS = ("edit", "img2img", "inpaint")
+
+
+@pytest.fixture
+def image_kinds() -> dict[str, kinds.JobKindSpec]:
+    """The editing kinds as the registry has them (their labels are what the page shows)."""
+    return {name: kinds.get(name) for name in IMAGE_KINDS}
 
 
 def attempt(job_id: str, hotkey: str, outcome: str, latency: float, seconds_ago: float) -> JobAttempt:
@@ -158,6 +178,50 @@ def test_profiles_count_volume_and_latency_per_fingerprint():
     assert totals["requests"]["succeeded"] == 3 and totals["requests"]["queued"] == 1
 
 
+def test_kinds_count_volume_and_latency_per_job_kind_under_the_registry_label(image_kinds):
+    jobs = [job(1, ALICE, took=1.0), job(2, BOB, took=3.0), job(3, BOB, status="failed")]
+    jobs += [job(10 + i, ALICE, kind="edit", took=t) for i, t in enumerate((2.0, 4.0, 6.0, 8.0, 10.0))]
+    jobs += [job(20, BOB, kind="inpaint", status="queued")]
+    rows = {row["kind"]: row for row in snapshot(jobs=jobs)["kinds"]}
+    assert list(rows) == ["edit", "inference", "inpaint"]  # only kinds with jobs in the window
+    assert rows["inference"]["label"] == "text-to-image"
+    assert rows["edit"]["label"] == image_kinds["edit"].label and rows["edit"]["label"]
+    assert (rows["inference"]["jobs"], rows["inference"]["succeeded"], rows["inference"]["failed"]) == (3, 2, 1)
+    assert rows["inference"]["latency"]["p50"] == pytest.approx(2.0)
+    assert rows["edit"]["jobs"] == 5 and rows["edit"]["latency"]["p50"] == pytest.approx(6.0)
+    assert rows["edit"]["latency"]["p95"] == pytest.approx(9.6)
+    assert rows["inpaint"] == {**rows["inpaint"], "jobs": 1, "succeeded": 0, "latency": {"p50": None, "p95": None}}
+    # The per-profile view names kinds the same way.
+    labels = {(r["kind"], r["label"]) for r in snapshot(jobs=jobs)["profiles"]}
+    assert ("inference", "text-to-image") in labels and ("edit", image_kinds["edit"].label) in labels
+
+
+def test_gallery_shows_an_edit_beside_its_input_and_an_inpaint_beside_its_mask(image_kinds):
+    image, mask = "a" * 64, "b" * 64
+    jobs = [
+        job(1, ALICE, seconds_ago=30),
+        job(2, ALICE, seconds_ago=20, kind="edit", task="edit", image_sha256=image),
+        job(3, BOB, seconds_ago=10, kind="inpaint", task="inpaint", image_sha256=image, mask_sha256=mask, strength=0.8),
+    ]
+    audits = [failed_audit(4, "req_002", ALICE, seconds_ago=5)]
+    snap = snapshot(jobs=jobs, audits=audits)
+    inpaint, edit, generate = snap["gallery"]
+    assert edit["input_image"] == f"/dashboard/inputs/req_002/{image}.png" and edit["mask_image"] is None
+    assert (edit["task"], edit["label"], edit["image"]) == (
+        "edit",
+        image_kinds["edit"].label,
+        "/dashboard/images/req_002.png",
+    )
+    assert inpaint["input_image"] == f"/dashboard/inputs/req_003/{image}.png"
+    assert inpaint["mask_image"] == f"/dashboard/inputs/req_003/{mask}.png" and inpaint["strength"] == 0.8
+    assert inpaint["prompt"] == "prompt 3"
+    assert generate["input_image"] is None and generate["mask_image"] is None and generate["label"] == "text-to-image"
+    # A failed audit of an edit shows the input beside the miner's and the reference's images.
+    [failure] = snap["audit_failures"]
+    assert failure["input_image"] == edit["input_image"] and failure["mask_image"] is None
+    assert (failure["kind"], failure["label"]) == ("edit", image_kinds["edit"].label)
+
+
 def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path):
     honest = subnet.add_miner("//Bob")
     cheat = subnet.add_miner("//Eve", inference_runner=bad_runner(tmp_path, lambda j: noise_png(seed=j["seed"])))
@@ -215,11 +279,61 @@ def test_the_gallery_can_be_turned_off(subnet):
     assert httpx.get(f"{orch.url}/dashboard/images/{request_id}.png", headers=OPERATOR).status_code == 404
 
 
-# Every kind of dashboard path: the page, its assets, the state, the stream, both image routes.
+# Every kind of dashboard path: the page, its assets, the state, the stream, the image routes.
 DASHBOARD_PATHS = [
     "/dashboard", "/dashboard/static/dashboard.js", "/dashboard/api/state", "/dashboard/api/events",
-    "/dashboard/images/req_x.png", "/dashboard/audits/1/reference.png",
+    "/dashboard/images/req_x.png", "/dashboard/audits/1/reference.png", f"/dashboard/inputs/req_x/{'0' * 64}.png",
 ]  # fmt: skip
+
+
+def finished_image_job(orch, key_id: str, kind: str, payload: dict, result: bytes) -> str:
+    """A job of `kind` that a miner finished with `result`, put through the store as dispatch and
+    a callback would (the orchestrator has no miners, so it never claims the job itself)."""
+    store = orch.store
+    deadline = datetime.now(UTC) + timedelta(hours=1)
+    (queued,) = store.insert_jobs([job_row(key_id, kind, payload, deadline, 60)])
+    (claimed,) = store.claim_for_dispatch(1, kinds=[kind], assign=lambda job, tried: ("5Miner", 1))
+    assert claimed.id == queued.id
+    blob = orch.orch.results.put(result)
+    assert store.succeed(queued.id, Success(blob, len(result), "fp-miner", {}))
+    return queued.id
+
+
+def test_the_input_images_of_edits_are_served_to_the_operator_only(subnet, image_kinds):
+    orch = subnet.start_orchestrator(dashboard_refresh_s=0.05, dashboard_token=TOKEN)
+    assets, key_id = orch.orch.assets, subnet.new_key(orch).id
+    image, mask, result = noise_png(seed=1), noise_png(seed=2), noise_png(seed=3)
+    image_sha, mask_sha = assets.put(image), assets.put(mask)
+    other = assets.put(b"a LoRA or a dataset of another client")  # in the same store, named by no input
+    common = {"prompt": "make it night", "seed": 1, "width": 64, "height": 64, "steps": 2, "loras": []}
+    edit = finished_image_job(orch, key_id, "edit", {**common, "task": "edit", "image_sha256": image_sha}, result)
+    inpaint_payload = {**common, "task": "inpaint", "image_sha256": image_sha, "mask_sha256": mask_sha, "strength": 0.9}
+    inpaint = finished_image_job(orch, key_id, "inpaint", inpaint_payload, result)
+
+    with httpx.Client(base_url=orch.url, headers=OPERATOR, timeout=30) as web:
+        state = wait_until(lambda: (s := web.get("/dashboard/api/state").json())["gallery"] and s, 10, "state")
+        gallery = {item["job_id"]: item for item in state["gallery"]}
+        assert gallery[edit]["input_image"] == f"/dashboard/inputs/{edit}/{image_sha}.png"
+        assert gallery[inpaint]["mask_image"] == f"/dashboard/inputs/{inpaint}/{mask_sha}.png"
+        kinds_seen = {row["kind"]: row for row in state["kinds"]}
+        assert kinds_seen["edit"]["succeeded"] == 1 and kinds_seen["inpaint"]["jobs"] == 1
+
+        for url, expected in ((gallery[edit]["input_image"], image), (gallery[inpaint]["mask_image"], mask)):
+            served = web.get(url)
+            assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+            assert served.content == expected and sha256(served.content) in url
+        assert web.get(gallery[edit]["image"]).content == result
+        # Only what a job names, under that job: not an open server of the assets store.
+        for url in (
+            f"/dashboard/inputs/{edit}/{other}.png",
+            f"/dashboard/inputs/{edit}/{mask_sha}.png",  # the inpaint's mask, not this edit's
+            f"/dashboard/inputs/req_nope/{image_sha}.png",
+        ):
+            assert web.get(url).status_code == 404, url
+
+    for headers in ({}, {"Authorization": "Bearer not-the-operator-token-at-all"}):
+        answer = httpx.get(f"{orch.url}{gallery[edit]['input_image']}", headers=headers)
+        assert answer.status_code == 401 and b"PNG" not in answer.content
 
 
 def test_the_dashboard_is_off_without_an_operator_token(subnet):

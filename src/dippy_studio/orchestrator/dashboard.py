@@ -13,7 +13,9 @@ package: no CDN, no build step, charts drawn as inline SVG.
 
 The page, the state and every client image are for the operator only: `create_app` mounts them
 only with an operator token set, and `dashboard_access.DashboardGuard` lets a request under
-/dashboard through only with that token.
+/dashboard through only with that token. That includes the input images of editing jobs, served
+from the assets blob store under their job, and only where that job's payload names them: the
+page is not an open server of that store.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ MIN_PLOT_SPAN = timedelta(minutes=1)
 GALLERY_SIZE = 12
 AUDIT_FAILURES_SHOWN = 10
 PROMPT_CHARS = 200
+# The payload keys of an image task's inputs (blobs in the assets store) and what the page calls them.
+INPUT_KEYS = {"image": "image_sha256", "mask": "mask_sha256"}
 # The chain changes once a block (12 s on Bittensor): reading it more often only costs RPCs.
 CHAIN_REFRESH_S = 5.0
 # One event stream lasts this long; the browser reconnects at once (`retry`), so a server that is
@@ -190,6 +194,7 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
         },
         "totals": _totals(data.jobs, data.audits, data.window_start),
         "miners": miners,
+        "kinds": _kinds(data.jobs),
         "profiles": _profiles(data.jobs, data.miners, data.profile),
         "gallery": _gallery(data.jobs, data.audits) if data.gallery else None,
         "audit_failures": _audit_failures(data.audits, jobs, {m.hotkey: m.uid for m in data.miners}),
@@ -222,6 +227,27 @@ def _totals(jobs: Sequence[Job], audits: Sequence[Audit], start: datetime) -> di
     }
 
 
+def _volume(members: Sequence[Job]) -> dict[str, Any]:
+    """How many of these jobs there are, how they ended, and the client's latency (submitted to
+    finished) of those that succeeded."""
+    done = [j for j in members if j.status == RequestStatus.succeeded.value and j.finished_at]
+    seconds = [(j.finished_at - j.created_at).total_seconds() for j in done if j.finished_at]
+    return {
+        "jobs": len(members),
+        "succeeded": len(done),
+        "failed": sum(j.status == RequestStatus.failed.value for j in members),
+        "latency": {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95)},
+    }
+
+
+def _kinds(jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    """Volume and latency per job kind (`jobs.kind`), named by the registry's label."""
+    groups: dict[str, list[Job]] = defaultdict(list)
+    for job in jobs:
+        groups[job.kind].append(job)
+    return [{"kind": kind, "label": _label(kind), **_volume(groups[kind])} for kind in sorted(groups)]
+
+
 def _profiles(jobs: Sequence[Job], miners: Sequence[Miner], default: str) -> list[dict[str, Any]]:
     """Volume and latency per profile (named by the fingerprint miners advertise) and job kind.
     Jobs no miner has answered yet count under the orchestrator's own profile."""
@@ -237,20 +263,28 @@ def _profiles(jobs: Sequence[Job], miners: Sequence[Miner], default: str) -> lis
     for (name, fingerprint, kind), members in sorted(
         groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] or "")
     ):
-        done = [j for j in members if j.status == RequestStatus.succeeded.value and j.finished_at]
-        seconds = [(j.finished_at - j.created_at).total_seconds() for j in done if j.finished_at]
         rows.append(
-            {
-                "profile": name,
-                "fingerprint": fingerprint,
-                "kind": kind,
-                "jobs": len(members),
-                "succeeded": len(done),
-                "failed": sum(j.status == RequestStatus.failed.value for j in members),
-                "latency": {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95)},
-            }
+            {"profile": name, "fingerprint": fingerprint, "kind": kind, "label": _label(kind), **_volume(members)}
         )
     return rows
+
+
+def input_url(job: Job, role: str) -> str | None:
+    """Where the page loads an input of this job (`role` in INPUT_KEYS), or None when it has none."""
+    sha256 = job.payload.get(INPUT_KEYS[role])
+    return f"/dashboard/inputs/{job.id}/{sha256}.png" if isinstance(sha256, str) and sha256 else None
+
+
+def _inputs(job: Job) -> dict[str, Any]:
+    """What the gallery and the audit failures show of an image task's inputs: before/after."""
+    return {
+        "kind": job.kind,
+        "label": _label(job.kind),
+        "task": job.payload.get("task"),
+        "strength": job.payload.get("strength"),
+        "input_image": input_url(job, "image"),
+        "mask_image": input_url(job, "mask"),
+    }
 
 
 def _gallery(jobs: Sequence[Job], audits: Sequence[Audit]) -> list[dict[str, Any]]:
@@ -266,6 +300,7 @@ def _gallery(jobs: Sequence[Job], audits: Sequence[Audit]) -> list[dict[str, Any
             "width": job.payload.get("width"),
             "height": job.payload.get("height"),
             "loras": len(job.payload.get("loras", [])),
+            **_inputs(job),
             "miner_uid": job.miner_uid,
             "finished_at": _iso(job.finished_at),
             "audit": verdicts.get(job.id),
@@ -287,7 +322,9 @@ def _audit_failures(audits: Sequence[Audit], jobs: Mapping[str, Job], uids: Mapp
             {
                 "id": audit.id,
                 "job_id": audit.job_id,
-                "kind": evidence.get("kind") or (job.kind if job else None),
+                # The job's own kind: an audit's evidence says "inference" for every image task.
+                "kind": (job.kind if job else None) or evidence.get("kind"),
+                "label": _label(job.kind) if job else evidence.get("kind"),
                 "miner_uid": uids.get(audit.miner_hotkey),
                 "miner_hotkey": audit.miner_hotkey,
                 "created_at": audit.created_at.isoformat(),
@@ -303,6 +340,8 @@ def _audit_failures(audits: Sequence[Audit], jobs: Mapping[str, Job], uids: Mapp
                 "reference_image": f"/dashboard/audits/{audit.id}/reference.png"
                 if evidence.get("reference_blob")
                 else None,
+                "input_image": input_url(job, "image") if job is not None else None,
+                "mask_image": input_url(job, "mask") if job is not None else None,
             }
         )
     return out
@@ -407,7 +446,8 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
     @app.get("/dashboard/api/state", tags=["operators"], responses=OPERATOR_ONLY)
     async def state() -> JSONResponse:
         """Everything the dashboard shows: per-miner jobs, latency, audits, score, weight and
-        emission; per-profile volume and latency; recent images; recent audit failures."""
+        emission; per-kind and per-profile volume and latency; recent images (with the inputs of
+        editing jobs); recent audit failures."""
         version, snapshot = await run_in_threadpool(dashboard.snapshot)
         return JSONResponse(snapshot, headers={"ETag": f'"{version}"'})
 
@@ -435,6 +475,18 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
             raise HTTPException(404, detail="no image for this job")
         return FileResponse(orch.results.local_path(job.result_blob), media_type="image/png")
 
+    @app.get("/dashboard/inputs/{job_id}/{sha256}.png", include_in_schema=False)
+    def input_image(job_id: str, sha256: str) -> FileResponse:
+        # Only a blob this job's payload names: the assets store also holds other clients' LoRAs
+        # and datasets, which the page has no reason to serve.
+        job = orch.store.load_job(job_id) if orch.settings.dashboard_gallery else None
+        named = job is not None and sha256 in (job.payload.get(key) for key in INPUT_KEYS.values())
+        if not named or not orch.assets.exists(sha256):
+            raise HTTPException(404, detail="no such input image for this job")
+        # Content-addressed: the same URL always gives the same bytes.
+        headers = {"Cache-Control": "private, max-age=86400, immutable"}
+        return FileResponse(orch.assets.local_path(sha256), media_type="image/png", headers=headers)
+
     @app.get("/dashboard/audits/{audit_id}/reference.png", include_in_schema=False)
     def reference(audit_id: int) -> FileResponse:
         audit = orch.store.get_audit(audit_id)
@@ -444,6 +496,14 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         return FileResponse(orch.results.local_path(blob), media_type="image/png")
 
     return dashboard
+
+
+def _label(kind: str) -> str:
+    """What the page calls a kind: its registry label, or its name for one no longer registered."""
+    try:
+        return kinds.get(kind).label or kind
+    except kinds.UnknownKind:
+        return kind
 
 
 def _shows_images(kind: str) -> bool:

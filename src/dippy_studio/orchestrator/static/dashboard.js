@@ -146,12 +146,25 @@ function renderPlots(snapshot) {
   document.getElementById("plots").replaceChildren(...cards);
 }
 
+function renderKinds(snapshot) {
+  const rows = (snapshot.kinds || []).map((k) =>
+    el("tr", { "data-kind": k.kind },
+      el("td", { title: k.kind, text: k.label }),
+      el("td", { class: "num jobs", text: String(k.jobs) }),
+      el("td", { class: "num succeeded", text: String(k.succeeded) }),
+      el("td", { class: "num failed", text: String(k.failed) }),
+      el("td", { class: "num p50", text: fmt.seconds(k.latency.p50) }),
+      el("td", { class: "num p95", text: fmt.seconds(k.latency.p95) })));
+  replaceRows(document.querySelector("#kinds tbody"), rows);
+  document.getElementById("kinds-empty").hidden = rows.length > 0;
+}
+
 function renderProfiles(snapshot) {
   const rows = snapshot.profiles.map((p) =>
     el("tr", { "data-profile": p.profile, "data-kind": p.kind },
       el("td", { text: p.profile }),
       el("td", { class: "mono", text: p.fingerprint || "(not run yet)" }),
-      el("td", { text: p.kind }),
+      el("td", { title: p.kind, text: p.label || p.kind }),
       el("td", { class: "num jobs", text: String(p.jobs) }),
       el("td", { class: "num", text: String(p.succeeded) }),
       el("td", { class: "num", text: String(p.failed) }),
@@ -166,8 +179,13 @@ function renderGallery(snapshot) {
   // Keep figures that are still shown, so their images are not fetched again on every update.
   const existing = new Map([...gallery.children].map((f) => [f.dataset.jobId, f]));
   const figures = items.map((item) => {
+    const task = item.input_image
+      ? el("span", { class: "task",
+          text: `${item.label}: input${item.mask_image ? ", mask" : ""} → result` + (item.strength != null ? ` · strength ${item.strength}` : "") })
+      : null;
     const caption = el("figcaption", {},
       el("span", { class: "prompt", title: item.prompt, text: item.prompt }),
+      task,
       `seed ${item.seed} · ${item.width}×${item.height} · uid ${item.miner_uid}` + (item.loras ? ` · ${item.loras} LoRA` : ""),
       item.audit ? el("span", { class: `pill ${item.audit}`, text: ` audit ${item.audit}` }) : null);
     const kept = existing.get(item.job_id);
@@ -179,8 +197,17 @@ function renderGallery(snapshot) {
       }
       return kept;
     }
-    return el("figure", { "data-job-id": item.job_id, "data-audit": String(item.audit) },
-      el("img", { src: item.image, alt: item.prompt, loading: "lazy" }), caption);
+    const result = el("img", { class: "result", src: item.image, alt: item.prompt, loading: "lazy" });
+    if (!item.input_image) {
+      return el("figure", { "data-job-id": item.job_id, "data-audit": String(item.audit) }, result, caption);
+    }
+    // Before and after: the client's input (and the mask of an inpaint) beside the miner's result.
+    const pair = el("div", { class: "pair" },
+      el("img", { class: "input", src: item.input_image, alt: "input image", title: "input", loading: "lazy" }),
+      item.mask_image ? el("img", { class: "mask", src: item.mask_image, alt: "mask", title: "mask (white: repainted)", loading: "lazy" }) : null,
+      result);
+    return el("figure", { class: "edit", "data-job-id": item.job_id, "data-audit": String(item.audit), "data-kind": item.kind },
+      pair, caption);
   });
   gallery.replaceChildren(...figures);
   const empty = document.getElementById("gallery-empty");
@@ -208,10 +235,12 @@ function renderFailures(snapshot) {
       add(name, typeof value === "number" && !Number.isInteger(value) ? String(Number(value.toPrecision(6))) : value);
     }
     const images = el("div", { class: "images" });
+    if (f.input_image) images.append(el("figure", {}, el("img", { src: f.input_image, alt: "input image" }), "input"));
+    if (f.mask_image) images.append(el("figure", {}, el("img", { src: f.mask_image, alt: "mask" }), "mask"));
     if (f.miner_image) images.append(el("figure", {}, el("img", { src: f.miner_image, alt: "miner's result" }), "miner"));
     if (f.reference_image) images.append(el("figure", {}, el("img", { src: f.reference_image, alt: "reference re-run" }), "reference"));
     return el("article", { class: "failure", "data-audit-id": String(f.id), "data-hotkey": f.miner_hotkey },
-      el("div", {}, el("div", { class: "reason", text: `${f.kind} audit failed: ${f.reason}` }), facts), images);
+      el("div", {}, el("div", { class: "reason", text: `${f.label || f.kind} audit failed: ${f.reason}` }), facts), images);
   });
   document.getElementById("audit-failures").replaceChildren(...cards);
   document.getElementById("audit-failures-empty").hidden = cards.length > 0;
@@ -227,6 +256,7 @@ function render(snapshot) {
   renderTotals(snapshot);
   renderMiners(snapshot);
   renderPlots(snapshot);
+  renderKinds(snapshot);
   renderProfiles(snapshot);
   renderGallery(snapshot);
   renderFailures(snapshot);
