@@ -19,9 +19,7 @@ import inspect
 import io
 import json
 import os
-import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 # Keep stray BLAS/OpenMP pools from oversubscribing the cores the engine pins (2 threads).
@@ -31,24 +29,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import BenchResult, Column, NoProgress, Progress, environment, interleave, median_ms, paired_ratio
+from bench_overhead import COLUMNS, TARGET_OVERHEAD, Config, compare_with_bare
+from common import BenchResult, NoProgress, Progress, environment
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest
 from dippy_studio.engine.images import encode_png
 
 PROMPT = "turn the lighthouse into a windmill, keep the sky"
 SEED = 1234
-TARGET_OVERHEAD = 0.05  # on the small profile
-
-
-@dataclass(frozen=True)
-class Config:
-    profile: str
-    side: int
-    steps: int
-    reps: int
-    warmup: int
-    budget_s: float | None = None  # stop early on a busy machine (see common.interleave)
-    threads: int = 2
 
 
 FULL = (
@@ -59,19 +46,6 @@ QUICK = (
     Config("tiny-kontext", 64, 4, reps=10, warmup=1, budget_s=10),
     Config("small", 512, 8, reps=3, warmup=1, budget_s=60),
 )
-
-COLUMNS = [
-    Column("config", "config"),
-    Column("ours_ms", "engine ms", "{:.1f}"),
-    Column("bare_ms", "bare ms", "{:.1f}"),
-    Column("ratio", "ratio", "{:.3f}"),
-    Column("paired_ratio", "paired ratio", "{:.3f}"),
-    Column("overhead_pct", "overhead", "{:+.1f}%"),
-    Column("target", "target"),
-    Column("identical", "same PNG"),
-    Column("threads", "threads"),
-    Column("reps", "reps"),
-]
 
 
 def input_png(side: int) -> bytes:
@@ -127,60 +101,13 @@ def measure(config: Config, progress: Progress) -> dict:
         image=input_png(config.side),
     )
     bare_pipe = bare_kontext(engine)
-    stages: list[dict[str, float]] = []
-    mismatches: list[int] = []
-
-    def ours() -> bytes:
-        result = engine.generate(request)
-        stages.append(result.timings.as_dict())
-        return result.png
+    name = f"{config.profile} edit {config.side}x{config.side} {config.steps} steps"
 
     def bare() -> bytes:
         with torch.inference_mode():
             return bare_edit(bare_pipe, request, engine.spec.max_sequence_length)
 
-    def compare(outputs: dict[str, bytes]) -> None:
-        if outputs["ours"] != outputs["bare"]:
-            mismatches.append(len(stages))
-
-    name = f"{config.profile} edit {config.side}x{config.side} {config.steps} steps"
-    seconds = interleave(
-        {"ours": ours, "bare": bare},
-        reps=config.reps,
-        warmup=config.warmup,
-        progress=progress,
-        description=f"edit overhead: {name}",
-        on_round=compare,
-        budget_s=config.budget_s,
-    )
-    ours_ms, bare_ms = median_ms(seconds["ours"]), median_ms(seconds["bare"])
-    ratio = ours_ms / bare_ms
-    timed_stages = stages[config.warmup :] or stages
-    row = {
-        "config": name,
-        "profile": config.profile,
-        "ours_ms": ours_ms,
-        "bare_ms": bare_ms,
-        "ratio": ratio,
-        "paired_ratio": paired_ratio(seconds["ours"], seconds["bare"]),
-        "overhead_pct": (ratio - 1) * 100,
-        "target": "-",
-        "identical": not mismatches,
-        "threads": config.threads,
-        "reps": len(seconds["ours"]),
-        "load_average_1m": os.getloadavg()[0],
-        "warmup": config.warmup,
-        "ours_min_ms": min(seconds["ours"]) * 1e3,
-        "bare_min_ms": min(seconds["bare"]) * 1e3,
-        "ours_s": seconds["ours"],
-        "bare_s": seconds["bare"],
-        "engine_stage_median_ms": {
-            stage: statistics.median(s[stage] for s in timed_stages) * 1e3 for stage in timed_stages[0]
-        },
-    }
-    if config.profile == "small":
-        row["target"] = "met" if ratio - 1 <= TARGET_OVERHEAD else "missed"
-    return row
+    return compare_with_bare(config, name, engine, request, bare, progress, description=f"edit overhead: {name}")
 
 
 def run(configs: tuple[Config, ...] = FULL, progress: Progress | None = None) -> BenchResult:

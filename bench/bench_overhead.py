@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,25 @@ def bare_generate(pipe, request: GenerationRequest, max_sequence_length: int) ->
 def measure(config: Config, progress: Progress) -> dict:
     engine = Engine(EngineOptions(profile=config.profile, threads=config.threads))
     request = GenerationRequest(prompt=PROMPT, seed=SEED, width=config.side, height=config.side, steps=config.steps)
+    name = f"{config.profile} {config.side}x{config.side} {config.steps} steps"
+
+    def bare() -> bytes:
+        return bare_generate(engine.pipe, request, engine.spec.max_sequence_length)
+
+    return compare_with_bare(config, name, engine, request, bare, progress, description=f"overhead: {name}")
+
+
+def compare_with_bare(
+    config: Config,
+    name: str,
+    engine: Engine,
+    request: GenerationRequest,
+    bare: Callable[[], bytes],
+    progress: Progress,
+    description: str,
+) -> dict:
+    """Time `engine.generate(request)` against `bare()` alternately; the row of medians, their
+    ratios, and whether every round gave identical PNGs (both must do the same work)."""
     stages: list[dict[str, float]] = []
     mismatches: list[int] = []
 
@@ -90,26 +110,22 @@ def measure(config: Config, progress: Progress) -> dict:
         stages.append(result.timings.as_dict())
         return result.png
 
-    def bare() -> bytes:
-        return bare_generate(engine.pipe, request, engine.spec.max_sequence_length)
-
     def compare(outputs: dict[str, bytes]) -> None:
         if outputs["ours"] != outputs["bare"]:
             mismatches.append(len(stages))
 
-    name = f"{config.profile} {config.side}x{config.side} {config.steps} steps"
     seconds = interleave(
         {"ours": ours, "bare": bare},
         reps=config.reps,
         warmup=config.warmup,
         progress=progress,
-        description=f"overhead: {name}",
+        description=description,
         on_round=compare,
         budget_s=config.budget_s,
     )
     ours_ms, bare_ms = median_ms(seconds["ours"]), median_ms(seconds["bare"])
     ratio = ours_ms / bare_ms
-    timed_stages = stages[config.warmup :]
+    timed_stages = stages[config.warmup :] or stages
     row = {
         "config": name,
         "profile": config.profile,

@@ -18,3 +18,15 @@ def tiny_engine():
     from dippy_studio.engine import Engine, EngineOptions
 
     return Engine(EngineOptions(profile="tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _sse_streams_open():
+    """sse-starlette ends every event stream in the process once any uvicorn server in it is told
+    to exit (a process-global flag, right for a service that is one server per process). Tests run
+    many servers in one process, and one test's Ctrl-C must not end another test's streams."""
+    from sse_starlette.sse import AppStatus
+
+    AppStatus.should_exit = False
+    yield
+    AppStatus.should_exit = False

@@ -117,6 +117,8 @@ def miner_settings(tmp_path: Path, **overrides: Any) -> MinerSettings:
         allow_loopback_urls=True,
         callback_backoff=0.05,
         callback_attempts=4,
+        # The receiver here counts callbacks; progress reports are tested on their own (test_miner_progress).
+        progress_interval_s=0.0,
     )
     return MinerSettings(**{**values, **overrides})
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +18,7 @@ import pytest
 from rich.console import Console
 
 from dippy_studio.chain.local import LocalChain
-from dippy_studio.localnet import GaveUp, RestartPolicy, Supervisor, create_api_key
+from dippy_studio.localnet import API_KEY_FILE, GaveUp, RestartPolicy, Supervisor, create_api_key, local_api_key
 from dippy_studio.orchestrator.db import default_url
 from dippy_studio.orchestrator.store import Store
 from localnet_kit import (
@@ -110,6 +112,13 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
         # The same token: a bookmarked URL (or an open tab's cookie) keeps working.
         urls = wait_until(lambda: found if len(found := dashboard_urls(log_path)) == 2 else None, 120, "the URL")
         assert urls == [url, url]
+        # The same API key and webhook signing secret: scripts and webhook receivers keep working.
+        printed = log_path.read_text()
+        keys = re.findall(r"API key \(kept in .*\): (dsk_\S+)", printed)
+        webhook_secrets = re.findall(r"Webhook signing secret: (whsec_\S+)", printed)
+        assert len(keys) == len(webhook_secrets) == 2, printed[-3000:]
+        assert keys[0] == keys[1] and webhook_secrets[0] == webhook_secrets[1]
+        assert (root / API_KEY_FILE).stat().st_mode & 0o777 == 0o600
         open_dashboard(url)
         assert len(LocalChain(root / "chain.sqlite", create=False).metagraph()) == len(first["miners"]) + 2
         survivors = signal_and_collect_survivors(again, root, signal.SIGTERM)  # `kill` is as clean as Ctrl-C
@@ -117,6 +126,40 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
         stop(again, root)
         log.close()
     assert survivors == [], "SIGTERM must leave no orphan processes"
+
+
+def test_up_with_its_port_in_use_stops_at_once_and_says_why(tmp_path):
+    root = tmp_path / "subnet"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"port {port} is already in use" in proc.stdout and "--port" in proc.stdout
+    assert took < 15, f"took {took:.1f}s: the port is checked before anything starts"
+    assert not (root / "subnet.json").exists() and not (root / "logs").exists(), "nothing was started"
+
+
+def test_the_local_api_key_is_kept_while_it_is_live(tmp_path):
+    key, webhook_secret = local_api_key(tmp_path)
+    assert key.startswith("dsk_") and webhook_secret.startswith("whsec_")
+    assert (tmp_path / API_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert local_api_key(tmp_path) == (key, webhook_secret)
+    store = Store.open(default_url(tmp_path), migrate=False)
+    try:
+        [listed] = store.list_api_keys()
+        store.revoke_api_key(listed.id)
+    finally:
+        store.close()
+    # Revoked (say by `orchestrator keys revoke`): the next `up` makes and keeps a new one.
+    renewed = local_api_key(tmp_path)
+    assert renewed[0] != key and local_api_key(tmp_path) == renewed
 
 
 TERMINAL = {"succeeded", "failed", "canceled"}

@@ -140,8 +140,13 @@ def test_orchestrator_answers_as_its_schema_says(orchestrator_app: Any) -> None:
     # /ready answers 503 while no miner is healthy (none is, here): that is its documented answer.
     ready = {"include-path": "/ready", "checks": {"not_a_server_error": {"expected-statuses": ["2XX", "4XX", 503]}}}
     operator = {"include-path-regex": "^/dashboard/", "headers": {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}}
+    # The OpenAI-compatible calls wait for their images: with no miner they answer 503, as documented.
+    openai = {
+        "include-path-regex": "^/v1/images/(generations|edits)$",
+        "checks": {"not_a_server_error": {"expected-statuses": ["2XX", "4XX", 503]}},
+    }
     run = run_schemathesis(
-        orchestrator_app, config(headers={"Authorization": f"Bearer {secret}"}, operations=[ready, operator])
+        orchestrator_app, config(headers={"Authorization": f"Bearer {secret}"}, operations=[ready, openai, operator])
     )
     assert not run.failures and not run.errors, run.report()
     assert run.refusal_shapes() == {"ErrorBody"}

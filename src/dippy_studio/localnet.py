@@ -7,6 +7,7 @@ Layout of the data directory (a second `up` on it resumes the same subnet):
     DIR/wallets/             dev wallets: owner, orchestrator, validator, miner-0..N-1
     DIR/orchestrator.sqlite  jobs, API keys, scores (the orchestrator's database)
     DIR/dashboard-token      the dashboard's operator token (mode 0600), made by the first `up`
+    DIR/api-key              the local client API key `up` prints (mode 0600), reused while it is live
     DIR/miners/miner-I/      each miner's jobs, results and caches
     DIR/logs/NAME.log        each process's output (also shown, prefixed, on the terminal)
     DIR/pids.json            each running process's pid, by name (while `up` runs)
@@ -46,6 +47,7 @@ from dippy_studio.subnet_layout import MinerSpec, SubnetLayout
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 VALIDATOR_STAKE = 1000.0
 DASHBOARD_TOKEN_FILE = "dashboard-token"
+API_KEY_FILE = "api-key"
 # How often the supervisor looks for children that died.
 TEND_INTERVAL_S = 0.5
 
@@ -317,13 +319,33 @@ def dashboard_token(root: Path) -> str:
     if path.is_file() and (kept := path.read_text().strip()):
         return kept
     token = secrets.token_urlsafe(32)
-    # Written whole, then renamed: an `up` killed halfway never leaves an empty token behind.
+    _write_private(path, token)
+    return token
+
+
+def _write_private(path: Path, text: str) -> None:
+    """`text` in `path`, readable by its owner only. Written whole, then renamed: an `up` killed
+    halfway never leaves an empty file behind."""
     partial = path.with_name(path.name + ".tmp")
     partial.unlink(missing_ok=True)
     with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
-        out.write(token + "\n")
+        out.write(text + "\n")
     partial.replace(path)
-    return token
+
+
+def ports_in_use(ports: list[int], host: str = "127.0.0.1") -> list[int]:
+    """Those of `ports` that something already listens on (or holds) at `host`."""
+    taken = []
+    for port in ports:
+        with socket.socket() as sock:
+            # As servers bind (uvicorn too): connections of a previous run in TIME_WAIT do not
+            # hold the port, a listener does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                taken.append(port)
+    return taken
 
 
 def dashboard_url(layout: SubnetLayout) -> str:
@@ -377,6 +399,27 @@ def create_api_key(root: Path, name: str = "local") -> tuple[str, str]:
         store.close()
 
 
+def local_api_key(root: Path) -> tuple[str, str]:
+    """The subnet's own client key, (key, webhook secret): the one in DIR/api-key while it is a
+    live key of this subnet's database, else a new one, kept there (readable by its owner only)
+    so that every `up` prints the same key and scripts written against it keep working."""
+    from dippy_studio.orchestrator.db import default_url
+    from dippy_studio.orchestrator.store import Store
+
+    path = root / API_KEY_FILE
+    kept = path.read_text().strip() if path.is_file() else ""
+    store = Store.open(default_url(root))
+    try:
+        key = store.key_for_secret(kept) if kept else None
+        if key is not None:
+            return kept, key.webhook_secret
+        created = store.create_api_key("local", rate_limit_per_minute=6000)
+    finally:
+        store.close()
+    _write_private(path, created.secret)
+    return created.secret, created.key.webhook_secret
+
+
 def wait_for_weights(layout: SubnetLayout, after_block: int, timeout: float) -> bool:
     """Wait until the validator has set weights at a block after `after_block`."""
     chain = LocalChain(layout.root / "chain.sqlite", create=False)
@@ -408,6 +451,16 @@ def run_up(
     # jobs with SIGINT ignored, and Python would keep ignoring it.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
+    # Before anything starts: a taken port would otherwise show only once the miners are up.
+    taken = ports_in_use([port])
+    if taken:
+        console.print(
+            f"[red]error:[/] port {port} is already in use on 127.0.0.1 (another `up`, or another "
+            "service?): stop it, or choose another port with --port",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
     layout = prepare(
         root, port=port, miners=miners, cheaters=cheaters, block_time=block_time, tempo=tempo, console=console
     )
@@ -415,11 +468,12 @@ def run_up(
     try:
         console.print(f"starting a local subnet in {root}: orchestrator, {len(layout.miners)} miners, a validator")
         start_processes(layout, supervisor, profile)
-        key, _secret = create_api_key(root)
+        key, webhook_secret = local_api_key(root)
         url = layout.orchestrator_url
         # Unwrapped: the URL must stay one line to open from a terminal or a log.
         console.print(f"\n[bold]Subnet is up.[/] Dashboard: {dashboard_url(layout)}", highlight=False, soft_wrap=True)
-        console.print(f"API key (shown once): {key}")
+        console.print(f"API key (kept in {root / API_KEY_FILE}): {key}", highlight=False, soft_wrap=True)
+        console.print(f"Webhook signing secret: {webhook_secret}", highlight=False, soft_wrap=True)
         console.print(
             f"Try:\n  curl -s -X POST {url}/v1/images -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' -H 'Prefer: wait=30' "

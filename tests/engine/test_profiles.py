@@ -13,6 +13,7 @@ from PIL import Image
 
 from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError
 from dippy_studio.engine.profiles import get_profile, load_pipeline, save_pipeline
+from dippy_studio.engine.synthetic import write_random_lora
 from dippy_studio.protocol.limits import PROFILE_LIMITS
 from helpers import stock_png
 
@@ -20,10 +21,21 @@ REQUEST = GenerationRequest(prompt="a lighthouse at dusk", seed=3, width=64, hei
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_engine) -> Path:
+def tiny_dir(tmp_path_factory) -> Path:
+    # A fresh engine: the shared one may hold LoRA adapters from other tests, which cannot be saved.
     directory = tmp_path_factory.mktemp("tiny-model")
-    save_pipeline(tiny_engine.pipe, "tiny", directory)
+    save_pipeline(Engine(EngineOptions(profile="tiny")).pipe, "tiny", directory)
     return directory
+
+
+def test_a_pipeline_with_loras_loaded_is_not_saved(tmp_path):
+    from dippy_studio.engine import LoraRef
+
+    engine = Engine(EngineOptions(profile="tiny"))
+    lora = write_random_lora(engine.pipe, tmp_path / "a.safetensors", seed=1)
+    engine.generate(REQUEST.model_copy(update={"loras": [LoraRef(path=lora)]}))
+    with pytest.raises(ProfileError, match="without LoRA adapters loaded"):
+        save_pipeline(engine.pipe, "tiny", tmp_path / "saved")
 
 
 def test_saved_profile_loads_in_stock_diffusers(tiny_dir, tiny_engine):

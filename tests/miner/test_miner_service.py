@@ -216,3 +216,9 @@ def test_killed_mid_job_then_restarted_finishes_every_job(tmp_path, server, tiny
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_miners_api_pages_work_offline(make_miner):
+    from api_docs_kit import assert_docs_load_only_served_assets
+
+    assert_docs_load_only_served_assets(make_miner().client)

@@ -13,8 +13,8 @@ from sqlalchemy import update
 import miner_kit
 import orchestrator.orch_kit as kit
 from dippy_studio.orchestrator.models import Job
-from dippy_studio.orchestrator.webhooks import verify
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
+from dippy_studio.protocol.webhooks import verify
 from orchestrator.orch_kit import (
     ORCHESTRATOR,
     bad_runner,

@@ -16,7 +16,8 @@ from fastapi.responses import Response
 import miner_kit
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store, job_row
-from dippy_studio.orchestrator.webhooks import WebhookSender, WebhookVerificationError, headers_for, sign, verify
+from dippy_studio.orchestrator.webhooks import WebhookSender
+from dippy_studio.protocol.webhooks import WebhookVerificationError, headers_for, sign, verify
 from orchestrator.orch_kit import Served
 
 server = miner_kit.server  # fixture: a loopback receiver

@@ -185,7 +185,12 @@ def _check_fill_transformer(pipe: FluxPipeline, path: Path) -> None:
 
 def save_pipeline(pipe: FluxPipeline, profile: str, directory: Path) -> None:
     """Write the pipeline in diffusers layout (loadable by stock diffusers as the pipeline's own
-    class: FluxPipeline, FluxKontextPipeline...) plus a profile marker."""
+    class: FluxPipeline, FluxKontextPipeline...) plus a profile marker. Refuses a pipeline with
+    LoRA adapters loaded: their layers would be saved in place of the base weights, and the
+    directory would not load."""
+    adapted = [type(m).__name__ for m in _modules(pipe) if getattr(m, "peft_config", None)]
+    if adapted:
+        raise ProfileError(f"save a pipeline without LoRA adapters loaded (found some in {', '.join(adapted)})")
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory, safe_serialization=True)
     (directory / PROFILE_MARKER).write_text(json.dumps({"profile": profile}, indent=2) + "\n")

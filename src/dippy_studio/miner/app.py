@@ -25,11 +25,12 @@ from dippy_studio.engine import Engine
 from dippy_studio.miner.callbacks import CallbackSender
 from dippy_studio.miner.metrics import MinerMetrics
 from dippy_studio.miner.net import DownloadCache
+from dippy_studio.miner.progress import ProgressReporter
 from dippy_studio.miner.runners import InferenceRunner, TrainingRunner
 from dippy_studio.miner.settings import MinerSettings
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.miner.workers import Runner, WorkerPool, max_ahead
-from dippy_studio.protocol import http_errors
+from dippy_studio.protocol import api_docs, http_errors
 from dippy_studio.protocol.asgi import BodyLimit, RefuseBeforeBody, Scope, request_target
 from dippy_studio.protocol.auth import AuthError, Caller, SenderPolicy, StakeLookup, check_headers, verify_request
 from dippy_studio.protocol.http_errors import error_responses
@@ -111,6 +112,9 @@ class Miner:
             data / "downloads", settings.download_cache_bytes, self.url_policy, settings.download_timeout
         )
         self.engine = engine or Engine(settings.engine)
+        self.progress = ProgressReporter(
+            self.signer, self.url_policy, interval_s=settings.progress_interval_s, timeout=settings.progress_timeout
+        )
         runners: dict[JobKind, Runner] = {}
         if settings.serve_inference:
             runners[JobKind.inference] = inference_runner or InferenceRunner(
@@ -120,10 +124,16 @@ class Miner:
                 settings.max_lora_bytes,
                 settings.cheat_rate,
                 max_input_image_bytes=settings.max_input_image_bytes,
+                progress=self.progress,
             )
         if settings.serve_training:
             runners[JobKind.training] = training_runner or TrainingRunner(
-                settings.engine, self.downloads, data / "results", settings.max_dataset_bytes, settings.cheat_rate
+                settings.engine,
+                self.downloads,
+                data / "results",
+                settings.max_dataset_bytes,
+                settings.cheat_rate,
+                progress=self.progress,
             )
         self.callbacks = CallbackSender(
             self.store,
@@ -146,16 +156,19 @@ class Miner:
     def start(self) -> None:
         pending = self.store.recover()
         self.callbacks.start()
+        self.progress.start()
         for record in pending:
             self.callbacks.submit(record.job_id)
         self.pool.start()
 
     def stop(self) -> None:
         self.pool.stop()
+        self.progress.stop()
         self.callbacks.stop()
 
     def _finished(self, record: JobRecord) -> None:
         self.metrics.observe(record)
+        self.progress.finished(record.job_id)
         if record.callback_url:
             self.callbacks.submit(record.job_id)
 
@@ -219,7 +232,11 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
             " inpainting, as the profile serves them: see /v1/capacity `tasks`) and LoRA training."
         ),
         lifespan=lifespan,
+        # Served from the package by `api_docs.install`: FastAPI's pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    api_docs.install(app)
     app.state.miner = miner
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     http_errors.install(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from time import perf_counter
@@ -57,6 +57,28 @@ class Rolls(Protocol):
     def random(self) -> float: ...
 
 
+class ProgressSink(Protocol):
+    """Where a runner reports a job's steps (`progress.ProgressReporter`); it must return at once."""
+
+    def report(
+        self, record: JobRecord, step: int, total: int, loss: float | None = None, eta_s: float | None = None
+    ) -> None: ...
+
+
+def step_reporter(record: JobRecord, check: AbortCheck, sink: ProgressSink | None) -> Callable[[int, int], None]:
+    """The engine's `on_step` for a job: the abort check at every denoising step, and the step
+    reported with an estimate of the time left (from the pace of the steps so far)."""
+    started = perf_counter()
+
+    def on_step(done: int, total: int) -> None:
+        check()
+        if sink is not None:
+            eta = (perf_counter() - started) / done * (total - done) if done > 0 else None
+            sink.report(record, done, total, eta_s=eta)
+
+    return on_step
+
+
 def pick_cheat(task: str, tasks: Sequence[str], cheat_rate: float, rolls: Rolls) -> Cheat | None:
     """Whether to cheat on a job of `task`, and how: image tasks split their cheats evenly between
     ignoring the input and returning it (a profile without text-to-image can only return it)."""
@@ -89,8 +111,10 @@ class InferenceRunner:
         cheat_rate: float = 0.0,
         max_input_image_bytes: int = 32 << 20,
         rolls: Rolls | None = None,
+        progress: ProgressSink | None = None,
     ) -> None:
         self.engine = engine
+        self.progress = progress
         self.cheat_rate = cheat_rate
         self.rolls: Rolls = rolls or secrets.SystemRandom()
         self.downloads = downloads
@@ -118,7 +142,7 @@ class InferenceRunner:
         if cheat == Cheat.ignored_input:
             request = request.model_copy(update={"task": "generate", "image": None, "mask": None, "strength": None})
         try:
-            result = self.engine.generate(request, on_step=lambda done, total: check())
+            result = self.engine.generate(request, on_step=step_reporter(record, check, self.progress))
         except (RequestError, InputImageError) as exc:
             # Checked against the profile at submission; what is left to refuse is the input.
             raise BadInput(str(exc)) from None
@@ -182,8 +206,10 @@ class TrainingRunner:
         results_dir: Path,
         max_dataset_bytes: int,
         cheat_rate: float = 0.0,
+        progress: ProgressSink | None = None,
     ) -> None:
         self.options = options
+        self.progress = progress
         self.cheat_rate = cheat_rate
         self.downloads = downloads
         self.results_dir = results_dir
@@ -193,7 +219,7 @@ class TrainingRunner:
     def __call__(self, record: JobRecord, check: AbortCheck) -> Outcome:
         # Imported here: training pulls in PEFT and the optimizer only when a job needs them.
         from dippy_studio.engine.datasets import DatasetLimits, load_dataset
-        from dippy_studio.engine.training import TrainConfig, train_lora
+        from dippy_studio.engine.training import TrainConfig, TrainProgress, train_lora
 
         job = TrainJob.model_validate(record.request)
         archive = self.downloads.fetch(job.dataset_url, job.dataset_sha256, self.max_dataset_bytes)
@@ -218,9 +244,14 @@ class TrainingRunner:
         if self.cheat_rate and secrets.SystemRandom().random() < self.cheat_rate:
             budget = self.CHEAT_BUDGET_S
         output = self.results_dir / f"{record.job_id}.safetensors"
-        result = train_lora(
-            dataset, output, config, options=self.options, max_seconds=budget, on_progress=lambda _: check()
-        )
+        sink = self.progress
+
+        def on_progress(progress: TrainProgress) -> None:
+            check()
+            if sink is not None:
+                sink.report(record, progress.step, progress.total, progress.loss, progress.eta)
+
+        result = train_lora(dataset, output, config, options=self.options, max_seconds=budget, on_progress=on_progress)
         return Outcome(
             result_path=str(output),
             sha256=result.sha256,

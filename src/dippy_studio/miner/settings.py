@@ -56,6 +56,10 @@ class MinerSettings(ServiceSettings):
     callback_backoff: float = Field(default=1.0, gt=0)
     callback_timeout: float = Field(default=30.0, gt=0)
     retry_after_seconds: int = Field(default=5, ge=1)
+    # Progress reports to a job's sender (denoising and training steps): at most one per job this
+    # often, the newest; 0 sends none.
+    progress_interval_s: float = Field(default=0.5, ge=0.0)
+    progress_timeout: float = Field(default=5.0, gt=0)
 
     # For demonstrating audits on a local subnet only: this share of jobs is faked, as a
     # dishonest miner would to save work: text-to-image run with a wrong seed, an image task

@@ -6,13 +6,16 @@ For clients, in the style of fal's and Replicate's queue APIs:
                                     or inpainting of an input image (JSON, or multipart with the
                                     image as a file; 202, or the result with Prefer: wait=N)
     POST /v1/loras                  submit a LoRA training request (multipart dataset zip or dataset_url; 202)
-    GET  /v1/requests               your recent requests
-    GET  /v1/requests/{id}          status, timings, miner uid, result link
+    GET  /v1/requests               your requests, newest first (paged: X-Next-Cursor, Link rel=next)
+    GET  /v1/requests/{id}          status, timings, miner uid, result link, queue position, progress
+    GET  /v1/requests/{id}/events   the same live, as server-sent events (`live_api`)
     GET  /v1/requests/{id}/result   the PNG or .safetensors
     POST /v1/requests/{id}/cancel   cancel it
-    GET  /v1/loras, /v1/loras/{id}  your trained LoRAs
+    GET  /v1/loras, /v1/loras/{id}  your trained LoRAs (paged as requests)
+    GET  /v1/models                 the model profile served, with its limits (`live_api`)
 
-For miners: `POST /v1/miner-callbacks/{id}` (signed results) and `GET /v1/blobs/{sha256}` (LoRAs,
+For miners: `POST /v1/miner-callbacks/{id}` (signed results), `POST /v1/miner-callbacks/{id}/progress`
+(signed progress reports, `live_api`) and `GET /v1/blobs/{sha256}` (LoRAs,
 datasets and input images). For validators: `GET /v1/scores` (signed). For operators: `/health`, `/ready`.
 
 Clients authenticate with `Authorization: Bearer <API key>`. Each key has its own per-minute
@@ -23,7 +26,13 @@ its own requests and LoRAs: another key's ids answer 404, as unknown ones do. Ev
 `Prefer: wait=N` (at most `max_wait_s`) holds the submit response until the request finishes
 or N seconds pass. Finished (in any final state): 200 with the request's status; for an image,
 `result` then also carries the PNG inline as base64 (`data_base64`), so a synchronous client
-needs one round trip. Not finished: the usual 202, and the client polls or waits for its webhook.
+needs one round trip. Not finished: the usual 202 with the status it has reached meanwhile, and
+the client polls, follows its events or waits for its webhook.
+
+Lists are newest first and paged by an opaque cursor (`paging`): `?limit=N`, then `?cursor=` the
+`X-Next-Cursor` of the page before (also given as `Link: <url>; rel="next"`); the last page has
+neither header. Requests submitted while a client pages sort before its first page, so a walk
+sees every older request exactly once.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import base64
 import json
 import math
 import re
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
@@ -45,6 +55,7 @@ from starlette.requests import ClientDisconnect
 from dippy_studio.orchestrator import errors, kinds
 from dippy_studio.orchestrator.image_inputs import TASK_KINDS
 from dippy_studio.orchestrator.models import ApiKey, Job
+from dippy_studio.orchestrator.paging import BadCursor, decode_cursor, encode_cursor, next_link
 from dippy_studio.orchestrator.schemas import (
     MIN_DEADLINE_S,
     ImageRequest,
@@ -56,7 +67,7 @@ from dippy_studio.orchestrator.schemas import (
 )
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.orchestrator.views import lora_view, request_view, urls_for
+from dippy_studio.orchestrator.views import lora_view, queue_position, request_view, urls_for
 from dippy_studio.protocol.asgi import request_target
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.http_errors import error_responses
@@ -68,6 +79,7 @@ _SS58 = r"^[1-9A-HJ-NP-Za-km-z]{46,48}$"
 _STATUS = {
     errors.Unauthorized: 401,
     errors.RateLimited: 429,
+    errors.QuotaExceeded: 402,
     errors.InvalidRequest: 422,
     errors.TooLarge: 413,
     errors.NotFound: 404,
@@ -79,6 +91,7 @@ _STATUS = {
 _REASONS = {
     400: "the body could not be read as sent",
     401: "missing, invalid or revoked API key",
+    402: "the key's usage quota for this period is spent (the reason says which, and when it resets)",
     404: "no such request or LoRA for this API key",
     409: "not in a state that allows this",
     413: "the body is over its size limit",
@@ -136,6 +149,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
                 data = await run_in_threadpool(orch.result_bytes, finished)
                 view["result"]["data_base64"] = base64.b64encode(data).decode()
             return JSONResponse(view, headers={"Preference-Applied": f"wait={wait_s:g}"})
+        if wait_s > 0:
+            # `job` is the row as inserted (queued); after a wait the request has usually moved
+            # on (dispatched, running), and the answer must say where it stands now.
+            job = await run_in_threadpool(store.load_job, job.id) or job
         body = Submitted(request_id=job.id, status=RequestStatus(job.status), **urls_for(base, job.id))
         return JSONResponse(body.model_dump(mode="json"), status_code=202)
 
@@ -144,7 +161,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         status_code=202,
         response_model=Submitted,
         responses={
-            **refusals(400, 401, 413, 422, 429),
+            **refusals(400, 401, 402, 413, 422, 429),
             200: {"model": RequestView, "description": "finished within Prefer: wait=N"},
         },
         tags=["requests"],
@@ -182,7 +199,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         "/v1/loras",
         status_code=202,
         response_model=Submitted,
-        responses=refusals(400, 401, 413, 422, 429),
+        responses=refusals(400, 401, 402, 413, 422, 429),
         tags=["loras"],
     )
     async def submit_training(
@@ -226,15 +243,26 @@ def build_router(orch: Orchestrator) -> APIRouter:
         job = await orch.submit(None, "training", body, webhook_url=webhook_url, deadline_s=deadline_s, key=key)
         return await submitted(request, job)
 
-    @router.get("/v1/requests", response_model=list[RequestView], responses=refusals(401, 422, 429), tags=["requests"])
+    @router.get(
+        "/v1/requests",
+        response_model=list[RequestView],
+        responses={**refusals(401, 422, 429), 200: {"headers": _PAGE_HEADERS}},
+        tags=["requests"],
+    )
     def list_requests(
         request: Request,
+        response: Response,
         key: ApiKey = Depends(client),
         status: RequestStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(description=_CURSOR_DOC)] = None,
     ) -> list[dict[str, Any]]:
-        """Your requests, newest first."""
-        return [request_view(job, str(request.base_url)) for job in store.list_jobs(key.id, status=status, limit=limit)]
+        """Your requests, newest first, a page at a time: when there are more, the `X-Next-Cursor`
+        header (and `Link: <...>; rel="next"`) gives the cursor of the next page."""
+        after = _after(cursor)
+        jobs = store.list_jobs(key.id, status=status, after=after, limit=limit + 1)
+        _paged(request, response, jobs, limit)
+        return [request_view(job, str(request.base_url)) for job in jobs[:limit]]
 
     @router.get(
         "/v1/requests/{request_id}",
@@ -243,7 +271,9 @@ def build_router(orch: Orchestrator) -> APIRouter:
         tags=["requests"],
     )
     def get_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
-        return request_view(orch.own_job(key, request_id), str(request.base_url))
+        """The request's status; while queued, `queue_position`; while at a miner, `progress`."""
+        job = orch.own_job(key, request_id)
+        return request_view(job, str(request.base_url), queue_position(store, job))
 
     @router.get(
         "/v1/requests/{request_id}/result",
@@ -275,9 +305,23 @@ def build_router(orch: Orchestrator) -> APIRouter:
         """Cancel a request that has not finished; 409 when it already has."""
         return request_view(orch.cancel(key, request_id), str(request.base_url))
 
-    @router.get("/v1/loras", response_model=list[LoraView], responses=refusals(401, 429), tags=["loras"])
-    def list_loras(key: ApiKey = Depends(client)) -> list[dict[str, Any]]:
-        return [lora_view(lora) for lora in store.list_loras(key.id)]
+    @router.get(
+        "/v1/loras",
+        response_model=list[LoraView],
+        responses={**refusals(401, 422, 429), 200: {"headers": _PAGE_HEADERS}},
+        tags=["loras"],
+    )
+    def list_loras(
+        request: Request,
+        response: Response,
+        key: ApiKey = Depends(client),
+        limit: Annotated[int, Query(ge=1, le=200)] = 50,
+        cursor: Annotated[str | None, Query(description=_CURSOR_DOC)] = None,
+    ) -> list[dict[str, Any]]:
+        """Your LoRAs, newest first, paged as `GET /v1/requests`."""
+        loras = store.list_loras(key.id, after=_after(cursor), limit=limit + 1)
+        _paged(request, response, loras, limit)
+        return [lora_view(lora) for lora in loras[:limit]]
 
     @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=refusals(401, 404, 422, 429), tags=["loras"])
     def get_lora(lora_id: str, key: ApiKey = Depends(client)) -> dict[str, Any]:
@@ -394,6 +438,34 @@ def build_router(orch: Orchestrator) -> APIRouter:
         return JSONResponse(body, status_code=503 if problems else 200)
 
     return router
+
+
+_CURSOR_DOC = "The `X-Next-Cursor` of the previous page; leave out for the first page."
+_STRING = {"type": "string"}
+_PAGE_HEADERS = {
+    "X-Next-Cursor": {"description": "The cursor of the next page; absent on the last page.", "schema": _STRING},
+    "Link": {"description": 'The next page as `<url>; rel="next"`; absent on the last page.', "schema": _STRING},
+}
+
+
+def _after(cursor: str | None) -> tuple[datetime, str] | None:
+    """Where a page starts: after the item a cursor names; 422 for a cursor we did not hand out."""
+    if cursor is None:
+        return None
+    try:
+        position = decode_cursor(cursor)
+    except BadCursor as exc:
+        raise HTTPException(422, detail=str(exc)) from None
+    return position.created_at, position.id
+
+
+def _paged(request: Request, response: Response, items: list[Any], limit: int) -> None:
+    """Set the next-page headers when `items` (fetched `limit + 1`) holds more than a page."""
+    if len(items) > limit:
+        last = items[limit - 1]
+        cursor = encode_cursor(last.created_at, last.id)
+        response.headers["X-Next-Cursor"] = cursor
+        response.headers["Link"] = next_link(str(request.url), cursor)
 
 
 async def _read_upload(upload: UploadFile, limit: int, what: str = "dataset") -> bytes:

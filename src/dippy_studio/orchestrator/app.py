@@ -10,13 +10,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from dippy_studio.orchestrator import errors
+from dippy_studio.orchestrator import admin_api, errors
 from dippy_studio.orchestrator.api import build_router, document_request_models, http_error
 from dippy_studio.orchestrator.blobs import CorruptBlob
 from dippy_studio.orchestrator.dashboard_access import DashboardGuard
+from dippy_studio.orchestrator.live_api import build_live_router
+from dippy_studio.orchestrator.openai_compat import build_router as build_openai_router
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.protocol import http_errors
+from dippy_studio.protocol import api_docs, http_errors
 from dippy_studio.protocol.asgi import BodyLimit
 from dippy_studio.protocol.http_errors import error_body
 
@@ -46,6 +48,9 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
         description="Generate images with Flux and train LoRAs on a Bittensor subnet. "
         "Authenticate with `Authorization: Bearer <API key>`.",
         lifespan=lifespan,
+        # Served from the package by `api_docs.install`: FastAPI's pages load from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.orchestrator = orch
 
@@ -54,7 +59,7 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
             return settings.max_result_bytes + JSON_BODY_LIMIT
         if path == "/v1/loras":
             return settings.max_dataset_bytes + JSON_BODY_LIMIT
-        if path == "/v1/images":
+        if path in ("/v1/images", "/v1/images/edits"):
             # An image and a mask, uploaded or as base64 data: URIs (4 characters for 3 bytes).
             return 2 * (settings.max_input_image_bytes * 4 // 3 + 4) + JSON_BODY_LIMIT
         return JSON_BODY_LIMIT
@@ -77,6 +82,10 @@ def create_app(settings: OrchestratorSettings, **components: Any) -> FastAPI:
     app.add_exception_handler(errors.OrchestratorError, refused)
     app.add_exception_handler(CorruptBlob, corrupt)
     app.include_router(build_router(orch))
+    app.include_router(build_live_router(orch))
+    admin_api.install(app, orch)  # GET /v1/usage, /v1/admin, 402 for a spent quota
+    app.include_router(build_openai_router(orch))
+    api_docs.install(app)
     openapi = app.openapi
 
     def documented() -> dict[str, Any]:

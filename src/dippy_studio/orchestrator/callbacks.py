@@ -51,6 +51,7 @@ from dippy_studio.protocol.auth import AuthError, Checked, SenderPolicy, check_h
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.multipart import FormError, parse_form
 from dippy_studio.protocol.nonces import NonceStore
+from dippy_studio.protocol.progress import MAX_PROGRESS_BYTES, ProgressReport
 from dippy_studio.protocol.schemas import JobStatus, JobView
 
 log = logging.getLogger("dippy_studio.orchestrator.callbacks")
@@ -159,6 +160,42 @@ class CallbackHandler:
         except ValidationError as exc:
             return Reply(422, {"detail": f"meta is not a JobView: {exc.errors()[0].get('msg', 'invalid')}"})
         return await self._accept(job, meta, form.get("result"))
+
+    async def progress(self, job_id: str, headers: Mapping[str, str], target: str, body: bytes) -> Reply:
+        """A miner's signed progress report (`protocol.progress.ProgressReport`): kept on the job
+        (`Store.record_progress`) while it is this miner's current attempt. 401 for a bad
+        signature, 404 unknown job, 403 another miner's job, 413 over `MAX_PROGRESS_BYTES`, 422 not
+        a report, 410 not the current attempt, 409 no longer active."""
+        try:
+            signed = check_headers(
+                headers,
+                method="POST",
+                path=target,
+                receiver_ss58=self.signer.ss58_address,
+                max_age=self.settings.max_signature_age,
+                allowed_skew=self.settings.allowed_clock_skew,
+            )
+            checked = signed.check_body(hashlib.sha256(body).hexdigest(), self._policy)
+            job = await self.store.call(self._claim_and_load, checked, job_id)
+        except AuthError as exc:
+            return Reply(exc.status_code, {"detail": exc.reason})
+        if (refusal := self._refusal(job, job_id, checked.caller.hotkey_ss58, 0)) is not None:
+            return refusal
+        assert job is not None
+        if len(body) > MAX_PROGRESS_BYTES:
+            return Reply(413, {"detail": f"a progress report may be at most {MAX_PROGRESS_BYTES} bytes"})
+        try:
+            report = ProgressReport.model_validate_json(body)
+        except ValidationError as exc:
+            return Reply(422, {"detail": f"not a progress report: {exc.errors()[0].get('msg', 'invalid')}"})
+        if report.job_id != miner_job_id(job.id, job.attempts):
+            return Reply(410, {"detail": f"{report.job_id} is not the current attempt of {job.id}"})
+        recorded = await self.store.call(
+            self.store.record_progress, job.id, job.miner_hotkey, job.attempts, report.public(), lock_key=job.id
+        )
+        if not recorded:
+            return Reply(409, {"detail": f"request {job.id} is no longer at this miner"})
+        return Reply(200, {"status": "recorded"})
 
     def _refusal(self, job: Job | None, job_id: str, sender: str, size: int) -> Reply | None:
         """Why `sender` may not deliver a body of `size` bytes for this job, if it may not."""

@@ -1,6 +1,6 @@
 """`dippy-studio orchestrator ...`: run the server, and administration that needs no running server.
 
-`serve` runs the orchestrator API. `keys create|list|revoke` work on the same database as the
+`serve` runs the orchestrator API. `keys create|list|revoke|quota|usage` work on the same database as the
 server (`--data-dir` or `--db`), and bring its schema up to date first, so they also work before
 the server has ever started.
 """
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dippy_studio.orchestrator.store import Store
 
 orchestrator_app = typer.Typer(help="The orchestrator: the subnet's front door for clients.", no_args_is_help=True)
-keys_app = typer.Typer(help="Client API keys: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(help="Client API keys: create, list, revoke, quotas, usage.", no_args_is_help=True)
 orchestrator_app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
@@ -75,6 +75,7 @@ def _public(key: ApiKey) -> dict[str, Any]:
         "id": key.id,
         "name": key.name,
         "rate_limit_per_minute": key.rate_limit_per_minute,
+        "quota": key.quota or None,
         "created_at": key.created_at.isoformat(),
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
     }
@@ -146,6 +147,109 @@ def revoke_key(
     finally:
         store.close()
     typer.echo(f"Revoked {key_id}." if revoked else f"{key_id} was already revoked.")
+
+
+_LIMIT_HELP = "UNIT=N: images, megapixel_steps or training_steps = a number, or none (unlimited). Repeatable."
+
+
+@keys_app.command("quota")
+def set_quota(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...), as `keys list` shows it.")],
+    day: Annotated[list[str] | None, typer.Option("--day", metavar="UNIT=N", help=_LIMIT_HELP)] = None,
+    month: Annotated[list[str] | None, typer.Option("--month", metavar="UNIT=N", help=_LIMIT_HELP)] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every limit first.")] = False,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Show or change a key's quota: limits per UTC day and per UTC month. The limits given
+    replace those of the same unit; the rest stay. A submission the quota has no room for is
+    refused with 402, on every replica, from the key's next submission."""
+    from pydantic import ValidationError
+
+    from dippy_studio.orchestrator.store import UnknownApiKey
+    from dippy_studio.orchestrator.usage import Quota, quota_of
+
+    store = _open_store(data_dir, db)
+    try:
+        key = store.get_api_key(key_id)
+        if key is None:
+            _fail(f"no API key with id {key_id!r} (see `keys list`)")
+        if day or month or clear:
+            current = Quota() if clear else (quota_of(key.quota) or Quota())
+            wanted = current.model_dump()
+            for period, given in (("day", day or []), ("month", month or [])):
+                wanted[period].update(_parse_limits(given, f"--{period}"))
+            try:
+                quota = Quota.model_validate(wanted)
+            except ValidationError as exc:
+                _fail(f"invalid quota: {exc.errors()[0]['msg']}", 2)
+            try:
+                key = store.set_api_key_quota(key_id, quota)
+            except UnknownApiKey:
+                _fail(f"no API key with id {key_id!r} (see `keys list`)")
+    finally:
+        store.close()
+    quota = quota_of(key.quota)
+    if as_json:
+        print(json.dumps({"id": key.id, "quota": None if quota is None else quota.model_dump(mode="json")}))
+        return
+    if quota is None:
+        typer.echo(f"{key.id} has no quota (unlimited).")
+        return
+    typer.echo(f"{key.id} quota:")
+    for period in ("day", "month"):
+        limits = getattr(quota, period).limited()
+        if limits:
+            listed = ", ".join(f"{value:g} {unit}" for unit, value in limits.items())
+            typer.echo(f"  per {period} (UTC): {listed}")
+
+
+def _parse_limits(given: list[str], option: str) -> dict[str, float | None]:
+    from dippy_studio.orchestrator.usage import UNITS
+
+    limits: dict[str, float | None] = {}
+    for item in given:
+        unit, sep, value = item.partition("=")
+        unit = unit.strip().replace("-", "_")
+        if not sep or unit not in UNITS:
+            _fail(f"{option} {item!r}: expected UNIT=N with UNIT one of {', '.join(UNITS)}", 2)
+        value = value.strip().lower()
+        if value in ("none", "null", "unlimited", ""):
+            limits[unit] = None
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            _fail(f"{option} {item!r}: {value!r} is not a number (or none)", 2)
+        limits[unit] = int(number) if number.is_integer() and unit != "megapixel_steps" else number
+    return limits
+
+
+@keys_app.command("usage")
+def key_usage(
+    key_id: Annotated[str, typer.Argument(help="The key's id (key_...), as `keys list` shows it.")],
+    days: Annotated[int, typer.Option("--days", min=1, max=366, help="How many UTC days, today last.")] = 7,
+    as_json: JsonOpt = False,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """A key's metered units per UTC day (succeeded requests), as GET /v1/usage answers it."""
+    store = _open_store(data_dir, db)
+    try:
+        key = store.get_api_key(key_id)
+        if key is None:
+            _fail(f"no API key with id {key_id!r} (see `keys list`)")
+        report = store.key_usage(key, days)
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table("date (UTC)", "images", "megapixel-steps", "training steps")
+    for row in report["days"]:
+        table.add_row(row["date"], str(row["images"]), f"{row['megapixel_steps']:g}", str(row["training_steps"]))
+    out.print(table)
 
 
 @orchestrator_app.command("serve")

@@ -38,3 +38,8 @@ class NotFound(OrchestratorError):
 
 class Conflict(OrchestratorError):
     """The request is in a state that does not allow this (a result before success, a second cancel)."""
+
+
+class QuotaExceeded(OrchestratorError):
+    """The key's usage quota has no room for this request (`usage`); unlike a rate limit, waiting
+    a minute does not help: the period must end or the operator must raise the quota."""

@@ -343,8 +343,7 @@ def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, no
     if split is not None:
         dataset = dataset_zip(split.train)
         held = {HELDOUT_KEY: ctx.heldout.put(dataset_zip(split.heldout)), "heldout_images": len(split.heldout)}
-    options = {"alpha": body.alpha, "steps": body.steps, "lr": body.lr, "seed": body.seed}
-    options["max_seconds"] = body.max_seconds
+    options = {"alpha": body.alpha, "lr": body.lr, "seed": body.seed, "max_seconds": body.max_seconds}
     return {
         # What the miner downloads: the training part when the upload was split.
         "dataset_sha256": ctx.assets.put(dataset),
@@ -354,6 +353,8 @@ def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, no
         **{k: v for k, v in options.items() if v is not None},
         # The promise the result is checked against: explicit, so miners cannot differ on defaults.
         "rank": body.rank or training_defaults(settings.profile)["rank"],
+        # Explicit too: the steps a client is metered for (`usage`) are the steps miners are asked for.
+        "steps": body.steps or training_defaults(settings.profile)["steps"],
         "targets": list(DEFAULT_TARGETS),
     }
 

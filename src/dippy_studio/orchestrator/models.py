@@ -6,13 +6,14 @@ Times are stored in UTC and always come back timezone-aware, on SQLite as on Pos
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -90,6 +91,8 @@ class ApiKey(Base):
     rate_limit_per_minute: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+    # Per-day and per-month limits on metered units (`usage.Quota`; migration 0005); None: unlimited.
+    quota: Mapped[dict[str, Any] | None]
 
 
 class Job(Base):
@@ -141,10 +144,17 @@ class Job(Base):
     # When the next webhook delivery is due (also a lease while one is in flight; migration 0002).
     webhook_next_at: Mapped[datetime | None]
     webhook_error: Mapped[str | None] = mapped_column(Text)
+    # What the job is metered as once it succeeds, fixed when it is queued (`usage.job_units`;
+    # migration 0005): quotas count a key's unfinished jobs at these.
+    units_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    units_megapixel_steps: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    units_training_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 # The webhook sender's scan for due deliveries (migration 0002).
 Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_next_at)
+# A key's unfinished jobs, for its quota check (migration 0005).
+Index("ix_jobs_api_key_id_status", Job.api_key_id, Job.status)
 
 
 class JobTransition(Base):
@@ -227,6 +237,19 @@ class Audit(Base):
     verdict: Mapped[str] = mapped_column(String(16))
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]
+
+
+class UsageDay(Base):
+    """The units of a key's succeeded jobs on one UTC day, counted in the transaction that marks
+    each job succeeded (`usage.record_success`; migration 0005)."""
+
+    __tablename__ = "usage_days"
+
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    images: Mapped[int] = mapped_column(Integer)
+    megapixel_steps: Mapped[float] = mapped_column(Float)
+    training_steps: Mapped[int] = mapped_column(Integer)
 
 
 class RateWindow(Base):

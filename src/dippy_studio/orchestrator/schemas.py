@@ -144,6 +144,16 @@ class WebhookInfo(BaseModel):
     attempts: int
 
 
+class Progress(BaseModel):
+    """How far the miner is: denoising steps of an image, or optimizer steps of a training run
+    (with its latest loss and the miner's estimate of the time left)."""
+
+    step: int = Field(ge=0)
+    total: int = Field(ge=1)
+    loss: float | None = None
+    eta_s: float | None = Field(default=None, ge=0)
+
+
 class RequestView(Submitted):
     kind: str
     created_at: datetime
@@ -159,6 +169,31 @@ class RequestView(Submitted):
     input: dict[str, Any]
     result: ResultInfo | None
     webhook: WebhookInfo | None
+    progress: Progress | None = Field(
+        default=None,
+        description="The running attempt's latest progress report; null before the first and once finished.",
+    )
+    queue_position: int | None = Field(
+        default=None,
+        description="While queued: 1 + the requests of its miner lane (images, or training) queued before it "
+        "that still have time. An estimate: the dispatcher takes turns between API keys. Null in lists "
+        "and webhooks, and once dispatched.",
+    )
+
+
+class ModelInfo(BaseModel):
+    """A model profile this orchestrator serves, with the limits it checks requests against."""
+
+    id: str = Field(description="The profile's name.")
+    description: str
+    tasks: list[str] = Field(description="The image tasks `POST /v1/images` accepts for it.")
+    min_side: int
+    max_side: int = Field(description="Width and height are multiples of 16 in min_side..max_side.")
+    max_steps: int
+    default_steps: int
+    default_guidance: float
+    max_input_pixels: int = Field(description="The largest input image (width x height) an image task accepts.")
+    default: bool = Field(description="True for the profile requests get (the only one, today).")
 
 
 class Readiness(BaseModel):

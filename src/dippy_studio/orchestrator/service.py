@@ -38,7 +38,7 @@ from dippy_studio.orchestrator.registry import Registry
 from dippy_studio.orchestrator.scoring import window_scores
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import RequestStatus
-from dippy_studio.orchestrator.store import Listener, Store, job_row
+from dippy_studio.orchestrator.store import PROGRESS_EVENT, Listener, Store, job_row
 from dippy_studio.orchestrator.views import request_view
 from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.keys import Signer, load_signer
@@ -212,7 +212,10 @@ class Orchestrator:
 
     def _job_event(self, status: str, job_id: str) -> None:
         """A job event from the database (`Store.listen`), this replica's own writes included."""
-        if status == RequestStatus.queued.value:
+        if status == PROGRESS_EVENT:
+            # Only event streams care: no slot was freed.
+            self.waiters.notify(job_id)
+        elif status == RequestStatus.queued.value:
             self.dispatcher.wake()
         else:
             self.waiters.notify(job_id)

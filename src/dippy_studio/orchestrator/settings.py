@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from dippy_studio.orchestrator.blobs import parse_s3_url
@@ -138,6 +138,11 @@ class OrchestratorSettings(ServiceSettings):
     dashboard_refresh_s: float = Field(default=2.0, gt=0)
     dashboard_window_s: float = Field(default=3600.0, gt=0)
 
+    # The admin HTTP API under /v1/admin (orchestrator/admin_api.py): create, list and revoke API
+    # keys, set their quotas, read their usage. Off (404) until a token is set; then every call
+    # needs `Authorization: Bearer <admin_token>`.
+    admin_token: SecretStr | None = None
+
     # Webhooks to clients: Standard Webhooks, retried with exponential backoff.
     webhook_attempts: int = Field(default=8, ge=1, le=50)
     webhook_backoff_s: float = Field(default=2.0, gt=0)
@@ -169,13 +174,13 @@ class OrchestratorSettings(ServiceSettings):
             raise ValueError("audit_references names a hotkey twice")
         return [f"{hotkey}@{url}" for hotkey, url in workers]
 
-    @field_validator("dashboard_token")
+    @field_validator("dashboard_token", "admin_token")
     @classmethod
-    def _dashboard_token(cls, token: SecretStr | None) -> SecretStr | None:
-        # It guards every client's prompts and images; it travels in a header and, as typed, in a URL.
+    def _operator_token(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # Each guards every client's data (the dashboard's token also travels in a URL, as typed).
         if token is not None and not DASHBOARD_TOKEN.fullmatch(token.get_secret_value()):
             raise ValueError(
-                "dashboard_token must be at least 16 characters of A-Z a-z 0-9 . _ ~ - "
+                f"{info.field_name} must be at least 16 characters of A-Z a-z 0-9 . _ ~ - "
                 "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         return token

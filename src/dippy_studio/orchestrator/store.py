@@ -45,6 +45,7 @@ from sqlalchemy import (
     Engine,
     Select,
     Update,
+    and_,
     bindparam,
     exists,
     func,
@@ -58,8 +59,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dippy_studio.orchestrator import usage
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
-from dippy_studio.orchestrator.errors import OrchestratorError, RateLimited, Unauthorized
+from dippy_studio.orchestrator.errors import OrchestratorError, QuotaExceeded, RateLimited, Unauthorized
 from dippy_studio.orchestrator.models import ApiKey, Audit, Base, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
 from dippy_studio.orchestrator.states import (
     ACTIVE,
@@ -79,6 +81,8 @@ KEY_PREFIX = "dsk_"
 # PostgreSQL's channel for job events (migration 0004), and how often a listener checks for stop.
 JOB_EVENTS_CHANNEL = "dippy_jobs"
 LISTEN_POLL_S = 1.0
+# The job event (in place of a status) that says a job's progress changed (`record_progress`).
+PROGRESS_EVENT = "progress"
 _KEY_SECRET = re.compile(r"^dsk_([0-9a-f]{16})_[A-Za-z0-9_-]{32,128}$")
 DEFAULT_RATE_LIMIT_PER_MINUTE = 60
 RATE_WINDOW = timedelta(minutes=1)
@@ -279,6 +283,7 @@ def job_row(
         "webhook_state": "pending" if webhook_url else "none",
         "webhook_attempts": 0,
         "audit": audit,
+        **usage.job_units(kind, payload).columns(),
     }
 
 
@@ -397,6 +402,30 @@ class Store:
 
         return self._write(write)
 
+    def key_for_secret(self, secret: str) -> ApiKey | None:
+        """The live key whose secret this is, or None; counts no request (for local tools)."""
+        key_id = _key_id(secret)
+        return _live(secret, self.get_api_key(key_id)) if key_id else None
+
+    def set_api_key_quota(self, key_id: str, quota: usage.Quota | None) -> ApiKey:
+        """Replace a key's quota (None: unlimited); the key as it now is. Takes effect at the
+        key's next submission, on every replica."""
+        statement = usage.set_quota_statement(key_id, quota)
+
+        def write(conn: Connection) -> None:
+            if conn.execute(statement).rowcount != 1:
+                raise UnknownApiKey(key_id)
+
+        self._write(write)
+        key = self.get_api_key(key_id)
+        assert key is not None
+        return key
+
+    def key_usage(self, key: ApiKey, days: int, now: datetime | None = None) -> dict[str, Any]:
+        """A key's metered units per UTC day and its quota (`usage.usage_report`)."""
+        with self._reader.connect() as conn:
+            return usage.usage_report(conn, key.id, usage.quota_of(key.quota), days, now or utcnow())
+
     def admit(self, secret: str | None, now: datetime | None = None) -> ApiKey:
         """The live key whose secret this is, with this request counted against its per-minute
         limit; `Unauthorized` or `RateLimited` otherwise. Every authenticated call counts."""
@@ -421,15 +450,27 @@ class Store:
                 row = build(key)
             except OrchestratorError as refused:
                 return refused
+            over_quota = usage.refusal(conn, key.id, usage.row_units(row), now, key.quota)
+            if over_quota is not None:
+                return over_quota
             conn.execute(_INSERT_JOB, [row])
             return Job(**row)
 
         return self._write(write)
 
     def insert_jobs(self, rows: Sequence[Mapping[str, Any]]) -> list[Job]:
-        """New queued jobs from `job_row`s, in one statement."""
-        if rows:
-            self._write(lambda conn: conn.execute(_INSERT_JOB, list(rows)))
+        """New queued jobs from `job_row`s, in one statement; `errors.QuotaExceeded` (nothing
+        inserted) when a key's quota has no room for them."""
+
+        def write(conn: Connection) -> QuotaExceeded | None:
+            # Checked as of their submission (the rows' time), as `submit_job` does.
+            over_quota = usage.check_rows(conn, rows, max(row["created_at"] for row in rows))
+            if over_quota is None:
+                conn.execute(_INSERT_JOB, list(rows))
+            return over_quota
+
+        if rows and (refused := self._write(write)) is not None:
+            raise refused
         return [Job(**row) for row in rows]
 
     def get_job(self, job_id: str, api_key_id: str) -> Job | None:
@@ -464,17 +505,70 @@ class Store:
         *,
         status: RequestStatus | str | None = None,
         before: datetime | None = None,
+        after: tuple[datetime, str] | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        """A key's jobs, newest first; `before` pages back through older ones."""
+        """A key's jobs, newest first; `before` pages back through older ones, and `after` (a
+        (created_at, id) a page ended at) continues strictly after it in this order."""
         query = select(Job).where(Job.api_key_id == api_key_id)
         if status is not None:
             query = query.where(Job.status == RequestStatus(status).value)
         if before is not None:
             query = query.where(Job.created_at < before)
+        if after is not None:
+            query = query.where(_older_than(Job.created_at, Job.id, *after))
         query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
+
+    def queue_position(self, job: Job, kinds: Collection[str], now: datetime | None = None) -> int:
+        """A queued job's place in line among queued jobs of `kinds` (its miner lane's) that still
+        have time: 1 + those created before it. Oldest first, as an estimate: the dispatcher also
+        takes turns between keys, so another key's flood does not add to this job's wait."""
+        ahead = (
+            select(func.count())
+            .select_from(_JOBS)
+            .where(
+                _JOBS.c.status == RequestStatus.queued.value,
+                _JOBS.c.kind.in_(sorted(kinds)),
+                _JOBS.c.deadline > (now or utcnow()),
+                _older_than(_JOBS.c.created_at, _JOBS.c.id, job.created_at, job.id),
+            )
+        )
+        with self._reader.connect() as conn:
+            return 1 + int(conn.execute(ahead).scalar_one())
+
+    def record_progress(
+        self, job_id: str, miner_hotkey: str, attempt: int, progress: Mapping[str, Any], now: datetime | None = None
+    ) -> bool:
+        """Keep a miner's progress report in the job's `timings` (`{"progress": ...}`, replaced by
+        the result's timings when it succeeds) if the job is still active at that miner, in that
+        attempt; False otherwise. A report says the job started: a job still `dispatched` (its
+        accept not yet recorded) moves to `running`. On PostgreSQL every replica hears of it
+        (`progress <id>` on the job events channel), as it hears of status changes."""
+        to_running = _transition_op(
+            job_id, RequestStatus.dispatched, RequestStatus.running, now or utcnow(), None, None, None, {}
+        )
+        statement = (
+            update(_JOBS)
+            .where(
+                _JOBS.c.id == job_id,
+                _JOBS.c.status.in_(sorted(s.value for s in ACTIVE)),
+                _JOBS.c.miner_hotkey == miner_hotkey,
+                _JOBS.c.attempts == attempt,
+            )
+            .values(timings={"progress": {**progress, "attempt": attempt}})
+        )
+
+        def write(conn: Connection) -> bool:
+            moved = conn.execute(statement).rowcount == 1
+            if moved:
+                to_running(conn)
+            if moved and self.dialect == "postgresql":
+                conn.execute(select(func.pg_notify(JOB_EVENTS_CHANNEL, f"{PROGRESS_EVENT} {job_id}")))
+            return moved
+
+        return self._write(write, lock_key=job_id)
 
     def list_recent_jobs(self, since: datetime, limit: int = 5000) -> list[Job]:
         """Every key's jobs created since `since`, newest first (the dashboard's view)."""
@@ -827,8 +921,14 @@ class Store:
         with self._read() as session:
             return session.scalar(select(Lora).where(Lora.id == lora_id, Lora.api_key_id == api_key_id))
 
-    def list_loras(self, api_key_id: str) -> list[Lora]:
-        query = select(Lora).where(Lora.api_key_id == api_key_id).order_by(Lora.created_at.desc(), Lora.id)
+    def list_loras(
+        self, api_key_id: str, *, after: tuple[datetime, str] | None = None, limit: int | None = None
+    ) -> list[Lora]:
+        """A key's LoRAs, newest first (ties by id, descending); `after` as in `list_jobs`."""
+        query = select(Lora).where(Lora.api_key_id == api_key_id)
+        if after is not None:
+            query = query.where(_older_than(Lora.created_at, Lora.id, *after))
+        query = query.order_by(Lora.created_at.desc(), Lora.id.desc()).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
 
@@ -950,6 +1050,13 @@ _KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id == b
 _INSERT_JOB = insert(_JOBS)
 
 
+def _older_than(created_at: Any, row_id: Any, at: datetime, at_id: str) -> ColumnElement[bool]:
+    """Rows after (at, at_id) in newest-first order (a page's continuation), or before it in the
+    queue's oldest-first order: two comparisons rather than a row value, which SQLite and
+    PostgreSQL both plan on their created_at indexes."""
+    return or_(created_at < at, and_(created_at == at, row_id < at_id))
+
+
 def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | OrchestratorError:
     """`Store.admit` inside a transaction; the refusal is returned, so a group of writes is not
     rolled back and re-run for it (see `writer`)."""
@@ -1023,7 +1130,7 @@ def _transition_op(
     closes = target in _ATTEMPT_OUTCOME
     outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
 
-    def move(conn: Connection) -> bool:
+    def changed(conn: Connection) -> bool:
         if closes and conn.dialect.name == "postgresql":
             both = _transition_closing_statement(*statement_key)
             return conn.scalar(both, params | _attempt_params(job_id, outcome, attempt_error, now)) == 1
@@ -1032,6 +1139,13 @@ def _transition_op(
         if closes:
             _close_attempt(conn, job_id, outcome, attempt_error, now)
         return True
+
+    def move(conn: Connection) -> bool:
+        moved = changed(conn)
+        if moved and target is RequestStatus.succeeded:
+            # Metered in the transaction that finishes the job: exact on any number of replicas.
+            usage.record_success(conn, job_id, now)
+        return moved
 
     return move
 

@@ -20,13 +20,9 @@ queries are `Store.take_due_webhooks` and `Store.record_webhook`).
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import logging
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,59 +33,12 @@ from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
+from dippy_studio.protocol.webhooks import headers_for
 
 log = logging.getLogger("dippy_studio.orchestrator.webhooks")
 
-SECRET_PREFIX = "whsec_"
-DEFAULT_TOLERANCE_S = 300
 DELIVERY_THREADS = 4
 BATCH = 32
-
-
-class WebhookVerificationError(ValueError):
-    """A webhook's signature or timestamp does not check out."""
-
-
-def _key(secret: str) -> bytes:
-    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-
-
-def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The `webhook-signature` header value for one delivery."""
-    mac = hmac.new(_key(secret), f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(mac).decode()
-
-
-def headers_for(secret: str, msg_id: str, body: bytes, now: float | None = None) -> dict[str, str]:
-    timestamp = int(time.time() if now is None else now)
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign(secret, msg_id, timestamp, body),
-        "content-type": "application/json",
-    }
-
-
-def verify(
-    secret: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    tolerance_s: float = DEFAULT_TOLERANCE_S,
-    now: float | None = None,
-) -> None:
-    """What a receiver does: check the signature (any of the space-separated `v1,` ones) and that
-    the timestamp is recent. Raises WebhookVerificationError."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    try:
-        msg_id, timestamp = lowered["webhook-id"], int(lowered["webhook-timestamp"])
-        signatures = lowered["webhook-signature"].split()
-    except (KeyError, ValueError):
-        raise WebhookVerificationError("missing or malformed webhook headers") from None
-    if abs((time.time() if now is None else now) - timestamp) > tolerance_s:
-        raise WebhookVerificationError("webhook timestamp outside the tolerance window")
-    expected = sign(secret, msg_id, timestamp, body)
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
-        raise WebhookVerificationError("no webhook signature matches")
 
 
 def event_type(status: str) -> str:
