@@ -240,7 +240,7 @@ def _tiny_fill_config() -> builtin.BuiltinConfig:
     return dataclasses.replace(builtin.TINY, vae=vae, transformer=transformer)
 
 
-def test_flux_fill_inpaints_from_a_fill_directory(tmp_path, tiny_engine):
+def test_flux_fill_inpaints_from_a_fill_directory(tmp_path):
     pipe = builtin.build_pipeline(_tiny_fill_config(), FluxFillPipeline)
     assert pipe.transformer.config.in_channels == fill_in_channels(pipe)
     save_pipeline(pipe, "flux-fill", tmp_path / "fill")
@@ -260,6 +260,6 @@ def test_flux_fill_inpaints_from_a_fill_directory(tmp_path, tiny_engine):
     with pytest.raises(RequestError, match="does not serve task edit"):
         engine.generate(request("edit", width=256, height=256))
     # A text-to-image directory is refused as a Fill model, with the reason.
-    save_pipeline(tiny_engine.pipe, "tiny", tmp_path / "not-fill")
+    save_pipeline(builtin.build_pipeline(builtin.TINY), "tiny", tmp_path / "not-fill")
     with pytest.raises(ProfileError, match="not a FLUX.1 Fill model"):
         Engine(EngineOptions(profile="flux-fill", model_path=tmp_path / "not-fill"))
