@@ -409,3 +409,30 @@ def test_verdict_labels():
     assert Verdict(True, "ok").label == "pass"
     assert Verdict(False, "bad").label == "fail"
     assert Verdict(False, "?", conclusive=False).label == "inconclusive"
+
+
+def test_a_miner_on_another_thread_count_is_rerun_as_it_ran_and_compared_exactly():
+    """img2img on `small`: 1 and 2 threads drift past the perceptual line (bench/README.md, audit
+    thresholds), so the auditor re-runs with the miner's thread count and demands its bytes."""
+    from PIL import Image as PILImage
+
+    gradient = PILImage.linear_gradient("L").resize((96, 96)).convert("RGB")
+    request = GenerationRequest(
+        prompt="an oil painting", seed=5, width=128, height=128, steps=6, task="img2img",
+        image=encode_png(gradient), strength=0.7,
+    )  # fmt: skip
+    reference = Engine(EngineOptions(profile="small", threads=2))
+    miner = Engine(EngineOptions(profile="small", threads=1)).generate(request)
+    twin = reference.with_threads(1)
+    assert twin.fingerprint == miner.fingerprint != reference.fingerprint
+    assert twin.generate(request).png == miner.png
+
+    auditor = Auditor([reference])
+    honest = auditor.audit_inference(request, miner.png, miner.sha256, miner.fingerprint)
+    assert honest.verdict.passed and honest.verdict.metrics["comparison"] == "exact"
+    assert honest.evidence["reference"]["fingerprint"] == miner.fingerprint
+    cheat = reference.generate(request.model_copy(update={"steps": 5})).png  # one step fewer
+    caught = auditor.audit_inference(request, cheat, encode_sha(cheat), miner.fingerprint)
+    assert caught.verdict.label == "fail" and "same profile fingerprint" in caught.verdict.reason
+    # The reference itself still runs with its own threads.
+    assert reference.generate(request).fingerprint == reference.fingerprint

@@ -10,6 +10,8 @@ set of models, so a LoRA or a dtype applies to every task alike.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import threading
 from collections.abc import Callable, Iterator
@@ -154,6 +156,18 @@ class Engine:
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.spec.tasks
+
+    def with_threads(self, threads: int) -> Engine:
+        """This engine run with another thread count: the same loaded models, LoRA cache and lock
+        (one generation at a time across both), and the fingerprint of an engine built with
+        `threads`, whose bytes it gives. The thread count changes the order of float sums, so it
+        is part of the fingerprint; an auditor uses this to re-run a miner's job exactly as the
+        miner ran it."""
+        twin = copy.copy(self)
+        twin.options = self.options.model_copy(update={"threads": threads})
+        twin.fingerprint_parts = dataclasses.replace(self.fingerprint_parts, threads=threads)
+        twin._pending_load = 0.0
+        return twin
 
     def check(self, request: GenerationRequest) -> None:
         """Raise RequestError when the request is outside this profile's limits or its inputs
