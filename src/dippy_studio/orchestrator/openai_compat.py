@@ -389,6 +389,7 @@ def image_requests(
 _DOCUMENTED = {
     400: "the request is invalid or cannot be served as asked (OpenAI's `error` object says which field)",
     401: "missing, invalid or revoked API key",
+    402: "the key's usage quota for this period is spent (OpenAI's `insufficient_quota`)",
     403: "a link whose signature does not match, or that has expired",
     404: "no such image",
     409: "the request has no image (yet)",
@@ -401,7 +402,7 @@ _DOCUMENTED = {
 }
 
 
-_CALLS = (400, 401, 413, 422, 429, 502, 503, 504)
+_CALLS = (400, 401, 402, 413, 422, 429, 502, 503, 504)
 
 
 def _responses(statuses: Sequence[int] = _CALLS) -> dict[int | str, dict[str, Any]]:
