@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -24,6 +26,7 @@ def bench():
             "bench_miner",
             "bench_startup",
             "bench_edit",
+            "bench_memory",
             "run",
         )
         yield {name: importlib.import_module(name) for name in names}
@@ -126,3 +129,31 @@ def test_edit_bench_compares_equal_work_with_bare_kontext(bench):
     assert row["identical"]
     assert row["ours_ms"] > 0 and row["bare_ms"] > 0
     assert result.failed_checks == []
+
+
+def test_memory_bench_builds_full_flux_dev_on_meta(bench, capsys):
+    """FLUX.1-dev at full size, built without allocating: the published parameter counts, and a
+    total that is the weights plus the larger activation peak."""
+    module = bench["bench_memory"]
+    assert module.main(["--only", "flux-dev", "--json"]) == 0
+    (summary,) = json.loads(capsys.readouterr().out)["profiles"]
+    rows = {row["component"]: row for row in summary["rows"]}
+    assert all(row["error"] is None for row in rows.values())
+    assert 11.8e9 < rows["transformer"]["params"] < 12.0e9  # "a 12 billion parameter" transformer
+    assert 4.7e9 < rows["text_encoder_2"]["params"] < 4.8e9  # the T5-XXL encoder
+    weights = sum(row["weights_bf16_gib"] for row in rows.values())
+    assert rows["transformer"]["weights_fp32_gib"] == 2 * rows["transformer"]["weights_bf16_gib"]
+    peak = max(summary["denoiser_activation_gib"], summary["vae_decode_activation_gib"])
+    assert summary["total_bf16_gib"] == weights + peak
+    assert 30 < summary["total_bf16_gib"] < 40
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_gpu_bench_says_it_needs_a_gpu(capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module("bench_gpu_flux")
+    finally:
+        sys.path.remove(str(BENCH))
+    assert module.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
     log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
     up = subprocess.Popen(
         [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port),
-         "--miners", "2", "--cheater", "1"],
+         "--miners", "2", "--cheater", "1", "--profile", "tiny"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

@@ -41,7 +41,7 @@ def test_up_demo_exit_after_end_to_end(tmp_path):
     root = tmp_path / "subnet"
     proc = subprocess.run(
         [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(free_port()),
-         "--miners", "3", "--demo", "--cheater", "1", "--exit-after"],
+         "--miners", "3", "--demo", "--cheater", "1", "--exit-after", "--profile", "tiny"],
         capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -81,7 +81,7 @@ def test_ctrl_c_stops_everything_and_a_second_up_resumes(tmp_path):
     root = tmp_path / "subnet"
     port = free_port()
     args = [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port)]
-    args += ["--miners", "2"]
+    args += ["--miners", "2", "--profile", "tiny"]
     log_path = tmp_path / "up.log"
     log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
     up = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -172,7 +172,7 @@ def test_a_killed_miner_is_restarted_and_serves_again_while_up_keeps_running(tmp
     log = open(log_path, "w")  # noqa: SIM115 (a pipe nobody reads would fill and block `up`)
     up = subprocess.Popen(
         [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(port),
-         "--miners", "1"],
+         "--miners", "1", "--profile", "tiny"],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

@@ -29,12 +29,17 @@ ProfileOpt = Annotated[
     str | None,
     typer.Option(
         "--profile",
-        help="Model profile: tiny, tiny-kontext, small, flux-dev, flux-schnell, flux-kontext, flux-fill.",
+        help="Model profile: tiny, tiny-kontext, small, toy, flux-dev, flux-schnell, flux-kontext, flux-fill; "
+        "tiny-sdxl, sdxl; tiny-zimage, z-image; tiny-qwen-image, qwen-image.",
     ),
 ]
 ModelPathOpt = Annotated[Path | None, typer.Option("--model-path", help="Local diffusers-layout model directory.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str | None, typer.Option("--dtype", help="float32 or bfloat16.")]
+AttentionOpt = Annotated[
+    str | None,
+    typer.Option("--attention-backend", help="Attention kernel: native (torch SDPA), _native_math, flash, ..."),
+]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Torch threads (part of the fingerprint).")]
 
 
@@ -44,6 +49,7 @@ def engine_options(
     device: str | None,
     dtype: str | None,
     threads: int | None,
+    attention_backend: str | None = None,
 ):
     """Merge command-line flags over DIPPY_ENGINE__* settings."""
     from dippy_studio.engine.profiles import EngineOptions, profile_in_directory
@@ -59,6 +65,7 @@ def engine_options(
         "device": device,
         "dtype": dtype,
         "threads": threads,
+        "attention_backend": attention_backend,
     }
     try:
         return EngineOptions(**{**base.model_dump(), **{k: v for k, v in updates.items() if v is not None}})
@@ -99,6 +106,7 @@ def generate(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    attention_backend: AttentionOpt = None,
     threads: ThreadsOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the PNG.")] = Path("out.png"),
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -116,7 +124,7 @@ def generate(
     from dippy_studio.engine import Engine, GenerationRequest
     from dippy_studio.engine.profiles import get_profile
 
-    options = engine_options(profile, model_path, device, dtype, threads)
+    options = engine_options(profile, model_path, device, dtype, threads, attention_backend)
     loras = [parse_lora(s) for s in lora or []]
     image_bytes, mask_bytes = _read_file(image, "--image"), _read_file(mask, "--mask")
     try:
@@ -201,6 +209,7 @@ def profile(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    attention_backend: AttentionOpt = None,
     threads: ThreadsOpt = None,
     save: Annotated[Path | None, typer.Option("--save", help="Write the pipeline here in diffusers layout.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -209,7 +218,7 @@ def profile(
     from dippy_studio.engine import Engine
     from dippy_studio.engine.profiles import save_pipeline
 
-    options = engine_options(profile, model_path, device, dtype, threads)
+    options = engine_options(profile, model_path, device, dtype, threads, attention_backend)
     try:
         engine = Engine(options)
     except EngineError as exc:
@@ -279,7 +288,9 @@ def up(
     exit_after: Annotated[bool, typer.Option("--exit-after", help="Stop once the demo summary is printed.")] = False,
     block_time: Annotated[float, typer.Option("--block-time", help="Seconds per block of the local chain.")] = 1.0,
     tempo: Annotated[int, typer.Option("--tempo", help="Blocks between weight settings.")] = 20,
-    profile: Annotated[str, typer.Option("--profile", help="Model profile every miner serves.")] = "tiny",
+    profile: Annotated[
+        str, typer.Option("--profile", help="Model profile every miner serves (toy: the one that draws shapes).")
+    ] = "toy",
 ) -> None:
     """Bring up a whole local subnet: local chain, orchestrator, miners and a validator."""
     from dippy_studio.localnet import run_up
@@ -367,6 +378,7 @@ def train(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    attention_backend: AttentionOpt = None,
     threads: ThreadsOpt = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the LoRA (.safetensors).")] = Path(
         "lora.safetensors"
@@ -377,7 +389,7 @@ def train(
     from dippy_studio.engine.datasets import load_dataset
     from dippy_studio.engine.training import TrainConfig, train_lora
 
-    options = engine_options(profile, model_path, device, dtype, threads)
+    options = engine_options(profile, model_path, device, dtype, threads, attention_backend)
     try:
         config = TrainConfig(
             profile=options.profile,
@@ -466,6 +478,7 @@ def eval_lora(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    attention_backend: AttentionOpt = None,
     threads: ThreadsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -478,7 +491,7 @@ def eval_lora(
             profile = read_metadata(lora).get(f"{META}profile")
         except EngineError:
             profile = None
-    options = engine_options(profile, model_path, device, dtype, threads)
+    options = engine_options(profile, model_path, device, dtype, threads, attention_backend)
     try:
         result = evaluate_lora(
             options,

@@ -19,9 +19,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dippy_studio.chain.local import LocalChain
+from dippy_studio.protocol.limits import profile_limits
 from dippy_studio.subnet_layout import SubnetLayout
 
 TERMINAL = {"succeeded", "failed", "canceled"}
+# In the toy profile's vocabulary (colour, shape, background colour), so its pictures show them.
+PROMPTS = (
+    "a red circle on a blue background",
+    "a yellow triangle on a black background",
+    "a white square on a purple background",
+    "a green circle on a white background",
+)
 
 
 @dataclass
@@ -31,12 +39,14 @@ class DemoResult:
 
 
 class DemoClient:
-    def __init__(self, base_url: str, api_key: str) -> None:
+    def __init__(self, base_url: str, api_key: str, steps: int = 4) -> None:
         self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+        self.steps = steps
 
     def image(self, prompt: str, seed: int, loras: list[dict[str, Any]] | None = None, **task: Any) -> str:
         """Submit an image request; `task` adds the image-task fields (task, image, mask, strength)."""
-        body = {"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": 4, "loras": loras or [], **task}
+        body = {"prompt": prompt, "seed": seed, "width": 64, "height": 64, "steps": self.steps, "loras": loras or []}
+        body.update(task)
         response = self.http.post("/v1/images", json=body)
         response.raise_for_status()
         return response.json()["request_id"]
@@ -75,17 +85,18 @@ class DemoClient:
         return [done.get(i) or self.status(i) for i in ids]
 
 
-def run_demo(layout: SubnetLayout, api_key: str, console: Console) -> DemoResult:
+def run_demo(layout: SubnetLayout, api_key: str, console: Console, profile: str = "tiny") -> DemoResult:
     from dippy_studio.engine.synthetic_data import write_dataset
 
-    client = DemoClient(layout.orchestrator_url, api_key)
+    limits = profile_limits(profile)
+    client = DemoClient(layout.orchestrator_url, api_key, steps=limits.default_steps)
     views: list[dict[str, Any]] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        prompts = ["a lighthouse at dusk", "a red fox in snow", "a city of glass", "a quiet harbour"]
+        prompts = list(PROMPTS)
         first = [client.image(prompts[i % len(prompts)], seed=i) for i in range(12)]
         views += client.wait(first, progress, "1/4 inference without LoRAs")
-        views += client.wait(_edits(client, views), progress, "2/4 edits, img2img and inpainting")
+        views += client.wait(_edits(client, views, limits.tasks), progress, "2/4 edits, img2img and inpainting")
         with tempfile.TemporaryDirectory() as tmp:
             archive = write_dataset(Path(tmp) / "sunset.zip", style="sunset", count=6, seed=1)
             train_id = client.train(archive.read_bytes(), "sunsetstyle")
@@ -101,18 +112,27 @@ def run_demo(layout: SubnetLayout, api_key: str, console: Console) -> DemoResult
     return DemoResult(views, lora_id)
 
 
-def _edits(client: DemoClient, done: list[dict[str, Any]]) -> list[str]:
-    """Image tasks on the first images drawn: an instruction edit, img2img and inpainting of each
-    (the cheater's variant cheats on these too: it ignores the input or returns it unchanged)."""
+def _edits(client: DemoClient, done: list[dict[str, Any]], tasks: tuple[str, ...]) -> list[str]:
+    """Image tasks on the first images drawn: an instruction edit (where the profile serves edits),
+    img2img and inpainting of each (the cheater's variant cheats on these too: it ignores the input
+    or returns it unchanged)."""
     sources = [view for view in done if view["status"] == "succeeded"][:3]
     ids = []
     for i, view in enumerate(sources):
         image = _data_uri(client.result(view))
-        ids.append(client.image("make it night, with stars", seed=200 + i, task="edit", image=image))
+        if "edit" in tasks:
+            ids.append(client.image("make it night, with stars", seed=200 + i, task="edit", image=image))
         # At 4 steps a strength of 0.6 keeps the input's structure (at 0.8 no step would start from it).
-        ids.append(client.image("an oil painting", seed=300 + i, task="img2img", image=image, strength=0.6))
+        ids.append(client.image(PROMPTS[-1], seed=300 + i, task="img2img", image=image, strength=0.6))
         ids.append(
-            client.image("a full moon", seed=400 + i, task="inpaint", image=image, mask=_centre_mask(64), strength=0.9)
+            client.image(
+                "a cyan square on a black background",
+                seed=400 + i,
+                task="inpaint",
+                image=image,
+                mask=_centre_mask(64),
+                strength=0.9,
+            )
         )
     return ids
 

@@ -477,13 +477,13 @@ def run_up(
         console.print(
             f"Try:\n  curl -s -X POST {url}/v1/images -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' -H 'Prefer: wait=30' "
-            '-d \'{"prompt": "a lighthouse at dusk", "width": 64, "height": 64}\'\n',
+            '-d \'{"prompt": "a red circle on a blue background", "width": 64, "height": 64}\'\n',
             highlight=False,
             soft_wrap=True,
         )
         if demo:
             # In a thread: this one restarts children that die meanwhile.
-            supervisor.supervise_while(lambda: _demo(layout, key, console))
+            supervisor.supervise_while(lambda: _demo(layout, key, console, profile))
         if exit_after:
             return 0
         supervisor.supervise_forever()
@@ -497,14 +497,14 @@ def run_up(
         supervisor.stop()
 
 
-def _demo(layout: SubnetLayout, key: str, console: Console) -> None:
+def _demo(layout: SubnetLayout, key: str, console: Console, profile: str) -> None:
     from dippy_studio.demo import run_demo, summary_table
     from dippy_studio.orchestrator.db import default_url
     from dippy_studio.orchestrator.store import Store
 
     # /ready answers 200 once the orchestrator has found a healthy miner to send jobs to.
     wait_ready(f"{layout.orchestrator_url}/ready", "orchestrator", None, timeout=120)
-    result = run_demo(layout, key, console)
+    result = run_demo(layout, key, console, profile)
     chain = LocalChain(layout.root / "chain.sqlite", create=False)
     demo_end = chain.block()
     console.print("waiting for the orchestrator to score and the validator to set weights...")

@@ -102,8 +102,8 @@ def test_bad_model_paths(tmp_path):
 
 
 def test_unknown_profile_and_cuda_without_gpu():
-    with pytest.raises(ProfileError, match="unknown profile 'sdxl'"):
-        Engine(EngineOptions(profile="sdxl"))
+    with pytest.raises(ProfileError, match="unknown profile 'dalle-3'"):
+        Engine(EngineOptions(profile="dalle-3"))
     if not torch.cuda.is_available():
         with pytest.raises(ProfileError, match="no CUDA device"):
             Engine(EngineOptions(device="cuda"))

@@ -330,12 +330,14 @@ def bad_runner(tmp_path: Path, make_png: Callable[[dict[str, Any]], bytes]):
     return run
 
 
-def trained_lora(store: Store, api_key_id: str, name: str, sha256: str, rank: int, trigger_word: str = "") -> Lora:
-    """A LoRA registered the way production registers one: a training job for the key whose miner
-    delivered `sha256` (`Store.succeed` with what the training kind registers)."""
+def trained_lora(
+    store: Store, api_key_id: str, name: str, sha256: str, rank: int, trigger_word: str = "", model: str = "tiny"
+) -> Lora:
+    """A LoRA registered the way production registers one: a training job for the key (and
+    `model`) whose miner delivered `sha256` (`Store.succeed` with what the training kind registers)."""
     deadline = datetime.now(UTC) + timedelta(hours=1)
     payload = {"name": name, "rank": rank, "trigger_word": trigger_word, "dataset_sha256": "0" * 64}
-    (job,) = store.insert_jobs([job_row(api_key_id, "training", payload, deadline, 60)])
+    (job,) = store.insert_jobs([job_row(api_key_id, "training", payload, deadline, 60, model=model)])
     (claimed,) = store.claim_for_dispatch(1, kinds=["training"], assign=lambda job, tried: ("miner", 1))
     assert claimed.id == job.id
     success = Success(sha256, 1, None, {}, lora=kinds.get("training").registers(claimed, sha256))

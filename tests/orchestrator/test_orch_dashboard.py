@@ -48,11 +48,13 @@ def job(
     seconds_ago: float = 10,
     took: float = 1.0,
     kind: str = "inference",
+    model: str = "tiny",
     **inputs: object,
 ) -> Job:
     created = NOW - timedelta(seconds=seconds_ago)
     return Job(
-        id=f"req_{n:03d}", api_key_id="k", kind=kind, status=status, created_at=created, updated_at=created,
+        id=f"req_{n:03d}", api_key_id="k", kind=kind, model=model, status=status, created_at=created,
+        updated_at=created,
         deadline=NOW, attempt_timeout_s=60.0, miner_hotkey=hotkey, miner_uid=1 if hotkey == ALICE else 2,
         finished_at=created + timedelta(seconds=took) if status == "succeeded" else None,
         result_blob=f"blob{n}" if status == "succeeded" else None, fingerprint=f"fp-{hotkey}",

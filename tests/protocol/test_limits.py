@@ -19,17 +19,31 @@ def test_every_known_profile_has_limits():
         "tiny",
         "tiny-kontext",
         "small",
+        "toy",
         "flux-dev",
         "flux-schnell",
         "flux-kontext",
         "flux-fill",
+        "tiny-sdxl",
+        "sdxl",
+        "tiny-zimage",
+        "z-image",
+        "tiny-qwen-image",
+        "qwen-image",
+        "tiny-flux2",
+        "flux2-klein",
     ]
     tiny = profile_limits("tiny")
     assert (tiny.min_side, tiny.max_side, tiny.max_steps, tiny.default_steps) == (16, 256, 50, 4)
     schnell = profile_limits("flux-schnell")
     assert (schnell.default_guidance, schnell.max_steps, schnell.max_sequence_length) == (0.0, 16, 256)
     for limits in PROFILE_LIMITS.values():
-        assert limits.min_side <= limits.max_side and limits.default_steps <= limits.max_steps
+        assert limits.min_side <= limits.max_side and limits.min_steps <= limits.default_steps <= limits.max_steps
+    # Every profile names its model family; only Flux trains LoRAs.
+    assert {limits.family for limits in PROFILE_LIMITS.values()} == {"flux", "sdxl", "zimage", "qwen-image", "flux2"}
+    assert profile_limits("tiny").trains_loras and not profile_limits("sdxl").trains_loras
+    qwen = profile_limits("tiny-qwen-image")
+    assert qwen.image_problem(64, 64, 1) == "steps 1 is under 2 for profile tiny-qwen-image"
 
 
 def test_an_unknown_profile_is_a_clear_value_error():

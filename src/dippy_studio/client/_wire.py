@@ -35,9 +35,11 @@ _MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"))
 
 class ImageOptions(TypedDict, total=False):
     """The fields of an image request besides `prompt`, `image` and `mask` (see the API's
-    `ImageRequest`): `task` generate (the default; `width` and `height` required), edit, img2img
-    or inpaint; `strength` in (0, 1] for img2img and inpaint; `loras` as `[{"id": ..., "scale": 1.0}]`."""
+    `ImageRequest`): `model` one the orchestrator serves (`models()`; its default when left out);
+    `task` generate (the default; `width` and `height` required), edit, img2img or inpaint;
+    `strength` in (0, 1] for img2img and inpaint; `loras` as `[{"id": ..., "scale": 1.0}]`."""
 
+    model: str
     task: Literal["generate", "edit", "img2img", "inpaint"]
     width: int
     height: int
@@ -53,8 +55,11 @@ class ImageOptions(TypedDict, total=False):
 
 
 class TrainingOptions(TypedDict, total=False):
-    """The fields of a LoRA training request besides the dataset and `trigger_word`."""
+    """The fields of a LoRA training request besides the dataset and `trigger_word`: `model` is
+    the one it is trained for (the orchestrator's default when left out), the only one it can be
+    used with."""
 
+    model: str
     name: str
     rank: int
     alpha: float

@@ -143,7 +143,8 @@ class AsyncClient:
             yield Lora.model_validate(item)
 
     async def models(self) -> list[Model]:
-        """The model profiles the orchestrator serves (`GET /v1/models`), with their limits."""
+        """The models the orchestrator serves (`GET /v1/models`), with their limits; `model=` of
+        `submit` and `train_lora` names one."""
         response = await self._run(_flows.send(Call("GET", "/v1/models"), self.settings))
         return [Model.model_validate(item) for item in response.json()]
 

@@ -65,6 +65,7 @@ class Request(_View):
     result_url: str
     cancel_url: str
     kind: str | None = None
+    model: str | None = None
     created_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -89,18 +90,22 @@ class Lora(_View):
     name: str
     trigger_word: str
     rank: int
+    model: str | None = None
     sha256: str
     created_at: datetime
     source_request_id: str | None = None
 
 
 class Model(_View):
-    """A model profile the orchestrator serves, with the limits it checks requests against: width
-    and height are multiples of 16 in `min_side`..`max_side`, `steps` at most `max_steps`."""
+    """A model the orchestrator serves (pass its `id` as `model=`), with the limits it checks
+    requests against: width and height are multiples of 16 in `min_side`..`max_side`, `steps` at
+    most `max_steps`; `tasks` and job `kinds` it serves; `default` for the one requests get when
+    they name none."""
 
     id: str
     description: str = ""
     tasks: list[str]
+    kinds: list[str] = Field(default_factory=list)
     min_side: int
     max_side: int
     max_steps: int

@@ -180,7 +180,8 @@ class Client:
             yield Lora.model_validate(item)
 
     def models(self) -> list[Model]:
-        """The model profiles the orchestrator serves (`GET /v1/models`), with their limits."""
+        """The models the orchestrator serves (`GET /v1/models`), with their limits; `model=` of
+        `submit` and `train_lora` names one."""
         response = self._run(_flows.send(Call("GET", "/v1/models"), self.settings))
         return [Model.model_validate(item) for item in response.json()]
 

@@ -5,6 +5,8 @@ VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `t
 is tiny's architecture with its own seed, built as a FluxKontextPipeline (Kontext's
 architecture is FLUX.1's; only the pipeline feeds the input image's latents beside the noise).
 `small` is a CPU benchmark size (about 9M transformer parameters, a 4-level VAE like the real one).
+`toy` is the one built-in that draws: its weights were trained by this project (`engine.toy`)
+and are loaded from the safetensors file committed beside its code instead of being seeded.
 
 Weights are not left to torch's initialisers: those draw from the global RNG in module
 construction order and some use vectorised transcendental maths whose last bits may depend
@@ -17,14 +19,18 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+from safetensors import safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
-from dippy_studio.engine.tokenizers import clip_tokenizer, t5_tokenizer
+from dippy_studio.engine import tokenizers, toy
+from dippy_studio.engine.determinism import realign_parameters
+from dippy_studio.engine.toy import text as toy_text
 
 # Flux-dev's scheduler settings (resolution-dependent shift), so the built-ins exercise them.
 FLUX_SCHEDULER = dict(
@@ -39,7 +45,8 @@ FLUX_SCHEDULER = dict(
 
 @dataclass(frozen=True)
 class BuiltinConfig:
-    """Architecture sizes of a built-in pipeline; the seed decides the weights."""
+    """Architecture sizes of a built-in pipeline; the seed decides the weights unless `weights`
+    names a safetensors file of trained ones (module-prefixed keys, as `toy_training` writes)."""
 
     seed: int
     max_sequence_length: int
@@ -50,6 +57,9 @@ class BuiltinConfig:
     t5_width: int
     t5_layers: int
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(FLUX_SCHEDULER))
+    # "bytes": the character-level tokenizers any prompt fits; "words": the toy vocabulary's.
+    tokenizer: Literal["bytes", "words"] = "bytes"
+    weights: Path | None = None
 
 
 TINY = BuiltinConfig(
@@ -114,11 +124,56 @@ SMALL = BuiltinConfig(
 )
 
 
+# Trained by the project (`python -m dippy_studio.engine.toy_training`): a Flux-architecture model of
+# about 3.5M parameters that draws one shape of a colour on a background (`engine.toy.data`).
+TOY = BuiltinConfig(
+    seed=20261207,
+    max_sequence_length=16,
+    transformer=dict(
+        patch_size=1,
+        in_channels=32,  # 8 latent channels, 2x2-packed
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        axes_dims_rope=(8, 12, 12),
+        # Schnell-like: no guidance embedding, one forward pass per step.
+        guidance_embeds=False,
+    ),
+    vae=dict(
+        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=8,
+    ),
+    clip_width=64,
+    clip_layers=2,
+    t5_width=64,
+    t5_layers=2,
+    tokenizer="words",
+    weights=toy.WEIGHTS_PATH,
+)
+
+# The VAE latent normalisation of seeded profiles; trained weights carry their own in their header.
+SEEDED_VAE_FACTORS = {"shift_factor": 0.0609, "scaling_factor": 1.5035}
+
+
+def build_tokenizers(config: BuiltinConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedTokenizerBase]:
+    """The CLIP and T5 tokenizers of `config`, built in code."""
+    if config.tokenizer == "words":
+        return toy_text.clip_tokenizer(config.max_sequence_length), toy_text.t5_tokenizer(config.max_sequence_length)
+    return tokenizers.clip_tokenizer(), tokenizers.t5_tokenizer(config.max_sequence_length)
+
+
 def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -> FluxPipeline:
     """Build `pipeline_class` (a Flux pipeline: FluxPipeline, FluxKontextPipeline...) from `config`
-    with its seeded weights, in eval mode, float32 on CPU."""
-    clip_tok = clip_tokenizer()
-    t5_tok = t5_tokenizer(config.max_sequence_length)
+    with its seeded (or, when it names a file, trained) weights, in eval mode, float32 on CPU."""
+    clip_tok, t5_tok = build_tokenizers(config)
+    vae_factors = read_vae_factors(config.weights) if config.weights is not None else SEEDED_VAE_FACTORS
     transformer = FluxTransformer2DModel(**config.transformer)
     vae = AutoencoderKL(
         in_channels=3,
@@ -126,8 +181,7 @@ def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
+        **vae_factors,
         **config.vae,
     )
     text_encoder = CLIPTextModel(clip_config(config, clip_tok))
@@ -145,13 +199,18 @@ def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -
             decoder_start_token_id=t5_tok.pad_token_id,
         )
     )
-    for name, module in (
-        ("transformer", transformer),
-        ("vae", vae),
-        ("text_encoder", text_encoder),
-        ("text_encoder_2", text_encoder_2),
-    ):
-        seed_weights(module, seed=config.seed, prefix=name)
+    modules = {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+    }
+    if config.weights is not None:
+        load_weights(modules, config.weights)
+    else:
+        for name, module in modules.items():
+            seed_weights(module, seed=config.seed, prefix=name)
+    for module in modules.values():
         # Modules built from a config start in train mode; T5 dropout would eat RNG.
         module.eval()
         module.requires_grad_(False)
@@ -166,9 +225,9 @@ def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -
     )
 
 
-def clip_config(config: BuiltinConfig, clip_tok: CLIPTokenizer | None = None) -> CLIPTextConfig:
-    """The CLIP text encoder's architecture (the built-in byte-level tokenizer unless given)."""
-    clip_tok = clip_tok or clip_tokenizer()
+def clip_config(config: BuiltinConfig, clip_tok: PreTrainedTokenizerBase | None = None) -> CLIPTextConfig:
+    """The CLIP text encoder's architecture (for the config's own tokenizer unless given)."""
+    clip_tok = clip_tok or build_tokenizers(config)[0]
     return CLIPTextConfig(
         vocab_size=len(clip_tok),
         bos_token_id=clip_tok.bos_token_id,
@@ -207,3 +266,32 @@ def seed_weights(module: torch.nn.Module, *, seed: int, prefix: str) -> None:
         rng = np.random.Generator(np.random.PCG64(stream_seed))
         values = (rng.random(data.numel(), dtype=np.float64) * 2.0 - 1.0) * bound
         param.data = torch.from_numpy(values.astype(np.float32).reshape(tuple(data.shape))).clone()
+
+
+VAE_FACTOR_KEYS = ("shift_factor", "scaling_factor")
+
+
+def read_vae_factors(path: Path) -> dict[str, float]:
+    """The VAE latent shift and scale recorded in a trained weights file's header."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        return {key: float(metadata[f"vae.{key}"]) for key in VAE_FACTOR_KEYS}
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{path} records no valid VAE {exc}: not a trained built-in weights file") from None
+
+
+@torch.no_grad()
+def load_weights(modules: dict[str, torch.nn.Module], path: Path) -> None:
+    """Load `path`'s tensors (keys `<module>.<parameter>`) into `modules`, every tensor required.
+
+    The copies are realigned: memory-mapped tensors at unaligned addresses would make MKL take
+    other kernels and the loaded model compute different last bits than a built one.
+    """
+    with safe_open(path, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    for name, module in modules.items():
+        prefix = f"{name}."
+        state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+        realign_parameters(module)

@@ -98,6 +98,9 @@ def evaluate_lora(
     lora_file = read_lora(lora)  # refuses pickles, malformed files and non-finite weights
     metadata = _lora_metadata(lora)
     spec = get_profile(options.profile)
+    if not spec.model_family.trains_loras:
+        # The held-out loss is the Flux training objective; no other family has one here.
+        raise RequestError(f"LoRA evaluation runs on Flux profiles only; {spec.name} is a {spec.family} model")
     resolution = resolution or _int(metadata, "resolution") or TrainConfig(profile=spec.name).resolution
     if not spec.min_side <= resolution <= spec.max_side or resolution % 16:
         raise RequestError(f"evaluation resolution {resolution} does not suit profile {spec.name}")

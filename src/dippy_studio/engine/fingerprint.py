@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import diffusers
@@ -18,6 +19,8 @@ import torch
 import transformers
 from diffusers import FluxPipeline
 from PIL import features
+
+from dippy_studio.engine.options import DEFAULT_ATTENTION_BACKEND
 
 
 @dataclass(frozen=True)
@@ -36,39 +39,51 @@ class FingerprintParts:
     transformers: str
     pillow: str
     zlib: str
+    attention_backend: str = DEFAULT_ATTENTION_BACKEND
 
     @property
     def id(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        parts = asdict(self)
+        # Left out at its default so that fingerprints from before the option existed (all of
+        # them "native": torch SDPA) keep their ids.
+        if parts["attention_backend"] == DEFAULT_ATTENTION_BACKEND:
+            del parts["attention_backend"]
+        canonical = json.dumps(parts, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, object]:
         return {"fingerprint": self.id, **asdict(self)}
 
 
-def weights_sha256(pipe: FluxPipeline) -> str:
-    """sha256 over every tensor of the four models: name, dtype, shape and raw bytes."""
+FLUX_MODELS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+
+
+def weights_sha256(pipe: FluxPipeline, components: Sequence[str] = FLUX_MODELS) -> str:
+    """sha256 over every tensor of the pipeline's models (its family's `model_components`, in
+    that order): name, dtype, shape and raw bytes."""
     digest = hashlib.sha256()
-    for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+    for component in components:
         state = getattr(pipe, component).state_dict()
         for name in sorted(state):
             tensor = state[name].detach().to("cpu").contiguous()
             header = f"{component}.{name}|{tensor.dtype}|{tuple(tensor.shape)}\n"
             digest.update(header.encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BatchNorm counts)
     return digest.hexdigest()
 
 
 def config_sha256(pipe: FluxPipeline, max_sequence_length: int) -> str:
-    """sha256 over the non-weight inputs to generation: scheduler, tokenizers, sequence length."""
+    """sha256 over the non-weight inputs to generation: scheduler, tokenizers (every pipeline
+    component named tokenizer*, whatever the family), sequence length."""
     payload = {
         # Keys starting with "_" are bookkeeping (e.g. an unordered list of defaulted fields).
         "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
         "max_sequence_length": max_sequence_length,
-        "tokenizer": sorted(pipe.tokenizer.get_vocab().items()),
-        "tokenizer_2": sorted(pipe.tokenizer_2.get_vocab().items()),
         "vae_scale_factor": pipe.vae_scale_factor,
     }
+    for name, part in pipe.components.items():
+        if name.startswith("tokenizer") and part is not None:
+            payload[name] = sorted(part.get_vocab().items())
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -2,17 +2,18 @@
 
 Every task runs a stock diffusers pipeline, called in stages so each can be timed:
 LoRA activation and input reading -> text encoding -> denoising (latents) -> VAE decode ->
-PNG encoding. The pipeline depends on the task: text-to-image `FluxPipeline`, edit
-`FluxKontextPipeline`, img2img `FluxImg2ImgPipeline`, inpaint `FluxInpaintPipeline`
-(`FluxFillPipeline` on a Fill profile). All are built once per engine from the one loaded
-set of models, so a LoRA or a dtype applies to every task alike.
+PNG encoding. The pipeline depends on the profile's model family (`engine.families`) and the
+task: for Flux, text-to-image `FluxPipeline`, edit `FluxKontextPipeline`, img2img
+`FluxImg2ImgPipeline`, inpaint `FluxInpaintPipeline` (`FluxFillPipeline` on a Fill profile).
+All are built once per engine from the one loaded set of models, so a LoRA or a dtype applies
+to every task alike. The family supplies each stage's model-specific part; the staging, the
+timings, the determinism and the LoRA cache are the same for every family.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,18 +22,11 @@ from time import perf_counter
 from typing import Any
 
 import torch
-from diffusers import (
-    FluxFillPipeline,
-    FluxImg2ImgPipeline,
-    FluxInpaintPipeline,
-    FluxKontextPipeline,
-    FluxPipeline,
-)
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from dippy_studio.engine.determinism import configure_threads
 from dippy_studio.engine.errors import RequestError
+from dippy_studio.engine.families import Family
 from dippy_studio.engine.fingerprint import (
     FingerprintParts,
     config_sha256,
@@ -130,21 +124,23 @@ class Engine:
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
         self.spec = get_profile(self.options.profile)
+        self.family: Family = self.spec.model_family
         started = perf_counter()
         self.pipe = load_pipeline(self.options)
         self.fingerprint_parts = FingerprintParts(
             profile=self.spec.name,
-            weights_sha256=weights_sha256(self.pipe),
+            weights_sha256=weights_sha256(self.pipe, self.family.model_components),
             config_sha256=config_sha256(self.pipe, self.spec.max_sequence_length),
             dtype=self.options.dtype,
             device=device_kind(self.options.device),
             threads=self.options.threads,
             lora_mode=LORA_MODE,
             compile=self.options.compile,
+            attention_backend=self.options.attention_backend,
             **runtime_parts(),
         )
-        self.pipelines = task_pipelines(self.pipe, self.spec.tasks)
-        self.loras = LoraCache(self.pipe, self.options.lora_cache_size, self.options.lora_dir)
+        self.pipelines = self.family.task_pipelines(self.pipe, self.spec.tasks)
+        self.loras = LoraCache(self.pipe, self.options.lora_cache_size, self.options.lora_dir, self.family.lora_format)
         self.load_seconds = perf_counter() - started
         self._lock = threading.Lock()
         self._pending_load = self.load_seconds  # the first request reports the model load
@@ -179,7 +175,9 @@ class Engine:
             )
             or self.spec.image_problem(request.width, request.height, request.steps)
         )
-        if problem is None and request.task in STRENGTH_TASKS and denoising_steps(request, self._strength(request)) < 1:
+        if problem is None and request.loras and not self.family.supports_loras:
+            problem = f"profile {self.spec.name} ({self.family.name}) takes no LoRAs"
+        if problem is None and request.task in STRENGTH_TASKS and self._denoising_steps(request) < 1:
             problem = (
                 f"strength {self._strength(request)} with {request.steps} steps leaves no denoising step; "
                 "raise the strength or the steps"
@@ -189,6 +187,11 @@ class Engine:
 
     def _strength(self, request: GenerationRequest) -> float:
         return request.strength if request.strength is not None else self.spec.default_strength
+
+    def _denoising_steps(self, request: GenerationRequest) -> int:
+        """The steps img2img and inpainting run: the last `strength` of the schedule, computed
+        as the family's pipelines do."""
+        return self.family.denoising_steps(request.steps, self._strength(request))
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -214,20 +217,15 @@ class Engine:
             self._pending_load = 0.0
 
             started = perf_counter()
-            prompt_embeds, pooled_embeds, _ = self.pipe.encode_prompt(
-                prompt=request.prompt,
-                prompt_2=None,
-                device=self.pipe.transformer.device,
-                max_sequence_length=self.spec.max_sequence_length,
-            )
+            text = self.family.encode_prompt(self.pipe, request.prompt, request.guidance, self.spec.max_sequence_length)
             text_encode = perf_counter() - started
 
             started = perf_counter()
-            latents = self._denoise(request, images, prompt_embeds, pooled_embeds, on_step)
+            latents = self._denoise(request, images, text, on_step)
             denoise = perf_counter() - started
 
             started = perf_counter()
-            image = self._decode(latents, request.height, request.width)
+            image = self.family.decode(self.pipe, latents, request.height, request.width)
             decode = perf_counter() - started
 
         started = perf_counter()
@@ -249,13 +247,12 @@ class Engine:
         self,
         request: GenerationRequest,
         images: TaskImages | None,
-        prompt_embeds: torch.Tensor,
-        pooled_embeds: torch.Tensor,
+        text: dict[str, Any],
         on_step: StepCallback | None,
     ) -> torch.Tensor:
         total = request.steps
         if request.task in STRENGTH_TASKS:
-            total = denoising_steps(request, self._strength(request))
+            total = self._denoising_steps(request)
 
         def step_end(pipe: object, step: int, timestep: object, tensors: dict) -> dict:
             if on_step is not None:
@@ -264,71 +261,23 @@ class Engine:
 
         # Initial noise always comes from a CPU generator, so CPU and GPU engines start alike.
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        output = self.pipelines[request.task](
-            **self._task_arguments(request, images),
-            prompt_embeds=prompt_embeds,
-            pooled_prompt_embeds=pooled_embeds,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            generator=generator,
-            max_sequence_length=self.spec.max_sequence_length,
-            output_type="latent",
-            callback_on_step_end=step_end,
+        arguments: dict[str, Any] = {
+            **text,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance,
+            "generator": generator,
+            "output_type": "latent",
+            "callback_on_step_end": step_end,
+        }
+        arguments.update(
+            self.family.call_arguments(
+                request.task,
+                images,
+                self._strength(request),
+                request.width,
+                request.height,
+                self.spec.max_sequence_length,
+                request.guidance,
+            )
         )
-        return output.images
-
-    def _task_arguments(self, request: GenerationRequest, images: TaskImages | None) -> dict[str, Any]:
-        """What the task's pipeline takes beyond the text-to-image arguments."""
-        if images is None:
-            return {}
-        if request.task == "edit":
-            # Kontext otherwise rescales the output to max_area (1024^2) and the input to its
-            # preferred resolutions: both would ignore the requested size.
-            return {"image": images.image, "max_area": request.width * request.height, "_auto_resize": False}
-        arguments: dict[str, Any] = {"image": images.image, "strength": self._strength(request)}
-        if images.mask is not None:
-            arguments["mask_image"] = images.mask
-        return arguments
-
-    def _decode(self, latents: torch.Tensor, height: int, width: int) -> Image.Image:
-        # The same arithmetic as FluxPipeline.__call__ with output_type="pil".
-        pipe = self.pipe
-        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-        latents = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-        image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
-        return pipe.image_processor.postprocess(image, output_type="pil")[0]
-
-
-# The pipeline class of each task; inpainting uses Fill's where the profile is a Fill model.
-TASK_PIPELINES: dict[str, type] = {
-    "generate": FluxPipeline,
-    "edit": FluxKontextPipeline,
-    "img2img": FluxImg2ImgPipeline,
-    "inpaint": FluxInpaintPipeline,
-}
-
-
-def task_pipelines(pipe: Any, tasks: tuple[str, ...]) -> dict[str, Any]:
-    """One pipeline per task, each built on `pipe`'s components (the same module objects, so the
-    models are in memory once and a LoRA loaded through `pipe` applies to all of them)."""
-    pipelines = {}
-    for task in tasks:
-        cls = TASK_PIPELINES[task]
-        if task == "inpaint" and isinstance(pipe, FluxFillPipeline):
-            cls = FluxFillPipeline
-        if type(pipe) is cls:
-            pipelines[task] = pipe
-            continue
-        accepted = inspect.signature(cls.__init__).parameters
-        built = cls(**{name: part for name, part in pipe.components.items() if name in accepted})
-        built.set_progress_bar_config(disable=True)
-        pipelines[task] = built
-    return pipelines
-
-
-def denoising_steps(request: GenerationRequest, strength: float) -> int:
-    """The steps img2img and inpainting run: the last `strength` of the schedule, computed as
-    the diffusers pipelines do (`get_timesteps`)."""
-    return request.steps - int(max(request.steps - request.steps * strength, 0))
+        return self.pipelines[request.task](**arguments).images

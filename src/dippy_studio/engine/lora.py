@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
 from pydantic import BaseModel, ConfigDict, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -127,31 +128,67 @@ def _check_safetensors_header(path: Path, data: bytes) -> bytes:
     raise BadLoraError(f"{path}: not a safetensors file (bad header)")
 
 
-def check_lora_fits(pipe: FluxPipeline, lora: LoraFile) -> None:
+@dataclass(frozen=True)
+class LoraFormat:
+    """How a model family's LoRA files are read and applied: the diffusers pipeline class whose
+    `lora_state_dict` converts other trainers' layouts (Kohya, ai-toolkit...) to diffusers keys,
+    and the pipeline components a LoRA may adapt (the first is the denoiser)."""
+
+    label: str
+    loader: type
+    components: tuple[str, ...]
+
+    def convert(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Diffusers PEFT keys (`component.path.lora_A.weight`), as `load_lora_weights` sees them."""
+        converted = self.loader.lora_state_dict(dict(state_dict))
+        if isinstance(converted, tuple):
+            # UNet families return (state_dict, network_alphas), Kohya files in diffusers' older
+            # key layout: renamed to PEFT keys as `load_lora_into_unet` does.
+            return dict(convert_unet_state_dict_to_peft(dict(converted[0])))
+        return dict(converted)
+
+    def key_pattern(self) -> re.Pattern[str]:
+        # Longest names first, so "text_encoder_2" is not read as "text_encoder" plus "_2".
+        names = "|".join(re.escape(c) for c in sorted(self.components, key=len, reverse=True))
+        return re.compile(rf"^({names})\.(.+)\.(lora_A|lora_B)\.(weight|bias)$")
+
+
+FLUX_LORA = LoraFormat(label="Flux", loader=FluxPipeline, components=("transformer", "text_encoder"))
+
+
+def check_lora_fits(pipe: FluxPipeline, lora: LoraFile, lora_format: LoraFormat = FLUX_LORA) -> None:
     """Check that every tensor of the LoRA targets a real Linear layer with matching shapes
     (`lora_fit_problem`); BadLoraError otherwise."""
-    problem = lora_fit_problem(pipe, lora.state_dict)
+    problem = lora_fit_problem(pipe, lora.state_dict, lora_format)
     if problem is not None:
         raise BadLoraError(f"{lora.path}: {problem}")
 
 
-def lora_fit_problem(model: FluxPipeline | LayerModels, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+def lora_fit_problem(
+    model: FluxPipeline | LayerModels,
+    state_dict: Mapping[str, torch.Tensor],
+    lora_format: LoraFormat | None = None,
+) -> str | None:
     """Why these LoRA tensors do not fit `model` (a pipeline, or a profile's `layer_models`
     without weights), or None: every tensor must target a real Linear layer with matching shapes.
+    The format is the family's: given, else the one `LayerModels` carry, else Flux's.
 
     Kohya / ai-toolkit / XLabs formats are converted by diffusers first, exactly as
     `load_lora_weights` would.
     """
+    lora_format = lora_format or getattr(model, "lora_format", None) or FLUX_LORA
+    label = lora_format.label
     try:
-        converted = FluxPipeline.lora_state_dict(dict(state_dict))
+        converted = lora_format.convert(state_dict)
     except Exception as exc:  # diffusers raises assorted types for unknown layouts
-        return f"not a Flux LoRA diffusers can read: {exc}"
+        return f"not a {label} LoRA diffusers can read: {exc}"
     if not converted:
-        return "no LoRA weights for a Flux transformer or text encoder"
+        return f"no LoRA weights for a {label} {lora_format.components[0]} or text encoder"
     problems: list[str] = []
     ranks: dict[str, int] = {}
+    pattern = lora_format.key_pattern()
     for key, tensor in converted.items():
-        problem = _check_key(model, key, tuple(tensor.shape), ranks)
+        problem = _check_key(model, key, tuple(tensor.shape), ranks, pattern)
         if problem:
             problems.append(problem)
     if not problems:
@@ -163,10 +200,18 @@ def lora_fit_problem(model: FluxPipeline | LayerModels, state_dict: Mapping[str,
 
 @dataclass(frozen=True)
 class LayerModels:
-    """The models a LoRA may adapt, as `_check_key` looks them up on a pipeline."""
+    """The models a LoRA may adapt, by pipeline component name ("transformer", "unet",
+    "text_encoder"...), as `_check_key` looks them up on a pipeline, and how the family's LoRA
+    files map onto them."""
 
-    transformer: torch.nn.Module
-    text_encoder: torch.nn.Module
+    models: Mapping[str, torch.nn.Module]
+    lora_format: LoraFormat = FLUX_LORA
+
+    def __getattr__(self, name: str) -> torch.nn.Module:
+        try:
+            return self.__dict__["models"][name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
@@ -174,24 +219,34 @@ def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
 
     Diffusers reads a file's adapter config (its alpha) only when given a path; from the
     in-memory tensors we checked it would assume alpha = rank. So a file that carries a config
-    is loaded through the same two steps `load_lora_weights` takes, with the config passed in.
+    is loaded through the same steps `load_lora_weights` takes, with the config passed in: the
+    denoiser (a Flux transformer or a UNet), then each text encoder the pipeline has.
     """
     if lora.adapter_metadata is None:
         pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
         return
-    state_dict = FluxPipeline.lora_state_dict(dict(lora.state_dict))
+    state_dict = pipe.lora_state_dict(dict(lora.state_dict))
+    network_alphas = None
+    if isinstance(state_dict, tuple):  # UNet families: (state_dict, network_alphas)
+        state_dict, network_alphas = state_dict
     common = {"adapter_name": name, "metadata": lora.adapter_metadata, "_pipeline": pipe}
-    pipe.load_lora_into_transformer(state_dict, network_alphas=None, transformer=pipe.transformer, **common)
-    pipe.load_lora_into_text_encoder(
-        state_dict, network_alphas=None, text_encoder=pipe.text_encoder, prefix="text_encoder", **common
-    )
+    if hasattr(pipe, "load_lora_into_transformer"):
+        pipe.load_lora_into_transformer(
+            state_dict, network_alphas=network_alphas, transformer=pipe.transformer, **common
+        )
+    else:
+        pipe.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=pipe.unet, **common)
+    for prefix in ("text_encoder", "text_encoder_2"):
+        if prefix in getattr(pipe, "_lora_loadable_modules", ()):
+            pipe.load_lora_into_text_encoder(
+                state_dict, network_alphas=network_alphas, text_encoder=getattr(pipe, prefix), prefix=prefix, **common
+            )
 
 
-_LORA_KEY = re.compile(r"^(transformer|text_encoder)\.(.+)\.(lora_A|lora_B)\.(weight|bias)$")
-
-
-def _check_key(pipe: FluxPipeline | LayerModels, key: str, shape: tuple[int, ...], ranks: dict[str, int]) -> str | None:
-    match = _LORA_KEY.match(key)
+def _check_key(
+    pipe: FluxPipeline | LayerModels, key: str, shape: tuple[int, ...], ranks: dict[str, int], pattern: re.Pattern[str]
+) -> str | None:
+    match = pattern.match(key)
     if not match:
         return f"unexpected key {key!r}"
     component, module_path, which, kind = match.groups()
@@ -241,6 +296,8 @@ class LoraCache:
     pipe: FluxPipeline
     capacity: int
     lora_dir: Path | None = None
+    # The model family's LoRA layout; None: the family takes no LoRAs.
+    lora_format: LoraFormat | None = FLUX_LORA
     stats: CacheStats = field(default_factory=CacheStats)
     _loaded: OrderedDict[str, str] = field(default_factory=OrderedDict)  # sha256 -> adapter name
     _hashes: dict[Path, tuple[tuple[int, int, int, int], str]] = field(default_factory=dict)
@@ -286,7 +343,9 @@ class LoraCache:
             self._loaded.move_to_end(lora.sha256)
             return lora.sha256
         self.stats.misses += 1
-        check_lora_fits(self.pipe, lora)
+        if self.lora_format is None:
+            raise LoraError(f"{path}: this profile's model family takes no LoRAs")
+        check_lora_fits(self.pipe, lora, self.lora_format)
         while len(self._loaded) >= self.capacity:
             self._evict(keep)
         name = f"lora_{lora.sha256[:16]}"

@@ -3,8 +3,9 @@
 A profile fixes everything that decides output bits besides the request: weights, dtype,
 device, thread count, sequence length, LoRA application mode. `EngineOptions` picks one and
 says where its weights come from; `load_pipeline` turns that into a ready pipeline of the
-profile's class (FluxPipeline; FluxKontextPipeline for the Kontext profiles, FluxFillPipeline
-for flux-fill), the class its saved directory records.
+profile's class (decided by its model family, `engine.families`: FluxPipeline, or
+FluxKontextPipeline for the Kontext profiles, StableDiffusionXLPipeline for SDXL...), the class
+its saved directory records.
 """
 
 from __future__ import annotations
@@ -13,16 +14,23 @@ import json
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import FluxFillPipeline, FluxKontextPipeline, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.utils import logging as transformers_logging
 
 from dippy_studio.engine import builtin
+from dippy_studio.engine.attention import apply_attention_backend
 from dippy_studio.engine.determinism import configure_cuda, configure_threads, realign_parameters
 from dippy_studio.engine.errors import ProfileError
+from dippy_studio.engine.families import Family, get_family
+from dippy_studio.engine.families.flux import fill_in_channels as fill_in_channels  # re-exported
+from dippy_studio.engine.families.flux2 import TINY_FLUX2
+from dippy_studio.engine.families.qwen_image import TINY_QWEN_IMAGE
+from dippy_studio.engine.families.sdxl import TINY_SDXL
+from dippy_studio.engine.families.zimage import TINY_ZIMAGE
 from dippy_studio.engine.lora import LayerModels
 from dippy_studio.engine.options import EngineOptions
 from dippy_studio.protocol.limits import PROFILE_LIMITS, ProfileLimits
@@ -34,35 +42,39 @@ LORA_MODE = "peft-unfused"
 
 
 # Built from the lightweight table in protocol.limits (which the orchestrator reads without
-# loading torch) plus, for the built-ins, the architecture that builds their weights.
-_BUILTINS: dict[str, builtin.BuiltinConfig] = {
+# loading torch) plus, for the built-ins, the architecture that builds their weights (a config
+# of the profile's family: `builtin.BuiltinConfig` for Flux).
+_BUILTINS: dict[str, Any] = {
     "tiny": builtin.TINY,
     "tiny-kontext": builtin.TINY_KONTEXT,
     "small": builtin.SMALL,
-}
-# The pipeline class a profile is built, loaded and saved as (FluxPipeline when not listed).
-# The engine builds the other tasks' pipelines from the same components.
-_PIPELINE_CLASSES: dict[str, type] = {
-    "tiny-kontext": FluxKontextPipeline,
-    "flux-kontext": FluxKontextPipeline,
-    "flux-fill": FluxFillPipeline,
+    "toy": builtin.TOY,
+    "tiny-sdxl": TINY_SDXL,
+    "tiny-zimage": TINY_ZIMAGE,
+    "tiny-qwen-image": TINY_QWEN_IMAGE,
+    "tiny-flux2": TINY_FLUX2,
 }
 
 
 @dataclass(frozen=True)
 class ProfileSpec(ProfileLimits):
     """A profile's request limits plus where its weights come from: a built-in architecture,
-    or (None) a local diffusers-layout directory."""
+    or (None) a local diffusers-layout directory. The pipeline class is the family's choice
+    for the profile; the engine builds the other tasks' pipelines from the same components."""
 
-    builtin: builtin.BuiltinConfig | None = None
+    builtin: Any = None
     pipeline_class: type = FluxPipeline
+
+    @property
+    def model_family(self) -> Family:
+        return get_family(self.family)
 
 
 def _spec(limits: ProfileLimits) -> ProfileSpec:
     return ProfileSpec(
         **{f.name: getattr(limits, f.name) for f in fields(limits)},
         builtin=_BUILTINS.get(limits.name),
-        pipeline_class=_PIPELINE_CLASSES.get(limits.name, FluxPipeline),
+        pipeline_class=get_family(limits.family).pipeline_class(limits.name),
     )
 
 
@@ -92,26 +104,13 @@ def profile_in_directory(path: Path) -> str | None:
 
 @lru_cache(maxsize=8)
 def layer_models(profile: str, model_path: Path | None = None) -> LayerModels | None:
-    """The profile's transformer and CLIP text encoder on the meta device: every layer's name and
-    shape, no weights, built in a fraction of a second even for FLUX.1. What a LoRA is checked
-    against (`lora.lora_fit_problem`) where no model is loaded. The architecture comes from the
-    model directory when given, else from the built-in profile; None when neither is known."""
+    """The models a LoRA may adapt (Flux: the transformer and the CLIP text encoder) on the meta
+    device: every layer's name and shape, no weights, built in a fraction of a second even for
+    FLUX.1. What a LoRA is checked against (`lora.lora_fit_problem`, with the family's
+    `lora_format`) where no model is loaded. The architecture comes from the model directory
+    when given, else from the built-in profile; None when neither is known."""
     spec = get_profile(profile)
-    with torch.device("meta"):
-        if model_path is not None:
-            try:
-                transformer = FluxTransformer2DModel.from_config(
-                    FluxTransformer2DModel.load_config(model_path / "transformer")
-                )
-                text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(model_path / "text_encoder"))
-            except (OSError, ValueError) as exc:
-                raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
-        elif spec.builtin is not None:
-            transformer = FluxTransformer2DModel(**spec.builtin.transformer)
-            text_encoder = CLIPTextModel(builtin.clip_config(spec.builtin))
-        else:
-            return None
-    return LayerModels(transformer=transformer, text_encoder=text_encoder)
+    return spec.model_family.layer_models(spec.builtin, model_path)
 
 
 def load_pipeline(options: EngineOptions) -> FluxPipeline:
@@ -123,28 +122,32 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
     if options.device == "cuda":
         configure_cuda()
     dtype = DTYPES[options.dtype]
+    family = spec.model_family
     if options.model_path is not None:
-        pipe = _load_directory(options.model_path, dtype, spec.pipeline_class)
+        pipe = _load_directory(options.model_path, dtype, spec.pipeline_class, family)
     elif spec.builtin is not None:
-        pipe = builtin.build_pipeline(spec.builtin, spec.pipeline_class)
+        pipe = family.build(spec.builtin, spec.pipeline_class)
     else:
         raise ProfileError(
             f"profile {spec.name!r} loads from a local diffusers-layout directory: pass --model-path DIR "
             "(nothing is ever downloaded)"
         )
-    if pipe.transformer.dtype != dtype:
+    denoiser = getattr(pipe, family.denoiser)
+    if denoiser.dtype != dtype:
         pipe.to(dtype=dtype)
     pipe.to(options.device)
-    for module in _modules(pipe):
+    for module in family.modules(pipe):
         module.eval()
         module.requires_grad_(False)
+    # Before compiling: the compiled graph captures the attention kernel.
+    apply_attention_backend(denoiser, options.attention_backend)
     if options.compile:
-        pipe.transformer.compile()
+        denoiser.compile()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _load_directory(path: Path, dtype: torch.dtype, pipeline_class: type) -> FluxPipeline:
+def _load_directory(path: Path, dtype: torch.dtype, pipeline_class: type, family: Family) -> Any:
     if not path.is_dir():
         raise ProfileError(f"model directory {path} does not exist")
     if not (path / "model_index.json").is_file():
@@ -156,38 +159,19 @@ def _load_directory(path: Path, dtype: torch.dtype, pipeline_class: type) -> Flu
         pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ProfileError(f"could not load a {pipeline_class.__name__} from {path}: {exc}") from exc
-    if pipeline_class is FluxFillPipeline:
-        _check_fill_transformer(pipe, path)
+    family.check_loaded(pipe, path)
     # safetensors memory-maps tensors at unaligned addresses and MKL picks different kernels
     # for them; fresh copies make loaded weights compute exactly like built ones.
-    for module in _modules(pipe):
+    for module in family.modules(pipe):
         realign_parameters(module)
     return pipe
 
 
-def fill_in_channels(pipe: FluxPipeline) -> int:
-    """The transformer input width FLUX.1 Fill needs: the packed noise latents, the packed latents
-    of the masked image, and the packed mask (one channel per image pixel of a 2x2 latent patch)."""
-    latent = pipe.vae.config.latent_channels * 4
-    return latent + latent + pipe.vae_scale_factor**2 * 4
-
-
-def _check_fill_transformer(pipe: FluxPipeline, path: Path) -> None:
-    # A text-to-image FLUX.1 directory loads as a FluxFillPipeline without complaint and only
-    # fails inside the first request; refuse it here with the reason.
-    expected, found = fill_in_channels(pipe), pipe.transformer.config.in_channels
-    if found != expected:
-        raise ProfileError(
-            f"{path} is not a FLUX.1 Fill model: its transformer takes {found} input channels, "
-            f"Fill needs {expected} (noise, masked image and mask latents)"
-        )
-
-
 def save_pipeline(pipe: FluxPipeline, profile: str, directory: Path) -> None:
     """Write the pipeline in diffusers layout (loadable by stock diffusers as the pipeline's own
-    class: FluxPipeline, FluxKontextPipeline...) plus a profile marker. Refuses a pipeline with
-    LoRA adapters loaded: their layers would be saved in place of the base weights, and the
-    directory would not load."""
+    class: FluxPipeline, FluxKontextPipeline, StableDiffusionXLPipeline...) plus a profile
+    marker. Refuses a pipeline with LoRA adapters loaded: their layers would be saved in place of
+    the base weights, and the directory would not load."""
     adapted = [type(m).__name__ for m in _modules(pipe) if getattr(m, "peft_config", None)]
     if adapted:
         raise ProfileError(f"save a pipeline without LoRA adapters loaded (found some in {', '.join(adapted)})")
@@ -196,5 +180,6 @@ def save_pipeline(pipe: FluxPipeline, profile: str, directory: Path) -> None:
     (directory / PROFILE_MARKER).write_text(json.dumps({"profile": profile}, indent=2) + "\n")
 
 
-def _modules(pipe: FluxPipeline) -> list[torch.nn.Module]:
-    return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae]
+def _modules(pipe: Any) -> list[torch.nn.Module]:
+    """Every torch model of the pipeline, whatever its family."""
+    return [part for part in pipe.components.values() if isinstance(part, torch.nn.Module)]

@@ -1,7 +1,8 @@
 """Synthetic LoRAs for the built-in profiles: seeded random adapters in diffusers format.
 
 Used by the demo, the benchmarks and the tests, where no trained LoRA exists yet. The file
-is written by stock `FluxPipeline.save_lora_weights`, the format trainers produce.
+is written by stock `save_lora_weights` (`FluxPipeline.save_lora_weights` for FLUX.1), the
+format trainers produce.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
+from diffusers.loaders import FluxLoraLoaderMixin
 
 from dippy_studio.protocol.limits import DEFAULT_TARGETS
 
@@ -39,10 +41,14 @@ def random_lora_state_dict(
 
 
 def write_random_lora(pipe: FluxPipeline, path: Path, seed: int, rank: int = 4, strength: float = 0.5) -> Path:
-    """Write a seeded random LoRA for `pipe`'s transformer to `path` (.safetensors)."""
-    layers = random_lora_state_dict(pipe.transformer, seed=seed, rank=rank, strength=strength)
+    """Write a seeded random LoRA for `pipe`'s denoiser (its transformer, or an SDXL UNet) to
+    `path` (.safetensors), saved by the pipeline family's own `save_lora_weights`."""
+    denoiser = "unet" if hasattr(pipe, "unet") else "transformer"
+    layers = random_lora_state_dict(getattr(pipe, denoiser), seed=seed, rank=rank, strength=strength)
+    # Every FLUX.1 pipeline (Kontext, Fill...) writes LoRAs as FluxPipeline does.
+    loader = FluxPipeline if isinstance(pipe, FluxLoraLoaderMixin) else type(pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=layers, weight_name="lora.safetensors")
+        loader.save_lora_weights(tmp, weight_name="lora.safetensors", **{f"{denoiser}_lora_layers": layers})
         Path(tmp, "lora.safetensors").replace(path)
     return path

@@ -88,7 +88,11 @@ class TrainConfig(BaseModel):
     @field_validator("profile")
     @classmethod
     def _known_profile(cls, profile: str) -> str:
-        get_profile(profile)  # ProfileError (a ValueError) names the known ones
+        spec = get_profile(profile)  # ProfileError (a ValueError) names the known ones
+        if not spec.model_family.trains_loras:
+            # The loop below is Flux's (flow matching on packed latents); other families only
+            # apply LoRAs trained elsewhere.
+            raise ValueError(f"profile {profile} is a {spec.family} model; LoRA training runs on Flux profiles only")
         return profile
 
     @field_validator("trigger")

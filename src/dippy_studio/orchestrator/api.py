@@ -12,7 +12,7 @@ For clients, in the style of fal's and Replicate's queue APIs:
     GET  /v1/requests/{id}/result   the PNG or .safetensors
     POST /v1/requests/{id}/cancel   cancel it
     GET  /v1/loras, /v1/loras/{id}  your trained LoRAs (paged as requests)
-    GET  /v1/models                 the model profile served, with its limits (`live_api`)
+    GET  /v1/models                 the models served, with their limits (`live_api`)
 
 For miners: `POST /v1/miner-callbacks/{id}` (signed results), `POST /v1/miner-callbacks/{id}/progress`
 (signed progress reports, `live_api`) and `GET /v1/blobs/{sha256}` (LoRAs,
@@ -208,6 +208,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
         dataset: Annotated[UploadFile | None, File(description="A zip of images with same-name .txt captions.")] = None,
         dataset_url: Annotated[str | None, Form(max_length=2048)] = None,
+        model: Annotated[
+            str | None,
+            Form(max_length=64, description="The model to train for (`GET /v1/models`); the default when left out."),
+        ] = None,
         name: Annotated[str | None, Form(max_length=200)] = None,
         rank: Annotated[int | None, Form(ge=1, le=256)] = None,
         alpha: Annotated[float | None, Form(gt=0, le=1024)] = None,
@@ -230,6 +234,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         data = await _read_upload(dataset, settings.max_dataset_bytes) if dataset is not None else None
         body = TrainingRequest(
             trigger_word=trigger_word,
+            model=model or None,
             name=name,
             dataset=data,
             dataset_url=dataset_url or None,

@@ -516,7 +516,9 @@ class AuditContext(Protocol):
     assets: BlobStore
     heldout: BlobStore | None
 
-    def auditor(self) -> Auditor: ...
+    def auditor(self, model: str) -> Auditor:
+        """The auditor whose references run `model` (the job's)."""
+        ...
 
 
 def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
@@ -547,7 +549,9 @@ def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
     )
     png = ctx.results.get(job.result_blob)
     lora_sha256 = [lora["sha256"] for lora in payload["loras"]]
-    return ctx.auditor().audit_inference(request, png, job.result_sha256, job.fingerprint, lora_sha256=lora_sha256)
+    return ctx.auditor(job.model).audit_inference(
+        request, png, job.result_sha256, job.fingerprint, lora_sha256=lora_sha256
+    )
 
 
 def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
@@ -557,7 +561,7 @@ def audit_training_job(ctx: AuditContext, job: Job) -> AuditOutcome:
     # No held-out part: the dataset was too small to split (or audits were off at submission).
     heldout_sha = payload.get(HELDOUT_KEY)
     heldout = ctx.heldout.local_path(heldout_sha) if heldout_sha and ctx.heldout is not None else None
-    return ctx.auditor().audit_training(
+    return ctx.auditor(job.model).audit_training(
         ctx.assets.local_path(job.result_blob),
         heldout,
         payload["rank"],

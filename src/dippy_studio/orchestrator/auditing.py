@@ -8,6 +8,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.audit import Auditor, AuditSampler
@@ -19,6 +20,9 @@ from dippy_studio.orchestrator.references import ReferenceWorker
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.keys import Signer
+
+if TYPE_CHECKING:
+    from dippy_studio.engine import Engine
 
 log = logging.getLogger("dippy_studio.orchestrator.audits")
 
@@ -68,10 +72,13 @@ class AuditQueue:
         self.assets = assets
         self.heldout = heldout
         self.sampler = sampler
-        # Settings instead of an Auditor: build the reference engine at the first audit, so a
-        # server (or a test) that never audits never loads a model for it.
+        # Settings instead of an Auditor: build each model's reference at its first audit, so a
+        # server (or a test) that never audits never loads a model for it. An Auditor given
+        # instead audits every job, whatever its model.
         self._auditor = auditor if isinstance(auditor, Auditor) else None
         self._settings = auditor if isinstance(auditor, OrchestratorSettings) else None
+        self._auditors: dict[str, Auditor] = {}
+        self._engines: dict[str, Engine] = {}
         self._signer = signer  # signs re-runs sent to reference workers
         self.clock = clock
         self.leadership = leadership  # None: this queue alone audits (one process on its database)
@@ -189,30 +196,69 @@ class AuditQueue:
                 self.sampler.record_failure(hotkey)
         self._failures_seen = failures[-1][0]
 
-    def auditor(self) -> Auditor:
-        if self._auditor is None:
+    def auditor(self, model: str | None = None) -> Auditor:
+        """The auditor of `model`'s jobs (None: the default model's): the reference workers that
+        serve it, else an in-process engine of it."""
+        if self._auditor is not None:
+            return self._auditor
+        settings = self._settings
+        assert settings is not None
+        model = model or settings.profile
+        found = self._auditors.get(model)
+        if found is not None:
+            return found
+        if not settings.reference_workers:
+            found = self._auditors[model] = Auditor([self._engine(model, settings)])
+            return found
+        workers, all_answered = self._workers_for(model, settings)
+        if workers:
+            # Inference re-runs go to the workers; training audits measure LoRAs on an engine
+            # here (held-out loss needs the model in this process), built at the first one.
+            found = Auditor(workers, training_engine=functools.partial(self._engine, model, settings))
+        else:
+            log.warning("no reference worker serves model %s; its jobs are re-run in process", model)
+            found = Auditor([self._engine(model, settings)])
+        if all_answered:  # else asked again at the next audit: a worker that was down may be back
+            self._auditors[model] = found
+        return found
+
+    def _engine(self, model: str, settings: OrchestratorSettings) -> Engine:
+        """The in-process reference engine of `model`, built once. `audit_model_path` holds the
+        default model's weights; the other models are built-in profiles or load their own."""
+        engine = self._engines.get(model)
+        if engine is None:
             from dippy_studio.engine import Engine, EngineOptions
 
-            settings = self._settings
-            assert settings is not None
-            options = EngineOptions(profile=settings.profile, model_path=settings.audit_model_path)
-            if not settings.reference_workers:
-                self._auditor = Auditor([Engine(options)])
-            else:
-                # Inference re-runs go to the workers; training audits measure LoRAs on an engine
-                # here (held-out loss needs the model in this process), built at the first one.
-                assert self._signer is not None, "reference workers need the orchestrator's signer"
-                workers = [
-                    ReferenceWorker(
-                        hotkey,
-                        url,
-                        self._signer,
-                        profile=settings.profile,
-                        blob_url=functools.partial(blob_url, settings.public_url),
-                        timeout_s=settings.audit_reference_timeout_s,
-                        request_timeout_s=settings.dispatch_timeout_s,
-                    )
-                    for hotkey, url in settings.reference_workers
-                ]
-                self._auditor = Auditor(workers, training_engine=functools.partial(Engine, options))
-        return self._auditor
+            path = settings.audit_model_path if model == settings.profile else None
+            engine = self._engines[model] = Engine(EngineOptions(profile=model, model_path=path))
+        return engine
+
+    def _workers_for(self, model: str, settings: OrchestratorSettings) -> tuple[list[ReferenceWorker], bool]:
+        """The configured reference workers for `model`'s audits, and whether every one answered.
+        Each is asked which profile it serves (signed `/v1/capacity`): those serving another are
+        left out; those that do not answer are kept, so their audits are inconclusive as they
+        would be for a single model (never the miner's fault, never re-run elsewhere unasked)."""
+        from dippy_studio.orchestrator.references import ReferenceUnavailable
+
+        assert self._signer is not None, "reference workers need the orchestrator's signer"
+        serving: list[ReferenceWorker] = []
+        silent: list[ReferenceWorker] = []
+        for hotkey, url in settings.reference_workers:
+            worker = ReferenceWorker(
+                hotkey,
+                url,
+                self._signer,
+                profile=model,
+                blob_url=functools.partial(blob_url, settings.public_url),
+                timeout_s=settings.audit_reference_timeout_s,
+                request_timeout_s=settings.dispatch_timeout_s,
+            )
+            try:
+                profile = worker.served_profile()
+            except ReferenceUnavailable as exc:
+                log.warning("reference worker %s did not say which model it serves: %s", hotkey, exc)
+                silent.append(worker)
+                continue
+            if profile == model:
+                serving.append(worker)
+        return serving + silent, not silent

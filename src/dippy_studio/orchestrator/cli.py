@@ -270,7 +270,12 @@ def serve(
         Path | None,
         typer.Option("--chain-data-dir", help="Local chain (DIR/chain.sqlite) to sync miners from."),
     ] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="Model profile jobs are for. Default: tiny")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Default model (a profile) for requests naming none. Default: tiny")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", help="Further models served, comma-separated (e.g. tiny-kontext).")
+    ] = None,
     allow_loopback: Annotated[
         bool | None,
         typer.Option("--allow-loopback/--no-allow-loopback", help="Allow loopback URLs (local subnets)."),
@@ -305,6 +310,7 @@ def serve(
         "public_url": public_url,
         "chain_path": chain_path,
         "profile": profile,
+        "models": models,
         "allow_loopback_urls": allow_loopback,
         "workers": workers,
     }
@@ -328,7 +334,7 @@ def serve(
     plural = f", {settings.workers} workers" if settings.workers > 1 else ""
     typer.echo(
         f"orchestrator {orch.signer.ss58_address} on http://{settings.host}:{settings.port} "
-        f"(public {settings.public_url}, profile {settings.profile}{plural})",
+        f"(public {settings.public_url}, models {', '.join(settings.served_models)}{plural})",
         err=True,
     )
     from dippy_studio.orchestrator.serve import ListenError

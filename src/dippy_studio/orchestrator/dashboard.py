@@ -1,4 +1,4 @@
-"""The operator dashboard: live statistics on every miner and profile, served by the orchestrator.
+"""The operator dashboard: live statistics on every miner and model, served by the orchestrator.
 
 Three layers, so each is testable alone:
 
@@ -118,6 +118,8 @@ class DashboardInput:
     chain: ChainView
     gallery: bool = True
     penalty: PenaltyPolicy = DEFAULT_PENALTY
+    # Every model served (the default, `profile`, first): each gets a row even before its first job.
+    models: Sequence[str] = ()
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -195,7 +197,8 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
         "totals": _totals(data.jobs, data.audits, data.window_start),
         "miners": miners,
         "kinds": _kinds(data.jobs),
-        "profiles": _profiles(data.jobs, data.miners, data.profile),
+        "models": _models(data, plot_start, bucket),
+        "profiles": _profiles(data.jobs, data.miners),
         "gallery": _gallery(data.jobs, data.audits) if data.gallery else None,
         "audit_failures": _audit_failures(data.audits, jobs, {m.hotkey: m.uid for m in data.miners}),
     }
@@ -248,17 +251,54 @@ def _kinds(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     return [{"kind": kind, "label": _label(kind), **_volume(groups[kind])} for kind in sorted(groups)]
 
 
-def _profiles(jobs: Sequence[Job], miners: Sequence[Miner], default: str) -> list[dict[str, Any]]:
-    """Volume and latency per profile (named by the fingerprint miners advertise) and job kind.
-    Jobs no miner has answered yet count under the orchestrator's own profile."""
-    names: dict[str, str] = {}
-    for miner in miners:
-        for fingerprint in miner.fingerprints:
-            names[fingerprint] = miner.capacity.get("profile") or default
+def _models(data: DashboardInput, plot_start: datetime, bucket: timedelta) -> list[dict[str, Any]]:
+    """Live statistics per model (`jobs.model`): volume, success rate and client latency
+    (`_volume`), the latency of miners' succeeded attempts over time, audit verdicts in the
+    window, and the miners serving it (their capacity's profile) and how many are healthy."""
+    by_model: dict[str, list[Job]] = defaultdict(list)
+    for job in data.jobs:
+        by_model[job.model].append(job)
+    model_of = {job.id: job.model for job in data.jobs}
+    attempts: dict[str, list[JobAttempt]] = defaultdict(list)
+    for attempt in data.attempts:
+        if attempt.finished_at is not None and attempt.finished_at >= data.window_start and attempt.job_id in model_of:
+            attempts[model_of[attempt.job_id]].append(attempt)
+    verdicts: dict[str, Counter[str]] = defaultdict(Counter)
+    for audit in data.audits:
+        if audit.created_at >= data.window_start and audit.job_id in model_of:
+            verdicts[model_of[audit.job_id]][audit.verdict] += 1
+    serving: dict[str, list[Miner]] = defaultdict(list)
+    for miner in data.miners:
+        if miner.endpoint and miner.capacity.get("profile"):
+            serving[miner.capacity["profile"]].append(miner)
+    names = list(dict.fromkeys([*data.models, *sorted(by_model)]))
+    rows = []
+    for name in names:
+        volume = _volume(by_model.get(name, []))
+        ended = volume["succeeded"] + volume["failed"]
+        miners = sorted(serving.get(name, []), key=lambda m: m.uid)
+        rows.append(
+            {
+                "model": name,
+                "default": name == data.profile,
+                "served": name in data.models,
+                **volume,
+                "success_rate": volume["succeeded"] / ended if ended else None,
+                "series": _latency_series(attempts.get(name, []), plot_start, bucket),
+                "audits": {v: verdicts[name].get(v, 0) for v in ("pass", "fail", "inconclusive")},
+                "miners": [m.uid for m in miners],
+                "healthy_miners": sum(m.healthy for m in miners),
+            }
+        )
+    return rows
+
+
+def _profiles(jobs: Sequence[Job], miners: Sequence[Miner]) -> list[dict[str, Any]]:
+    """Volume and latency per model and profile fingerprint (the build miners advertise) and
+    job kind. Jobs no miner has answered yet have no fingerprint."""
     groups: dict[tuple[str, str | None, str], list[Job]] = defaultdict(list)
     for job in jobs:
-        name = names.get(job.fingerprint, default) if job.fingerprint else default
-        groups[(name, job.fingerprint, job.kind)].append(job)
+        groups[(job.model, job.fingerprint, job.kind)].append(job)
     rows = []
     for (name, fingerprint, kind), members in sorted(
         groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] or "")
@@ -402,6 +442,7 @@ class Dashboard:
             now=now,
             window_start=start,
             profile=orch.settings.profile,
+            models=orch.settings.served_models,
             orchestrator=orch.signer.ss58_address,
             jobs=jobs,
             # Attempts dispatched before the window that finished in it count too.

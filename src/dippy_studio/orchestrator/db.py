@@ -36,7 +36,7 @@ PG_CONNECT_TIMEOUT_S = 10
 # A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
 PG_IDLE_PING_S = 10.0
 # The newest migration in migrations/versions (a test keeps the two equal).
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 # Execution option a connection carries when its transaction will write (see module docstring).
 WRITE_OPTION = "dippy_write"
 
@@ -196,17 +196,20 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
-def alembic_config(engine: Engine) -> Config:
-    """Alembic configured in code: the scripts ship inside the package, no alembic.ini needed."""
+def alembic_config(engine: Engine, default_model: str | None = None) -> Config:
+    """Alembic configured in code: the scripts ship inside the package, no alembic.ini needed.
+    `default_model` is the orchestrator's default model, for rows a migration must label with one
+    (revision 0006)."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     config.attributes["engine"] = engine
+    config.attributes["default_model"] = default_model
     return config
 
 
-def upgrade(url_or_engine: str | URL | Engine, revision: str = "head") -> None:
+def upgrade(url_or_engine: str | URL | Engine, revision: str = "head", *, default_model: str | None = None) -> None:
     """Bring the schema up to `revision`. Safe to run on every start, from several processes.
     A database already at `HEAD_REVISION` is left alone without loading Alembic, which would
     cost each replica more than half a second of its start."""
@@ -216,7 +219,7 @@ def upgrade(url_or_engine: str | URL | Engine, revision: str = "head") -> None:
             return
         from alembic import command
 
-        command.upgrade(alembic_config(engine), revision)
+        command.upgrade(alembic_config(engine, default_model), revision)
     finally:
         if engine is not url_or_engine:
             engine.dispose()

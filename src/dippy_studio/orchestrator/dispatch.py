@@ -199,10 +199,13 @@ class Dispatcher:
         candidates = self.registry.cached_candidates()
         if candidates is None:
             candidates = await store.call(self.registry.candidates)
-        profile = self.settings.profile
+        # A job goes only to miners serving its model (`Job.model`, their capacity's `profile`).
+        models = self.settings.served_models
         specs = {spec.name: spec for spec in kinds.all_kinds()}
         if not any(
-            eligible(candidates, spec.lane, profile, self._cooling(), task=spec.task) for spec in specs.values()
+            eligible(candidates, spec.lane, model, self._cooling(), task=spec.task)
+            for spec in specs.values()
+            for model in models
         ):
             return 0
         # What each miner already holds of ours, per lane: its free slots are what is left.
@@ -211,19 +214,23 @@ class Dispatcher:
             if kind in specs:
                 held[specs[kind].lane][hotkey] += count
         timeouts = {name: spec.attempt_timeout_s(self.settings) for name, spec in specs.items()}
-        wanted = [
-            name
+        # The (kind, model) pairs some miner has a free slot for now.
+        ready = {
+            (name, model)
             for name, spec in specs.items()
+            for model in models
             if eligible(
                 candidates,
                 spec.lane,
-                profile,
+                model,
                 self._cooling(),
                 held=held[spec.lane],
                 attempt_timeout_s=timeouts[name],
                 task=spec.task,
             )
-        ]
+        }
+        wanted = sorted({name for name, _ in ready})
+        wanted_models = sorted({model for _, model in ready})
         if not wanted:
             self._short_of_slots = True
             return 0
@@ -239,7 +246,7 @@ class Dispatcher:
                 choice = choose_miner(
                     candidates,
                     lane,
-                    profile,
+                    job.model,
                     tried=tried,
                     exclude=cooling,
                     held=held[lane],
@@ -255,7 +262,9 @@ class Dispatcher:
             return choice.hotkey, choice.uid
 
         limit = min(room, self.settings.dispatch_batch)
-        jobs = await store.call(store.claim_for_dispatch, limit, now=self.clock(), kinds=wanted, assign=assign)
+        jobs = await store.call(
+            store.claim_for_dispatch, limit, now=self.clock(), kinds=wanted, assign=assign, models=wanted_models
+        )
         for job in jobs:
             task = asyncio.create_task(self._send_guarded(job, chosen[job.id]))
             self._sends.add(task)

@@ -178,7 +178,9 @@ def _image_payload_for(task: str) -> Callable[[SubmitContext, ApiKey, ImageReque
 
 
 def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: str) -> dict[str, Any]:
-    limits = profile_limits(ctx.settings.profile)
+    # The model the request names, resolved by the service (`Orchestrator.submit`) to one served.
+    model = body.model or ctx.settings.profile
+    limits = profile_limits(model)
     if body.task != task:
         raise InvalidRequest(f"a {body.task} request is not a {task} job")
     # The cheap checks first: nothing is fetched or decoded for a request refused anyway.
@@ -201,7 +203,7 @@ def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: st
         problem = limits.image_problem(body.width, body.height, steps)
         if problem is not None:
             raise InvalidRequest(problem)
-    loras = [_resolve_lora(ctx, key, lora) for lora in body.loras]
+    loras = [_resolve_lora(ctx, key, lora, model) for lora in body.loras]
     inputs = store_inputs(ctx, body, limits) if task in IMAGE_TASKS else None
     width, height = body.width, body.height
     if width is None or height is None:
@@ -230,20 +232,26 @@ def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: st
     return payload
 
 
-def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput) -> dict[str, Any]:
+def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput, model: str) -> dict[str, Any]:
     if lora.id is not None:
         found = ctx.store.get_lora(lora.id, key.id)
         if found is None:
             raise InvalidRequest(f"no LoRA {lora.id} for this API key")
+        if found.model != model:
+            # A LoRA's tensors are shaped for its model's layers; on another model it cannot load.
+            raise InvalidRequest(
+                f"LoRA {lora.id} was trained for model {found.model}; this request is for model {model}"
+            )
         return {"id": lora.id, "sha256": found.sha256, "scale": lora.scale}
     assert lora.url is not None
     data = ctx.fetch(lora.url, ctx.settings.max_lora_bytes, "LoRA")
     sha256 = check_sha256(data, lora.sha256, f"the LoRA at {lora.url}")
     # Checked here, as a miner's engine would: a LoRA that cannot work is the client's to fix, and
     # must not fail on miners as if they were at fault.
-    problem = check_lora_fit(data, ctx.settings.profile, ctx.settings.audit_model_path)
+    model_path = ctx.settings.audit_model_path if model == ctx.settings.profile else None
+    problem = check_lora_fit(data, model, model_path)
     if problem is not None:
-        raise InvalidRequest(f"the LoRA at {lora.url} is not usable with profile {ctx.settings.profile}: {problem}")
+        raise InvalidRequest(f"the LoRA at {lora.url} is not usable with model {model}: {problem}")
     ctx.assets.put(data)  # idempotent: a LoRA fetched before is not stored again
     return {"url": lora.url, "sha256": sha256, "scale": lora.scale}
 
@@ -320,6 +328,7 @@ def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, no
     from dippy_studio.engine.errors import DatasetError
 
     settings = ctx.settings
+    model = body.model or settings.profile
     trigger_word = body.trigger_word.strip()
     if not _TRIGGER.match(trigger_word):
         raise InvalidRequest("trigger_word must be one line of text without tabs or brackets")
@@ -352,9 +361,9 @@ def _training_payload(ctx: SubmitContext, key: ApiKey, body: TrainingRequest, no
         "name": (body.name or "").strip() or trigger_word,
         **{k: v for k, v in options.items() if v is not None},
         # The promise the result is checked against: explicit, so miners cannot differ on defaults.
-        "rank": body.rank or training_defaults(settings.profile)["rank"],
+        "rank": body.rank or training_defaults(model)["rank"],
         # Explicit too: the steps a client is metered for (`usage`) are the steps miners are asked for.
-        "steps": body.steps or training_defaults(settings.profile)["steps"],
+        "steps": body.steps or training_defaults(model)["steps"],
         "targets": list(DEFAULT_TARGETS),
     }
 

@@ -26,6 +26,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 
+from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.api import bearer, refusals
 from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.schemas import ModelInfo
@@ -43,21 +44,28 @@ PING_S = 15.0
 
 
 def models(orch: Orchestrator) -> list[dict[str, Any]]:
-    """The profile this orchestrator serves (its miners run it), with the limits it checks."""
-    limits = profile_limits(orch.settings.profile)
+    """Every model this orchestrator serves (the default first), with the limits it checks."""
+    return [model_info(name, default=name == orch.settings.profile) for name in orch.settings.served_models]
+
+
+def model_info(name: str, *, default: bool) -> dict[str, Any]:
+    """A model's `ModelInfo`: its limits (`protocol.limits`) and the job kinds it serves (a kind
+    with an image task the model lists, and every kind without one: training)."""
+    limits = profile_limits(name)
     info = ModelInfo(
         id=limits.name,
         description=limits.description,
         tasks=list(limits.tasks),
+        kinds=[spec.name for spec in kinds.all_kinds() if spec.task is None or spec.task in limits.tasks],
         min_side=limits.min_side,
         max_side=limits.max_side,
         max_steps=limits.max_steps,
         default_steps=limits.default_steps,
         default_guidance=limits.default_guidance,
         max_input_pixels=limits.max_input_pixels,
-        default=True,
+        default=default,
     )
-    return [info.model_dump(mode="json")]
+    return info.model_dump(mode="json")
 
 
 def live_view(orch: Orchestrator, job: Job, base_url: str) -> dict[str, Any]:
@@ -106,9 +114,10 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
 
     @router.get("/v1/models", response_model=list[ModelInfo], tags=["models"])
     def list_models() -> list[dict[str, Any]]:
-        """The model profile this orchestrator serves, marked `default`, with the limits a request
-        is checked against: side range (multiples of 16), steps, input image size, and the tasks
-        `POST /v1/images` accepts. LoRA training (`POST /v1/loras`) trains for this profile."""
+        """The models this orchestrator serves, the one requests get when they name no `model`
+        marked `default`, each with the limits a request for it is checked against: side range
+        (multiples of 16), steps, input image size, the tasks `POST /v1/images` accepts and the
+        job kinds it serves. LoRA training (`POST /v1/loras`) trains for the `model` it names."""
         return models(orch)
 
     @router.get(

@@ -71,6 +71,11 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON(), list[Any]: JSON()}
 
 
+# The model (an engine profile name, `protocol.limits.PROFILE_LIMITS`) an orchestrator serves when
+# it is configured with no other, and the one rows written before migration 0006 belong to when
+# nothing says otherwise.
+DEFAULT_MODEL = "tiny"
+
 _STATUSES = ", ".join(f"'{s.value}'" for s in RequestStatus)
 
 
@@ -110,6 +115,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     kind: Mapped[str] = mapped_column(String(16))
+    # The model the job is for (a profile name): only miners serving it get it, and its audits
+    # re-run on a reference of it (migration 0006).
+    model: Mapped[str] = mapped_column(String(64))
     status: Mapped[str] = mapped_column(String(16))
     payload: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
@@ -220,6 +228,8 @@ class Lora(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     trigger_word: Mapped[str] = mapped_column(String(64), default="")
     rank: Mapped[int] = mapped_column(Integer)
+    # The model it was trained for: the only one it may be used with (migration 0006).
+    model: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime]
     source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
 

@@ -16,8 +16,9 @@ Differences from OpenAI's API, on purpose:
   needs no key for `URL_TTL_S` seconds, as OpenAI's do: it carries an expiry and the
   orchestrator hotkey's signature over the request id and that expiry, so every replica checks
   it and nothing is stored (`GET /v1/images/files/{request_id}`).
-- `model` is this orchestrator's profile (or left out); any other is refused. `size` is
-  `WIDTHxHEIGHT` within the profile's limits, or `auto` (1024 clamped to the profile for a
+- `model` is one of the models this orchestrator serves (`GET /v1/models`), or left out for its
+  default; any other is refused (`model_not_found`, naming the served ones). `size` is
+  `WIDTHxHEIGHT` within that model's limits, or `auto` (1024 clamped to the model for a
   generation; the input image's size for an edit).
 - Options that would change the image in a way this API cannot honour (`quality` other than
   auto/standard, `style`, a transparent `background`, an `output_format` other than png,
@@ -204,7 +205,10 @@ class _Options(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     prompt: str = Field(description="What to draw, or (edits) the instruction.")
-    model: str | None = Field(default=None, description="This orchestrator's profile (e.g. `tiny`), or leave it out.")
+    model: str | None = Field(
+        default=None,
+        description="A model this orchestrator serves (`GET /v1/models`), or leave it out for the default.",
+    )
     n: int | None = Field(default=1, ge=1, le=MAX_N, description=f"Images to make, 1 to {MAX_N}.")
     size: str | None = Field(
         default=None, description="`WIDTHxHEIGHT` within the profile's limits, or `auto`.", examples=["256x256"]
@@ -349,25 +353,33 @@ def url_problem(signer: Signer, request_id: str, expires: int, signature: str, n
     return None
 
 
+def model_of(options: _Options, served: Sequence[str]) -> tuple[str, ProfileLimits]:
+    """The model a call is for (OpenAI's `model`; the first of `served`, the default, when left
+    out) and its limits; refused, naming the served models, when it is not one of them."""
+    model = options.model if options.model is not None else served[0]
+    if model not in served:
+        names = ", ".join(repr(name) for name in served)
+        raise Refused(
+            400,
+            f"model {model!r} is not served here; this orchestrator serves {names} (or leave model out)",
+            param="model",
+            code="model_not_found",
+        )
+    return model, profile_limits(model)
+
+
 def image_requests(
     options: _Options,
-    limits: ProfileLimits,
-    profile: str,
+    model: str,
     *,
     task: str,
     size: tuple[int, int] | None,
     extra: Mapping[str, Any] | None = None,
 ) -> list[ImageRequest]:
-    """The native requests for one call: one per image, seeds following on from `seed`."""
-    if options.model is not None and options.model != profile:
-        raise Refused(
-            400,
-            f"model {options.model!r} is not served here; this orchestrator serves {profile!r} (or leave model out)",
-            param="model",
-            code="model_not_found",
-        )
+    """The native requests of `model` for one call: one per image, seeds following on from `seed`."""
     n = options.n or 1
     fields: dict[str, Any] = {
+        "model": model,
         "task": task,
         "prompt": options.prompt,
         "steps": options.steps,
@@ -429,7 +441,7 @@ def _edits_body() -> dict[str, Any]:
 def build_router(orch: Orchestrator) -> APIRouter:
     router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
     settings = orch.settings
-    limits = profile_limits(settings.profile)
+    served = settings.served_models  # the default first
 
     async def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         # Admitted before the body is read: a stranger's upload costs us nothing.
@@ -442,9 +454,10 @@ def build_router(orch: Orchestrator) -> APIRouter:
     ) -> JSONResponse:
         """OpenAI's image generation (`client.images.generate`), on this subnet's miners."""
         _check_options(body)
+        model, limits = model_of(body, served)
         size = parse_size(body.size, limits, body.steps) or default_size(limits)
         extra = {"loras": [lora.model_dump(exclude_none=True) for lora in body.loras]}
-        native = image_requests(body, limits, settings.profile, task="generate", size=size, extra=extra)
+        native = image_requests(body, model, task="generate", size=size, extra=extra)
         return await _serve(orch, request, caller, native, body.response_format)
 
     @router.post(
@@ -458,6 +471,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         `mask` (transparent = edit), inpainted there."""
         form, image, mask = await _edit_form(request, settings.max_input_image_bytes)
         _check_options(form)
+        model, limits = model_of(form, served)
         size = parse_size(form.size, limits, form.steps)
         extra: dict[str, Any] = {}
         if form.loras:
@@ -473,7 +487,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         task = "inpaint" if mask is not None else "edit"
         native = [
             body.with_uploads(image=image, mask=mask)
-            for body in image_requests(form, limits, settings.profile, task=task, size=size, extra=extra)
+            for body in image_requests(form, model, task=task, size=size, extra=extra)
         ]
         return await _serve(orch, request, caller, native, form.response_format)
 

@@ -73,7 +73,7 @@ class ReferenceWorker:
         self.hotkey = hotkey
         self.url = url.rstrip("/")
         self.signer = signer
-        self.profile = profile  # the one it must serve: the orchestrator's
+        self.profile = profile  # the one it must serve: the audited job's model
         self.blob_url = blob_url
         self.timeout_s = timeout_s
         self.request_timeout_s = request_timeout_s
@@ -91,8 +91,20 @@ class ReferenceWorker:
         """Who the reference is, for an audit's evidence."""
         return {"worker": self.hotkey, "url": self.url, "profile": self.profile, "fingerprint": self._fingerprint}
 
+    def served_profile(self) -> str:
+        """The profile the worker serves (its signed `/v1/capacity`), whichever it is."""
+        return self._signed_capacity().profile
+
     def capacity(self) -> Capacity:
         """The worker's signed `/v1/capacity`, checked: the configured hotkey, our profile, inference served."""
+        capacity = self._signed_capacity()
+        if capacity.profile != self.profile:
+            raise self._unavailable(f"serves profile {capacity.profile!r}, not {self.profile!r}")
+        if not capacity.fingerprints or not capacity.inference.available:
+            raise self._unavailable("does not serve inference right now")
+        return capacity
+
+    def _signed_capacity(self) -> Capacity:
         with self._client() as http:
             response = self._call(http, "GET", "/v1/capacity")
         if response.status_code != 200:
@@ -103,10 +115,6 @@ class ReferenceWorker:
             raise self._unavailable("/v1/capacity answered something that is not a Capacity") from None
         if capacity.hotkey != self.hotkey:
             raise self._unavailable(f"answers as {capacity.hotkey}, not as the configured hotkey")
-        if capacity.profile != self.profile:
-            raise self._unavailable(f"serves profile {capacity.profile!r}, not {self.profile!r}")
-        if not capacity.fingerprints or not capacity.inference.available:
-            raise self._unavailable("does not serve inference right now")
         return capacity
 
     def generate(self, request: GenerationRequest, lora_sha256: Sequence[str] = ()) -> WorkerResult:

@@ -1,9 +1,9 @@
 """Which miner gets a job: a pure choice among candidates, weighted by stake and recent score.
 
-Only miners that are healthy, serve the orchestrator's profile, have a live lane for the job's
-kind (listing its image task in `Capacity.tasks`) and room in its queue are eligible. Room counts
-what the miner already holds of ours (jobs dispatched or running there, `held`) against its
-slots (`Lane.slots`): its workers plus its queue, and no more than its workers finish within the
+Only miners that are healthy, serve the job's model (their capacity's `profile`), have a live
+lane for the job's kind (listing its image task in `Capacity.tasks`) and room in its queue are
+eligible. Room counts what the miner already holds of ours (jobs dispatched or running there,
+`held`) against its slots (`Lane.slots`): its workers plus its queue, and no more than its workers finish within the
 attempt timeout at the pace it advertises, so a job we send does not wait out its attempt in the
 miner's queue. Among them, miners that have not tried this job yet come first (a job that failed
 or timed out somewhere goes elsewhere); when every eligible miner
@@ -107,7 +107,7 @@ def eligible(
     attempt_timeout_s: float | None = None,
     task: str | None = None,
 ) -> list[Candidate]:
-    """Candidates that could take a job of this kind (lane) and profile now, minus `exclude`
+    """Candidates that could take a job of this kind (lane) and model (`profile`) now, minus `exclude`
     (hotkeys). With `task`, only miners that list it. With `held` (jobs of this lane each hotkey
     holds of ours) and `attempt_timeout_s`, a miner whose `Lane.slots` are all taken is left out too."""
     skip = set(exclude)

@@ -64,6 +64,12 @@ class ImageRequest(_Strict):
     way) or `inpaint` (the same inside `mask`'s white part). The image tasks' output is `image`'s
     size (scaled to fit the model) unless width and height are given."""
 
+    model: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The model (`GET /v1/models`); the orchestrator's default when left out.",
+        examples=["tiny"],
+    )
     task: Task = Field(default="generate", description="generate (default), edit, img2img or inpaint.")
     prompt: Prompt
     image: str | None = Field(
@@ -156,6 +162,7 @@ class Progress(BaseModel):
 
 class RequestView(Submitted):
     kind: str
+    model: str = Field(description="The model the request is for.")
     created_at: datetime
     dispatched_at: datetime | None
     started_at: datetime | None
@@ -187,13 +194,14 @@ class ModelInfo(BaseModel):
     id: str = Field(description="The profile's name.")
     description: str
     tasks: list[str] = Field(description="The image tasks `POST /v1/images` accepts for it.")
+    kinds: list[str] = Field(description="The job kinds it serves: one per task, and `training` (LoRAs).")
     min_side: int
     max_side: int = Field(description="Width and height are multiples of 16 in min_side..max_side.")
     max_steps: int
     default_steps: int
     default_guidance: float
     max_input_pixels: int = Field(description="The largest input image (width x height) an image task accepts.")
-    default: bool = Field(description="True for the profile requests get (the only one, today).")
+    default: bool = Field(description="True for the model requests that name none get.")
 
 
 class Readiness(BaseModel):
@@ -207,6 +215,7 @@ class LoraView(BaseModel):
     name: str
     trigger_word: str
     rank: int
+    model: str = Field(description="The model it was trained for: the only one it can be used with.")
     sha256: str
     created_at: datetime
     source_request_id: str | None
@@ -216,6 +225,7 @@ class TrainingRequest(_Strict):
     """A LoRA training request (the multipart form of `POST /v1/loras`, with the upload read)."""
 
     trigger_word: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(default=None, max_length=64)
     name: str | None = Field(default=None, max_length=200)
     dataset: bytes | None = None
     dataset_url: HttpUrl | None = None

@@ -79,8 +79,9 @@ class Orchestrator:
         auditor: Auditor | None = None,
         sampler: AuditSampler | None = None,
     ) -> None:
-        # An unknown profile fails here, at startup, not at the first request.
-        profile_limits(settings.profile)
+        # An unknown model fails here, at startup, not at the first request.
+        for model in settings.served_models:
+            profile_limits(model)
         self.settings = settings
         self.clock = clock
         self.rng = rng or random.Random()
@@ -102,7 +103,7 @@ class Orchestrator:
             region=settings.s3_region,
         )
         self._owns_store = store is None
-        self.store = store or Store.open(settings.database_url)
+        self.store = store or Store.open(settings.database_url, default_model=settings.profile)
         # Which singleton loops (sweep, sync, probe, scores, audits) this replica runs now.
         self.leadership = for_store(self.store, settings.leader_takeover_s)
         retention = retention_for(settings.max_signature_age, settings.allowed_clock_skew)
@@ -244,6 +245,14 @@ class Orchestrator:
             raise InvalidRequest(f"not a {spec.name} request: {exc.errors()[0].get('msg', 'invalid')}") from None
         now = self.clock()
         settings = self.settings
+        # The model the job is for, set on the body for the kind's payload builder: the one the
+        # request names (a model served here), else the default.
+        model = settings.profile
+        if "model" in type(body).model_fields:
+            try:
+                model = body.model = settings.model_for(body.model)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
 
         def row(key: ApiKey, payload: dict[str, Any], deadline: datetime) -> dict[str, Any]:
             per_attempt = min(spec.attempt_timeout_s(settings), (deadline - now).total_seconds())
@@ -253,6 +262,7 @@ class Orchestrator:
                 payload,
                 deadline,
                 per_attempt,
+                model=model,
                 webhook_url=webhook_url,
                 max_attempts=settings.max_attempts,
                 now=now,

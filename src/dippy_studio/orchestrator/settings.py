@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from dippy_studio.orchestrator.blobs import parse_s3_url
 from dippy_studio.orchestrator.db import default_url
+from dippy_studio.orchestrator.models import DEFAULT_MODEL
+from dippy_studio.protocol.limits import PROFILE_LIMITS
 from dippy_studio.settings import ServiceSettings
 
 # Long enough not to be guessed, and only characters a URL carries unescaped.
@@ -49,8 +53,12 @@ class OrchestratorSettings(ServiceSettings):
 
     # What miners use to reach us: callbacks and blob downloads are built on it.
     public_url: str = "http://127.0.0.1:8090"
-    # Every job is for this model profile; only miners serving it get work.
-    profile: str = "tiny"
+    # The models served (engine profile names, `protocol.limits.PROFILE_LIMITS`): `profile` is the
+    # default, for requests that name no `model`; `models` are further ones (env: comma-separated
+    # or a JSON list). A job goes only to miners serving its model, and is audited on a reference
+    # of that model.
+    profile: str = DEFAULT_MODEL
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Outbound URLs (miner endpoints, webhooks, dataset and LoRA downloads) to loopback or private
     # addresses are refused unless allowed: local subnets need loopback.
     allow_loopback_urls: bool = False
@@ -165,6 +173,27 @@ class OrchestratorSettings(ServiceSettings):
             raise ValueError("public_url must be an http:// or https:// URL")
         return url.rstrip("/")
 
+    @field_validator("profile")
+    @classmethod
+    def _profile(cls, name: str) -> str:
+        return _known_model(name, "profile")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_text(cls, value: Any) -> Any:
+        # From the environment or a flag: "a,b" or a JSON list.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [name.strip() for name in text.split(",") if name.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(_known_model(name, "models") for name in names))
+
     @field_validator("audit_references")
     @classmethod
     def _audit_references(cls, entries: list[str]) -> list[str]:
@@ -212,6 +241,20 @@ class OrchestratorSettings(ServiceSettings):
         return self
 
     @property
+    def served_models(self) -> list[str]:
+        """Every model served, the default first."""
+        return list(dict.fromkeys([self.profile, *self.models]))
+
+    def model_for(self, requested: str | None) -> str:
+        """The model a request is for: the one it names, or the default; ValueError naming the
+        served models when it names another."""
+        if requested is None:
+            return self.profile
+        if requested not in self.served_models:
+            raise ValueError(f"model {requested!r} is not served here; models: {', '.join(self.served_models)}")
+        return requested
+
+    @property
     def reference_workers(self) -> list[tuple[str, str]]:
         """`audit_references` as (hotkey, base URL) pairs."""
         return [reference_worker(entry) for entry in self.audit_references]
@@ -219,6 +262,12 @@ class OrchestratorSettings(ServiceSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or default_url(self.data_dir)
+
+
+def _known_model(name: str, setting: str) -> str:
+    if name not in PROFILE_LIMITS:
+        raise ValueError(f"{setting}: unknown model {name!r}; known models: {', '.join(PROFILE_LIMITS)}")
+    return name
 
 
 # An ss58 address: base58 (no 0, O, I or l), 46 to 48 characters for the usual prefixes.

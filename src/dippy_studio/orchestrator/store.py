@@ -62,7 +62,18 @@ from sqlalchemy.orm import Session, sessionmaker
 from dippy_studio.orchestrator import usage
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
 from dippy_studio.orchestrator.errors import OrchestratorError, QuotaExceeded, RateLimited, Unauthorized
-from dippy_studio.orchestrator.models import ApiKey, Audit, Base, Job, JobAttempt, Lora, Miner, RateWindow, utcnow
+from dippy_studio.orchestrator.models import (
+    DEFAULT_MODEL,
+    ApiKey,
+    Audit,
+    Base,
+    Job,
+    JobAttempt,
+    Lora,
+    Miner,
+    RateWindow,
+    utcnow,
+)
 from dippy_studio.orchestrator.states import (
     ACTIVE,
     CLIENTS_DOING,
@@ -111,31 +122,43 @@ _UNDER_WAY = (
     .group_by(_JOBS.c.api_key_id)
     .subquery()
 )
-_WAITING = (
-    select(
-        _JOBS.c.id,
-        (
-            func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
-            + func.coalesce(_UNDER_WAY.c.jobs, 0)
-        ).label("turn"),
-    )
-    .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
-    .where(
+
+
+def _queue(by_model: bool) -> Select[Any]:
+    """The queue scan; `by_model`: of the wanted models (`b_models`) too, so jobs of a model no
+    miner serves now do not fill the batch ahead of those that can go."""
+    wanted = [
         _JOBS.c.status == RequestStatus.queued.value,
         _JOBS.c.deadline > bindparam("b_now"),
         _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)),
+    ]
+    if by_model:
+        wanted.append(_JOBS.c.model.in_(bindparam("b_models", expanding=True)))
+    waiting = (
+        select(
+            _JOBS.c.id,
+            (
+                func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
+                + func.coalesce(_UNDER_WAY.c.jobs, 0)
+            ).label("turn"),
+        )
+        .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
+        .where(*wanted)
+        .subquery()
     )
-    .subquery()
-)
-_QUEUE = (
-    select(*_JOB_COLUMNS)
-    .join(_WAITING, _WAITING.c.id == _JOBS.c.id)
-    # Checked again on the row itself: PostgreSQL re-reads a row another claim just changed.
-    .where(_JOBS.c.status == RequestStatus.queued.value)
-    .order_by(_WAITING.c.turn, _JOBS.c.created_at, _JOBS.c.id)
-    .limit(bindparam("b_limit"))
-    .with_for_update(of=_JOBS, skip_locked=True)
-)
+    return (
+        select(*_JOB_COLUMNS)
+        .join(waiting, waiting.c.id == _JOBS.c.id)
+        # Checked again on the row itself: PostgreSQL re-reads a row another claim just changed.
+        .where(_JOBS.c.status == RequestStatus.queued.value)
+        .order_by(waiting.c.turn, _JOBS.c.created_at, _JOBS.c.id)
+        .limit(bindparam("b_limit"))
+        .with_for_update(of=_JOBS, skip_locked=True)
+    )
+
+
+_QUEUE = _queue(by_model=False)
+_QUEUE_OF_MODELS = _queue(by_model=True)
 # What each miner holds of ours, per kind (`Store.active_counts`), once per dispatch round.
 _HELD = (
     select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
@@ -254,6 +277,7 @@ def job_row(
     deadline: datetime,
     attempt_timeout_s: float,
     *,
+    model: str = DEFAULT_MODEL,
     webhook_url: str | None = None,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     audit: bool = False,
@@ -270,6 +294,7 @@ def job_row(
         "id": job_id or new_job_id(),
         "api_key_id": api_key_id,
         "kind": str(kind),
+        "model": model,
         "status": RequestStatus.queued.value,
         "payload": dict(payload),
         "created_at": now,
@@ -301,11 +326,12 @@ class Store:
         self._writer = Writer(self.engine.execution_options(**{WRITE_OPTION: True}).begin)
 
     @classmethod
-    def open(cls, url: str | URL, migrate: bool = True) -> Store:
-        """A store on `url`, its schema brought up to date first (the usual way to start)."""
+    def open(cls, url: str | URL, migrate: bool = True, *, default_model: str | None = None) -> Store:
+        """A store on `url`, its schema brought up to date first (the usual way to start).
+        `default_model`: the orchestrator's, for rows older than per-job models (`db.upgrade`)."""
         store = cls(url)
         if migrate:
-            upgrade(store.engine)
+            upgrade(store.engine, default_model=default_model)
         return store
 
     def close(self) -> None:
@@ -640,7 +666,10 @@ class Store:
             if not move(conn):
                 return False
             if success.lora is not None:
-                conn.execute(self._insert(Lora).values(**success.lora, created_at=now).on_conflict_do_nothing())
+                # A LoRA is for its training job's model unless the registration says otherwise.
+                job_model = select(_JOBS.c.model).where(_JOBS.c.id == job_id).scalar_subquery()
+                lora = {"model": job_model, **success.lora, "created_at": now}
+                conn.execute(self._insert(Lora).values(**lora).on_conflict_do_nothing())
             return True
 
         return self._write(write, lock_key=job_id)
@@ -685,6 +714,7 @@ class Store:
         now: datetime | None = None,
         kinds: Iterable[str] = (),
         assign: AssignMiner | None = None,
+        models: Iterable[str] | None = None,
     ) -> list[Job]:
         """Take up to `limit` queued jobs of these kinds, oldest first, pick a miner for each and
         mark them dispatched: each is returned to exactly one caller, however many processes claim
@@ -693,14 +723,20 @@ class Store:
         `assign(job, tried)` gets the job and how many earlier attempts each hotkey had at it, and
         returns the (hotkey, uid) to send it to, or None to leave the job queued untouched (no
         attempt counted); only jobs that got a miner are returned. Without `assign` (tests of the
-        queue alone) jobs are claimed with no miner."""
+        queue alone) jobs are claimed with no miner. With `models`, only jobs for those models."""
         now = now or utcnow()
-        params = {"b_now": now, "b_kinds": [str(kind) for kind in kinds], "b_limit": limit}
+        params: dict[str, Any] = {"b_now": now, "b_kinds": [str(kind) for kind in kinds], "b_limit": limit}
+        queue = _QUEUE
+        if models is not None:
+            params["b_models"] = list(models)
+            queue = _QUEUE_OF_MODELS
+            if not params["b_models"]:
+                params["b_kinds"] = []
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
             # cost more than everything else the dispatcher does per job.
-            jobs = [Job(**row._mapping) for row in conn.execute(_QUEUE, params)] if params["b_kinds"] else []
+            jobs = [Job(**row._mapping) for row in conn.execute(queue, params)] if params["b_kinds"] else []
             tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
             taken, claims, attempts = [], [], []
             for job in jobs:

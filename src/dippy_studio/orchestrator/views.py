@@ -54,6 +54,7 @@ def request_view(job: Job, base_url: str, queue_position: int | None = None) -> 
     view = RequestView(
         request_id=job.id,
         kind=job.kind,
+        model=job.model,
         status=RequestStatus(job.status),
         **urls,
         created_at=job.created_at,
@@ -81,6 +82,7 @@ def lora_view(lora: Lora) -> dict[str, Any]:
         name=lora.name,
         trigger_word=lora.trigger_word,
         rank=lora.rank,
+        model=lora.model,
         sha256=lora.sha256,
         created_at=lora.created_at,
         source_request_id=lora.source_job_id,

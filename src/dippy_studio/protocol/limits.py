@@ -128,6 +128,15 @@ class ProfileLimits:
     # silently, so the client knows what the model saw.
     max_input_pixels: int = 4096 * 4096
     default_strength: float = 0.8
+    # The model family (`engine.families`): which pipelines run it, how LoRAs apply.
+    family: str = "flux"
+    # Qwen-Image's schedule (a stretched terminal sigma) is undefined for a single step.
+    min_steps: int = 1
+
+    @property
+    def trains_loras(self) -> bool:
+        """Whether LoRA training runs on this profile (only some families train)."""
+        return self.family in TRAINING_FAMILIES
 
     def image_problem(self, width: int, height: int, steps: int) -> str | None:
         """Why an image request of this size and step count is outside the profile, or None."""
@@ -136,6 +145,8 @@ class ProfileLimits:
                 return f"{name} {side} is outside {self.min_side}..{self.max_side} for profile {self.name}"
         if steps > self.max_steps:
             return f"steps {steps} is over {self.max_steps} for profile {self.name}"
+        if steps < self.min_steps:
+            return f"steps {steps} is under {self.min_steps} for profile {self.name}"
         return None
 
     def task_problem(self, task: str) -> str | None:
@@ -153,6 +164,11 @@ class ProfileLimits:
             return min(self.max_side, max(self.min_side, rounded))
 
         return side(image_width), side(image_height)
+
+
+# The model families whose profiles train LoRAs; the engine's families declare the same
+# (`Family.trains_loras`, a test holds them equal), this copy is for readers without torch.
+TRAINING_FAMILIES: frozenset[str] = frozenset({"flux"})
 
 
 class UnknownProfile(ValueError):
@@ -205,6 +221,25 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_input_pixels=2048 * 2048,
         ),
         ProfileLimits(
+            name="toy",
+            description=(
+                "Flux architecture, ~3.5M parameters trained by the project: one shape (circle, square, "
+                "triangle) of a colour on a background, e.g. 'a red circle on a blue background'"
+            ),
+            max_sequence_length=16,
+            default_steps=20,
+            # No guidance embedding (schnell-like): the scale is accepted and has no effect.
+            default_guidance=0.0,
+            # Trained at 64x64 only: at 128x128 its position embeddings run past what it learned
+            # and it draws stripes, not shapes.
+            min_side=64,
+            max_side=64,
+            max_steps=50,
+            training=TrainingDefaults(rank=8, alpha=8.0, lr=2e-3, steps=200, batch_size=8, resolution=64),
+            tasks=("generate", "img2img", "inpaint"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
             name="flux-dev",
             description="FLUX.1-dev from a local diffusers-layout directory",
             max_sequence_length=512,
@@ -246,6 +281,113 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_steps=100,
             tasks=("inpaint",),
             default_strength=1.0,
+        ),
+        ProfileLimits(
+            name="tiny-sdxl",
+            description="SDXL architecture (UNet, two CLIP encoders), tiny seeded random weights; tests",
+            family="sdxl",
+            max_sequence_length=77,
+            default_steps=4,
+            default_guidance=5.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("generate", "img2img", "inpaint"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="sdxl",
+            description="Stable Diffusion XL 1.0 (base) from a local diffusers-layout directory",
+            family="sdxl",
+            max_sequence_length=77,
+            default_steps=30,
+            default_guidance=5.0,
+            min_side=512,
+            max_side=2048,
+            max_steps=100,
+            tasks=("generate", "img2img", "inpaint"),
+        ),
+        ProfileLimits(
+            name="tiny-zimage",
+            description="Z-Image architecture (DiT, Qwen3 text encoder), tiny seeded random weights; tests",
+            family="zimage",
+            max_sequence_length=64,
+            default_steps=4,
+            default_guidance=0.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("generate", "img2img", "inpaint"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="z-image",
+            description="Z-Image-Turbo from a local diffusers-layout directory",
+            family="zimage",
+            max_sequence_length=512,
+            default_steps=9,
+            default_guidance=0.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("generate", "img2img", "inpaint"),
+        ),
+        ProfileLimits(
+            name="tiny-qwen-image",
+            description="Qwen-Image architecture (MMDiT, Qwen2.5-VL text encoder), tiny seeded random weights; tests",
+            family="qwen-image",
+            min_steps=2,
+            max_sequence_length=64,
+            default_steps=4,
+            # True classifier-free guidance (a second pass), as Qwen-Image runs.
+            default_guidance=4.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("generate", "img2img", "inpaint"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="qwen-image",
+            description="Qwen-Image from a local diffusers-layout directory",
+            family="qwen-image",
+            min_steps=2,
+            max_sequence_length=512,
+            default_steps=50,
+            default_guidance=4.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("generate", "img2img", "inpaint"),
+        ),
+        ProfileLimits(
+            name="tiny-flux2",
+            description="FLUX.2 [klein] architecture (Qwen3 text encoder), tiny seeded random weights; tests",
+            family="flux2",
+            max_sequence_length=64,
+            default_steps=4,
+            default_guidance=4.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("generate", "edit"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="flux2-klein",
+            description="FLUX.2 [klein] (text-to-image and reference editing) from a local diffusers-layout directory",
+            family="flux2",
+            max_sequence_length=512,
+            default_steps=50,
+            default_guidance=4.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("generate", "edit"),
         ),
     )
 }

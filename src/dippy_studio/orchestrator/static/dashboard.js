@@ -159,6 +159,32 @@ function renderKinds(snapshot) {
   document.getElementById("kinds-empty").hidden = rows.length > 0;
 }
 
+function renderModels(snapshot) {
+  const models = snapshot.models || [];
+  const rows = models.map((m) =>
+    el("tr", { "data-model": m.model },
+      el("td", { text: m.default ? `${m.model} (default)` : m.model }),
+      el("td", { class: "num miners", title: m.miners.map((uid) => `uid ${uid}`).join(", "),
+        text: `${m.healthy_miners}/${m.miners.length}` }),
+      el("td", { class: "num jobs", text: String(m.jobs) }),
+      el("td", { class: "num succeeded", text: String(m.succeeded) }),
+      el("td", { class: "num failed", text: String(m.failed) }),
+      el("td", { class: "num success", text: fmt.share(m.success_rate) }),
+      el("td", { class: "num p50", text: fmt.seconds(m.latency.p50) }),
+      el("td", { class: "num p95", text: fmt.seconds(m.latency.p95) }),
+      el("td", { class: "audits", text: `${m.audits.pass} pass · ${m.audits.fail} fail · ${m.audits.inconclusive} ?` })));
+  replaceRows(document.querySelector("#models tbody"), rows);
+  let maxY = 0;
+  for (const m of models) for (const p of m.series) maxY = Math.max(maxY, p.p95 ?? 0, p.p50 ?? 0);
+  maxY = maxY > 0 ? maxY * 1.1 : 1;
+  const cards = models.map((m) => {
+    const done = m.series.reduce((a, p) => a + p.n, 0);
+    return el("div", { class: "plot", "data-model": m.model },
+      el("div", { text: `${m.model} · ${done} succeeded` }), latencyChart(m.series, maxY));
+  });
+  document.getElementById("model-plots").replaceChildren(...cards);
+}
+
 function renderProfiles(snapshot) {
   const rows = snapshot.profiles.map((p) =>
     el("tr", { "data-profile": p.profile, "data-kind": p.kind },
@@ -257,6 +283,7 @@ function render(snapshot) {
   renderMiners(snapshot);
   renderPlots(snapshot);
   renderKinds(snapshot);
+  renderModels(snapshot);
   renderProfiles(snapshot);
   renderGallery(snapshot);
   renderFailures(snapshot);

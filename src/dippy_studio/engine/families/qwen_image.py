@@ -1,0 +1,260 @@
+"""Qwen-Image: an MMDiT whose captions come from the Qwen2.5-VL language model.
+
+Text-to-image runs `QwenImagePipeline`, img2img `QwenImageImg2ImgPipeline`, inpaint
+`QwenImageInpaintPipeline`. Qwen-Image is not guidance-distilled: its guidance is "true"
+classifier-free guidance (`true_cfg_scale`) against a negative prompt. The engine maps a
+request's `guidance` to `true_cfg_scale` with the single-space negative prompt Qwen's own
+examples use; at 1 or below there is no second pass. LoRAs apply through PEFT to the
+transformer, as `QwenImagePipeline.load_lora_weights` does; LoRA training stays with Flux.
+Qwen-Image-Edit is not served yet: its pipeline needs Qwen2.5-VL's image processor as well.
+
+`tiny-qwen-image` is Qwen-Image's architecture at toy sizes (after diffusers' own Qwen-Image
+test components): a 2-layer transformer, the 3D causal `AutoencoderKLQwenImage` at 4 latent
+channels, and a 2-layer `Qwen2_5_VLForConditionalGeneration` (its vision tower is built, as the
+class requires, but never runs for text). Stand-in: the real tokenizer is a download, so the
+built-in uses `tokenizers.qwen_tokenizer`, byte-level, plus merges that make the words of the
+pipeline's fixed system prompt single tokens as in the real vocabulary: the pipeline drops that
+prompt by count (its first 34 tokens), and with one token per byte it would keep most of it.
+Weights are seeded like every built-in (`builtin.seed_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageImg2ImgPipeline,
+    QwenImageInpaintPipeline,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+)
+from PIL import Image
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+from dippy_studio.engine.builtin import seed_weights
+from dippy_studio.engine.errors import ProfileError
+from dippy_studio.engine.families.base import Family
+from dippy_studio.engine.lora import LayerModels, LoraFormat
+from dippy_studio.engine.tokenizers import qwen_tokenizer
+
+if TYPE_CHECKING:
+    from dippy_studio.engine.inputs import TaskImages
+
+# Qwen-Image's scheduler config: a resolution-dependent shift, exponential time shifting.
+QWEN_IMAGE_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    invert_sigmas=False,
+    max_image_seq_len=8192,
+    max_shift=0.9,
+    num_train_timesteps=1000,
+    shift=1.0,
+    shift_terminal=0.02,
+    stochastic_sampling=False,
+    time_shift_type="exponential",
+    use_beta_sigmas=False,
+    use_dynamic_shifting=True,
+    use_exponential_sigmas=False,
+    use_karras_sigmas=False,
+)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# The negative prompt of true classifier-free guidance (Qwen-Image's own examples use " ").
+NEGATIVE_PROMPT = " "
+
+
+@dataclass(frozen=True)
+class QwenImageBuiltinConfig:
+    """Architecture sizes of a built-in Qwen-Image pipeline; the seed decides the weights."""
+
+    seed: int
+    max_sequence_length: int
+    transformer: dict[str, Any]
+    vae: dict[str, Any]
+    text_width: int
+    text_layers: int
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(QWEN_IMAGE_SCHEDULER))
+
+
+TINY_QWEN_IMAGE = QwenImageBuiltinConfig(
+    seed=20261209,
+    max_sequence_length=64,
+    transformer=dict(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ),
+    vae=dict(
+        base_dim=8,
+        z_dim=4,
+        # Lists, not tuples: the VAE concatenates them with lists.
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ),
+    text_width=32,
+    text_layers=2,
+)
+
+
+# What QwenImagePipeline puts before every prompt (its `prompt_template_encode`), and drops
+# again by count (`prompt_template_encode_start_idx`) after encoding.
+SYSTEM_PROMPT = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n"
+)
+
+
+def pipeline_tokenizer(model_max_length: int = 1024) -> Qwen2Tokenizer:
+    """The built-in's tokenizer, on which `SYSTEM_PROMPT` counts the 34 tokens it has in the real one."""
+    return qwen_tokenizer(model_max_length, whole_words=SYSTEM_PROMPT, extra_special=VISION_TOKENS)
+
+
+def text_config(config: QwenImageBuiltinConfig, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    vision = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+    head_dim = config.text_width // 2
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=config.text_width * 2,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            # Multimodal RoPE splits half the head dim over (time, height, width).
+            rope_scaling={"mrope_section": [head_dim // 8, head_dim // 8, head_dim // 4], "rope_type": "default"},
+            rope_theta=1000000.0,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=config.text_width
+        ),
+        vision_start_token_id=vision[0],
+        vision_end_token_id=vision[1],
+        image_token_id=vision[2],
+        video_token_id=vision[3],
+    )
+
+
+def build_pipeline(config: QwenImageBuiltinConfig, pipeline_class: type = QwenImagePipeline) -> Any:
+    """Build `pipeline_class` (a Qwen-Image pipeline) from `config` with seeded weights, in eval
+    mode, float32 on CPU."""
+    tokenizer = pipeline_tokenizer()
+    transformer = QwenImageTransformer2DModel(**config.transformer)
+    vae = AutoencoderKLQwenImage(**config.vae)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(text_config(config, tokenizer))
+    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
+        seed_weights(module, seed=config.seed, prefix=name)
+        module.eval()
+        module.requires_grad_(False)
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+QWEN_IMAGE_LORA = LoraFormat(label="Qwen-Image", loader=QwenImagePipeline, components=("transformer",))
+
+
+class QwenImageFamily(Family):
+    name = "qwen-image"
+    default_class = QwenImagePipeline
+    task_classes: ClassVar[Mapping[str, type]] = {
+        "generate": QwenImagePipeline,
+        "img2img": QwenImageImg2ImgPipeline,
+        "inpaint": QwenImageInpaintPipeline,
+    }
+    model_components = ("transformer", "text_encoder", "vae")
+    lora_format = QWEN_IMAGE_LORA
+    trains_loras = False
+
+    def build(self, config: QwenImageBuiltinConfig, pipeline_class: type) -> Any:
+        return build_pipeline(config, pipeline_class)
+
+    def layer_models(self, config: QwenImageBuiltinConfig | None, model_path: Path | None) -> LayerModels | None:
+        with torch.device("meta"):
+            if model_path is not None:
+                try:
+                    transformer = QwenImageTransformer2DModel.from_config(
+                        QwenImageTransformer2DModel.load_config(model_path / "transformer")
+                    )
+                except (OSError, ValueError) as exc:
+                    raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
+            elif config is not None:
+                transformer = QwenImageTransformer2DModel(**config.transformer)
+            else:
+                return None
+        return LayerModels({"transformer": transformer}, QWEN_IMAGE_LORA)
+
+    def encode_prompt(self, pipe: Any, prompt: str, guidance: float, max_sequence_length: int) -> dict[str, Any]:
+        device = pipe.transformer.device
+        embeds, mask = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=max_sequence_length)
+        text: dict[str, Any] = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        if guidance > 1:
+            negative, negative_mask = pipe.encode_prompt(
+                prompt=NEGATIVE_PROMPT, device=device, max_sequence_length=max_sequence_length
+            )
+            text.update(negative_prompt_embeds=negative, negative_prompt_embeds_mask=negative_mask)
+        return text
+
+    def call_arguments(
+        self,
+        task: str,
+        images: TaskImages | None,
+        strength: float,
+        width: int,
+        height: int,
+        max_sequence_length: int,
+        guidance: float,
+    ) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "height": height,
+            "width": width,
+            "max_sequence_length": max_sequence_length,
+            # True CFG; `guidance_scale` is for guidance-distilled checkpoints only.
+            "true_cfg_scale": guidance,
+            "guidance_scale": None,
+        }
+        if images is None:
+            return arguments
+        arguments.update(image=images.image, strength=strength)
+        if images.mask is not None:
+            arguments["mask_image"] = images.mask
+        return arguments
+
+    def decode(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image.Image:
+        # The same arithmetic as QwenImagePipeline.__call__ with output_type="pil".
+        vae = pipe.vae
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents.to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = latents / std + mean
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        # QwenImageImg2ImgPipeline.get_timesteps.
+        return steps - int(max(steps - min(steps * strength, steps), 0))
+
+
+QWEN_IMAGE = QwenImageFamily()
