@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from PIL import Image
@@ -16,10 +17,11 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from dippy_studio.cli import app
-from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, ProfileError, builtin
 from dippy_studio.engine.attention import apply_attention_backend
 from dippy_studio.engine.fingerprint import FingerprintParts
 from dippy_studio.engine.options import ATTENTION_BACKENDS
+from dippy_studio.engine.profiles import save_pipeline
 from dippy_studio.miner.settings import MinerSettings
 
 REQUEST = GenerationRequest(prompt="a lighthouse at dusk", seed=3, width=64, height=64, steps=4)
@@ -144,3 +146,22 @@ def test_cli_and_miner_settings_take_the_backend(monkeypatch):
     assert json.loads(good.output)["attention_backend"] == "_native_math"
     monkeypatch.setenv("DIPPY_MINER_ENGINE__ATTENTION_BACKEND", "_native_math")
     assert MinerSettings.load().engine.attention_backend == "_native_math"
+
+
+def test_real_models_default_to_bfloat16_and_built_ins_to_float32(tmp_path):
+    assert EngineOptions(profile="flux-dev").run_dtype == "bfloat16"
+    assert EngineOptions(profile="sdxl").run_dtype == "bfloat16"
+    assert EngineOptions(profile="tiny").run_dtype == "float32"
+    assert EngineOptions(profile="flux-dev", dtype="float32").run_dtype == "float32"
+    # A half-precision-only backend fits a real profile's default dtype without saying it.
+    assert EngineOptions(profile="flux-dev", device="cuda", attention_backend="flash").run_dtype == "bfloat16"
+    # The directory loading path: a tiny Flux saved to disk, served as flux-dev, runs (and is
+    # fingerprinted) in bfloat16; from the command line too, where settings merge under flags.
+    save_pipeline(builtin.build_pipeline(builtin.TINY), "tiny", tmp_path / "flux")
+    engine = Engine(EngineOptions(profile="flux-dev", model_path=tmp_path / "flux"))
+    assert engine.fingerprint_parts.dtype == "bfloat16" and engine.pipe.transformer.dtype == torch.bfloat16
+    shown = CliRunner().invoke(
+        app, ["profile", "--profile", "flux-dev", "--model-path", str(tmp_path / "flux"), "--json"]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["dtype"] == "bfloat16"

@@ -30,6 +30,8 @@ def test_every_known_profile_has_limits():
         "z-image",
         "tiny-qwen-image",
         "qwen-image",
+        "tiny-qwen-image-edit",
+        "qwen-image-edit",
         "tiny-flux2",
         "flux2-klein",
     ]

@@ -131,7 +131,7 @@ class Engine:
             profile=self.spec.name,
             weights_sha256=weights_sha256(self.pipe, self.family.model_components),
             config_sha256=config_sha256(self.pipe, self.spec.max_sequence_length),
-            dtype=self.options.dtype,
+            dtype=self.options.run_dtype,
             device=device_kind(self.options.device),
             threads=self.options.threads,
             lora_mode=LORA_MODE,

@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dippy_studio.protocol.limits import PROFILE_LIMITS
+
 DEFAULT_ATTENTION_BACKEND = "native"
 
 
@@ -47,7 +49,9 @@ class EngineOptions(BaseModel):
     profile: str = "tiny"
     model_path: Path | None = None
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # None: the profile's default (`ProfileLimits.default_dtype`: bfloat16 for real models,
+    # float32 for the built-ins). Kept unresolved so settings merged over a profile change follow it.
+    dtype: Literal["float32", "bfloat16"] | None = None
     # Thread count changes results on larger models, so it is fixed (and fingerprinted)
     # rather than taken from the machine's core count.
     threads: int = Field(default=2, ge=1, le=256)
@@ -57,6 +61,14 @@ class EngineOptions(BaseModel):
     # Which attention kernel the denoiser runs (diffusers' attention dispatcher). Kernels sum in
     # different orders, so the backend is part of the fingerprint.
     attention_backend: str = DEFAULT_ATTENTION_BACKEND
+
+    @property
+    def run_dtype(self) -> Literal["float32", "bfloat16"]:
+        """The dtype the engine runs in: the one asked for, else the profile's default."""
+        if self.dtype is not None:
+            return self.dtype
+        limits = PROFILE_LIMITS.get(self.profile)
+        return limits.default_dtype if limits is not None else "float32"
 
     @field_validator("attention_backend")
     @classmethod
@@ -72,6 +84,6 @@ class EngineOptions(BaseModel):
             raise ValueError(
                 f"attention backend {self.attention_backend!r} runs on CUDA only (device is {self.device!r})"
             )
-        if backend.half_precision_only and self.dtype == "float32":
+        if backend.half_precision_only and self.run_dtype == "float32":
             raise ValueError(f"attention backend {self.attention_backend!r} needs dtype bfloat16 (dtype is float32)")
         return self

@@ -28,7 +28,7 @@ from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.families import Family, get_family
 from dippy_studio.engine.families.flux import fill_in_channels as fill_in_channels  # re-exported
 from dippy_studio.engine.families.flux2 import TINY_FLUX2
-from dippy_studio.engine.families.qwen_image import TINY_QWEN_IMAGE
+from dippy_studio.engine.families.qwen_image import TINY_QWEN_IMAGE, TINY_QWEN_IMAGE_EDIT
 from dippy_studio.engine.families.sdxl import TINY_SDXL
 from dippy_studio.engine.families.zimage import TINY_ZIMAGE
 from dippy_studio.engine.lora import LayerModels
@@ -52,6 +52,7 @@ _BUILTINS: dict[str, Any] = {
     "tiny-sdxl": TINY_SDXL,
     "tiny-zimage": TINY_ZIMAGE,
     "tiny-qwen-image": TINY_QWEN_IMAGE,
+    "tiny-qwen-image-edit": TINY_QWEN_IMAGE_EDIT,
     "tiny-flux2": TINY_FLUX2,
 }
 
@@ -121,7 +122,7 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
         raise ProfileError("device 'cuda' was asked for but torch sees no CUDA device")
     if options.device == "cuda":
         configure_cuda()
-    dtype = DTYPES[options.dtype]
+    dtype = DTYPES[options.run_dtype]
     family = spec.model_family
     if options.model_path is not None:
         pipe = _load_directory(options.model_path, dtype, spec.pipeline_class, family)
@@ -155,9 +156,11 @@ def _load_directory(path: Path, dtype: torch.dtype, pipeline_class: type, family
     # Library progress bars would interleave with our own output (and break --json on stderr+stdout).
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+    # ImportError/AttributeError: a component class the directory names that cannot be built here
+    # (transformers' Qwen2-VL processor needs torchvision, which is not installed beside our torch).
     try:
         pipe = pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError, AttributeError) as exc:
         raise ProfileError(f"could not load a {pipeline_class.__name__} from {path}: {exc}") from exc
     family.check_loaded(pipe, path)
     # safetensors memory-maps tensors at unaligned addresses and MKL picks different kernels

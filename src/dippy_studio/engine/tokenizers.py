@@ -83,7 +83,27 @@ def qwen_tokenizer(model_max_length: int, whole_words: str = "", extra_special: 
                     merges.append((merged, symbol))
                     vocab[merged + symbol] = len(vocab)
                 merged += symbol
+        # A chain can lose to an earlier one: " user" meets "user"'s merges first (BPE applies
+        # merges by rank) and ends as " " + "user". Join what is left, last rank first.
+        for piece in pieces:
+            parts = _bpe(piece, merges)
+            while len(parts) > 1:
+                merges.append((parts[0], parts[1]))
+                vocab.setdefault(parts[0] + parts[1], len(vocab))
+                parts = _bpe(piece, merges)
     return _qwen(vocab, merges, specials, model_max_length)
+
+
+def _bpe(piece: str, merges: list[tuple[str, str]]) -> list[str]:
+    """`piece` split as byte-level BPE splits it with `merges` (lowest rank first)."""
+    rank = {pair: index for index, pair in enumerate(merges)}
+    parts = list(piece)
+    while len(parts) > 1:
+        best = min(range(len(parts) - 1), key=lambda i: rank.get((parts[i], parts[i + 1]), len(rank)))
+        if (parts[best], parts[best + 1]) not in rank:
+            return parts
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    return parts
 
 
 def _qwen(

@@ -128,6 +128,9 @@ class ProfileLimits:
     # silently, so the client knows what the model saw.
     max_input_pixels: int = 4096 * 4096
     default_strength: float = 0.8
+    # The dtype an engine runs it in unless told otherwise (`EngineOptions.dtype`): real models in
+    # bfloat16, as they are published and served; the built-ins in float32, whose bytes tests pin.
+    default_dtype: Literal["float32", "bfloat16"] = "float32"
     # The model family (`engine.families`): which pipelines run it, how LoRAs apply.
     family: str = "flux"
     # Qwen-Image's schedule (a stretched terminal sigma) is undefined for a single step.
@@ -242,6 +245,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="flux-dev",
             description="FLUX.1-dev from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             max_sequence_length=512,
             default_steps=28,
             default_guidance=3.5,
@@ -252,6 +256,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="flux-schnell",
             description="FLUX.1-schnell from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             max_sequence_length=256,
             default_steps=4,
             default_guidance=0.0,
@@ -262,6 +267,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="flux-kontext",
             description="FLUX.1 Kontext [dev] (instruction editing) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             max_sequence_length=512,
             default_steps=28,
             default_guidance=2.5,
@@ -273,6 +279,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="flux-fill",
             description="FLUX.1 Fill [dev] (inpainting) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             max_sequence_length=512,
             default_steps=28,
             default_guidance=30.0,
@@ -299,6 +306,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="sdxl",
             description="Stable Diffusion XL 1.0 (base) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             family="sdxl",
             max_sequence_length=77,
             default_steps=30,
@@ -325,6 +333,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="z-image",
             description="Z-Image-Turbo from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             family="zimage",
             max_sequence_length=512,
             default_steps=9,
@@ -353,6 +362,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="qwen-image",
             description="Qwen-Image from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             family="qwen-image",
             min_steps=2,
             max_sequence_length=512,
@@ -362,6 +372,36 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_side=2048,
             max_steps=100,
             tasks=("generate", "img2img", "inpaint"),
+        ),
+        ProfileLimits(
+            name="tiny-qwen-image-edit",
+            description="Qwen-Image-Edit architecture (Qwen2.5-VL sees the input), tiny seeded random weights; tests",
+            family="qwen-image",
+            min_steps=2,
+            max_sequence_length=64,
+            default_steps=4,
+            default_guidance=4.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            # QwenImageEditPipeline needs an input image: no text-to-image.
+            tasks=("edit",),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="qwen-image-edit",
+            description="Qwen-Image-Edit (instruction editing) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
+            family="qwen-image",
+            min_steps=2,
+            max_sequence_length=512,
+            default_steps=50,
+            default_guidance=4.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("edit",),
         ),
         ProfileLimits(
             name="tiny-flux2",
@@ -380,6 +420,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
         ProfileLimits(
             name="flux2-klein",
             description="FLUX.2 [klein] (text-to-image and reference editing) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
             family="flux2",
             max_sequence_length=512,
             default_steps=50,

@@ -6,7 +6,12 @@ classifier-free guidance (`true_cfg_scale`) against a negative prompt. The engin
 request's `guidance` to `true_cfg_scale` with the single-space negative prompt Qwen's own
 examples use; at 1 or below there is no second pass. LoRAs apply through PEFT to the
 transformer, as `QwenImagePipeline.load_lora_weights` does; LoRA training stays with Flux.
-Qwen-Image-Edit is not served yet: its pipeline needs Qwen2.5-VL's image processor as well.
+
+Qwen-Image-Edit (profiles `tiny-qwen-image-edit`, `qwen-image-edit`) runs `QwenImageEditPipeline`
+for the `edit` task only: that pipeline needs an input image. Its text stage reads the image too
+(Qwen2.5-VL sees it through the pipeline's `processor`), so for an edit the pipeline encodes the
+prompt itself and the engine's text-encode timing is folded into denoising. The pipeline
+resizes the input to about 1024x1024 for its VAE and vision tower whatever the output size.
 
 `tiny-qwen-image` is Qwen-Image's architecture at toy sizes (after diffusers' own Qwen-Image
 test components): a 2-layer transformer, the 3D causal `AutoencoderKLQwenImage` at 4 latent
@@ -16,12 +21,24 @@ built-in uses `tokenizers.qwen_tokenizer`, byte-level, plus merges that make the
 pipeline's fixed system prompt single tokens as in the real vocabulary: the pipeline drops that
 prompt by count (its first 34 tokens), and with one token per byte it would keep most of it.
 Weights are seeded like every built-in (`builtin.seed_weights`).
+
+`tiny-qwen-image-edit` is the same at toy sizes with a 3-level VAE (8x downsampling, as the real
+one: with 4x, the 1024x1024 input would be 16k latent tokens), and its Qwen2.5-VL vision tower
+runs. Stand-in processor: transformers 5.x builds `Qwen2VLProcessor` only with its video
+processor, which needs torchvision, and no torchvision installs beside the pinned CPU torch.
+`QwenImageProcessor` is `Qwen2VLProcessor` minus video (the same image processing and the same
+expansion of `<|image_pad|>` into one token per merged patch), with the PIL image processor at
+one 56x56 image (4 vision tokens; the real one allows up to 12.8M pixels). Stock diffusers loads
+a saved directory with it once this module is imported (model_index.json names its module). The
+stand-in tokenizer also makes the edit pipeline's system prompt count its real 64 tokens. A real
+Qwen-Image-Edit directory names `Qwen2VLProcessor` and so loads only where torchvision is
+installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,13 +46,16 @@ import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
     QwenImageImg2ImgPipeline,
     QwenImageInpaintPipeline,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
 from PIL import Image
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
 
 from dippy_studio.engine.builtin import seed_weights
 from dippy_studio.engine.errors import ProfileError
@@ -79,6 +99,8 @@ class QwenImageBuiltinConfig:
     text_width: int
     text_layers: int
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(QWEN_IMAGE_SCHEDULER))
+    # The image area the edit pipeline's vision tower sees (its processor's fixed size).
+    vision_pixels: int = 56 * 56
 
 
 TINY_QWEN_IMAGE = QwenImageBuiltinConfig(
@@ -108,6 +130,11 @@ TINY_QWEN_IMAGE = QwenImageBuiltinConfig(
     text_width=32,
     text_layers=2,
 )
+TINY_QWEN_IMAGE_EDIT = replace(
+    TINY_QWEN_IMAGE,
+    seed=20261211,
+    vae=dict(TINY_QWEN_IMAGE.vae, base_dim=4, dim_mult=[1, 2, 2, 2], temperal_downsample=[False, True, True]),
+)
 
 
 # What QwenImagePipeline puts before every prompt (its `prompt_template_encode`), and drops
@@ -118,9 +145,50 @@ SYSTEM_PROMPT = (
 )
 
 
-def pipeline_tokenizer(model_max_length: int = 1024) -> Qwen2Tokenizer:
-    """The built-in's tokenizer, on which `SYSTEM_PROMPT` counts the 34 tokens it has in the real one."""
-    return qwen_tokenizer(model_max_length, whole_words=SYSTEM_PROMPT, extra_special=VISION_TOKENS)
+# QwenImageEditPipeline's, dropped the same way (its first 64 tokens); the image follows it.
+EDIT_SYSTEM_PROMPT = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n"
+)
+# Qwen2-VL's chat template for text and image messages (the pipeline formats its own prompt;
+# this is for a user of the saved processor).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def pipeline_tokenizer(model_max_length: int = 1024, whole_words: str = SYSTEM_PROMPT) -> Qwen2Tokenizer:
+    """The built-in's tokenizer, on which `SYSTEM_PROMPT` counts the 34 tokens it has in the real
+    one (and `EDIT_SYSTEM_PROMPT` its 64, when given in `whole_words`)."""
+    return qwen_tokenizer(model_max_length, whole_words=whole_words, extra_special=VISION_TOKENS)
+
+
+class QwenImageProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` for text and images only (no video processor, so no torchvision)."""
+
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None, **kwargs):
+        # What Qwen2VLProcessor.__init__ sets, then the generic init with no video processor.
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def edit_processor(tokenizer: Qwen2Tokenizer, pixels: int) -> QwenImageProcessor:
+    """The built-in edit pipeline's processor: Qwen2-VL's image processing (14-pixel patches,
+    2x2 merges) at exactly `pixels` pixels."""
+    images = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
+    )
+    return QwenImageProcessor(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_VL_CHAT_TEMPLATE)
 
 
 def text_config(config: QwenImageBuiltinConfig, tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
@@ -154,7 +222,8 @@ def text_config(config: QwenImageBuiltinConfig, tokenizer: Qwen2Tokenizer) -> Qw
 def build_pipeline(config: QwenImageBuiltinConfig, pipeline_class: type = QwenImagePipeline) -> Any:
     """Build `pipeline_class` (a Qwen-Image pipeline) from `config` with seeded weights, in eval
     mode, float32 on CPU."""
-    tokenizer = pipeline_tokenizer()
+    edit = pipeline_class is QwenImageEditPipeline
+    tokenizer = pipeline_tokenizer(whole_words=SYSTEM_PROMPT + EDIT_SYSTEM_PROMPT if edit else SYSTEM_PROMPT)
     transformer = QwenImageTransformer2DModel(**config.transformer)
     vae = AutoencoderKLQwenImage(**config.vae)
     text_encoder = Qwen2_5_VLForConditionalGeneration(text_config(config, tokenizer))
@@ -162,12 +231,14 @@ def build_pipeline(config: QwenImageBuiltinConfig, pipeline_class: type = QwenIm
         seed_weights(module, seed=config.seed, prefix=name)
         module.eval()
         module.requires_grad_(False)
+    extra = {"processor": edit_processor(tokenizer, config.vision_pixels)} if edit else {}
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         transformer=transformer,
+        **extra,
     )
 
 
@@ -177,10 +248,15 @@ QWEN_IMAGE_LORA = LoraFormat(label="Qwen-Image", loader=QwenImagePipeline, compo
 class QwenImageFamily(Family):
     name = "qwen-image"
     default_class = QwenImagePipeline
+    profile_classes: ClassVar[Mapping[str, type]] = {
+        "tiny-qwen-image-edit": QwenImageEditPipeline,
+        "qwen-image-edit": QwenImageEditPipeline,
+    }
     task_classes: ClassVar[Mapping[str, type]] = {
         "generate": QwenImagePipeline,
         "img2img": QwenImageImg2ImgPipeline,
         "inpaint": QwenImageInpaintPipeline,
+        "edit": QwenImageEditPipeline,
     }
     model_components = ("transformer", "text_encoder", "vae")
     lora_format = QWEN_IMAGE_LORA
@@ -205,6 +281,9 @@ class QwenImageFamily(Family):
         return LayerModels({"transformer": transformer}, QWEN_IMAGE_LORA)
 
     def encode_prompt(self, pipe: Any, prompt: str, guidance: float, max_sequence_length: int) -> dict[str, Any]:
+        if isinstance(pipe, QwenImageEditPipeline):
+            # The edit's text encoding reads the input image: the pipeline runs it (see above).
+            return {"prompt": prompt, "negative_prompt": NEGATIVE_PROMPT if guidance > 1 else None}
         device = pipe.transformer.device
         embeds, mask = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=max_sequence_length)
         text: dict[str, Any] = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
@@ -235,6 +314,8 @@ class QwenImageFamily(Family):
         }
         if images is None:
             return arguments
+        if task == "edit":
+            return {**arguments, "image": images.image}
         arguments.update(image=images.image, strength=strength)
         if images.mask is not None:
             arguments["mask_image"] = images.mask
