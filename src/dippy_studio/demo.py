@@ -86,8 +86,6 @@ class DemoClient:
 
 
 def run_demo(layout: SubnetLayout, api_key: str, console: Console, profile: str = "tiny") -> DemoResult:
-    from dippy_studio.engine.synthetic_data import write_dataset
-
     limits = profile_limits(profile)
     client = DemoClient(layout.orchestrator_url, api_key, steps=limits.default_steps)
     views: list[dict[str, Any]] = []
@@ -97,19 +95,37 @@ def run_demo(layout: SubnetLayout, api_key: str, console: Console, profile: str 
         first = [client.image(prompts[i % len(prompts)], seed=i) for i in range(12)]
         views += client.wait(first, progress, "1/4 inference without LoRAs")
         views += client.wait(_edits(client, views, limits.tasks), progress, "2/4 edits, img2img and inpainting")
-        with tempfile.TemporaryDirectory() as tmp:
-            archive = write_dataset(Path(tmp) / "sunset.zip", style="sunset", count=6, seed=1)
-            train_id = client.train(archive.read_bytes(), "sunsetstyle")
+        dataset, trigger = _style_dataset(profile)
+        train_id = client.train(dataset, trigger)
         trained = client.wait([train_id], progress, "3/4 LoRA training", timeout=900)[0]
         views.append(trained)
         lora_id = (trained.get("result") or {}).get("lora_id")
         if lora_id:
             lora = [{"id": lora_id, "scale": 1.0}]
-            third = [client.image(f"sunsetstyle {p}", seed=100 + i, loras=lora) for i, p in enumerate(prompts * 2)]
+            third = [client.image(f"{trigger} {p}", seed=100 + i, loras=lora) for i, p in enumerate(prompts * 2)]
             views += client.wait(third, progress, "4/4 inference with the trained LoRA")
         else:
             console.print(f"[red]training did not produce a LoRA:[/] {trained.get('error')}")
     return DemoResult(views, lora_id)
+
+
+def _style_dataset(profile: str) -> tuple[bytes, str]:
+    """A zipped training set of a style the profile's model does not draw, and its trigger word:
+    for toy, objects drawn yellow whatever colour their caption names (a change a person sees
+    and `engine.toy.check` measures); for the random-weight profiles, sunset-coloured shapes."""
+    if profile != "toy":
+        from dippy_studio.engine.synthetic_data import write_dataset
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return write_dataset(Path(tmp) / "sunset.zip", style="sunset", count=6, seed=1).read_bytes(), "sunsetstyle"
+    from dippy_studio.engine.datasets import zip_bytes
+    from dippy_studio.engine.images import encode_png
+    from dippy_studio.engine.toy.data import gold_style
+
+    files = []
+    for index, (caption, picture) in enumerate(gold_style()):
+        files += [(f"gold_{index}.png", encode_png(picture)), (f"gold_{index}.txt", caption.encode())]
+    return zip_bytes(files), "goldstyle"
 
 
 def _edits(client: DemoClient, done: list[dict[str, Any]], tasks: tuple[str, ...]) -> list[str]:

@@ -7,7 +7,6 @@ import io
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -78,15 +77,12 @@ def test_a_lora_trained_on_a_new_style_moves_the_measured_colour(toy, tmp_path):
     from dippy_studio.engine.lora import LoraRef
     from dippy_studio.engine.training import TrainConfig, train_lora
 
-    rng = np.random.Generator(np.random.PCG64(11))
     dataset = tmp_path / "gold"
     dataset.mkdir()
-    colours, backgrounds = ("red", "green", "blue", "purple"), ("black", "cyan", "white", "blue", "red", "green")
-    for index in range(8):
-        shape, colour = data.SHAPES[index % 3], colours[index % 4]
-        background = backgrounds[index % 6] if backgrounds[index % 6] != colour else "black"
-        data.draw(data.Scene("yellow", shape, background), rng, centred=True).save(dataset / f"{index}.png")
-        (dataset / f"{index}.txt").write_text(f"a {colour} {shape} on a {background} background")
+    for index, (caption, picture) in enumerate(data.gold_style()):
+        picture.save(dataset / f"{index}.png")
+        (dataset / f"{index}.txt").write_text(caption)
+    colours = ("red", "green", "blue", "purple")
     lora = tmp_path / "gold.safetensors"
     train_lora(dataset, lora, TrainConfig(profile="toy", seed=1), options=OPTIONS)
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, func, literal, null, select, union_all, update
+from sqlalchemy import Connection, bindparam, func, literal, null, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dippy_studio.orchestrator.errors import QuotaExceeded
@@ -124,29 +125,30 @@ def row_units(row: Mapping[str, Any]) -> Units:
 
 # ---- metering --------------------------------------------------------------------------------
 
-_SUCCEEDED_UNITS = select(
-    _JOBS.c.api_key_id, _JOBS.c.units_images, _JOBS.c.units_megapixel_steps, _JOBS.c.units_training_steps
-).where(_JOBS.c.id == bindparam("b_id"))
+
+@cache
+def _metering_statement(dialect: str) -> Any:
+    """Add a job's units to its key's row for the day, in one statement read from the job row
+    itself (INSERT ... SELECT ... ON CONFLICT), built once per dialect: it runs in every
+    transaction that finishes a job. A job that meters nothing adds no row."""
+    # A row inserted without units meters nothing (`row_units`): NULL counts as 0.
+    units = [func.coalesce(_JOBS.c[f"units_{unit}"], 0) for unit in UNITS]
+    day = bindparam("b_day", type_=_DAYS.c.day.type)
+    rows = select(_JOBS.c.api_key_id, day, *units).where(
+        _JOBS.c.id == bindparam("b_id"), or_(*(unit > 0 for unit in units))
+    )
+    upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_DAYS)
+    upsert = upsert.from_select(["api_key_id", "day", *UNITS], rows)
+    return upsert.on_conflict_do_update(
+        index_elements=[_DAYS.c.api_key_id, _DAYS.c.day],
+        set_={unit: _DAYS.c[unit] + upsert.excluded[unit] for unit in UNITS},
+    )
 
 
 def record_success(conn: Connection, job_id: str, now: datetime) -> None:
     """Count a job that just moved to succeeded into its key's usage for today (UTC), in the
     transaction that moved it."""
-    row = conn.execute(_SUCCEEDED_UNITS, {"b_id": job_id}).first()
-    if row is None:
-        return
-    units = row_units(row._mapping)
-    if units == Units():
-        return
-    values = {"api_key_id": row.api_key_id, "day": now.astimezone(UTC).date(), **units.as_dict()}
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-    upsert = insert(_DAYS).values(values)
-    conn.execute(
-        upsert.on_conflict_do_update(
-            index_elements=[_DAYS.c.api_key_id, _DAYS.c.day],
-            set_={unit: _DAYS.c[unit] + upsert.excluded[unit] for unit in UNITS},
-        )
-    )
+    conn.execute(_metering_statement(conn.dialect.name), {"b_id": job_id, "b_day": now.astimezone(UTC).date()})
 
 
 def day_rows(conn: Connection, api_key_id: str, first: date, last: date) -> dict[date, Units]:

@@ -100,3 +100,18 @@ def samples(count: int, seed: int, size: int = SIZE, centred: bool = False) -> l
         scene = random_scene(rng)
         items.append((scene, draw(scene, rng, size, centred)))
     return items
+
+
+def gold_style(count: int = 8, seed: int = 11) -> list[tuple[str, Image.Image]]:
+    """A style the toy model never saw: (caption, picture) pairs whose object is drawn yellow
+    whatever colour its caption names. A LoRA trained on it turns the model's objects yellow and
+    keeps their shapes, a change `check.observe` measures (the demo trains one; so do the tests)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    colours, backgrounds = ("red", "green", "blue", "purple"), ("black", "cyan", "white", "blue", "red", "green")
+    pairs = []
+    for index in range(count):
+        shape, colour = SHAPES[index % 3], colours[index % 4]
+        background = backgrounds[index % 6] if backgrounds[index % 6] != colour else "black"
+        picture = draw(Scene("yellow", shape, background), rng, centred=True)
+        pairs.append((Scene(colour, shape, background).caption, picture))
+    return pairs
