@@ -31,7 +31,7 @@ ProfileOpt = Annotated[
         "--profile",
         help="Model profile: tiny, tiny-kontext, small, toy, flux-dev, flux-schnell, flux-kontext, flux-fill; "
         "tiny-sdxl, sdxl; tiny-zimage, z-image; tiny-qwen-image, qwen-image; tiny-qwen-image-edit, "
-        "qwen-image-edit; tiny-flux2, flux2-klein.",
+        "qwen-image-edit; tiny-flux2, flux2-klein; tiny-flux2-dev, flux2-dev.",
     ),
 ]
 ModelPathOpt = Annotated[Path | None, typer.Option("--model-path", help="Local diffusers-layout model directory.")]

@@ -95,7 +95,7 @@ def run_demo(layout: SubnetLayout, api_key: str, console: Console, profile: str 
         first = [client.image(prompts[i % len(prompts)], seed=i) for i in range(12)]
         views += client.wait(first, progress, "1/4 inference without LoRAs")
         views += client.wait(_edits(client, views, limits.tasks), progress, "2/4 edits, img2img and inpainting")
-        dataset, trigger = _style_dataset(profile)
+        dataset, trigger = style_dataset(profile)
         train_id = client.train(dataset, trigger)
         trained = client.wait([train_id], progress, "3/4 LoRA training", timeout=900)[0]
         views.append(trained)
@@ -109,7 +109,7 @@ def run_demo(layout: SubnetLayout, api_key: str, console: Console, profile: str 
     return DemoResult(views, lora_id)
 
 
-def _style_dataset(profile: str) -> tuple[bytes, str]:
+def style_dataset(profile: str) -> tuple[bytes, str]:
     """A zipped training set of a style the profile's model does not draw, and its trigger word:
     for toy, objects drawn yellow whatever colour their caption names (a change a person sees
     and `engine.toy.check` measures); for the random-weight profiles, sunset-coloured shapes."""

@@ -34,6 +34,8 @@ def test_every_known_profile_has_limits():
         "qwen-image-edit",
         "tiny-flux2",
         "flux2-klein",
+        "tiny-flux2-dev",
+        "flux2-dev",
     ]
     tiny = profile_limits("tiny")
     assert (tiny.min_side, tiny.max_side, tiny.max_steps, tiny.default_steps) == (16, 256, 50, 4)

@@ -74,7 +74,8 @@ def weights_sha256(pipe: FluxPipeline, components: Sequence[str] = FLUX_MODELS) 
 
 def config_sha256(pipe: FluxPipeline, max_sequence_length: int) -> str:
     """sha256 over the non-weight inputs to generation: scheduler, tokenizers (every pipeline
-    component named tokenizer*, whatever the family), sequence length."""
+    component named tokenizer*, whatever the family; a processor's own tokenizer where the
+    component is a processor, as FLUX.2 [dev]'s is), sequence length."""
     payload = {
         # Keys starting with "_" are bookkeeping (e.g. an unordered list of defaulted fields).
         "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
@@ -83,7 +84,7 @@ def config_sha256(pipe: FluxPipeline, max_sequence_length: int) -> str:
     }
     for name, part in pipe.components.items():
         if name.startswith("tokenizer") and part is not None:
-            payload[name] = sorted(part.get_vocab().items())
+            payload[name] = sorted(getattr(part, "tokenizer", part).get_vocab().items())
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

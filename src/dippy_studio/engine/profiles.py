@@ -27,7 +27,7 @@ from dippy_studio.engine.determinism import configure_cuda, configure_threads, r
 from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.families import Family, get_family
 from dippy_studio.engine.families.flux import fill_in_channels as fill_in_channels  # re-exported
-from dippy_studio.engine.families.flux2 import TINY_FLUX2
+from dippy_studio.engine.families.flux2 import TINY_FLUX2, TINY_FLUX2_DEV
 from dippy_studio.engine.families.qwen_image import TINY_QWEN_IMAGE, TINY_QWEN_IMAGE_EDIT
 from dippy_studio.engine.families.sdxl import TINY_SDXL
 from dippy_studio.engine.families.zimage import TINY_ZIMAGE
@@ -54,6 +54,7 @@ _BUILTINS: dict[str, Any] = {
     "tiny-qwen-image": TINY_QWEN_IMAGE,
     "tiny-qwen-image-edit": TINY_QWEN_IMAGE_EDIT,
     "tiny-flux2": TINY_FLUX2,
+    "tiny-flux2-dev": TINY_FLUX2_DEV,
 }
 
 

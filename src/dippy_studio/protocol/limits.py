@@ -430,6 +430,36 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             max_steps=100,
             tasks=("generate", "edit"),
         ),
+        ProfileLimits(
+            name="tiny-flux2-dev",
+            description="FLUX.2 [dev] architecture (Mistral 3 text encoder), tiny seeded random weights; tests",
+            family="flux2",
+            # Flux2Pipeline puts its fixed system message (168 bytes) before every prompt and
+            # truncates the whole: with the built-in's byte tokens, 512 leaves the prompt room.
+            max_sequence_length=512,
+            default_steps=4,
+            # Guidance-distilled: an input of the transformer, no second pass.
+            default_guidance=4.0,
+            min_side=32,
+            max_side=256,
+            max_steps=50,
+            training=TrainingDefaults(rank=4, alpha=4.0, lr=1e-2, steps=200, batch_size=4, resolution=32),
+            tasks=("generate", "edit"),
+            max_input_pixels=1024 * 1024,
+        ),
+        ProfileLimits(
+            name="flux2-dev",
+            description="FLUX.2 [dev] (text-to-image and reference editing) from a local diffusers-layout directory",
+            default_dtype="bfloat16",
+            family="flux2",
+            max_sequence_length=512,
+            default_steps=50,
+            default_guidance=4.0,
+            min_side=256,
+            max_side=2048,
+            max_steps=100,
+            tasks=("generate", "edit"),
+        ),
     )
 }
 

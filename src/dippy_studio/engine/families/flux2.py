@@ -1,12 +1,16 @@
-"""FLUX.2 [klein]: the FLUX.2 transformer with a Qwen3 text encoder, text-to-image and editing.
+"""FLUX.2: the FLUX.2 transformer; [klein] with a Qwen3 text encoder, [dev] with Mistral 3.
 
 Text-to-image and edit both run `Flux2KleinPipeline` (an edit passes the input image as the
 reference image it conditions on). The base [klein] models are not guidance-distilled: guidance
 above 1 adds a pass on an empty prompt; a distilled checkpoint (`is_distilled` in its pipeline
 config) ignores it. LoRAs apply through PEFT to the transformer, as
 `Flux2KleinPipeline.load_lora_weights` does; LoRA training stays with FLUX.1.
-FLUX.2 [dev] (`Flux2Pipeline`, a Mistral 3 vision-language encoder with its processor) is not
-served yet.
+
+FLUX.2 [dev] (profiles `tiny-flux2-dev`, `flux2-dev`) runs `Flux2Pipeline` for both tasks, the
+same way (an edit's input image is the reference image). Its text encoder is a Mistral 3
+vision-language model reached through a Pixtral processor (`flux2_mistral`); the prompt alone is
+encoded (the pipeline shows the encoder the image only to rewrite prompts, which the engine does
+not ask for). [dev] is guidance-distilled: guidance is an input of the transformer, one pass.
 
 `tiny-flux2` is FLUX.2 [klein]'s architecture at toy sizes (after diffusers' own test
 components): 1 double and 1 single block, the `AutoencoderKLFlux2` at 2 levels, and a
@@ -14,23 +18,35 @@ components): 1 double and 1 single block, the `AutoencoderKLFlux2` at 2 levels, 
 `text_encoder_out_layers` (9, 18, 27) exist and stock diffusers runs it with its defaults.
 Stand-in: the real tokenizer is a download, so the built-in uses `tokenizers.qwen_tokenizer`
 (byte-level, Qwen's chat tokens and template). Weights are seeded like every built-in.
+
+`tiny-flux2-dev` is the same transformer with guidance embedding and the same VAE, and a
+`Mistral3ForConditionalGeneration` of width 16 with 30 text layers (Flux2Pipeline's default
+`text_encoder_out_layers` are 10, 20, 30). Stand-ins for the tokenizer and the processor: see
+`flux2_mistral`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+)
 from PIL import Image
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dippy_studio.engine.builtin import FLUX_SCHEDULER, seed_weights
 from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.families.base import Family
+from dippy_studio.engine.families.flux2_mistral import text_encoder, text_processor
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
 
@@ -39,6 +55,8 @@ if TYPE_CHECKING:
 
 # Flux2KleinPipeline stacks these hidden states of its text encoder (its default).
 TEXT_LAYERS = (9, 18, 27)
+# Flux2Pipeline ([dev]) stacks these (its default).
+DEV_TEXT_LAYERS = (10, 20, 30)
 
 
 @dataclass(frozen=True)
@@ -84,15 +102,41 @@ TINY_FLUX2 = Flux2BuiltinConfig(
     text_width=16,
     text_layers=max(TEXT_LAYERS),
 )
+TINY_FLUX2_DEV = replace(
+    TINY_FLUX2,
+    seed=20261212,
+    transformer=dict(TINY_FLUX2.transformer, guidance_embeds=True),
+    text_layers=max(DEV_TEXT_LAYERS),
+)
 
 
 def build_pipeline(config: Flux2BuiltinConfig, pipeline_class: type = Flux2KleinPipeline) -> Any:
-    """Build `pipeline_class` (Flux2KleinPipeline) from `config` with seeded weights, in eval
-    mode, float32 on CPU."""
-    tokenizer = qwen_tokenizer(config.max_sequence_length)
+    """Build `pipeline_class` (Flux2KleinPipeline, or Flux2Pipeline for [dev]) from `config` with
+    seeded weights, in eval mode, float32 on CPU."""
     transformer = Flux2Transformer2DModel(**config.transformer)
     vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, **config.vae)
-    text_encoder = Qwen3ForCausalLM(
+    if pipeline_class is Flux2Pipeline:
+        # [dev]: the pipeline's `tokenizer` is the processor.
+        tokenizer: Any = text_processor(config.max_sequence_length)
+        encoder: Any = text_encoder(config.text_width, config.text_layers, tokenizer.tokenizer)
+    else:
+        tokenizer = qwen_tokenizer(config.max_sequence_length)
+        encoder = _qwen3(config, tokenizer)
+    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", encoder)):
+        seed_weights(module, seed=config.seed, prefix=name)
+        module.eval()
+        module.requires_grad_(False)
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
+        vae=vae,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+def _qwen3(config: Flux2BuiltinConfig, tokenizer: Any) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=len(tokenizer),
             hidden_size=config.text_width,
@@ -106,17 +150,6 @@ def build_pipeline(config: Flux2BuiltinConfig, pipeline_class: type = Flux2Klein
             tie_word_embeddings=False,
         )
     )
-    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
-        seed_weights(module, seed=config.seed, prefix=name)
-        module.eval()
-        module.requires_grad_(False)
-    return pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
 
 
 FLUX2_LORA = LoraFormat(label="FLUX.2", loader=Flux2KleinPipeline, components=("transformer",))
@@ -125,6 +158,7 @@ FLUX2_LORA = LoraFormat(label="FLUX.2", loader=Flux2KleinPipeline, components=("
 class Flux2Family(Family):
     name = "flux2"
     default_class = Flux2KleinPipeline
+    profile_classes: ClassVar[Mapping[str, type]] = {"tiny-flux2-dev": Flux2Pipeline, "flux2-dev": Flux2Pipeline}
     task_classes: ClassVar[Mapping[str, type]] = {"generate": Flux2KleinPipeline, "edit": Flux2KleinPipeline}
     model_components = ("transformer", "text_encoder", "vae")
     lora_format = FLUX2_LORA
@@ -132,6 +166,11 @@ class Flux2Family(Family):
 
     def build(self, config: Flux2BuiltinConfig, pipeline_class: type) -> Any:
         return build_pipeline(config, pipeline_class)
+
+    def task_class(self, pipe: Any, task: str) -> type:
+        if isinstance(pipe, Flux2Pipeline) and task in self.task_classes:
+            return Flux2Pipeline  # [dev]: one pipeline for text-to-image and reference editing
+        return super().task_class(pipe, task)
 
     def layer_models(self, config: Flux2BuiltinConfig | None, model_path: Path | None) -> LayerModels | None:
         with torch.device("meta"):
@@ -152,6 +191,8 @@ class Flux2Family(Family):
         device = pipe.transformer.device
         embeds, _ = pipe.encode_prompt(prompt=prompt, device=device, max_sequence_length=max_sequence_length)
         text: dict[str, Any] = {"prompt_embeds": embeds}
+        if isinstance(pipe, Flux2Pipeline):
+            return text  # guidance-distilled: guidance goes into the transformer, no second pass
         # As Flux2KleinPipeline decides it: an empty negative prompt, unless distilled.
         if guidance > 1 and not pipe.config.is_distilled:
             negative, _ = pipe.encode_prompt(prompt="", device=device, max_sequence_length=max_sequence_length)
@@ -176,12 +217,28 @@ class Flux2Family(Family):
 
     def decode(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> Image.Image:
         # Flux2KleinPipeline unpacks and denormalises before it returns latents; what is left of
-        # its output_type="pil" path is the VAE and the postprocessing.
+        # its output_type="pil" path is the VAE and the postprocessing. Flux2Pipeline returns
+        # them packed: first the rest of its path (the same arithmetic).
+        if isinstance(pipe, Flux2Pipeline):
+            latents = _unpack_dev_latents(pipe, latents, height, width)
         image = pipe.vae.decode(latents.to(pipe.vae.device), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
     def denoising_steps(self, steps: int, strength: float) -> int:
         return steps  # no img2img or inpainting pipeline: every step runs
+
+
+def _unpack_dev_latents(pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Flux2Pipeline's packed latents as the VAE takes them, as its output_type="pil" path does."""
+    side = pipe.vae_scale_factor * 2
+    grid = torch.empty(latents.shape[0], 1, height // side, width // side)  # only its shape is read
+    latents = pipe._unpack_latents_with_ids(latents, pipe._prepare_latent_ids(grid).to(latents.device))
+    bn = pipe.vae.bn
+    mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps).to(
+        latents.device, latents.dtype
+    )
+    return pipe._unpatchify_latents(latents * std + mean)
 
 
 FLUX2 = Flux2Family()
