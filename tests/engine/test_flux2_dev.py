@@ -160,6 +160,13 @@ def test_limits_are_enforced(engine):
             engine.generate(REQUEST.model_copy(update=update))
     with pytest.raises(RequestError, match="task edit takes no strength"):
         engine.generate(_edit(strength=0.5))
+    # FLUX.2's image processor refuses a reference under 64 px: refused as the request's fault,
+    # where a text-to-image request of that size is served.
+    with pytest.raises(
+        RequestError, match="task edit on profile tiny-flux2-dev needs a width and height of at least 64"
+    ):
+        engine.generate(_edit(width=64, height=48))
+    assert Image.open(io.BytesIO(engine.generate(REQUEST).png)).size == (REQUEST.width, REQUEST.height)
     widest = REQUEST.model_copy(update={"width": spec.max_side, "height": spec.min_side, "steps": 1})
     assert Image.open(io.BytesIO(engine.generate(widest).png)).size == (spec.max_side, spec.min_side)
 

@@ -78,3 +78,10 @@ def test_an_image_task_without_a_size_takes_the_inputs_scaled_to_fit():
     assert tiny.output_size(70, 50) == (64, 48)  # rounded down to multiples of 16
     assert tiny.output_size(1024, 512) == (256, 128)  # scaled to fit, aspect kept
     assert tiny.output_size(4, 4) == (16, 16)  # never under the profile's smallest side
+
+
+def test_an_image_task_under_the_profiles_input_side_is_refused_where_text_to_image_is_not():
+    limits = profile_limits("tiny-flux2")
+    assert "needs a width and height of at least 64" in (limits.image_problem(64, 48, 4, "edit") or "")
+    assert limits.image_problem(64, 48, 4, "generate") is None
+    assert limits.image_problem(64, 64, 4, "edit") is None

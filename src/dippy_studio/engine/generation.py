@@ -173,7 +173,7 @@ class Engine:
             or task_inputs_problem(
                 request.task, request.image is not None, request.mask is not None, request.strength is not None
             )
-            or self.spec.image_problem(request.width, request.height, request.steps)
+            or self.spec.image_problem(request.width, request.height, request.steps, request.task)
         )
         if problem is None and request.loras and not self.family.supports_loras:
             problem = f"profile {self.spec.name} ({self.family.name}) takes no LoRAs"

@@ -348,7 +348,7 @@ def create_app(settings: MinerSettings, **components: Any) -> FastAPI:
         # What the profile decides before anything is fetched; the input image itself is read
         # when the job runs (a bad one fails the job as input_error).
         spec = miner.engine.spec
-        problem = spec.task_problem(job.task) or spec.image_problem(job.width, job.height, job.steps)
+        problem = spec.task_problem(job.task) or spec.image_problem(job.width, job.height, job.steps, job.task)
         if problem is not None:
             raise HTTPException(422, detail=problem)
         return submit(JobKind.inference, job, caller)

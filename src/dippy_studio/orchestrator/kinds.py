@@ -200,7 +200,7 @@ def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: st
         raise InvalidRequest(f"task {task} needs width and height")
     steps = body.steps if body.steps is not None else limits.default_steps
     if body.width is not None and body.height is not None:
-        problem = limits.image_problem(body.width, body.height, steps)
+        problem = limits.image_problem(body.width, body.height, steps, task)
         if problem is not None:
             raise InvalidRequest(problem)
     loras = [_resolve_lora(ctx, key, lora, model) for lora in body.loras]
@@ -209,7 +209,7 @@ def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: st
     if width is None or height is None:
         assert inputs is not None  # the image tasks, checked above
         width, height = limits.output_size(*inputs.size)
-        problem = limits.image_problem(width, height, steps)
+        problem = limits.image_problem(width, height, steps, task)
         if problem is not None:
             raise InvalidRequest(f"the output size follows the image: {problem}")
     payload: dict[str, Any] = {

@@ -131,6 +131,9 @@ class ProfileLimits:
     # The dtype an engine runs it in unless told otherwise (`EngineOptions.dtype`): real models in
     # bfloat16, as they are published and served; the built-ins in float32, whose bytes tests pin.
     default_dtype: Literal["float32", "bfloat16"] = "float32"
+    # The smallest side an image task's input may have once resized to the output size (FLUX.2's
+    # image processor refuses reference images under 64 px).
+    min_input_side: int = 0
     # The model family (`engine.families`): which pipelines run it, how LoRAs apply.
     family: str = "flux"
     # Qwen-Image's schedule (a stretched terminal sigma) is undefined for a single step.
@@ -141,8 +144,13 @@ class ProfileLimits:
         """Whether LoRA training runs on this profile (only some families train)."""
         return self.family in TRAINING_FAMILIES
 
-    def image_problem(self, width: int, height: int, steps: int) -> str | None:
-        """Why an image request of this size and step count is outside the profile, or None."""
+    def image_problem(self, width: int, height: int, steps: int, task: str = "generate") -> str | None:
+        """Why an image request of this size, step count and task is outside the profile, or None."""
+        if task in IMAGE_TASKS and min(width, height) < self.min_input_side:
+            return (
+                f"task {task} on profile {self.name} needs a width and height of at least {self.min_input_side} "
+                "(the input image is resized to the output size)"
+            )
         for name, side in (("width", width), ("height", height)):
             if not self.min_side <= side <= self.max_side:
                 return f"{name} {side} is outside {self.min_side}..{self.max_side} for profile {self.name}"
@@ -407,6 +415,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             name="tiny-flux2",
             description="FLUX.2 [klein] architecture (Qwen3 text encoder), tiny seeded random weights; tests",
             family="flux2",
+            min_input_side=64,
             max_sequence_length=64,
             default_steps=4,
             default_guidance=4.0,
@@ -422,6 +431,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             description="FLUX.2 [klein] (text-to-image and reference editing) from a local diffusers-layout directory",
             default_dtype="bfloat16",
             family="flux2",
+            min_input_side=64,
             max_sequence_length=512,
             default_steps=50,
             default_guidance=4.0,
@@ -434,6 +444,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             name="tiny-flux2-dev",
             description="FLUX.2 [dev] architecture (Mistral 3 text encoder), tiny seeded random weights; tests",
             family="flux2",
+            min_input_side=64,
             # Flux2Pipeline puts its fixed system message (168 bytes) before every prompt and
             # truncates the whole: with the built-in's byte tokens, 512 leaves the prompt room.
             max_sequence_length=512,
@@ -452,6 +463,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
             description="FLUX.2 [dev] (text-to-image and reference editing) from a local diffusers-layout directory",
             default_dtype="bfloat16",
             family="flux2",
+            min_input_side=64,
             max_sequence_length=512,
             default_steps=50,
             default_guidance=4.0,

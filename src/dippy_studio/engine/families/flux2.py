@@ -105,6 +105,8 @@ TINY_FLUX2 = Flux2BuiltinConfig(
 TINY_FLUX2_DEV = replace(
     TINY_FLUX2,
     seed=20261212,
+    # Room for the prompt after the pipeline's system message, one byte a token (`flux2_mistral`).
+    max_sequence_length=512,
     transformer=dict(TINY_FLUX2.transformer, guidance_embeds=True),
     text_layers=max(DEV_TEXT_LAYERS),
 )
