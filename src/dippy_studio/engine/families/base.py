@@ -108,3 +108,22 @@ def share_components(pipe: Any, cls: type) -> Any:
     built = cls(**{name: part for name, part in pipe.components.items() if name in accepted})
     built.set_progress_bar_config(disable=True)
     return built
+
+
+def transformer_layer_models(
+    transformer_class: type, config: Any | None, model_path: Path | None, lora_format: LoraFormat
+) -> LayerModels | None:
+    """`Family.layer_models` for families whose LoRAs adapt one transformer: its layers on the meta
+    device (names and shapes, no weights), read from the model directory's config when given,
+    else from the built-in config (`config.transformer`); None when neither is known."""
+    with torch.device("meta"):
+        if model_path is not None:
+            try:
+                transformer = transformer_class.from_config(transformer_class.load_config(model_path / "transformer"))
+            except (OSError, ValueError) as exc:
+                raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
+        elif config is not None:
+            transformer = transformer_class(**config.transformer)
+        else:
+            return None
+    return LayerModels({"transformer": transformer}, lora_format)

@@ -44,8 +44,7 @@ from PIL import Image
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dippy_studio.engine.builtin import FLUX_SCHEDULER, seed_weights
-from dippy_studio.engine.errors import ProfileError
-from dippy_studio.engine.families.base import Family
+from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.families.flux2_mistral import text_encoder, text_processor
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
@@ -175,19 +174,7 @@ class Flux2Family(Family):
         return super().task_class(pipe, task)
 
     def layer_models(self, config: Flux2BuiltinConfig | None, model_path: Path | None) -> LayerModels | None:
-        with torch.device("meta"):
-            if model_path is not None:
-                try:
-                    transformer = Flux2Transformer2DModel.from_config(
-                        Flux2Transformer2DModel.load_config(model_path / "transformer")
-                    )
-                except (OSError, ValueError) as exc:
-                    raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
-            elif config is not None:
-                transformer = Flux2Transformer2DModel(**config.transformer)
-            else:
-                return None
-        return LayerModels({"transformer": transformer}, FLUX2_LORA)
+        return transformer_layer_models(Flux2Transformer2DModel, config, model_path, FLUX2_LORA)
 
     def encode_prompt(self, pipe: Any, prompt: str, guidance: float, max_sequence_length: int) -> dict[str, Any]:
         device = pipe.transformer.device

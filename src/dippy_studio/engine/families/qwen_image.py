@@ -58,8 +58,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.processing_utils import ProcessorMixin
 
 from dippy_studio.engine.builtin import seed_weights
-from dippy_studio.engine.errors import ProfileError
-from dippy_studio.engine.families.base import Family
+from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
 
@@ -266,19 +265,7 @@ class QwenImageFamily(Family):
         return build_pipeline(config, pipeline_class)
 
     def layer_models(self, config: QwenImageBuiltinConfig | None, model_path: Path | None) -> LayerModels | None:
-        with torch.device("meta"):
-            if model_path is not None:
-                try:
-                    transformer = QwenImageTransformer2DModel.from_config(
-                        QwenImageTransformer2DModel.load_config(model_path / "transformer")
-                    )
-                except (OSError, ValueError) as exc:
-                    raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
-            elif config is not None:
-                transformer = QwenImageTransformer2DModel(**config.transformer)
-            else:
-                return None
-        return LayerModels({"transformer": transformer}, QWEN_IMAGE_LORA)
+        return transformer_layer_models(QwenImageTransformer2DModel, config, model_path, QWEN_IMAGE_LORA)
 
     def encode_prompt(self, pipe: Any, prompt: str, guidance: float, max_sequence_length: int) -> dict[str, Any]:
         if isinstance(pipe, QwenImageEditPipeline):

@@ -33,8 +33,7 @@ from PIL import Image
 from transformers import Qwen3Config, Qwen3Model
 
 from dippy_studio.engine.builtin import seed_weights
-from dippy_studio.engine.errors import ProfileError
-from dippy_studio.engine.families.base import Family
+from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
 
@@ -150,19 +149,7 @@ class ZImageFamily(Family):
         return build_pipeline(config, pipeline_class)
 
     def layer_models(self, config: ZImageBuiltinConfig | None, model_path: Path | None) -> LayerModels | None:
-        with torch.device("meta"):
-            if model_path is not None:
-                try:
-                    transformer = ZImageTransformer2DModel.from_config(
-                        ZImageTransformer2DModel.load_config(model_path / "transformer")
-                    )
-                except (OSError, ValueError) as exc:
-                    raise ProfileError(f"could not read the model architecture in {model_path}: {exc}") from exc
-            elif config is not None:
-                transformer = ZImageTransformer2DModel(**config.transformer)
-            else:
-                return None
-        return LayerModels({"transformer": transformer}, ZIMAGE_LORA)
+        return transformer_layer_models(ZImageTransformer2DModel, config, model_path, ZIMAGE_LORA)
 
     def encode_prompt(self, pipe: Any, prompt: str, guidance: float, max_sequence_length: int) -> dict[str, Any]:
         # As ZImagePipeline decides it: any guidance above 0 adds a pass on an empty prompt.
