@@ -319,6 +319,7 @@ def test_scores_are_signed_by_the_orchestrator(make_api):
 
 def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
     import uvicorn
+    from sse_starlette.sse import AppStatus
 
     started: dict[str, Any] = {}
 
@@ -347,9 +348,9 @@ def test_serve_command_builds_the_app_from_its_flags(tmp_path, monkeypatch):
         assert orch.settings.public_url == "http://127.0.0.1:8123" and orch.settings.allow_loopback_urls
         assert orch.signer.ss58_address == ORCHESTRATOR.ss58_address and orch.chain is not None
         assert (tmp_path / "orch" / "orchestrator.sqlite").is_file()  # the database `keys` uses too
-        # Ctrl-C tells open dashboard streams to end before uvicorn waits for them.
+        # Ctrl-C tells open event streams (sse-starlette's flag) to end before uvicorn waits for them.
         started["server"].handle_exit(signal.SIGINT, None)
-        assert started["app"].state.dashboard.closing.is_set() and started["server"].should_exit
+        assert AppStatus.should_exit and started["server"].should_exit
     finally:
         orch.stop()
 

@@ -33,10 +33,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from dippy_studio.chain.base import Chain, ChainError, Neuron
 from dippy_studio.orchestrator import kinds
@@ -63,6 +64,9 @@ CHAIN_REFRESH_S = 5.0
 # One event stream lasts this long; the browser reconnects at once (`retry`), so a server that is
 # shutting down never waits on an endless response.
 STREAM_S = 15.0
+RETRY_MS = 1000
+# Comments sent while nothing changes, so proxies keep an idle stream open.
+KEEPALIVE_S = 5.0
 # Every dashboard route needs the operator token (dashboard_access), never a client's API key.
 OPERATOR_ONLY = error_responses(
     {401: "No operator token, or a wrong one: send Authorization: Bearer <dashboard token>."}
@@ -405,9 +409,6 @@ class Dashboard:
         self._taken = -float("inf")
         self._chain = ChainView()
         self._chain_taken = -float("inf")
-        # Set when the server starts shutting down: open event streams end at once instead of
-        # holding the shutdown until they time out.
-        self.closing = threading.Event()
 
     def snapshot(self) -> tuple[str, dict[str, Any]]:
         """The current snapshot and its version (a hash of everything but the time it was taken)."""
@@ -454,23 +455,19 @@ class Dashboard:
             gallery=orch.settings.dashboard_gallery,
         )
 
-    async def events(self, is_disconnected: Callable[[], Any], stream_s: float = STREAM_S) -> AsyncIterator[str]:
-        """Server-sent events: `snapshot` whenever the snapshot changes, a comment otherwise so
-        proxies keep the connection open. Ends after `stream_s`; the browser reconnects."""
-        yield "retry: 1000\n\n"
+    async def events(self, stream_s: float = STREAM_S) -> AsyncIterator[ServerSentEvent]:
+        """`snapshot` events, one whenever the snapshot changes. sse-starlette sends keep-alive
+        pings in between and ends the stream when the client leaves or the server shuts down.
+        Ends after `stream_s`; the browser reconnects after `retry`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + stream_s
         sent = None
-        while loop.time() < deadline and not self.closing.is_set() and not await is_disconnected():
+        while loop.time() < deadline:
             version, snapshot = await run_in_threadpool(self.snapshot)
             if version != sent:
-                yield f"event: snapshot\nid: {version}\ndata: {json.dumps(snapshot)}\n\n"
+                yield ServerSentEvent(data=json.dumps(snapshot), event="snapshot", id=version, retry=RETRY_MS)
                 sent = version
-            else:
-                yield ": unchanged\n\n"
-            wake = loop.time() + self.refresh_s
-            while loop.time() < wake and not self.closing.is_set():
-                await asyncio.sleep(min(0.1, self.refresh_s))
+            await asyncio.sleep(min(self.refresh_s, max(0.0, deadline - loop.time())))
 
 
 def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
@@ -495,18 +492,16 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
     @app.get(
         "/dashboard/api/events",
         tags=["operators"],
-        response_class=StreamingResponse,
+        response_class=EventSourceResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "snapshots as server-sent events"},
             **OPERATOR_ONLY,
         },
     )
-    async def events(request: Request) -> StreamingResponse:
+    async def events() -> EventSourceResponse:
         """The same snapshot as server-sent events (`event: snapshot`), sent when it changes."""
-        return StreamingResponse(
-            dashboard.events(request.is_disconnected),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return EventSourceResponse(
+            dashboard.events(), ping=KEEPALIVE_S, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
 
     @app.get("/dashboard/images/{job_id}.png", include_in_schema=False)

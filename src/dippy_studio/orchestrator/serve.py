@@ -80,17 +80,6 @@ def run_server(
         app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=5
     )
     server = Server(config)
-    dashboard = getattr(app.state, "dashboard", None)
-    if dashboard is not None:
-        # uvicorn waits for open responses before it stops; the dashboard's event streams never
-        # end on their own for long, so tell them to end now.
-        stop = server.handle_exit
-
-        def handle_exit(sig: int, frame: Any) -> None:
-            dashboard.closing.set()
-            stop(sig, frame)
-
-        server.handle_exit = handle_exit  # type: ignore[method-assign]
     server.run(sockets=[sock] if sock is not None else None)
 
 
