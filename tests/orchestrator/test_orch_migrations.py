@@ -65,3 +65,47 @@ def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_path):
 def test_unusable_urls_are_refused_clearly(url: str):
     with pytest.raises(DatabaseUrlError):
         make_engine(url)
+
+
+def test_upgrading_keeps_the_first_of_two_verdicts_for_one_job(empty_url: str):
+    """Revision 0007 makes a verdict per job unique; a database that stored two keeps the first."""
+    import sqlalchemy as sa
+
+    upgrade(empty_url, "0006")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_keys (id, name, key_hash, webhook_secret, rate_limit_per_minute, created_at) "
+                    "VALUES ('k1', 'old', 'h', 's', 10, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, api_key_id, kind, model, status, payload, created_at, updated_at, deadline, "
+                    "attempts, max_attempts, attempt_timeout_s, timings, webhook_state, webhook_attempts, audit) "
+                    "VALUES ('req_1', 'k1', 'inference', 'tiny', 'queued', '{}', CURRENT_TIMESTAMP, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0, 3, 60, '{}', 'none', 0, true)"
+                )
+            )
+            for verdict in ("fail", "pass"):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO audits (job_id, miner_hotkey, verdict, evidence, created_at) "
+                        "VALUES ('req_1', 'hk', :verdict, '{}', CURRENT_TIMESTAMP)"
+                    ),
+                    {"verdict": verdict},
+                )
+        upgrade(empty_url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT verdict FROM audits")).scalars().all() == ["fail"]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO audits (job_id, miner_hotkey, verdict, evidence, created_at) "
+                    "VALUES ('req_1', 'hk', 'pass', '{}', CURRENT_TIMESTAMP)"
+                )
+            )
+    finally:
+        engine.dispose()

@@ -494,11 +494,14 @@ def test_miners_upsert_and_list_healthy(store: Store):
 
 
 def test_audits_are_recorded_with_evidence(store: Store, key_id: str):
-    job = make_job(store, key_id)
+    job, later = make_job(store, key_id), make_job(store, key_id)
     store.add_audit(job.id, "hk-a", "fail", {"ssim": 0.41, "expected": "ab" * 32}, now=sec(1))
-    store.add_audit(job.id, "hk-a", "pass", now=sec(2))
+    store.add_audit(later.id, "hk-a", "pass", now=sec(2))
     assert [(a.verdict, a.evidence) for a in store.list_audits(miner_hotkey="hk-a", since=sec(2))] == [("pass", {})]
     assert store.list_audits(job_id=job.id)[0].evidence["ssim"] == 0.41
+    # One verdict per job: a second one (a replica that lost the audit lead meanwhile) is not stored.
+    assert store.add_audit(job.id, "hk-a", "pass", now=sec(3)) is None
+    assert [a.verdict for a in store.list_audits(job_id=job.id)] == ["fail"]
     with pytest.raises(ValueError):
         store.add_audit(job.id, "hk-a", "maybe")
 

@@ -181,7 +181,9 @@ class AuditQueue:
         evidence = dict(outcome.evidence)
         if outcome.reference_png is not None:
             evidence["reference_blob"] = self.results.put(outcome.reference_png)
-        self.store.add_audit(job.id, job.miner_hotkey, outcome.verdict.label, evidence, now=self.clock())
+        if self.store.add_audit(job.id, job.miner_hotkey, outcome.verdict.label, evidence, now=self.clock()) is None:
+            log.info("audit of %s dropped: another replica stored its verdict first", job.id)
+            return True
         if outcome.verdict.label == "fail":
             log.warning("miner %s failed the audit of %s: %s", job.miner_hotkey, job.id, outcome.verdict.reason)
         return True

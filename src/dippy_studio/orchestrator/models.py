@@ -238,7 +238,8 @@ class Audit(Base):
     """The verdict of re-running one job on a reference engine, with the evidence behind it."""
 
     __tablename__ = "audits"
-    __table_args__ = (Index(None, "miner_hotkey", "created_at"), Index(None, "job_id"))
+    # One verdict per job (migration 0007): a second one is never stored.
+    __table_args__ = (Index(None, "miner_hotkey", "created_at"), Index(None, "job_id", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

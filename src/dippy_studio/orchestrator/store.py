@@ -977,7 +977,8 @@ class Store:
         verdict: str,
         evidence: Mapping[str, Any] | None = None,
         now: datetime | None = None,
-    ) -> Audit:
+    ) -> Audit | None:
+        """Store a job's audit verdict; None when the job has one already (the first stands)."""
         if verdict not in AUDIT_VERDICTS:
             raise ValueError(f"verdict must be one of {sorted(AUDIT_VERDICTS)}")
         row = {
@@ -987,8 +988,9 @@ class Store:
             "evidence": dict(evidence or {}),
             "created_at": now or utcnow(),
         }
-        audit_id = self._write(lambda conn: conn.execute(insert(Audit.__table__).returning(Audit.id), row).scalar_one())
-        return Audit(id=audit_id, **row)
+        statement = self._insert(Audit).on_conflict_do_nothing(index_elements=["job_id"]).returning(Audit.id)
+        audit_id = self._write(lambda conn: conn.execute(statement, row).scalar_one_or_none())
+        return None if audit_id is None else Audit(id=audit_id, **row)
 
     def flagged_without_verdict(self, limit: int = 10_000) -> list[str]:
         """Jobs picked for an audit that has no verdict yet, oldest first: an orchestrator stopped
