@@ -11,6 +11,7 @@ its saved directory records.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -36,6 +37,10 @@ from dippy_studio.engine.options import EngineOptions
 from dippy_studio.protocol.limits import PROFILE_LIMITS, ProfileLimits
 
 PROFILE_MARKER = "dippy_profile.json"
+# Pipelines are built one at a time per process: loading a directory sets torch's process-wide
+# default dtype for a while (diffusers and transformers instantiate models under the requested
+# dtype), and a model constructed in another thread meanwhile would get those parameters.
+_BUILDING = threading.Lock()
 # One LoRA application mode per profile: PEFT layers computed beside the frozen base weights.
 # Fusing into the weights differs in the last bits and would make removal lossy.
 LORA_MODE = "peft-unfused"
@@ -125,15 +130,16 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
         configure_cuda()
     dtype = DTYPES[options.run_dtype]
     family = spec.model_family
-    if options.model_path is not None:
-        pipe = _load_directory(options.model_path, dtype, spec.pipeline_class, family)
-    elif spec.builtin is not None:
-        pipe = family.build(spec.builtin, spec.pipeline_class)
-    else:
+    if options.model_path is None and spec.builtin is None:
         raise ProfileError(
             f"profile {spec.name!r} loads from a local diffusers-layout directory: pass --model-path DIR "
             "(nothing is ever downloaded)"
         )
+    with _BUILDING:
+        if options.model_path is not None:
+            pipe = _load_directory(options.model_path, dtype, spec.pipeline_class, family)
+        else:
+            pipe = family.build(spec.builtin, spec.pipeline_class)
     denoiser = getattr(pipe, family.denoiser)
     if denoiser.dtype != dtype:
         pipe.to(dtype=dtype)
