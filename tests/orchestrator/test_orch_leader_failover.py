@@ -154,7 +154,11 @@ def test_kill_9_of_the_leader_hands_every_loop_to_the_other_replica(tmp_path: Pa
         started = time.monotonic()
         wait_until(lambda: leads(second) == sorted(ROLES), 2 * TAKEOVER_S, "the second replica to lead every loop")
         took_over_s = time.monotonic() - started
-        time.sleep(2)  # load on the survivor alone
+        # Load on the survivor alone until it has judged a job of its own (audits are sampled, so a
+        # fixed stretch of load could pick none).
+        wait_until(
+            lambda: any(audit.created_at > killed_at for audit in store.list_audits()), 60, "the survivor's first audit"
+        )
         client.stop()
 
         wait_until(lambda: all(j.status in ("succeeded", "failed", "canceled") for j in all_jobs(store, key)), 60,
