@@ -1,6 +1,6 @@
 """Built-in Flux-architecture pipelines with seeded random weights.
 
-`tiny` is the embedded default for demos and tests: the real Flux code path (transformer,
+`tiny` is the engine's default and the tests': the real Flux code path (transformer,
 VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `tiny-kontext`
 is tiny's architecture with its own seed, built as a FluxKontextPipeline (Kontext's
 architecture is FLUX.1's; only the pipeline feeds the input image's latents beside the noise).
