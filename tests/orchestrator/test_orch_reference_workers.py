@@ -231,3 +231,32 @@ def test_an_image_task_is_re_run_on_the_reference_worker_with_the_input_as_a_blo
     assert audit.evidence["request"]["image_sha256"] == view["input"]["image_sha256"]
     [(rerun, _)] = jobs_at(worker, subnet)
     assert rerun.startswith("audit-")
+
+
+def test_each_model_is_audited_on_the_reference_worker_that_serves_it(subnet):
+    """Two models, a worker for each: a job is re-run on the worker of its own model, never on the
+    other (whose bytes could not match)."""
+    kontext = Engine(EngineOptions(profile="tiny-kontext", threads=1))
+    subnet.add_miner("//Bob")
+    subnet.add_miner("//Charlie", engine=kontext)
+    tiny_worker = subnet.add_miner("//Dave", stake=1000.0)
+    kontext_worker = subnet.add_miner("//Eve", stake=1000.0, engine=kontext)
+    orch = subnet.start_orchestrator(
+        audit_all=True,
+        auditor=None,
+        models=["tiny-kontext"],
+        audit_references=[reference(tiny_worker), reference(kontext_worker)],
+    )
+    client = subnet.client(orch, subnet.new_key(orch))
+    ids = {
+        model: client.post("/v1/images", json=image_body(seed=5, model=model)).json()["request_id"]
+        for model in ("tiny", "tiny-kontext")
+    }
+    workers = {"tiny": tiny_worker.hotkey, "tiny-kontext": kontext_worker.hotkey}
+    for model, request_id in ids.items():
+        assert wait_status(client, request_id, {"succeeded", "failed"})["status"] == "succeeded"
+        audit = audit_of(orch, request_id)
+        assert audit.verdict == "pass", audit.evidence
+        assert audit.evidence["reference"]["worker"] == workers[model]
+        assert audit.evidence["reference"]["profile"] == model
+        assert audit.evidence["verdict"]["metrics"]["comparison"] == "exact"
