@@ -18,6 +18,7 @@ builds the same bits and a test can pin their sha256.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -207,13 +208,9 @@ def build_pipeline(config: BuiltinConfig, pipeline_class: type = FluxPipeline) -
     }
     if config.weights is not None:
         load_weights(modules, config.weights)
+        freeze(modules.values())
     else:
-        for name, module in modules.items():
-            seed_weights(module, seed=config.seed, prefix=name)
-    for module in modules.values():
-        # Modules built from a config start in train mode; T5 dropout would eat RNG.
-        module.eval()
-        module.requires_grad_(False)
+        seed_modules(modules, config.seed)
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
         vae=vae,
@@ -241,6 +238,22 @@ def clip_config(config: BuiltinConfig, clip_tok: PreTrainedTokenizerBase | None 
         max_position_embeddings=clip_tok.model_max_length,
         hidden_act="gelu",
     )
+
+
+def seed_modules(modules: Mapping[str, torch.nn.Module], seed: int) -> None:
+    """Give each of a built-in's modules its seeded weights (`seed_weights`, streams named by the
+    component) and make it ready for inference (`freeze`)."""
+    for name, module in modules.items():
+        seed_weights(module, seed=seed, prefix=name)
+    freeze(modules.values())
+
+
+def freeze(modules: Iterable[torch.nn.Module]) -> None:
+    """Eval mode and no gradients: modules built from a config start in train mode, where dropout
+    (T5's, say) would eat RNG and change the output."""
+    for module in modules:
+        module.eval()
+        module.requires_grad_(False)
 
 
 @torch.no_grad()

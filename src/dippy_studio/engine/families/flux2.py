@@ -43,7 +43,7 @@ from diffusers import (
 from PIL import Image
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from dippy_studio.engine.builtin import FLUX_SCHEDULER, seed_weights
+from dippy_studio.engine.builtin import FLUX_SCHEDULER, seed_modules
 from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.families.flux2_mistral import text_encoder, text_processor
 from dippy_studio.engine.lora import LayerModels, LoraFormat
@@ -123,10 +123,7 @@ def build_pipeline(config: Flux2BuiltinConfig, pipeline_class: type = Flux2Klein
     else:
         tokenizer = qwen_tokenizer(config.max_sequence_length)
         encoder = _qwen3(config, tokenizer)
-    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", encoder)):
-        seed_weights(module, seed=config.seed, prefix=name)
-        module.eval()
-        module.requires_grad_(False)
+    seed_modules({"transformer": transformer, "vae": vae, "text_encoder": encoder}, config.seed)
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
         vae=vae,

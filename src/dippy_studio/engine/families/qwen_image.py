@@ -57,7 +57,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from dippy_studio.engine.builtin import seed_weights
+from dippy_studio.engine.builtin import seed_modules
 from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
@@ -226,10 +226,7 @@ def build_pipeline(config: QwenImageBuiltinConfig, pipeline_class: type = QwenIm
     transformer = QwenImageTransformer2DModel(**config.transformer)
     vae = AutoencoderKLQwenImage(**config.vae)
     text_encoder = Qwen2_5_VLForConditionalGeneration(text_config(config, tokenizer))
-    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
-        seed_weights(module, seed=config.seed, prefix=name)
-        module.eval()
-        module.requires_grad_(False)
+    seed_modules({"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, config.seed)
     extra = {"processor": edit_processor(tokenizer, config.vision_pixels)} if edit else {}
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),

@@ -32,7 +32,7 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dippy_studio.engine.builtin import seed_weights
+from dippy_studio.engine.builtin import seed_modules
 from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.families.base import Family
 from dippy_studio.engine.lora import LayerModels, LoraFormat
@@ -131,15 +131,8 @@ def build_pipeline(config: SdxlBuiltinConfig, pipeline_class: type = StableDiffu
     vae = AutoencoderKL(in_channels=3, out_channels=3, scaling_factor=0.13025, **config.vae)
     text_encoder = CLIPTextModel(clip_config(config, tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(config, tokenizer_2))
-    for name, module in (
-        ("unet", unet),
-        ("vae", vae),
-        ("text_encoder", text_encoder),
-        ("text_encoder_2", text_encoder_2),
-    ):
-        seed_weights(module, seed=config.seed, prefix=name)
-        module.eval()
-        module.requires_grad_(False)
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    seed_modules(modules, config.seed)
     return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,

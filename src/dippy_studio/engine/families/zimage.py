@@ -32,7 +32,7 @@ from diffusers import (
 from PIL import Image
 from transformers import Qwen3Config, Qwen3Model
 
-from dippy_studio.engine.builtin import seed_weights
+from dippy_studio.engine.builtin import seed_modules
 from dippy_studio.engine.families.base import Family, transformer_layer_models
 from dippy_studio.engine.lora import LayerModels, LoraFormat
 from dippy_studio.engine.tokenizers import qwen_tokenizer
@@ -117,10 +117,7 @@ def build_pipeline(config: ZImageBuiltinConfig, pipeline_class: type = ZImagePip
     transformer = ZImageTransformer2DModel(**config.transformer)
     vae = AutoencoderKL(in_channels=3, out_channels=3, **config.vae)
     text_encoder = Qwen3Model(qwen3_config(config, len(tokenizer), tokenizer.pad_token_id))
-    for name, module in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
-        seed_weights(module, seed=config.seed, prefix=name)
-        module.eval()
-        module.requires_grad_(False)
+    seed_modules({"transformer": transformer, "vae": vae, "text_encoder": text_encoder}, config.seed)
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(**config.scheduler),
         vae=vae,
