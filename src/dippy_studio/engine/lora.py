@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from dippy_studio.engine.construction import CONSTRUCTION
 from dippy_studio.engine.errors import BadLoraError, LoraError
 from dippy_studio.protocol.limits import LoraScale
 
@@ -222,6 +223,11 @@ def load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
     is loaded through the same steps `load_lora_weights` takes, with the config passed in: the
     denoiser (a Flux transformer or a UNet), then each text encoder the pipeline has.
     """
+    with CONSTRUCTION:
+        _load_adapter(pipe, lora, name)
+
+
+def _load_adapter(pipe: FluxPipeline, lora: LoraFile, name: str) -> None:
     if lora.adapter_metadata is None:
         pipe.load_lora_weights(dict(lora.state_dict), adapter_name=name)
         return

@@ -11,7 +11,6 @@ its saved directory records.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from dippy_studio.engine import builtin
 from dippy_studio.engine.attention import apply_attention_backend
+from dippy_studio.engine.construction import CONSTRUCTION
 from dippy_studio.engine.determinism import configure_cuda, configure_threads, realign_parameters
 from dippy_studio.engine.errors import ProfileError
 from dippy_studio.engine.families import Family, get_family
@@ -37,10 +37,6 @@ from dippy_studio.engine.options import EngineOptions
 from dippy_studio.protocol.limits import PROFILE_LIMITS, ProfileLimits
 
 PROFILE_MARKER = "dippy_profile.json"
-# Pipelines are built one at a time per process: loading a directory sets torch's process-wide
-# default dtype for a while (diffusers and transformers instantiate models under the requested
-# dtype), and a model constructed in another thread meanwhile would get those parameters.
-_BUILDING = threading.Lock()
 # One LoRA application mode per profile: PEFT layers computed beside the frozen base weights.
 # Fusing into the weights differs in the last bits and would make removal lossy.
 LORA_MODE = "peft-unfused"
@@ -135,22 +131,22 @@ def load_pipeline(options: EngineOptions) -> FluxPipeline:
             f"profile {spec.name!r} loads from a local diffusers-layout directory: pass --model-path DIR "
             "(nothing is ever downloaded)"
         )
-    with _BUILDING:
+    with CONSTRUCTION:
         if options.model_path is not None:
             pipe = _load_directory(options.model_path, dtype, spec.pipeline_class, family)
         else:
             pipe = family.build(spec.builtin, spec.pipeline_class)
-    denoiser = getattr(pipe, family.denoiser)
-    if denoiser.dtype != dtype:
-        pipe.to(dtype=dtype)
-    pipe.to(options.device)
-    for module in family.modules(pipe):
-        module.eval()
-        module.requires_grad_(False)
-    # Before compiling: the compiled graph captures the attention kernel.
-    apply_attention_backend(denoiser, options.attention_backend)
-    if options.compile:
-        denoiser.compile()
+        denoiser = getattr(pipe, family.denoiser)
+        if denoiser.dtype != dtype:
+            pipe.to(dtype=dtype)
+        pipe.to(options.device)
+        for module in family.modules(pipe):
+            module.eval()
+            module.requires_grad_(False)
+        # Before compiling: the compiled graph captures the attention kernel.
+        apply_attention_backend(denoiser, options.attention_backend)
+        if options.compile:
+            denoiser.compile()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

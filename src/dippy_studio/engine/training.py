@@ -35,6 +35,7 @@ from diffusers import FluxPipeline
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from safetensors import SafetensorError, safe_open
 
+from dippy_studio.engine.construction import CONSTRUCTION
 from dippy_studio.engine.datasets import Dataset, load_dataset, resize_center_crop
 from dippy_studio.engine.determinism import configure_threads
 from dippy_studio.engine.errors import DatasetError, TrainingError
@@ -303,7 +304,8 @@ def _start(config: TrainConfig, options: EngineOptions, dataset: Dataset) -> _Ru
         init_lora_weights=True,
     )
     try:
-        transformer.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
+        with CONSTRUCTION:
+            transformer.add_adapter(lora_config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
         raise TrainingError(f"LoRA targets {list(config.targets)} do not fit the transformer: {exc}") from None
     params = [(name, param) for name, param in transformer.named_parameters() if ".lora_" in name]
