@@ -17,10 +17,12 @@ import torch
 from diffusers import Flux2Pipeline
 from PIL import Image
 
-from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, RequestError
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraRef, RequestError
 from dippy_studio.engine.families.flux2_mistral import Flux2TextProcessor
 from dippy_studio.engine.images import encode_png
-from dippy_studio.engine.profiles import PROFILES, save_pipeline
+from dippy_studio.engine.lora import lora_fit_problem, read_lora
+from dippy_studio.engine.profiles import PROFILES, layer_models, save_pipeline
+from dippy_studio.engine.synthetic import write_random_lora
 
 PROFILE = "tiny-flux2-dev"
 REQUEST = GenerationRequest(prompt="a red kite over the sea", seed=7, width=64, height=48, steps=3, guidance=4.0)
@@ -124,6 +126,26 @@ def test_a_saved_profile_loads_in_stock_diffusers_with_the_same_pixels(saved, ge
     pipe.set_progress_bar_config(disable=True)
     # As for the other families: stock loading keeps safetensors' unaligned tensors; at most 1/255.
     for request, ours in ((REQUEST, generated), (_edit(), edited)):
+        stock = _stock(pipe, request)
+        if stock != ours:
+            assert np.abs(_pixels(stock) - _pixels(ours)).max() <= 1
+
+
+def test_a_lora_changes_generation_and_editing_and_matches_stock_loading(engine, saved, generated, edited, tmp_path):
+    lora = write_random_lora(engine.pipe, tmp_path / "style.safetensors", seed=3, strength=1.0)
+    assert lora_fit_problem(layer_models(PROFILE), read_lora(lora).state_dict) is None
+    styled = {
+        "generate": engine.generate(REQUEST.model_copy(update={"loras": [LoraRef(path=lora)]})).png,
+        "edit": engine.generate(_edit(loras=[LoraRef(path=lora)])).png,
+    }
+    assert styled["generate"] != generated and styled["edit"] != edited
+    # Back to the base model exactly once the LoRA is no longer asked for.
+    assert engine.generate(REQUEST).png == generated
+
+    pipe = Flux2Pipeline.from_pretrained(saved, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(lora))
+    for request, ours in ((REQUEST, styled["generate"]), (_edit(), styled["edit"])):
         stock = _stock(pipe, request)
         if stock != ours:
             assert np.abs(_pixels(stock) - _pixels(ours)).max() <= 1

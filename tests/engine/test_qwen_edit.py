@@ -17,10 +17,12 @@ import torch
 from diffusers import QwenImageEditPipeline
 from PIL import Image
 
-from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, RequestError
+from dippy_studio.engine import Engine, EngineOptions, GenerationRequest, LoraRef, RequestError
 from dippy_studio.engine.families.qwen_image import EDIT_SYSTEM_PROMPT, QwenImageProcessor
 from dippy_studio.engine.images import encode_png
-from dippy_studio.engine.profiles import PROFILES, save_pipeline
+from dippy_studio.engine.lora import lora_fit_problem, read_lora
+from dippy_studio.engine.profiles import PROFILES, layer_models, save_pipeline
+from dippy_studio.engine.synthetic import write_random_lora
 
 PROFILE = "tiny-qwen-image-edit"
 # Two steps (the fewest Qwen-Image's schedule allows) with true CFG: the second pass runs too.
@@ -103,9 +105,16 @@ def test_a_saved_profile_loads_in_stock_diffusers_with_the_same_pixels(saved, ed
     assert index["_class_name"] == "QwenImageEditPipeline"
     # The stand-in processor, named by its module so diffusers finds it once it is imported.
     assert index["processor"] == [QwenImageProcessor.__module__, "QwenImageProcessor"]
+    _assert_close(_stock(_stock_pipeline(saved), _edit()), edited)
+
+
+def _stock_pipeline(saved: Path) -> QwenImageEditPipeline:
     pipe = QwenImageEditPipeline.from_pretrained(saved, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    request = _edit()
+    return pipe
+
+
+def _stock(pipe: QwenImageEditPipeline, request: GenerationRequest) -> bytes:
     with torch.inference_mode():
         image = pipe(
             image=Image.open(io.BytesIO(request.image)).convert("RGB"),
@@ -118,10 +127,26 @@ def test_a_saved_profile_loads_in_stock_diffusers_with_the_same_pixels(saved, ed
             generator=torch.Generator("cpu").manual_seed(request.seed),
             max_sequence_length=PROFILES[PROFILE].max_sequence_length,
         ).images[0]
-    stock = encode_png(image)
+    return encode_png(image)
+
+
+def _assert_close(stock: bytes, ours: bytes) -> None:
     # As for the other families: stock loading keeps safetensors' unaligned tensors; at most 1/255.
-    if stock != edited:
-        assert np.abs(_pixels(stock) - _pixels(edited)).max() <= 1
+    if stock != ours:
+        assert np.abs(_pixels(stock) - _pixels(ours)).max() <= 1
+
+
+def test_a_lora_changes_the_edit_and_matches_stock_loading(engine, saved, edited, tmp_path):
+    lora = write_random_lora(engine.pipe, tmp_path / "style.safetensors", seed=3, strength=1.0)
+    assert lora_fit_problem(layer_models(PROFILE), read_lora(lora).state_dict) is None
+    styled = engine.generate(_edit(loras=[LoraRef(path=lora)])).png
+    assert styled != edited
+    # Back to the base model exactly once the LoRA is no longer asked for.
+    assert engine.generate(_edit()).png == edited
+
+    pipe = _stock_pipeline(saved)
+    pipe.load_lora_weights(str(lora))
+    _assert_close(_stock(pipe, _edit()), styled)
 
 
 def test_a_saved_directory_gives_the_built_in_fingerprint_and_bytes(engine, saved, edited):
