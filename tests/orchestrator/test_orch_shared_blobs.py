@@ -109,3 +109,56 @@ def test_a_result_completed_on_one_replica_is_downloaded_from_another(
         later = generate(on_b, "a quay at night")
         download = on_a.get(f"/v1/requests/{later['request_id']}/result")
         assert download.status_code == 200 and download.content == miners_png(later)
+
+
+def test_replicas_without_a_shared_store_say_so_instead_of_failing(
+    tmp_path: Path, pg_databases: Callable[[], str]
+) -> None:
+    """A deployment fault: two machines, one database, each replica's blobs on its own disk. The
+    replica that did not take a result's callback answers 503 with what to configure, not 500."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "chain").mkdir()
+    db_url = pg_databases()
+    upgrade(db_url)
+    a = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, ORCHESTRATOR_ENV, name="replica-a")
+    b = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, ORCHESTRATOR_ENV, name="replica-b")
+    with contextlib.ExitStack() as cleanup:
+        miners = FakeMiners("//split/miner", 1, tmp_path / "logs" / "miners.log", ORCHESTRATOR_URI)
+        cleanup.callback(miners.stop)
+        register(tmp_path / "chain", miners.listening())
+        store = Store.open(db_url, migrate=False)
+        cleanup.callback(store.close)
+        headers = {"Authorization": f"Bearer {store.create_api_key('client').secret}"}
+        a.start()
+        cleanup.callback(a.kill)
+        cleanup.callback(lambda: print(tail(a.log, 40)))
+        wait_until(lambda: a.healthy_miners() == 1, 60, "replica A to see its miner")
+        on_a = cleanup.enter_context(httpx.Client(base_url=a.url, headers=headers, timeout=30))
+        alone = generate(on_a, "a lighthouse")  # A alone: the result is on A's disk only
+
+        b.start()
+        cleanup.callback(b.kill)
+        cleanup.callback(lambda: print(tail(b.log, 40)))
+        wait_until(lambda: b.healthy_miners() == 1, 60, "replica B to see the miner")
+        on_b = cleanup.enter_context(httpx.Client(base_url=b.url, headers=headers, timeout=30))
+        refused = on_b.get(f"/v1/requests/{alone['request_id']}/result")
+        assert refused.status_code == 503, refused.text
+        assert "replicas on several machines must share one (DIPPY_ORCH_BLOB_URL" in refused.json()["detail"]
+        assert on_a.get(f"/v1/requests/{alone['request_id']}/result").content == miners_png(alone)
+
+        # Both up: either replica may dispatch a job and take its callback. A client that waits on
+        # the other one gets the request's view without the inline image (never a 500, and it still
+        # learns the request id); exactly one replica serves each result, the other says why not.
+        for i, client in enumerate([on_a, on_b] * 3):
+            body = {"prompt": f"a harbour {i}", "seed": 7, "width": 64, "height": 64}
+            view = client.post("/v1/images", json=body, headers={"Prefer": "wait=30"}).json()
+            assert view["status"] == "succeeded", view
+            answers = [replica.get(f"/v1/requests/{view['request_id']}/result") for replica in (on_a, on_b)]
+            assert sorted(answer.status_code for answer in answers) == [200, 503]
+            served = next(answer.content for answer in answers if answer.status_code == 200)
+            assert served == miners_png(view)
+            if view["result"]["data_base64"] is not None:
+                assert base64.b64decode(view["result"]["data_base64"]) == served
+            else:
+                assert answers[client is on_b].status_code == 503  # the replica asked could not read it
+        assert "Traceback" not in a.log.read_text() + b.log.read_text()

@@ -38,6 +38,7 @@ sees every older request exactly once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import re
@@ -84,6 +85,7 @@ _STATUS = {
     errors.TooLarge: 413,
     errors.NotFound: 404,
     errors.Conflict: 409,
+    errors.Unavailable: 503,
 }
 
 
@@ -97,6 +99,7 @@ _REASONS = {
     413: "the body is over its size limit",
     422: "the request is invalid, or cannot be served as asked (the reason says which)",
     429: "rate limit reached; see Retry-After",
+    503: "the result is stored where this replica cannot read it (the reason says what to configure)",
 }
 
 
@@ -146,8 +149,11 @@ def build_router(orch: Orchestrator) -> APIRouter:
             view = request_view(finished, base)
             # Small results inline (images); a LoRA (megabytes to gigabytes) stays behind its result_url.
             if view["result"] is not None and kinds.get(finished.kind).inline_result:
-                data = await run_in_threadpool(orch.result_bytes, finished)
-                view["result"]["data_base64"] = base64.b64encode(data).decode()
+                # Unavailable (the result is on another replica's disk): the view without the
+                # bytes still names the request, which a 503 would not; its result_url says why.
+                with contextlib.suppress(errors.Unavailable):
+                    data = await run_in_threadpool(orch.result_bytes, finished)
+                    view["result"]["data_base64"] = base64.b64encode(data).decode()
             return JSONResponse(view, headers={"Preference-Applied": f"wait={wait_s:g}"})
         if wait_s > 0:
             # `job` is the row as inserted (queued); after a wait the request has usually moved
@@ -283,7 +289,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     @router.get(
         "/v1/requests/{request_id}/result",
         responses={
-            **refusals(401, 404, 409, 422, 429),
+            **refusals(401, 404, 409, 422, 429, 503),
             200: {"content": {"image/png": {}, "application/octet-stream": {}}},
         },
         response_class=Response,

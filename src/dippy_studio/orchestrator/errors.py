@@ -43,3 +43,8 @@ class Conflict(OrchestratorError):
 class QuotaExceeded(OrchestratorError):
     """The key's usage quota has no room for this request (`usage`); unlike a rate limit, waiting
     a minute does not help: the period must end or the operator must raise the quota."""
+
+
+class Unavailable(OrchestratorError):
+    """This replica cannot serve what exists (a result stored where it cannot read it): a
+    deployment fault, not the client's. The reason tells the operator what to fix."""

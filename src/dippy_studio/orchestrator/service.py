@@ -31,7 +31,7 @@ from dippy_studio.orchestrator.auditing import AuditQueue
 from dippy_studio.orchestrator.blobs import BlobStore, open_stores
 from dippy_studio.orchestrator.callbacks import CallbackHandler, announce
 from dippy_studio.orchestrator.dispatch import Dispatcher
-from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound, OrchestratorError
+from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound, OrchestratorError, Unavailable
 from dippy_studio.orchestrator.leader import Leadership, for_store
 from dippy_studio.orchestrator.models import ApiKey, Job, utcnow
 from dippy_studio.orchestrator.registry import Registry
@@ -377,7 +377,18 @@ class Orchestrator:
     def result_path(self, job: Job) -> Path:
         if job.status != RequestStatus.succeeded.value or not job.result_blob:
             raise Conflict(f"request {job.id} has no result: it is {job.status}")
-        return self.blobs_for(kinds.get(job.kind)).local_path(job.result_blob)
+        try:
+            return self.blobs_for(kinds.get(job.kind)).local_path(job.result_blob)
+        except FileNotFoundError:
+            # Replicas on several machines with a data dir each: the one that took the callback
+            # has the file. They need one store they all read.
+            log.error(
+                "request %s succeeded but its result %s is not in this replica's blob store", job.id, job.result_blob
+            )
+            raise Unavailable(
+                f"request {job.id} succeeded, but its result is not in this orchestrator's blob store: "
+                "replicas on several machines must share one (DIPPY_ORCH_BLOB_URL=s3://bucket/prefix)"
+            ) from None
 
     def result_bytes(self, job: Job) -> bytes:
         return self.result_path(job).read_bytes()
