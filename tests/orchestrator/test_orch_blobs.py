@@ -5,6 +5,7 @@ their own data dirs share one bucket."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -155,3 +156,47 @@ def test_good_blob_settings(monkeypatch):
     settings = OrchestratorSettings()
     assert (settings.blob_url, settings.s3_endpoint_url) == ("s3://dippy.blobs-1/prod/eu", "https://s3.example")
     assert OrchestratorSettings.model_fields["blob_url"].default is None  # local disk unless configured
+
+
+def test_the_read_through_cache_keeps_to_its_size_by_dropping_the_least_recently_used(
+    s3: S3Server, s3_bucket: str, tmp_path: Path
+):
+    """A replica's disk holds at most `blob_cache_max_bytes` of cached blobs, in all its stores
+    together; a blob dropped from the cache is still in the bucket and comes back when read."""
+    url = f"s3://{s3_bucket}/bounded"
+    results, assets = open_stores(["results", "assets"], tmp_path, url, s3.endpoint_url, cache_max_bytes=1000)
+    cache = tmp_path / "blob-cache"
+
+    def cached() -> set[str]:
+        return {path.name for path in cache.rglob("*") if path.is_file()}
+
+    def blob(i: int) -> bytes:
+        return bytes([i]) * 350
+
+    def then() -> None:
+        time.sleep(0.05)  # file times tick every few milliseconds: keep the order of uses apart
+
+    shas = []
+    for i in range(3):
+        shas.append(results.put(blob(i)))
+        then()
+    # 1050 bytes: over the limit, so the oldest went, down to 80% of it.
+    assert cached() == {shas[1], shas[2]}
+    # Reading a blob makes it the most recent: the next one out is the other, though written later.
+    assert results.get(shas[1]) == blob(1)
+    then()
+    shas.append(assets.put(blob(3)))
+    assert cached() == {shas[1], shas[3]}
+    # Dropped from the disk, never from the bucket.
+    for i, sha in enumerate(shas[:3]):
+        assert results.get(sha) == blob(i)
+    assert sum(path.stat().st_size for path in cache.rglob("*") if path.is_file()) <= 1000
+
+
+def test_the_cache_limit_is_a_setting(monkeypatch):
+    assert OrchestratorSettings().blob_cache_max_bytes == 10 << 30
+    monkeypatch.setenv("DIPPY_ORCH_BLOB_CACHE_MAX_BYTES", "2000000000")
+    assert OrchestratorSettings().blob_cache_max_bytes == 2_000_000_000
+    monkeypatch.setenv("DIPPY_ORCH_BLOB_CACHE_MAX_BYTES", "100")
+    with pytest.raises(ValidationError, match="blob_cache_max_bytes"):
+        OrchestratorSettings()

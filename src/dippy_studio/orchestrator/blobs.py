@@ -9,6 +9,8 @@ Two backends behind one interface (`BlobStore`):
   machines share; object key `prefix/<store>/ab/cd/<sha256>`. An S3 PUT is atomic. A blob read
   from the bucket is checked against its name before anyone uses it, and kept in a read-through
   `FileBlobStore` under this replica's data dir: content-addressed, so the cache is never stale.
+  The caches of one replica share a size limit (`CacheBudget`): past it, the blobs read least
+  recently are deleted from disk (never from the bucket) and fetched again if asked for.
 
 Code that needs a file (a `FileResponse`, an engine loading a LoRA) asks `local_path`.
 """
@@ -20,6 +22,7 @@ import hashlib
 import os
 import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -112,15 +115,74 @@ class FileBlobStore(BlobStore):
         return target
 
 
+class CacheBudget:
+    """A size limit shared by a replica's read-through caches. A blob's file time is when it was
+    last stored or read (`touch`); once the caches hold more than `max_bytes`, the least recently
+    used blobs are deleted until they hold `PRUNED_TO` of it, which leaves room for many writes
+    before the next walk of the directories. Processes sharing a data dir each keep an estimate
+    that every prune corrects from the disk."""
+
+    PRUNED_TO = 0.8
+
+    def __init__(self, max_bytes: int, roots: Sequence[Path]) -> None:
+        self.max_bytes = max_bytes
+        self.roots = list(roots)
+        self._lock = threading.Lock()
+        self._total: int | None = None  # unknown until the first write walks the caches
+
+    def touch(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+    def added(self, size: int) -> None:
+        with self._lock:
+            if self._total is None:
+                self._total = sum(size for _, size, _ in self._files())
+            else:
+                self._total += size
+            if self._total > self.max_bytes:
+                self._total = self._prune()
+
+    def _files(self) -> list[tuple[float, int, Path]]:
+        found = []
+        for root in self.roots:
+            for path in root.glob("*/*/*"):
+                if path.name.startswith(".tmp-"):
+                    continue  # another thread's write in progress
+                with contextlib.suppress(FileNotFoundError):  # pruned meanwhile by another process
+                    stat = path.stat()
+                    found.append((stat.st_mtime, stat.st_size, path))
+        return found
+
+    def _prune(self) -> int:
+        files = sorted(self._files())
+        total = sum(size for _, size, _ in files)
+        for _, size, path in files:
+            if total <= self.max_bytes * self.PRUNED_TO:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+        return total
+
+
 class S3BlobStore(BlobStore):
     """Blobs in a bucket under `prefix`, read through `cache`. `client` is a boto3 S3 client
     (thread-safe; the stores of one orchestrator share it)."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str, cache: FileBlobStore) -> None:
+    def __init__(
+        self, client: Any, bucket: str, prefix: str, cache: FileBlobStore, budget: CacheBudget | None = None
+    ) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.cache = cache
+        self.budget = budget  # None: the cache is never pruned
+
+    def _cached(self, sha256: str, chunks: Iterable[bytes], source: str = "") -> Path:
+        path = self.cache.write(sha256, chunks, source=source)
+        if self.budget is not None:
+            self.budget.added(path.stat().st_size)
+        return path
 
     def key(self, sha256: str) -> str:
         check_name(sha256)
@@ -145,13 +207,16 @@ class S3BlobStore(BlobStore):
         if not self.exists(sha256):
             self.client.put_object(Bucket=self.bucket, Key=self.key(sha256), Body=data)
             # Cached only once it is in the bucket: the cache must never know a blob the bucket lacks.
-            self.cache.write(sha256, [data])
+            self._cached(sha256, [data])
         return sha256
 
     def local_path(self, sha256: str) -> Path:
         key = self.key(sha256)
         with contextlib.suppress(FileNotFoundError):
-            return self.cache.local_path(sha256)
+            path = self.cache.local_path(sha256)
+            if self.budget is not None:
+                self.budget.touch(path)
+            return path
         from botocore.exceptions import ClientError
 
         try:
@@ -161,7 +226,7 @@ class S3BlobStore(BlobStore):
                 raise FileNotFoundError(f"no blob {sha256} at s3://{self.bucket}/{key}") from None
             raise
         with contextlib.closing(body):
-            return self.cache.write(sha256, body.iter_chunks(_CHUNK), source=f"s3://{self.bucket}/{key}")
+            return self._cached(sha256, body.iter_chunks(_CHUNK), source=f"s3://{self.bucket}/{key}")
 
 
 def _missing(exc: Any) -> bool:
@@ -189,9 +254,11 @@ def open_stores(
     url: str | None = None,
     endpoint_url: str | None = None,
     region: str | None = None,
+    cache_max_bytes: int = 10 << 30,
 ) -> list[BlobStore]:
     """One store per name: on disk under data_dir/blobs/NAME without `url`; with an s3:// `url`,
-    in its bucket under PREFIX/NAME, cached in data_dir/blob-cache/NAME. Credentials come from
+    in its bucket under PREFIX/NAME, cached in data_dir/blob-cache/NAME (all the caches together
+    at most `cache_max_bytes`, least recently used out first). Credentials come from
     boto3's default chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, an instance
     role). ValueError, at startup, when the bucket cannot be reached."""
     if url is None:
@@ -216,8 +283,9 @@ def open_stores(
     except (BotoCoreError, ClientError) as exc:
         where = f" at {endpoint_url}" if endpoint_url else ""
         raise ValueError(f"cannot use bucket {bucket!r}{where} for blobs: {exc}") from None
+    budget = CacheBudget(cache_max_bytes, [data_dir / CACHE_DIR / name for name in names])
     stores: list[BlobStore] = []
-    for name in names:
+    for name, root in zip(names, budget.roots, strict=True):
         key_prefix = f"{prefix}/{name}" if prefix else name
-        stores.append(S3BlobStore(client, bucket, key_prefix, FileBlobStore(data_dir / CACHE_DIR / name)))
+        stores.append(S3BlobStore(client, bucket, key_prefix, FileBlobStore(root), budget))
     return stores

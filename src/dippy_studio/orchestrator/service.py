@@ -101,6 +101,7 @@ class Orchestrator:
             settings.blob_url,
             endpoint_url=settings.s3_endpoint_url,
             region=settings.s3_region,
+            cache_max_bytes=settings.blob_cache_max_bytes,
         )
         self._owns_store = store is None
         self.store = store or Store.open(settings.database_url, default_model=settings.profile)

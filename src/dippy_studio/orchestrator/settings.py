@@ -42,6 +42,8 @@ class OrchestratorSettings(ServiceSettings):
     blob_url: str | None = None
     s3_endpoint_url: str | None = None  # None: AWS itself; else e.g. http://minio:9000
     s3_region: str | None = None
+    # DIR/blob-cache's size limit: past it the least recently used blobs leave the disk (not the bucket).
+    blob_cache_max_bytes: int = Field(default=10 << 30, ge=1 << 20)
     # The LocalChain file the miner registry syncs from (None: no chain; tests pass one in).
     chain_path: Path | None = None
 
