@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,37 +54,44 @@ def up(url: str) -> bool:
     return False
 
 
-def test_a_result_completed_on_one_replica_is_downloaded_from_another(
-    tmp_path: Path, pg_databases: Callable[[], str], s3: S3Server, s3_bucket: str
-) -> None:
+@contextlib.contextmanager
+def two_replicas(
+    tmp_path: Path, db_url: str, env: dict[str, str], miners: int
+) -> Iterator[tuple[OrchestratorProcess, OrchestratorProcess, dict[str, str], contextlib.ExitStack]]:
+    """Replicas A and B (not started) on one migrated database, `miners` fake miners on the
+    chain and an API key's headers; everything is stopped on exit, and each replica's
+    log tail printed (pytest shows it when the test fails)."""
     (tmp_path / "logs").mkdir()
     (tmp_path / "chain").mkdir()
-    db_url = pg_databases()
     upgrade(db_url)
-    env = {**ORCHESTRATOR_ENV, **s3.env(s3_bucket, "prod")}
     a = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, env, name="replica-a")
     b = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, env, name="replica-b")
     with contextlib.ExitStack() as cleanup:
-        miners = FakeMiners("//shared/miner", 2, tmp_path / "logs" / "miners.log", ORCHESTRATOR_URI)
-        cleanup.callback(miners.stop)
-        register(tmp_path / "chain", miners.listening())
+        fakes = FakeMiners("//shared/miner", miners, tmp_path / "logs" / "miners.log", ORCHESTRATOR_URI)
+        cleanup.callback(fakes.stop)
+        register(tmp_path / "chain", fakes.listening())
         store = Store.open(db_url, migrate=False)
         cleanup.callback(store.close)
-        secret = store.create_api_key("client").secret
-        headers = {"Authorization": f"Bearer {secret}"}
+        headers = {"Authorization": f"Bearer {store.create_api_key('client').secret}"}
+        for replica in (a, b):
+            cleanup.callback(replica.kill)
+            cleanup.callback(lambda replica=replica: print(tail(replica.log, 40)))
+        yield a, b, headers, cleanup
 
+
+def test_a_result_completed_on_one_replica_is_downloaded_from_another(
+    tmp_path: Path, pg_databases: Callable[[], str], s3: S3Server, s3_bucket: str
+) -> None:
+    env = {**ORCHESTRATOR_ENV, **s3.env(s3_bucket, "prod")}
+    with two_replicas(tmp_path, pg_databases(), env, miners=2) as (a, b, headers, cleanup):
         # Replica A alone: whatever it completes, B has never seen.
         a.start()
-        cleanup.callback(a.kill)
-        cleanup.callback(lambda: print(tail(a.log, 40)))  # pytest shows it when the test fails
         wait_until(lambda: a.healthy_miners() == 2, 60, "replica A to see 2 healthy miners")
         on_a = cleanup.enter_context(httpx.Client(base_url=a.url, headers=headers, timeout=30))
         kept, tampered = generate(on_a, "a lighthouse"), generate(on_a, "a harbour")
         assert base64.b64decode(kept["result"]["data_base64"]) == miners_png(kept)
 
         b.start()
-        cleanup.callback(b.kill)
-        cleanup.callback(lambda: print(tail(b.log, 40)))
         wait_until(lambda: up(b.url), 60, "replica B to answer")
         on_b = cleanup.enter_context(httpx.Client(base_url=b.url, headers=headers, timeout=30))
 
@@ -116,29 +123,13 @@ def test_replicas_without_a_shared_store_say_so_instead_of_failing(
 ) -> None:
     """A deployment fault: two machines, one database, each replica's blobs on its own disk. The
     replica that did not take a result's callback answers 503 with what to configure, not 500."""
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "chain").mkdir()
-    db_url = pg_databases()
-    upgrade(db_url)
-    a = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, ORCHESTRATOR_ENV, name="replica-a")
-    b = OrchestratorProcess(tmp_path, db_url, ORCHESTRATOR_URI, ORCHESTRATOR_ENV, name="replica-b")
-    with contextlib.ExitStack() as cleanup:
-        miners = FakeMiners("//split/miner", 1, tmp_path / "logs" / "miners.log", ORCHESTRATOR_URI)
-        cleanup.callback(miners.stop)
-        register(tmp_path / "chain", miners.listening())
-        store = Store.open(db_url, migrate=False)
-        cleanup.callback(store.close)
-        headers = {"Authorization": f"Bearer {store.create_api_key('client').secret}"}
+    with two_replicas(tmp_path, pg_databases(), ORCHESTRATOR_ENV, miners=1) as (a, b, headers, cleanup):
         a.start()
-        cleanup.callback(a.kill)
-        cleanup.callback(lambda: print(tail(a.log, 40)))
         wait_until(lambda: a.healthy_miners() == 1, 60, "replica A to see its miner")
         on_a = cleanup.enter_context(httpx.Client(base_url=a.url, headers=headers, timeout=30))
         alone = generate(on_a, "a lighthouse")  # A alone: the result is on A's disk only
 
         b.start()
-        cleanup.callback(b.kill)
-        cleanup.callback(lambda: print(tail(b.log, 40)))
         wait_until(lambda: b.healthy_miners() == 1, 60, "replica B to see the miner")
         on_b = cleanup.enter_context(httpx.Client(base_url=b.url, headers=headers, timeout=30))
         refused = on_b.get(f"/v1/requests/{alone['request_id']}/result")
