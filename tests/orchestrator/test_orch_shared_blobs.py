@@ -123,7 +123,9 @@ def test_replicas_without_a_shared_store_say_so_instead_of_failing(
 ) -> None:
     """A deployment fault: two machines, one database, each replica's blobs on its own disk. The
     replica that did not take a result's callback answers 503 with what to configure, not 500."""
-    with two_replicas(tmp_path, pg_databases(), ORCHESTRATOR_ENV, miners=1) as (a, b, headers, cleanup):
+    operator = {"Authorization": "Bearer operator-token-0123456789"}
+    env = {**ORCHESTRATOR_ENV, "DIPPY_ORCH_DASHBOARD_TOKEN": operator["Authorization"].removeprefix("Bearer ")}
+    with two_replicas(tmp_path, pg_databases(), env, miners=1) as (a, b, headers, cleanup):
         a.start()
         wait_until(lambda: a.healthy_miners() == 1, 60, "replica A to see its miner")
         on_a = cleanup.enter_context(httpx.Client(base_url=a.url, headers=headers, timeout=30))
@@ -136,6 +138,10 @@ def test_replicas_without_a_shared_store_say_so_instead_of_failing(
         assert refused.status_code == 503, refused.text
         assert "replicas on several machines must share one (DIPPY_ORCH_BLOB_URL" in refused.json()["detail"]
         assert on_a.get(f"/v1/requests/{alone['request_id']}/result").content == miners_png(alone)
+        # The operator's dashboard gallery on B says the same.
+        image = on_b.get(f"/dashboard/images/{alone['request_id']}.png", headers=operator)
+        assert image.status_code == 503 and "DIPPY_ORCH_BLOB_URL" in image.json()["detail"]
+        assert on_a.get(f"/dashboard/images/{alone['request_id']}.png", headers=operator).content == miners_png(alone)
 
         # Both up: either replica may dispatch a job and take its callback. A client that waits on
         # the other one gets the request's view without the inline image (never a 500, and it still

@@ -509,7 +509,7 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         job = orch.store.load_job(job_id) if orch.settings.dashboard_gallery else None
         if job is None or not _shows_images(job.kind) or not job.result_blob:
             raise HTTPException(404, detail="no image for this job")
-        return FileResponse(orch.results.local_path(job.result_blob), media_type="image/png")
+        return FileResponse(orch.result_path(job), media_type="image/png")
 
     @app.get("/dashboard/inputs/{job_id}/{sha256}.png", include_in_schema=False)
     def input_image(job_id: str, sha256: str) -> FileResponse:
