@@ -178,7 +178,7 @@ class S3BlobStore(BlobStore):
         self.cache = cache
         self.budget = budget  # None: the cache is never pruned
 
-    def _cached(self, sha256: str, chunks: Iterable[bytes], source: str = "") -> Path:
+    def _cached(self, sha256: str, chunks: Iterable[bytes], source: str = "data") -> Path:
         path = self.cache.write(sha256, chunks, source=source)
         if self.budget is not None:
             self.budget.added(path.stat().st_size)
