@@ -27,6 +27,7 @@ def bench():
             "bench_startup",
             "bench_edit",
             "bench_memory",
+            "bench_sql_overhead",
             "run",
         )
         yield {name: importlib.import_module(name) for name in names}
@@ -157,3 +158,10 @@ def test_gpu_bench_says_it_needs_a_gpu(capsys):
         sys.path.remove(str(BENCH))
     assert module.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_sql_overhead_stores_the_same_jobs_both_ways(bench):
+    result = bench["bench_sql_overhead"].run(rows_per_round=20, rounds=2)
+    assert result["same_rows"]
+    assert len(result["rounds"]["core"]) == len(result["rounds"]["sqlite3"]) == 2
+    assert result["ratio"] == result["core_us"] / result["sqlite3_us"] > 0
