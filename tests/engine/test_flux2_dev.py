@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from diffusers import Flux2Pipeline
@@ -23,26 +22,14 @@ from dippy_studio.engine.images import encode_png
 from dippy_studio.engine.lora import lora_fit_problem, read_lora
 from dippy_studio.engine.profiles import PROFILES, layer_models, save_pipeline
 from dippy_studio.engine.synthetic import write_random_lora
+from helpers import assert_within_one_level, framed_png
 
 PROFILE = "tiny-flux2-dev"
 REQUEST = GenerationRequest(prompt="a red kite over the sea", seed=7, width=64, height=48, steps=3, guidance=4.0)
 
 
-def _png(color: tuple[int, int, int]) -> bytes:
-    # 64x64: Flux2Pipeline refuses a reference image under 64 pixels a side.
-    image = Image.new("RGB", (64, 64), color)
-    image.paste((255, 255, 255), (16, 16, 48, 48))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _edit(image: bytes = _png((200, 40, 30)), **update) -> GenerationRequest:
+def _edit(image: bytes = framed_png((200, 40, 30)), **update) -> GenerationRequest:
     return REQUEST.model_copy(update={"task": "edit", "image": image, "height": 64, **update})
-
-
-def _pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +84,7 @@ def test_the_output_depends_on_the_prompt_the_guidance_and_the_reference_image(e
     assert engine.generate(REQUEST.model_copy(update={"prompt": "a blue kite"})).png != generated
     assert engine.generate(REQUEST.model_copy(update={"guidance": 1.5})).png != generated
     assert edited != generated
-    assert engine.generate(_edit(_png((30, 60, 200)))).png != edited
+    assert engine.generate(_edit(framed_png((30, 60, 200)))).png != edited
 
 
 def _stock(pipe: Flux2Pipeline, request: GenerationRequest) -> bytes:
@@ -124,11 +111,8 @@ def test_a_saved_profile_loads_in_stock_diffusers_with_the_same_pixels(saved, ge
     assert index["tokenizer"] == [Flux2TextProcessor.__module__, "Flux2TextProcessor"]
     pipe = Flux2Pipeline.from_pretrained(saved, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    # As for the other families: stock loading keeps safetensors' unaligned tensors; at most 1/255.
     for request, ours in ((REQUEST, generated), (_edit(), edited)):
-        stock = _stock(pipe, request)
-        if stock != ours:
-            assert np.abs(_pixels(stock) - _pixels(ours)).max() <= 1
+        assert_within_one_level(_stock(pipe, request), ours)
 
 
 def test_a_lora_changes_generation_and_editing_and_matches_stock_loading(engine, saved, generated, edited, tmp_path):
@@ -146,9 +130,7 @@ def test_a_lora_changes_generation_and_editing_and_matches_stock_loading(engine,
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(lora))
     for request, ours in ((REQUEST, styled["generate"]), (_edit(), styled["edit"])):
-        stock = _stock(pipe, request)
-        if stock != ours:
-            assert np.abs(_pixels(stock) - _pixels(ours)).max() <= 1
+        assert_within_one_level(_stock(pipe, request), ours)
 
 
 def test_a_saved_directory_gives_the_built_in_fingerprint_and_bytes(engine, saved, generated):
@@ -173,7 +155,7 @@ def test_limits_are_enforced(engine):
         ({"width": spec.max_side + 16}, f"width {spec.max_side + 16} is outside {spec.min_side}..{spec.max_side}"),
         ({"steps": spec.max_steps + 1}, f"steps {spec.max_steps + 1} is over {spec.max_steps}"),
         (
-            {"task": "img2img", "image": _png((0, 0, 0)), "strength": 0.5},
+            {"task": "img2img", "image": framed_png((0, 0, 0)), "strength": 0.5},
             f"profile {PROFILE} does not serve task img2img",
         ),
     ]
