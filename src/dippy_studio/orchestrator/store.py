@@ -72,6 +72,7 @@ from dippy_studio.orchestrator.models import (
     Lora,
     Miner,
     RateWindow,
+    detached,
     utcnow,
 )
 from dippy_studio.orchestrator.states import (
@@ -480,7 +481,7 @@ class Store:
             if over_quota is not None:
                 return over_quota
             conn.execute(_INSERT_JOB, [row])
-            return Job(**row)
+            return detached(Job, row)
 
         return self._write(write)
 
@@ -497,7 +498,7 @@ class Store:
 
         if rows and (refused := self._write(write)) is not None:
             raise refused
-        return [Job(**row) for row in rows]
+        return [detached(Job, row) for row in rows]
 
     def get_job(self, job_id: str, api_key_id: str) -> Job | None:
         """The job if it belongs to this key; a client never learns that another key's job exists."""
@@ -513,7 +514,7 @@ class Store:
         request and callback, where an ORM session's get costs three times as much."""
         with self._reader.connect() as conn:
             row = conn.execute(_by_id_statement(model), {"b_id": key}).first()
-        return None if row is None else model(**row._mapping)
+        return None if row is None else detached(model, row._mapping)
 
     def load_jobs(self, job_ids: Iterable[str], chunk: int = 500) -> dict[str, Job]:
         """Jobs by id, read in chunks (one query per `chunk` ids, not one per job)."""
@@ -736,7 +737,7 @@ class Store:
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
             # cost more than everything else the dispatcher does per job.
-            jobs = [Job(**row._mapping) for row in conn.execute(queue, params)] if params["b_kinds"] else []
+            jobs = [detached(Job, row._mapping) for row in conn.execute(queue, params)] if params["b_kinds"] else []
             tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
             taken, claims, attempts = [], [], []
             for job in jobs:
@@ -817,7 +818,7 @@ class Store:
 
         def sweep(conn: Connection) -> SweepResult:
             result = SweepResult()
-            stuck = [Job(**row._mapping) for row in conn.execute(stuck_query)]
+            stuck = [detached(Job, row._mapping) for row in conn.execute(stuck_query)]
             spent = _spent_attempts(conn, [job.id for job in stuck])
             for job in stuck:
                 if cut_short_by_deadline(job):
@@ -853,7 +854,8 @@ class Store:
                 return []
 
         def take(conn: Connection) -> list[Job]:
-            jobs = [Job(**row._mapping) for row in conn.execute(_WEBHOOK_DUE.with_for_update(skip_locked=True), params)]
+            due = conn.execute(_WEBHOOK_DUE.with_for_update(skip_locked=True), params)
+            jobs = [detached(Job, row._mapping) for row in due]
             if jobs:
                 leased = (
                     update(_JOBS).where(_JOBS.c.id.in_([job.id for job in jobs])).values(webhook_next_at=now + lease)
@@ -1102,7 +1104,7 @@ def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | Orch
         return Unauthorized("missing Authorization: Bearer <API key>")
     key_id = _key_id(secret)
     row = conn.execute(_KEYS_BY_ID, {"b_id": key_id}).first() if key_id else None
-    key = _live(secret, None if row is None else ApiKey(**row._mapping))
+    key = _live(secret, None if row is None else detached(ApiKey, row._mapping))
     if key is None:
         return Unauthorized("invalid or revoked API key")
     if _count_request(conn, key.id, now) > key.rate_limit_per_minute:
