@@ -33,7 +33,7 @@ from dippy_studio.orchestrator.leader import (
     server_keepalives,
 )
 from dippy_studio.orchestrator.settings import OrchestratorSettings
-from dippy_studio.orchestrator.store import Store, job_row
+from dippy_studio.orchestrator.store import Store, Success, job_row
 from dippy_studio.protocol import signer_from_uri
 from localnet_kit import wait_until
 
@@ -271,3 +271,31 @@ def test_a_replica_not_leading_audits_flags_its_picks_and_learns_failures_from_t
         follower.close()
         for store in stores:
             store.close()
+
+
+def test_an_audit_that_cannot_read_the_result_says_why_and_blames_nobody(db_url, tmp_path):
+    """Replicas on several machines without a shared bucket: the result is on the disk of the
+    replica that took the callback, not on the audits leader's. The leader stores an inconclusive
+    verdict that says so (operators see it on the dashboard) rather than give up in its log."""
+    store = Store(db_url)
+    sampler = AuditSampler(SamplerPolicy(base_rate=1.0, probation_rate=1.0, probation_jobs=2, max_gap=1000))
+    blobs = FileBlobStore(tmp_path / "blobs")  # the leader's own disk: the result is not on it
+    queue = AuditQueue(store, blobs, blobs, sampler, OrchestratorSettings(data_dir=tmp_path), poll_s=0.1)
+    try:
+        key = store.create_api_key("client").key.id
+        payload = {"prompt": "x", "seed": 1, "width": 64, "height": 64, "steps": 4, "guidance": 3.5, "loras": []}
+        deadline = datetime.now(UTC) + timedelta(minutes=5)
+        (job,) = store.insert_jobs([job_row(key, "inference", payload, deadline, 60)])
+        assert store.claim_for_dispatch(1, kinds=["inference"], assign=lambda job, tried: ("5Miner", 1))
+        result = "ab" * 32  # stored by the replica on the other machine
+        assert store.succeed(job.id, Success(result_sha256=result, result_bytes=100, fingerprint=None, timings={}))
+        queue.start()
+        assert queue.offer(store.load_job(job.id))
+        [audit] = wait_until(lambda: store.list_audits(job_id=job.id), 20, "the verdict")
+        assert (audit.verdict, audit.miner_hotkey) == ("inconclusive", "5Miner")
+        reason = audit.evidence["verdict"]["reason"]
+        assert result in reason and "DIPPY_ORCH_BLOB_URL=s3://" in reason, reason
+        assert store.flagged_without_verdict() == []  # judged: not taken up again
+    finally:
+        queue.stop()
+        store.close()

@@ -8,11 +8,9 @@ import io
 import json
 
 from PIL import Image
-from sqlalchemy import update
 
 import miner_kit
 import orchestrator.orch_kit as kit
-from dippy_studio.orchestrator.models import Job
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
 from dippy_studio.protocol.webhooks import verify
 from orchestrator.orch_kit import (
@@ -178,8 +176,7 @@ def test_an_audit_picked_before_a_restart_is_done_after_it(subnet):
     request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
     assert client.get(f"/v1/requests/{request_id}").json()["status"] == "succeeded"
     # As if the job had been picked for an audit and the orchestrator stopped before running it.
-    with first.store.engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == request_id).values(audit=True))
+    first.store.flag_for_audit(request_id)
     first.served.stop()
     assert first.store.flagged_without_verdict() == [request_id]
 

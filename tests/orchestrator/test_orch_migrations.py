@@ -75,28 +75,7 @@ def test_upgrading_keeps_the_first_of_two_verdicts_for_one_job(empty_url: str):
     engine = make_engine(empty_url)
     try:
         with engine.begin() as conn:
-            conn.execute(
-                sa.text(
-                    "INSERT INTO api_keys (id, name, key_hash, webhook_secret, rate_limit_per_minute, created_at) "
-                    "VALUES ('k1', 'old', 'h', 's', 10, CURRENT_TIMESTAMP)"
-                )
-            )
-            conn.execute(
-                sa.text(
-                    "INSERT INTO jobs (id, api_key_id, kind, model, status, payload, created_at, updated_at, deadline, "
-                    "attempts, max_attempts, attempt_timeout_s, timings, webhook_state, webhook_attempts, audit) "
-                    "VALUES ('req_1', 'k1', 'inference', 'tiny', 'queued', '{}', CURRENT_TIMESTAMP, "
-                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0, 3, 60, '{}', 'none', 0, true)"
-                )
-            )
-            for verdict in ("fail", "pass"):
-                conn.execute(
-                    sa.text(
-                        "INSERT INTO audits (job_id, miner_hotkey, verdict, evidence, created_at) "
-                        "VALUES ('req_1', 'hk', :verdict, '{}', CURRENT_TIMESTAMP)"
-                    ),
-                    {"verdict": verdict},
-                )
+            _old_flagged_job(conn, "req_1", verdicts=("fail", "pass"))
         upgrade(empty_url)
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT verdict FROM audits")).scalars().all() == ["fail"]
@@ -109,3 +88,55 @@ def test_upgrading_keeps_the_first_of_two_verdicts_for_one_job(empty_url: str):
             )
     finally:
         engine.dispose()
+
+
+def test_upgrading_owes_the_audits_picked_but_not_judged(empty_url: str):
+    """Revision 0008: jobs picked for an audit before it, without a verdict, are owed after it."""
+    import sqlalchemy as sa
+
+    upgrade(empty_url, "0007")
+    engine = make_engine(empty_url)
+    try:
+        with engine.begin() as conn:
+            _old_flagged_job(conn, "req_judged", verdicts=("pass",))
+            _old_flagged_job(conn, "req_owed", verdicts=())
+            _old_flagged_job(conn, "req_never_picked", verdicts=(), audit=False)
+        upgrade(empty_url)
+        with engine.connect() as conn:
+            owed = conn.execute(sa.text("SELECT id, audit, audit_owed FROM jobs ORDER BY id")).all()
+        assert [tuple(row) for row in owed] == [
+            ("req_judged", True, False),
+            ("req_never_picked", False, False),
+            ("req_owed", True, True),
+        ]
+    finally:
+        engine.dispose()
+
+
+def _old_flagged_job(conn, job_id: str, verdicts: tuple[str, ...], audit: bool = True) -> None:
+    """A job as revisions 0006-0007 stored it (its key made on first use), with these verdicts."""
+    import sqlalchemy as sa
+
+    conn.execute(
+        sa.text(
+            "INSERT INTO api_keys (id, name, key_hash, webhook_secret, rate_limit_per_minute, created_at) "
+            "SELECT 'k1', 'old', 'h', 's', 10, CURRENT_TIMESTAMP WHERE NOT EXISTS (SELECT 1 FROM api_keys)"
+        )
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO jobs (id, api_key_id, kind, model, status, payload, created_at, updated_at, deadline, "
+            "attempts, max_attempts, attempt_timeout_s, timings, webhook_state, webhook_attempts, audit) "
+            "VALUES (:id, 'k1', 'inference', 'tiny', 'queued', '{}', CURRENT_TIMESTAMP, "
+            "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0, 3, 60, '{}', 'none', 0, :audit)"
+        ),
+        {"id": job_id, "audit": audit},
+    )
+    for verdict in verdicts:
+        conn.execute(
+            sa.text(
+                "INSERT INTO audits (job_id, miner_hotkey, verdict, evidence, created_at) "
+                "VALUES (:id, 'hk', :verdict, '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"id": job_id, "verdict": verdict},
+        )

@@ -136,7 +136,7 @@ def test_replicas_without_a_shared_store_say_so_instead_of_failing(
         on_b = cleanup.enter_context(httpx.Client(base_url=b.url, headers=headers, timeout=30))
         refused = on_b.get(f"/v1/requests/{alone['request_id']}/result")
         assert refused.status_code == 503, refused.text
-        assert "replicas on several machines must share one (DIPPY_ORCH_BLOB_URL" in refused.json()["detail"]
+        assert "replicas on several machines must share one blob store (DIPPY_ORCH_BLOB_URL" in refused.json()["detail"]
         assert on_a.get(f"/v1/requests/{alone['request_id']}/result").content == miners_png(alone)
         # The operator's dashboard gallery on B says the same.
         image = on_b.get(f"/dashboard/images/{alone['request_id']}.png", headers=operator)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 
 import orchestrator.orch_kit as kit
@@ -524,10 +524,50 @@ def test_the_dashboard_and_restart_queries(store: Store, key_id: str):
     assert store.load_jobs([old.id, theirs.id], chunk=1)[theirs.id].api_key_id == other_key
 
     # Picked for an audit, not judged yet: what a restarted orchestrator must still audit.
-    with store.engine.begin() as conn:
-        flag = text("UPDATE jobs SET audit = :yes WHERE id IN (:a, :b)")
-        conn.execute(flag, {"yes": True, "a": old.id, "b": mine.id})
+    for job in (mine, old):
+        store.flag_for_audit(job.id)
     assert store.flagged_without_verdict() == [mine.id]  # `old` has its verdict already
+
+
+def test_an_audit_is_owed_from_its_pick_to_its_verdict_and_found_through_its_index(store: Store, key_id: str):
+    picked, judged, late = (make_job(store, key_id, created_s=n) for n in range(3))
+    store.flag_for_audit(picked.id)
+    store.flag_for_audit(judged.id)
+    assert store.flagged_without_verdict() == [picked.id, judged.id]
+    store.add_audit(judged.id, "hk-a", "pass", now=sec(5))
+    assert store.flagged_without_verdict() == [picked.id]
+    # A verdict that stood before the pick reached the database: nothing is owed for it.
+    store.add_audit(late.id, "hk-a", "fail", now=sec(6))
+    store.flag_for_audit(late.id)
+    assert store.flagged_without_verdict() == [picked.id]
+    assert {job.id: job.audit for job in store.load_jobs([picked.id, judged.id, late.id]).values()} == {
+        picked.id: True, judged.id: True, late.id: True
+    }  # fmt: skip
+
+    # The audits leader runs this at every turn: it must read the partial index of owed jobs,
+    # not scan every job the subnet ever ran. Planned as the store sends it.
+    sent: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+        sent.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", capture)
+    try:
+        store.flagged_without_verdict()
+    finally:
+        event.remove(store.engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = [(sql, params) for sql, params in sent if "FROM jobs" in sql]
+    with store.engine.connect() as conn:
+        if store.dialect == "sqlite":
+            rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            plan = " ".join(str(row[-1]) for row in rows)
+            # The partial index, in its order (no sort); a scan of the table would name no index.
+            assert "USING INDEX ix_jobs_audit_owed" in plan and "TEMP B-TREE" not in plan, plan
+        else:
+            # Three rows make a sequential scan cheapest; the point is that the index can serve it.
+            conn.exec_driver_sql("SET enable_seqscan = off")
+            plan = " ".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+            assert "ix_jobs_audit_owed" in plan, plan
 
 
 def test_a_postgres_connection_dropped_while_idle_is_replaced_before_use(pg_session_url: str, monkeypatch):

@@ -521,6 +521,12 @@ class AuditContext(Protocol):
         ...
 
 
+def unreadable(reason: str) -> AuditOutcome:
+    """The inconclusive verdict of an audit that cannot read the job's result or inputs."""
+    verdict = Verdict(False, f"the job cannot be judged here: {reason}", conclusive=False)
+    return AuditOutcome(verdict, {"verdict": _verdict_dict(verdict)})
+
+
 def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
     """Re-run an image job (text-to-image or an image task: its input image, mask and strength
     read back from the assets store) on the reference and judge the miner's image."""

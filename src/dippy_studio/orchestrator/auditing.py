@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from dippy_studio.orchestrator import kinds
-from dippy_studio.orchestrator.audit import Auditor, AuditSampler
-from dippy_studio.orchestrator.blobs import BlobStore
+from dippy_studio.orchestrator.audit import Auditor, AuditSampler, unreadable
+from dippy_studio.orchestrator.blobs import SHARE_ONE_STORE, BlobStore, MissingBlob
 from dippy_studio.orchestrator.dispatch import blob_url
 from dippy_studio.orchestrator.leader import Leadership
 from dippy_studio.orchestrator.models import Job, utcnow
@@ -173,7 +173,13 @@ class AuditQueue:
         audit = kinds.get(job.kind).audit
         if audit is None:
             return False  # a kind that is never audited
-        outcome = audit(self, job)
+        try:
+            outcome = audit(self, job)
+        except MissingBlob as missing:
+            # Stored on another machine's disk: no retry will find it here, so the verdict says
+            # why, where operators look (the dashboard, /v1/admin), and blames nobody.
+            log.warning("audit of %s cannot read what it needs: %s; %s", job.id, missing, SHARE_ONE_STORE)
+            outcome = unreadable(f"{missing}: {SHARE_ONE_STORE}")
         if not self.leading():
             # Another replica leads now and will judge this job itself: one verdict per job.
             log.info("audit of %s dropped: no longer leading audits", job.id)

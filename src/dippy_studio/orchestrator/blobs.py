@@ -37,6 +37,15 @@ LOCAL_DIR = "blobs"  # data_dir/blobs/<store>: the filesystem backend
 CACHE_DIR = "blob-cache"  # data_dir/blob-cache/<store>: the S3 backend's read-through cache
 
 
+# What an operator whose replicas keep blobs on their own disks is told when one lacks a blob.
+SHARE_ONE_STORE = "replicas on several machines must share one blob store (DIPPY_ORCH_BLOB_URL=s3://bucket/prefix)"
+
+
+class MissingBlob(FileNotFoundError):
+    """A blob this store does not hold. With replicas on several machines and no shared bucket,
+    often one that another machine stored on its own disk."""
+
+
 class CorruptBlob(Exception):
     """Stored bytes that do not hash to their name (tampered with or truncated): never served."""
 
@@ -49,8 +58,8 @@ def check_name(sha256: str) -> str:
 
 
 class BlobStore(ABC):
-    """Blobs by sha256. `put` is idempotent. `get` and `local_path` raise FileNotFoundError for a
-    blob that is not stored, ValueError for a name that is not a sha256, CorruptBlob for bytes
+    """Blobs by sha256. `put` is idempotent. `get` and `local_path` raise MissingBlob (a
+    FileNotFoundError) for a blob that is not stored, ValueError for a name that is not a sha256, CorruptBlob for bytes
     that do not match their name."""
 
     @abstractmethod
@@ -82,7 +91,7 @@ class FileBlobStore(BlobStore):
     def local_path(self, sha256: str) -> Path:
         path = self._file(sha256)
         if not path.is_file():
-            raise FileNotFoundError(f"no blob {sha256} in {self.root}")
+            raise MissingBlob(f"no blob {sha256} in {self.root}")
         return path
 
     def put(self, data: bytes) -> str:
@@ -223,7 +232,7 @@ class S3BlobStore(BlobStore):
             body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
         except ClientError as exc:
             if _missing(exc):
-                raise FileNotFoundError(f"no blob {sha256} at s3://{self.bucket}/{key}") from None
+                raise MissingBlob(f"no blob {sha256} at s3://{self.bucket}/{key}") from None
             raise
         with contextlib.closing(body):
             return self._cached(sha256, body.iter_chunks(_CHUNK), source=f"s3://{self.bucket}/{key}")

@@ -24,6 +24,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -171,12 +173,23 @@ class Job(Base):
     units_images: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     units_megapixel_steps: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     units_training_steps: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Picked for an audit and not judged yet (migration 0008): what the audits leader takes up.
+    audit_owed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 # The webhook sender's scan for due deliveries (migration 0002).
 Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_next_at)
 # A key's unfinished jobs, for its quota check (migration 0005).
 Index("ix_jobs_api_key_id_status", Job.api_key_id, Job.status)
+# Owed audits, oldest first (migration 0008). Partial: it holds only the few jobs still owed, so
+# the audits leader's look at every turn costs the same after years of history as on day one.
+Index(
+    "ix_jobs_audit_owed",
+    Job.updated_at,
+    Job.id,
+    sqlite_where=Job.audit_owed.is_(true()),
+    postgresql_where=Job.audit_owed.is_(true()),
+)
 
 
 class JobTransition(Base):

@@ -28,7 +28,7 @@ from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.admission import Refusals
 from dippy_studio.orchestrator.audit import Auditor, AuditSampler, SamplerPolicy
 from dippy_studio.orchestrator.auditing import AuditQueue
-from dippy_studio.orchestrator.blobs import BlobStore, open_stores
+from dippy_studio.orchestrator.blobs import SHARE_ONE_STORE, BlobStore, MissingBlob, open_stores
 from dippy_studio.orchestrator.callbacks import CallbackHandler, announce
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.errors import Conflict, InvalidRequest, NotFound, OrchestratorError, Unavailable
@@ -380,7 +380,7 @@ class Orchestrator:
             raise Conflict(f"request {job.id} has no result: it is {job.status}")
         try:
             return self.blobs_for(kinds.get(job.kind)).local_path(job.result_blob)
-        except FileNotFoundError:
+        except MissingBlob:
             # Replicas on several machines with a data dir each: the one that took the callback
             # has the file. They need one store they all read.
             log.error(
@@ -388,7 +388,7 @@ class Orchestrator:
             )
             raise Unavailable(
                 f"request {job.id} succeeded, but its result is not in this orchestrator's blob store: "
-                "replicas on several machines must share one (DIPPY_ORCH_BLOB_URL=s3://bucket/prefix)"
+                f"{SHARE_ONE_STORE}"
             ) from None
 
     def result_bytes(self, job: Job) -> bytes:

@@ -52,6 +52,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -173,6 +174,10 @@ _CLAIM = (
     update(_JOBS)
     .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.status == RequestStatus.queued.value)
     .values({name: bindparam(f"b_{name}") for name in _CLAIMED})
+)
+# A job's audit verdict is stored: it is no longer owed (`Store.add_audit`).
+_AUDIT_PAID = (
+    update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.audit_owed.is_(true())).values(audit_owed=False)
 )
 # Deliveries the webhook sender owes: finished requests whose webhook is pending and due.
 _WEBHOOK_DUE = (
@@ -309,6 +314,7 @@ def job_row(
         "webhook_state": "pending" if webhook_url else "none",
         "webhook_attempts": 0,
         "audit": audit,
+        "audit_owed": audit,
         **usage.job_units(kind, payload).columns(),
     }
 
@@ -700,7 +706,8 @@ class Store:
 
     def flag_for_audit(self, job_id: str) -> None:
         """Record that a job was picked for an audit (`flagged_without_verdict` finds it after a restart)."""
-        statement = update(_JOBS).where(_JOBS.c.id == job_id).values(audit=True)
+        judged = exists().where(Audit.__table__.c.job_id == job_id)
+        statement = update(_JOBS).where(_JOBS.c.id == job_id).values(audit=True, audit_owed=~judged)
         self._write(lambda conn: conn.execute(statement), lock_key=job_id)
 
     def cancel_job(self, job_id: str, api_key_id: str, now: datetime | None = None) -> bool:
@@ -991,18 +998,20 @@ class Store:
             "created_at": now or utcnow(),
         }
         statement = self._insert(Audit).on_conflict_do_nothing(index_elements=["job_id"]).returning(Audit.id)
-        audit_id = self._write(lambda conn: conn.execute(statement, row).scalar_one_or_none())
+
+        def write(conn: Connection) -> int | None:
+            audit_id = conn.execute(statement, row).scalar_one_or_none()
+            # Judged, by this verdict or by the one that stood first: owed no longer.
+            conn.execute(_AUDIT_PAID, {"b_id": job_id})
+            return audit_id
+
+        audit_id = self._write(write, lock_key=job_id)
         return None if audit_id is None else Audit(id=audit_id, **row)
 
     def flagged_without_verdict(self, limit: int = 10_000) -> list[str]:
-        """Jobs picked for an audit that has no verdict yet, oldest first: an orchestrator stopped
-        before it got to them. The audit queue takes them up again when it starts."""
-        query = (
-            select(Job.id)
-            .where(Job.audit.is_(True), ~exists().where(Audit.job_id == Job.id))
-            .order_by(Job.updated_at, Job.id)
-            .limit(limit)
-        )
+        """Jobs picked for an audit that has no verdict yet, oldest first, wherever they were
+        picked: the audits leader's work, read from a partial index of just those jobs."""
+        query = select(Job.id).where(Job.audit_owed.is_(true())).order_by(Job.updated_at, Job.id).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
 
