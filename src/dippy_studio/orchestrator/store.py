@@ -50,6 +50,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     or_,
     select,
     true,
@@ -109,6 +110,14 @@ WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
 T = TypeVar("T")
 M = TypeVar("M", ApiKey, Job)
 _JOBS = Job.__table__
+
+
+def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[bool]:
+    """`column IN (...)` with a fixed list of values as plain parameters: SQLAlchemy's IN of a
+    list renders the statement again at every execution, on the hottest statements there are."""
+    return column.in_([literal(str(value)) for value in sorted(values)])
+
+
 _ATTEMPTS = JobAttempt.__table__
 _JOB_COLUMNS = tuple(_JOBS.columns)
 
@@ -120,7 +129,7 @@ _JOB_COLUMNS = tuple(_JOBS.columns)
 # take different jobs rather than waiting on the same first few.
 _UNDER_WAY = (
     select(_JOBS.c.api_key_id, func.count().label("jobs"))
-    .where(_JOBS.c.status.in_([s.value for s in ACTIVE]))
+    .where(_one_of(_JOBS.c.status, ACTIVE))
     .group_by(_JOBS.c.api_key_id)
     .subquery()
 )
@@ -164,7 +173,7 @@ _QUEUE_OF_MODELS = _queue(by_model=True)
 # What each miner holds of ours, per kind (`Store.active_counts`), once per dispatch round.
 _HELD = (
     select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
-    .where(_JOBS.c.status.in_(sorted(s.value for s in ACTIVE)), _JOBS.c.miner_hotkey.is_not(None))
+    .where(_one_of(_JOBS.c.status, ACTIVE), _JOBS.c.miner_hotkey.is_not(None))
     .group_by(_JOBS.c.miner_hotkey, _JOBS.c.kind)
 )
 # What a claim sets on each job, as one executemany UPDATE (bound as b_<column>).
@@ -184,7 +193,7 @@ _WEBHOOK_DUE = (
     select(*_JOB_COLUMNS)
     .where(
         _JOBS.c.webhook_state == "pending",
-        _JOBS.c.status.in_([s.value for s in TERMINAL]),
+        _one_of(_JOBS.c.status, TERMINAL),
         or_(_JOBS.c.webhook_next_at.is_(None), _JOBS.c.webhook_next_at <= bindparam("b_now")),
     )
     .order_by(_JOBS.c.finished_at)
@@ -1291,7 +1300,7 @@ def _by_id_statement(model: type[Base]) -> Select[Any]:
 def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool) -> Update:
     """`UPDATE jobs SET <names> WHERE id = :b_id AND status IN <sources> [AND api_key_id = :b_api_key_id]`,
     built once per shape (a handful in all): building and keying a statement costs more than running it."""
-    where = [_JOBS.c.id == bindparam("b_id"), _JOBS.c.status.in_(sources)]
+    where = [_JOBS.c.id == bindparam("b_id"), _one_of(_JOBS.c.status, sources)]
     if owned:
         where.append(_JOBS.c.api_key_id == bindparam("b_api_key_id"))
     return update(_JOBS).where(*where).values({name: bindparam(f"b_{name}") for name in names})
