@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable
@@ -527,6 +529,21 @@ def test_the_dashboard_and_restart_queries(store: Store, key_id: str):
     for job in (mine, old):
         store.flag_for_audit(job.id)
     assert store.flagged_without_verdict() == [mine.id]  # `old` has its verdict already
+
+
+def test_a_new_process_reads_rows_before_any_other_database_work(tmp_path):
+    """What `up` does first on a kept data dir: read its API key. Rows are built without the
+    models' constructors, so nothing else may be needed first for their attributes to read."""
+    url = f"sqlite:///{tmp_path / 'o.sqlite'}"
+    store = Store.open(url)
+    key = store.create_api_key("kept").key.id
+    store.close()
+    program = (
+        "import sys; from dippy_studio.orchestrator.store import Store; "
+        "key = Store(sys.argv[1]).get_api_key(sys.argv[2]); print(key.name, key.revoked_at)"
+    )
+    done = subprocess.run([sys.executable, "-c", program, url, key], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "kept None"), done.stderr
 
 
 def test_an_audit_is_owed_from_its_pick_to_its_verdict_and_found_through_its_index(store: Store, key_id: str):

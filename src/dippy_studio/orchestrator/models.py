@@ -28,7 +28,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from dippy_studio.orchestrator.states import RequestStatus
@@ -299,3 +299,9 @@ class RateWindow(Base):
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
     window_start: Mapped[datetime] = mapped_column(primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+# `detached` builds instances without the constructor, whose first call is what configures the
+# mappers (and so the attributes' loaders): configure them now that every model is defined, or a
+# process whose first row comes through `detached` could not read its attributes.
+configure_mappers()
