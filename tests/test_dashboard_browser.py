@@ -5,6 +5,7 @@ audits with their evidence, the weights the validator set, and updates live with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,8 @@ def test_dashboard_in_chromium_shows_a_live_subnet(tmp_path):
             honest = page.locator("#miners tbody tr").filter(has_not=page.locator(".pill.penalized"))
             expect(honest.locator("[data-outcome=succeeded]")).to_contain_text("succeeded")
             expect(page.locator(".plot svg path.p50").first).to_be_attached()
+            # The audits still owed, from the store: a count, never "undefined".
+            expect(page.locator('[data-total="audits owed"] .value')).to_have_text(re.compile(r"^\d+$"))
 
             # Live: new jobs appear without a reload (the marker would not survive one).
             page.evaluate("window.__noReload = true")

@@ -281,6 +281,24 @@ def test_the_gallery_can_be_turned_off(subnet):
     assert httpx.get(f"{orch.url}/dashboard/images/{request_id}.png", headers=OPERATOR).status_code == 404
 
 
+def test_the_dashboard_counts_the_audits_still_owed(subnet):
+    """A pick waits for its verdict while the audits leader is behind (or none leads): the
+    operator sees how many, from every replica's picks, until the verdict is in."""
+    subnet.add_miner("//Bob")
+    orch = subnet.start_orchestrator(dashboard_refresh_s=0.1, dashboard_token=TOKEN)  # audits nothing
+    client = subnet.client(orch, subnet.new_key(orch))
+    request_id = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"}).json()["request_id"]
+
+    def owed() -> int:
+        return httpx.get(f"{orch.url}/dashboard/api/state", headers=OPERATOR).json()["totals"]["audits_owed"]
+
+    assert owed() == 0
+    orch.store.flag_for_audit(request_id)  # another replica's pick
+    wait_until(lambda: owed() == 1, 10, "the pick counted")
+    orch.store.add_audit(request_id, orch.store.load_job(request_id).miner_hotkey, "pass")
+    wait_until(lambda: owed() == 0, 10, "the verdict to settle it")
+
+
 # Every kind of dashboard path: the page, its assets, the state, the stream, the image routes.
 DASHBOARD_PATHS = [
     "/dashboard", "/dashboard/static/dashboard.js", "/dashboard/api/state", "/dashboard/api/events",

@@ -124,6 +124,8 @@ class DashboardInput:
     penalty: PenaltyPolicy = DEFAULT_PENALTY
     # Every model served (the default, `profile`, first): each gets a row even before its first job.
     models: Sequence[str] = ()
+    # Jobs picked for an audit and still without a verdict, on every replica.
+    audits_owed: int = 0
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -198,7 +200,7 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
             "plot_start": plot_start.isoformat(),
             "bucket_s": bucket.total_seconds(),
         },
-        "totals": _totals(data.jobs, data.audits, data.window_start),
+        "totals": _totals(data.jobs, data.audits, data.window_start) | {"audits_owed": data.audits_owed},
         "miners": miners,
         "kinds": _kinds(data.jobs),
         "models": _models(data, plot_start, bucket),
@@ -453,6 +455,7 @@ class Dashboard:
             scores=orch.scores().scores,
             chain=self._chain,
             gallery=orch.settings.dashboard_gallery,
+            audits_owed=store.count_owed_audits(),
         )
 
     async def events(self, stream_s: float = STREAM_S) -> AsyncIterator[ServerSentEvent]:

@@ -1024,6 +1024,13 @@ class Store:
         with self._read() as session:
             return list(session.scalars(query))
 
+    def count_owed_audits(self) -> int:
+        """How many picked jobs wait for their verdict (the partial index's size): a number that
+        grows while the audits leader falls behind, or while no replica leads audits."""
+        query = select(func.count()).select_from(_JOBS).where(_JOBS.c.audit_owed.is_(true()))
+        with self._reader.connect() as conn:
+            return int(conn.scalar(query) or 0)
+
     def last_audit_id(self) -> int:
         """The newest audit's id (0: none yet): where `failed_audits_after` starts from."""
         with self._read() as session:

@@ -54,6 +54,7 @@ function renderTotals(snapshot) {
     ["failed", requests.failed],
     ["audits passed", audits.pass || 0],
     ["audits failed", audits.fail || 0],
+    ["audits owed", snapshot.totals.audits_owed],
     ["miners healthy", snapshot.miners.filter((m) => m.status === "healthy").length],
   ];
   document.getElementById("totals").replaceChildren(
