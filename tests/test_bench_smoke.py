@@ -28,6 +28,7 @@ def bench():
             "bench_edit",
             "bench_memory",
             "bench_sql_overhead",
+            "bench_owed_audits",
             "run",
         )
         yield {name: importlib.import_module(name) for name in names}
@@ -165,3 +166,16 @@ def test_sql_overhead_stores_the_same_jobs_both_ways(bench):
     assert result["same_rows"]
     assert len(result["rounds"]["core"]) == len(result["rounds"]["sqlite3"]) == 2
     assert result["ratio"] == result["core_us"] / result["sqlite3_us"] > 0
+
+
+def test_owed_audits_finds_the_same_jobs_through_the_index_as_by_a_scan(bench):
+    result = bench["bench_owed_audits"].run(jobs=200, pick_every=10, owed=3, rounds=2, looks=1)
+    assert result["same_jobs"]
+    assert len(result["rounds"]["index"]) == len(result["rounds"]["scan"]) == 2
+    assert result["ratio"] == result["scan_ms"] / result["index_ms"] > 0
+
+
+def test_owed_audits_refuses_more_owed_than_picked(bench, capsys):
+    with pytest.raises(SystemExit) as refused:
+        bench["bench_owed_audits"].main(["--jobs", "20", "--pick-every", "10", "--owed", "3"])
+    assert refused.value.code == 2 and "--owed cannot exceed" in capsys.readouterr().err
