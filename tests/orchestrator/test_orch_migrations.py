@@ -140,3 +140,36 @@ def _old_flagged_job(conn, job_id: str, verdicts: tuple[str, ...], audit: bool =
             ),
             {"id": job_id, "verdict": verdict},
         )
+
+
+def test_downgrading_the_later_revisions_keeps_the_job_state_machine(empty_url: str):
+    """0006 and 0008 drop columns of `jobs` on the way down. A table rebuild would drop the state
+    machine's triggers with it (SQLite), so an illegal status would then pass unnoticed."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    upgrade(empty_url)
+    engine = make_engine(empty_url)
+    try:
+        command.downgrade(alembic_config(engine), "0005")
+        columns = {column["name"] for column in inspect(engine).get_columns("jobs")}
+        assert not {"model", "audit_owed"} & columns
+        with pytest.raises(sa.exc.IntegrityError, match="a new job must be queued"), engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO api_keys (id, name, key_hash, webhook_secret, rate_limit_per_minute, created_at) "
+                    "VALUES ('k1', 'old', 'h', 's', 10, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, api_key_id, kind, status, payload, created_at, updated_at, deadline, "
+                    "attempts, max_attempts, attempt_timeout_s, timings, webhook_state, webhook_attempts, audit) "
+                    "VALUES ('req_1', 'k1', 'inference', 'succeeded', '{}', CURRENT_TIMESTAMP, "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0, 3, 60, '{}', 'none', 0, false)"
+                )
+            )
+        upgrade(empty_url)  # and back up
+        assert current_revision(engine) == HEAD_REVISION
+    finally:
+        engine.dispose()

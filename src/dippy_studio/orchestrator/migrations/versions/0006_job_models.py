@@ -53,6 +53,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A plain DROP COLUMN (SQLite has one since 3.35): a batch rebuild would drop the triggers.
     for table in _TABLES:
-        with op.batch_alter_table(table) as batch:
-            batch.drop_column("model")
+        op.drop_column(table, "model")

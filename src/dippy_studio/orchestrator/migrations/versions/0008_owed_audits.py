@@ -42,5 +42,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_audit_owed", table_name="jobs")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("audit_owed")
+    # A plain DROP COLUMN (SQLite has one since 3.35): a batch rebuild would drop the triggers.
+    op.drop_column("jobs", "audit_owed")
