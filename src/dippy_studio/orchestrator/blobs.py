@@ -59,8 +59,8 @@ def check_name(sha256: str) -> str:
 
 class BlobStore(ABC):
     """Blobs by sha256. `put` is idempotent. `get` and `local_path` raise MissingBlob (a
-    FileNotFoundError) for a blob that is not stored, ValueError for a name that is not a sha256, CorruptBlob for bytes
-    that do not match their name."""
+    FileNotFoundError) for a blob that is not stored, ValueError for a name that is not a
+    sha256, CorruptBlob for bytes that do not match their name."""
 
     @abstractmethod
     def exists(self, sha256: str) -> bool: ...

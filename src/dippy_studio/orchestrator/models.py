@@ -183,13 +183,8 @@ Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_ne
 Index("ix_jobs_api_key_id_status", Job.api_key_id, Job.status)
 # Owed audits, oldest first (migration 0008). Partial: it holds only the few jobs still owed, so
 # the audits leader's look at every turn costs the same after years of history as on day one.
-Index(
-    "ix_jobs_audit_owed",
-    Job.updated_at,
-    Job.id,
-    sqlite_where=Job.audit_owed.is_(true()),
-    postgresql_where=Job.audit_owed.is_(true()),
-)
+_OWED = Job.audit_owed.is_(true())
+Index("ix_jobs_audit_owed", Job.updated_at, Job.id, sqlite_where=_OWED, postgresql_where=_OWED)
 
 
 class JobTransition(Base):

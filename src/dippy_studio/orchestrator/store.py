@@ -110,6 +110,10 @@ WEBHOOK_STATES = frozenset({"none", "pending", "delivered", "failed"})
 T = TypeVar("T")
 M = TypeVar("M", ApiKey, Job)
 _JOBS = Job.__table__
+_ATTEMPTS = JobAttempt.__table__
+_JOB_COLUMNS = tuple(_JOBS.columns)
+# Picked for an audit and not judged yet: the partial index `ix_jobs_audit_owed` holds these.
+_OWED = _JOBS.c.audit_owed.is_(true())
 
 
 def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[bool]:
@@ -117,9 +121,6 @@ def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[
     list renders the statement again at every execution, on the hottest statements there are."""
     return column.in_([literal(str(value)) for value in sorted(values)])
 
-
-_ATTEMPTS = JobAttempt.__table__
-_JOB_COLUMNS = tuple(_JOBS.columns)
 
 # Queued jobs that still have time, of the wanted kinds, in fair turns between keys: a job's turn
 # is its place in its key's queue plus the jobs that key already has out at miners, so the key
@@ -185,9 +186,7 @@ _CLAIM = (
     .values({name: bindparam(f"b_{name}") for name in _CLAIMED})
 )
 # A job's audit verdict is stored: it is no longer owed (`Store.add_audit`).
-_AUDIT_PAID = (
-    update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.audit_owed.is_(true())).values(audit_owed=False)
-)
+_AUDIT_PAID = update(_JOBS).where(_JOBS.c.id == bindparam("b_id"), _OWED).values(audit_owed=False)
 # Deliveries the webhook sender owes: finished requests whose webhook is pending and due.
 _WEBHOOK_DUE = (
     select(*_JOB_COLUMNS)
@@ -1020,14 +1019,14 @@ class Store:
     def flagged_without_verdict(self, limit: int = 10_000) -> list[str]:
         """Jobs picked for an audit that has no verdict yet, oldest first, wherever they were
         picked: the audits leader's work, read from a partial index of just those jobs."""
-        query = select(Job.id).where(Job.audit_owed.is_(true())).order_by(Job.updated_at, Job.id).limit(limit)
+        query = select(_JOBS.c.id).where(_OWED).order_by(_JOBS.c.updated_at, _JOBS.c.id).limit(limit)
         with self._read() as session:
             return list(session.scalars(query))
 
     def count_owed_audits(self) -> int:
         """How many picked jobs wait for their verdict (the partial index's size): a number that
         grows while the audits leader falls behind, or while no replica leads audits."""
-        query = select(func.count()).select_from(_JOBS).where(_JOBS.c.audit_owed.is_(true()))
+        query = select(func.count()).select_from(_JOBS).where(_OWED)
         with self._reader.connect() as conn:
             return int(conn.scalar(query) or 0)
 
