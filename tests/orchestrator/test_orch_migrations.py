@@ -143,17 +143,18 @@ def _old_flagged_job(conn, job_id: str, verdicts: tuple[str, ...], audit: bool =
 
 
 def test_downgrading_the_later_revisions_keeps_the_job_state_machine(empty_url: str):
-    """0006 and 0008 drop columns of `jobs` on the way down. A table rebuild would drop the state
-    machine's triggers with it (SQLite), so an illegal status would then pass unnoticed."""
+    """0005, 0006 and 0008 drop columns of `jobs` on the way down. A table rebuild would drop the
+    state machine's triggers (revision 0003) with it on SQLite, so an illegal status would then
+    pass unnoticed."""
     import sqlalchemy as sa
     from alembic import command
 
     upgrade(empty_url)
     engine = make_engine(empty_url)
     try:
-        command.downgrade(alembic_config(engine), "0005")
+        command.downgrade(alembic_config(engine), "0003")
         columns = {column["name"] for column in inspect(engine).get_columns("jobs")}
-        assert not {"model", "audit_owed"} & columns
+        assert not {"model", "audit_owed", "units_images"} & columns
         with pytest.raises(sa.exc.IntegrityError, match="a new job must be queued"), engine.begin() as conn:
             conn.execute(
                 sa.text(

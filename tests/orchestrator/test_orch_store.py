@@ -26,6 +26,7 @@ from dippy_studio.orchestrator.store import (
     Success,
     SweepResult,
     UnknownApiKey,
+    _count_request,
     job_row,
 )
 
@@ -214,6 +215,35 @@ def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_
             store.admit(free.secret, now=base)
     finally:
         second.close()
+
+
+def test_replicas_count_a_keys_requests_on_rows_of_their_own_without_waiting(store: Store):
+    """Each process counts into its own row of a key's window (no replica waits for another's
+    lock on PostgreSQL); the window's count is every row's, once committed."""
+    key = store.create_api_key("busy", rate_limit_per_minute=100).key
+    at = T0 + timedelta(seconds=5)
+    with store.engine.connect() as first, store.engine.connect() as second:
+        if store.dialect == "postgresql":
+            with first.begin():
+                assert _count_request(first, key.id, at, shard=1) == 1
+                with second.begin():
+                    # Waiting for the first transaction's row would fail here rather than hang.
+                    second.execute(text("SET LOCAL lock_timeout = '2s'"))
+                    # The first's count is not committed yet: this one sees its own alone.
+                    assert _count_request(second, key.id, at, shard=2) == 1
+        else:  # one writer at a time: one after the other
+            with first.begin():
+                assert _count_request(first, key.id, at, shard=1) == 1
+            with second.begin():
+                assert _count_request(second, key.id, at, shard=2) == 2
+        with first.begin():
+            assert _count_request(first, key.id, at, shard=1) == 3
+        with second.begin():
+            assert _count_request(second, key.id, at, shard=2) == 4
+            # A new window starts from nothing and prunes the key's old ones, every shard's.
+            assert _count_request(second, key.id, at + timedelta(minutes=1), shard=2) == 1
+        windows = first.execute(text("SELECT shard, count FROM rate_windows ORDER BY shard")).all()
+    assert [tuple(row) for row in windows] == [(2, 1)]
 
 
 def test_a_refused_submission_is_its_callers_answer_and_the_group_written_with_it_commits(store: Store):

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from dippy_studio.orchestrator import usage
 from dippy_studio.orchestrator.db import make_engine, upgrade
 from dippy_studio.orchestrator.errors import QuotaExceeded
 from dippy_studio.orchestrator.models import Job
@@ -193,6 +194,91 @@ def test_the_migration_meters_the_jobs_that_came_before_it(empty_url: str):
         assert store.load_job("req_3").units_images == 1
     finally:
         store.close()
+
+
+def test_each_process_counts_into_its_own_rows_and_reads_sum_them(store: Store):
+    """Usage rows are per process (a shard each), so that replicas finishing jobs for one key
+    never wait for each other's row lock: on PostgreSQL, a second process meters while the first
+    one's transaction still holds its row. Whatever the rows, the key's usage is their sum."""
+    key = store.create_api_key("client").key
+    small, large, third = (submit(store, key.id, T0, payload=image(64, 64, n)) for n in (2, 4, 8))
+    at = T0 + timedelta(minutes=5)
+    with store.engine.connect() as first, store.engine.connect() as second:
+        with first.begin():
+            usage.record_success(first, small.id, at, shard=1)
+            if store.dialect == "postgresql":
+                with second.begin():
+                    # Waiting for the first transaction's lock would fail here rather than hang.
+                    second.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+                    usage.record_success(second, large.id, at, shard=2)
+        if store.dialect != "postgresql":  # one writer at a time: after the first
+            with second.begin():
+                usage.record_success(second, large.id, at, shard=2)
+        with first.begin():
+            usage.record_success(first, third.id, at, shard=1)
+        rows = first.execute(sa.text("SELECT shard, images FROM usage_days ORDER BY shard")).all()
+    assert [tuple(row) for row in rows] == [(1, 2), (2, 1)]
+    report = store.key_usage(store.get_api_key(key.id), days=1, now=at)
+    mps = pytest.approx(64 * 64 / 1e6 * (2 + 4 + 8))
+    assert report["days"] == [{"date": "2030-01-31", "images": 3, "megapixel_steps": mps, "training_steps": 0}]
+    # A quota sees the sum too (and the three jobs still queued): room for exactly one more today.
+    store.set_api_key_quota(key.id, Quota(day=Limits(images=7)))
+    submit(store, key.id, at)
+    with pytest.raises(QuotaExceeded, match=r"3 used today \(UTC\) and 4 held"):
+        submit(store, key.id, at)
+
+
+def test_a_quota_check_does_not_wait_for_rows_another_replica_added_for_the_key(pg_databases):
+    """The quota check locks the key's row so that replicas take turns; a row another replica
+    inserted for the key (its job, usage or rate window) holds a foreign-key lock on it, which the
+    check must not wait for: two replicas' groups, each holding one, would deadlock."""
+    store = Store.open(pg_databases())
+    try:
+        key = store.create_api_key("client").key
+        store.set_api_key_quota(key.id, Quota(day=Limits(images=10)))
+        job = submit(store, key.id, T0)
+        with store.engine.connect() as first, store.engine.connect() as second, second.begin():
+            usage.record_success(second, job.id, T0, shard=5)  # a row referencing the key
+            with first.begin():
+                first.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+                assert usage.refusal(first, key.id, usage.Units(images=1), T0) is None
+    finally:
+        store.close()
+
+
+def test_counters_become_per_process_and_are_summed_back_on_the_way_down(empty_url: str):
+    """Revision 0009: usage days (and rate windows, written the same way) get a shard per
+    process; going back down sums each day's shards into one row."""
+    from alembic import command
+
+    from dippy_studio.orchestrator.db import alembic_config
+
+    upgrade(empty_url, "0008")
+    engine = make_engine(empty_url)
+    days = sa.table("usage_days", sa.column("api_key_id"), sa.column("day", sa.Date),
+                    *(sa.column(c) for c in ("images", "megapixel_steps", "training_steps")))  # fmt: skip
+    day = T0.date()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO api_keys (id, name, key_hash, webhook_secret, rate_limit_per_minute, created_at) "
+                "VALUES ('k1', 'old', 'h', 's', 10, CURRENT_TIMESTAMP)"
+            ))  # fmt: skip
+            conn.execute(days.insert().values(api_key_id="k1", day=day, images=3, megapixel_steps=0.5,
+                                              training_steps=7))  # fmt: skip
+        upgrade(empty_url)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT shard, images FROM usage_days")).all() == [(0, 3)]
+            conn.execute(sa.text(
+                "INSERT INTO usage_days (api_key_id, day, shard, images, megapixel_steps, training_steps) "
+                "VALUES ('k1', :day, 99, 2, 0.25, 1)"
+            ), {"day": day})  # fmt: skip
+        command.downgrade(alembic_config(engine), "0008")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(days)).all()
+        assert [tuple(row) for row in rows] == [("k1", day, 5, 0.75, 8)]
+    finally:
+        engine.dispose()
 
 
 # ---- two replicas, one PostgreSQL database ------------------------------------------------------

@@ -10,10 +10,17 @@ commit or rollback: threads of one process on a `threading.Lock`, processes (`se
 replicas) on a file lock beside the database. SQLite's busy handler polls, sleeping in growing
 steps (up to 100 ms) however soon the lock frees, so writers arriving at once slept past each
 other (bench/bench_throughput.py measured the difference).
+
+Counters every request or success adds to (a key's rate window, its usage for the day) have one
+row per process (`process_shard`), and reads sum them. With one row per counter, each replica's
+write transaction held it locked until its commit, and replicas serving one busy key took turns
+at that lock.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -36,9 +43,29 @@ PG_CONNECT_TIMEOUT_S = 10
 # A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
 PG_IDLE_PING_S = 10.0
 # The newest migration in migrations/versions (a test keeps the two equal).
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 # Execution option a connection carries when its transaction will write (see module docstring).
 WRITE_OPTION = "dippy_write"
+
+
+# Drawn from a space large enough that replicas practically never share a shard; sharing one would
+# only make them take turns at its rows again, never count wrong.
+_SHARDS = 2**31
+_shard = secrets.randbelow(_SHARDS)
+
+
+def process_shard() -> int:
+    """This process's rows of the shared counters (module docstring)."""
+    return _shard
+
+
+def _draw_shard() -> None:
+    global _shard
+    _shard = secrets.randbelow(_SHARDS)
+
+
+# A forked replica is another process: it must not write into its parent's rows.
+os.register_at_fork(after_in_child=_draw_shard)
 
 
 class DatabaseUrlError(ValueError):

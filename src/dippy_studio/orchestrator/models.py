@@ -273,13 +273,15 @@ class Audit(Base):
 
 
 class UsageDay(Base):
-    """The units of a key's succeeded jobs on one UTC day, counted in the transaction that marks
-    each job succeeded (`usage.record_success`; migration 0005)."""
+    """The units of a key's succeeded jobs on one UTC day, counted by one orchestrator process
+    (`shard`) in the transaction that marks each job succeeded (`usage.record_success`; migrations
+    0005 and 0009). A day's usage is the sum over its shards."""
 
     __tablename__ = "usage_days"
 
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, server_default="0")
     images: Mapped[int] = mapped_column(Integer)
     megapixel_steps: Mapped[float] = mapped_column(Float)
     training_steps: Mapped[int] = mapped_column(Integer)
@@ -287,12 +289,14 @@ class UsageDay(Base):
 
 class RateWindow(Base):
     """Requests per API key per one-minute window: a fixed-window counter that every orchestrator
-    process shares through the database. Old windows are pruned as new ones start."""
+    process shares through the database, one row per process (`shard`; the count is their sum).
+    Old windows are pruned as new ones start."""
 
     __tablename__ = "rate_windows"
 
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True)
     window_start: Mapped[datetime] = mapped_column(primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False, server_default="0")
     count: Mapped[int] = mapped_column(Integer)
 
 

@@ -62,7 +62,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dippy_studio.orchestrator import usage
-from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, upgrade
+from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, process_shard, upgrade
 from dippy_studio.orchestrator.errors import OrchestratorError, QuotaExceeded, RateLimited, Unauthorized
 from dippy_studio.orchestrator.models import (
     DEFAULT_MODEL,
@@ -1137,11 +1137,17 @@ def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | Orch
     return key
 
 
-def _count_request(conn: Connection, api_key_id: str, now: datetime) -> int:
-    """Count one request in the key's window for the minute of `now`; returns the window's count.
+def _count_request(conn: Connection, api_key_id: str, now: datetime, shard: int | None = None) -> int:
+    """Count one request in the key's window for the minute of `now`, on this process's row
+    (`shard`: another row, for tests); returns the window's count over every process's rows.
+
     Fixed windows may let a client burst up to twice its limit across a window boundary: the
-    price of one row per key per minute, shared by every process on the database."""
-    params = {"b_key": api_key_id, "b_window": now.replace(second=0, microsecond=0)}
+    price of a few rows per key per minute, shared by every process on the database. Requests
+    that replicas admit at the same instant count each other once committed: a replica does not
+    wait for another's uncommitted count (module `db`), so together they may pass the limit by
+    what was in flight."""
+    shard = process_shard() if shard is None else shard
+    params = {"b_key": api_key_id, "b_window": now.replace(second=0, microsecond=0), "b_shard": shard}
     total = conn.scalar(_count_statement(conn.dialect.name), params)
     if total == 1:
         # The first request of a new window: the key's older windows will never be read again.
@@ -1157,13 +1163,24 @@ _PRUNE_WINDOWS = _RATES.delete().where(
 
 @cache
 def _count_statement(dialect: str) -> Any:
-    """The upsert counting a request, built once per dialect (on the path of every request)."""
+    """The upsert counting a request on this process's row, returning the window's count with
+    the other processes' rows added (one statement, on the path of every request), built once per
+    dialect."""
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_RATES)
+    key = bindparam("b_key", type_=_RATES.c.api_key_id.type)
     window = bindparam("b_window", type_=_RATES.c.window_start.type)
-    upsert = upsert.values(api_key_id=bindparam("b_key"), window_start=window, count=1)
+    shard = bindparam("b_shard", type_=_RATES.c.shard.type)
+    others = _RATES.alias("others")
+    theirs = (
+        select(func.coalesce(func.sum(others.c.count), 0))
+        .where(others.c.api_key_id == key, others.c.window_start == window, others.c.shard != shard)
+        .scalar_subquery()
+    )
+    upsert = upsert.values(api_key_id=key, window_start=window, shard=shard, count=1)
     return upsert.on_conflict_do_update(
-        index_elements=[_RATES.c.api_key_id, _RATES.c.window_start], set_={"count": _RATES.c.count + 1}
-    ).returning(_RATES.c.count)
+        index_elements=[_RATES.c.api_key_id, _RATES.c.window_start, _RATES.c.shard],
+        set_={"count": _RATES.c.count + 1},
+    ).returning(_RATES.c.count + theirs)
 
 
 def _transition_op(

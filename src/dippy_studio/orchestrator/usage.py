@@ -11,6 +11,8 @@ Exact across replicas, with no counter in any process:
 - A job's units are fixed when it is queued (`job_units`, in the row: `jobs.units_*`).
 - The transaction that marks a job succeeded adds its units to the key's row for that UTC day
   (`usage_days`, `record_success`). A day's usage is final once the day is over.
+- Each orchestrator process counts into rows of its own (`usage_days.shard`, `db.process_shard`),
+  and reads sum them, so replicas finishing jobs for one key never wait for each other's row.
 - A submission is checked against the key's quota in the transaction that inserts it
   (`refusal`): the units of the period so far, plus those of the key's unfinished jobs (they may
   still succeed), plus the new job's, must stay within every limit, else `QuotaExceeded` (402).
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Connection, bindparam, func, literal, null, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dippy_studio.orchestrator.db import process_shard
 from dippy_studio.orchestrator.errors import QuotaExceeded
 from dippy_studio.orchestrator.models import ApiKey, Job, UsageDay
 from dippy_studio.orchestrator.states import NON_TERMINAL
@@ -134,27 +137,41 @@ def _metering_statement(dialect: str) -> Any:
     # A row inserted without units meters nothing (`row_units`): NULL counts as 0.
     units = [func.coalesce(_JOBS.c[f"units_{unit}"], 0) for unit in UNITS]
     day = bindparam("b_day", type_=_DAYS.c.day.type)
-    rows = select(_JOBS.c.api_key_id, day, *units).where(
+    shard = bindparam("b_shard", type_=_DAYS.c.shard.type)
+    rows = select(_JOBS.c.api_key_id, day, shard, *units).where(
         _JOBS.c.id == bindparam("b_id"), or_(*(unit > 0 for unit in units))
     )
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_DAYS)
-    upsert = upsert.from_select(["api_key_id", "day", *UNITS], rows)
+    upsert = upsert.from_select(["api_key_id", "day", "shard", *UNITS], rows)
     return upsert.on_conflict_do_update(
-        index_elements=[_DAYS.c.api_key_id, _DAYS.c.day],
+        index_elements=[_DAYS.c.api_key_id, _DAYS.c.day, _DAYS.c.shard],
         set_={unit: _DAYS.c[unit] + upsert.excluded[unit] for unit in UNITS},
     )
 
 
-def record_success(conn: Connection, job_id: str, now: datetime) -> None:
+def record_success(conn: Connection, job_id: str, now: datetime, shard: int | None = None) -> None:
     """Count a job that just moved to succeeded into its key's usage for today (UTC), in the
-    transaction that moved it."""
-    conn.execute(_metering_statement(conn.dialect.name), {"b_id": job_id, "b_day": now.astimezone(UTC).date()})
+    transaction that moved it, on this process's row (`shard`: another row, for tests)."""
+    params = {
+        "b_id": job_id,
+        "b_day": now.astimezone(UTC).date(),
+        "b_shard": process_shard() if shard is None else shard,
+    }
+    conn.execute(_metering_statement(conn.dialect.name), params)
 
 
 def day_rows(conn: Connection, api_key_id: str, first: date, last: date) -> dict[date, Units]:
-    """A key's metered units per UTC day from `first` to `last` (days without any left out)."""
-    query = select(_DAYS).where(_DAYS.c.api_key_id == api_key_id, _DAYS.c.day >= first, _DAYS.c.day <= last)
-    return {row.day: Units(row.images, row.megapixel_steps, row.training_steps) for row in conn.execute(query)}
+    """A key's metered units per UTC day from `first` to `last`, every process's rows summed
+    (days without any left out)."""
+    query = (
+        select(_DAYS.c.day, *(func.sum(_DAYS.c[unit]).label(unit) for unit in UNITS))
+        .where(_DAYS.c.api_key_id == api_key_id, _DAYS.c.day >= first, _DAYS.c.day <= last)
+        .group_by(_DAYS.c.day)
+    )
+    return {
+        row.day: Units(int(row.images), float(row.megapixel_steps), int(row.training_steps))
+        for row in conn.execute(query)
+    }
 
 
 def usage_report(conn: Connection, api_key_id: str, quota: Quota | None, days: int, now: datetime) -> dict[str, Any]:
@@ -176,7 +193,10 @@ def usage_report(conn: Connection, api_key_id: str, quota: Quota | None, days: i
 # ---- quotas ----------------------------------------------------------------------------------
 
 _UNFINISHED = sorted(s.value for s in NON_TERMINAL)
-_QUOTA_FOR_UPDATE = select(_KEYS.c.quota).where(_KEYS.c.id == bindparam("b_key")).with_for_update()
+# FOR NO KEY UPDATE, not FOR UPDATE: every job, usage and rate row a transaction inserts for the key
+# holds a KEY SHARE lock on the key's row (their foreign keys), which FOR UPDATE would wait for.
+# Two replicas' groups, each holding one from an earlier insert, would then deadlock.
+_QUOTA_FOR_UPDATE = select(_KEYS.c.quota).where(_KEYS.c.id == bindparam("b_key")).with_for_update(key_share=True)
 _QUOTA = select(_KEYS.c.quota).where(_KEYS.c.id == bindparam("b_key"))
 
 

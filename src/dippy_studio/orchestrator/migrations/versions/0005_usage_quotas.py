@@ -136,8 +136,8 @@ def _backfill(conn: sa.Connection) -> None:
 def downgrade() -> None:
     op.drop_table("usage_days")
     op.drop_index(op.f("ix_jobs_api_key_id_status"), table_name="jobs")
-    with op.batch_alter_table("jobs") as batch:
-        for name in ("training_steps", "megapixel_steps", "images"):
-            batch.drop_column(f"units_{name}")
-    with op.batch_alter_table("api_keys") as batch:
-        batch.drop_column("quota")
+    # Plain DROP COLUMNs (SQLite has them since 3.35): a batch rebuild of `jobs` would drop the
+    # job state machine's triggers of revision 0003.
+    for name in ("training_steps", "megapixel_steps", "images"):
+        op.drop_column("jobs", f"units_{name}")
+    op.drop_column("api_keys", "quota")
