@@ -1210,23 +1210,23 @@ def _transition_op(
         params["b_api_key_id"] = api_key_id
     closes = target in _ATTEMPT_OUTCOME
     outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
+    # Metered in the transaction that finishes the job: exact on any number of replicas.
+    metered = target is RequestStatus.succeeded
 
-    def changed(conn: Connection) -> bool:
+    def move(conn: Connection) -> bool:
         if closes and conn.dialect.name == "postgresql":
-            both = _transition_closing_statement(*statement_key)
-            return conn.scalar(both, params | _attempt_params(job_id, outcome, attempt_error, now)) == 1
+            both = _transition_closing_statement(*statement_key, metered)
+            both_params = params | _attempt_params(job_id, outcome, attempt_error, now)
+            if metered:
+                both_params |= usage.metering_params(now)
+            return conn.scalar(both, both_params) == 1
         if conn.execute(_transition_statement(*statement_key), params).rowcount != 1:
             return False
         if closes:
             _close_attempt(conn, job_id, outcome, attempt_error, now)
-        return True
-
-    def move(conn: Connection) -> bool:
-        moved = changed(conn)
-        if moved and target is RequestStatus.succeeded:
-            # Metered in the transaction that finishes the job: exact on any number of replicas.
+        if metered:
             usage.record_success(conn, job_id, now)
-        return moved
+        return True
 
     return move
 
@@ -1358,12 +1358,18 @@ _OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(_THIS_JOB, _ATTEMPTS.c.o
 
 
 @lru_cache(maxsize=256)
-def _transition_closing_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool) -> Select[Any]:
-    """PostgreSQL: `_transition_statement` and the close of the job's attempt as one statement
-    (data-modifying CTEs), which counts the jobs moved (0 or 1): on the path of every callback."""
-    moved = _transition_statement(sources, names, owned).returning(_JOBS.c.id).cte("moved")
+def _transition_closing_statement(
+    sources: tuple[str, ...], names: tuple[str, ...], owned: bool, metered: bool
+) -> Select[Any]:
+    """PostgreSQL: `_transition_statement`, the close of the job's attempt and, for a success,
+    its metering as one statement (data-modifying CTEs), which counts the jobs moved (0 or 1): on
+    the path of every callback."""
+    moved = _transition_statement(sources, names, owned).returning(_JOBS.c.id, *usage.METERED_COLUMNS).cte("moved")
     closed = _closing_attempts(_ATTEMPTS.c.job_id.in_(select(moved.c.id)), _PG_LATENCY).cte("closed")
-    return select(func.count()).select_from(moved).add_cte(closed)
+    statement = select(func.count()).select_from(moved).add_cte(closed)
+    if metered:
+        statement = statement.add_cte(usage.metering("postgresql", moved).cte("metered"))
+    return statement
 
 
 def _attempt_params(job_id: str, outcome: str, error: str | None, now: datetime) -> dict[str, Any]:

@@ -32,7 +32,20 @@ from functools import cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, bindparam, func, literal, null, or_, select, union_all, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    Insert,
+    bindparam,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dippy_studio.orchestrator.db import process_shard
@@ -129,18 +142,15 @@ def row_units(row: Mapping[str, Any]) -> Units:
 # ---- metering --------------------------------------------------------------------------------
 
 
-@cache
-def _metering_statement(dialect: str) -> Any:
-    """Add a job's units to its key's row for the day, in one statement read from the job row
-    itself (INSERT ... SELECT ... ON CONFLICT), built once per dialect: it runs in every
-    transaction that finishes a job. A job that meters nothing adds no row."""
+def metering(dialect: str, jobs: FromClause, *where: ColumnElement[bool]) -> Insert:
+    """Add the units of the `jobs` rows (the jobs table, or rows a statement just moved) that
+    match `where` to their keys' rows for the day: INSERT ... SELECT ... ON CONFLICT, with the
+    parameters of `metering_params`. A job that meters nothing adds no row."""
     # A row inserted without units meters nothing (`row_units`): NULL counts as 0.
-    units = [func.coalesce(_JOBS.c[f"units_{unit}"], 0) for unit in UNITS]
+    units = [func.coalesce(jobs.c[f"units_{unit}"], 0) for unit in UNITS]
     day = bindparam("b_day", type_=_DAYS.c.day.type)
     shard = bindparam("b_shard", type_=_DAYS.c.shard.type)
-    rows = select(_JOBS.c.api_key_id, day, shard, *units).where(
-        _JOBS.c.id == bindparam("b_id"), or_(*(unit > 0 for unit in units))
-    )
+    rows = select(jobs.c.api_key_id, day, shard, *units).where(*where, or_(*(unit > 0 for unit in units)))
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_DAYS)
     upsert = upsert.from_select(["api_key_id", "day", "shard", *UNITS], rows)
     return upsert.on_conflict_do_update(
@@ -149,15 +159,25 @@ def _metering_statement(dialect: str) -> Any:
     )
 
 
+def metering_params(now: datetime, shard: int | None = None) -> dict[str, Any]:
+    """Today (UTC), on this process's row (`shard`: another row, for tests)."""
+    return {"b_day": now.astimezone(UTC).date(), "b_shard": process_shard() if shard is None else shard}
+
+
+# The job columns a metering statement reads.
+METERED_COLUMNS = (_JOBS.c.api_key_id, *(_JOBS.c[f"units_{unit}"] for unit in UNITS))
+
+
+@cache
+def _metering_statement(dialect: str) -> Insert:
+    # Built once per dialect: it runs in every transaction that finishes a job.
+    return metering(dialect, _JOBS, _JOBS.c.id == bindparam("b_id"))
+
+
 def record_success(conn: Connection, job_id: str, now: datetime, shard: int | None = None) -> None:
-    """Count a job that just moved to succeeded into its key's usage for today (UTC), in the
-    transaction that moved it, on this process's row (`shard`: another row, for tests)."""
-    params = {
-        "b_id": job_id,
-        "b_day": now.astimezone(UTC).date(),
-        "b_shard": process_shard() if shard is None else shard,
-    }
-    conn.execute(_metering_statement(conn.dialect.name), params)
+    """Count a job that just moved to succeeded into its key's usage for today, in the
+    transaction that moved it (`metering_params`)."""
+    conn.execute(_metering_statement(conn.dialect.name), {"b_id": job_id, **metering_params(now, shard)})
 
 
 def day_rows(conn: Connection, api_key_id: str, first: date, last: date) -> dict[date, Units]:
