@@ -128,11 +128,19 @@ def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[
 # behind it. Rows another replica is claiming right now are skipped (PostgreSQL; SQLite's write
 # lock serializes claims anyway): the limit applies after the skip, so replicas claiming at once
 # take different jobs rather than waiting on the same first few.
+#
+# The turns are worked out once per claim, for the first `CLAIM_CANDIDATES` x limit jobs only, and
+# PostgreSQL is told to materialize them (the CTEs below) rather than plan them into a join. Its
+# statistics of `jobs` lag far behind a burst of submissions; planned for the few queued jobs they
+# expect, the window over the queue ran again for every queued job, and a claim with a thousand
+# queued took a quarter of a second on the store's writer thread (bench/README.md, throughput).
+CLAIM_CANDIDATES = 4
 _UNDER_WAY = (
     select(_JOBS.c.api_key_id, func.count().label("jobs"))
     .where(_one_of(_JOBS.c.status, ACTIVE))
     .group_by(_JOBS.c.api_key_id)
-    .subquery()
+    .cte("under_way")
+    .prefix_with("MATERIALIZED", dialect="postgresql")
 )
 
 
@@ -146,17 +154,18 @@ def _queue(by_model: bool) -> Select[Any]:
     ]
     if by_model:
         wanted.append(_JOBS.c.model.in_(bindparam("b_models", expanding=True)))
+    turn = (
+        func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
+        + func.coalesce(_UNDER_WAY.c.jobs, 0)
+    ).label("turn")
     waiting = (
-        select(
-            _JOBS.c.id,
-            (
-                func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
-                + func.coalesce(_UNDER_WAY.c.jobs, 0)
-            ).label("turn"),
-        )
+        select(_JOBS.c.id, turn)
         .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
         .where(*wanted)
-        .subquery()
+        .order_by(turn, _JOBS.c.created_at, _JOBS.c.id)
+        .limit(bindparam("b_candidates"))
+        .cte("waiting")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     return (
         select(*_JOB_COLUMNS)
@@ -741,7 +750,12 @@ class Store:
         attempt counted); only jobs that got a miner are returned. Without `assign` (tests of the
         queue alone) jobs are claimed with no miner. With `models`, only jobs for those models."""
         now = now or utcnow()
-        params: dict[str, Any] = {"b_now": now, "b_kinds": [str(kind) for kind in kinds], "b_limit": limit}
+        params: dict[str, Any] = {
+            "b_now": now,
+            "b_kinds": [str(kind) for kind in kinds],
+            "b_limit": limit,
+            "b_candidates": limit * CLAIM_CANDIDATES,
+        }
         queue = _QUEUE
         if models is not None:
             params["b_models"] = list(models)
