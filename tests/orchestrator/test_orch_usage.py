@@ -228,6 +228,29 @@ def test_each_process_counts_into_its_own_rows_and_reads_sum_them(store: Store):
         submit(store, key.id, at)
 
 
+def test_every_process_counts_on_a_shard_of_its_own_forked_replicas_too():
+    import subprocess
+    import sys
+
+    from dippy_studio.orchestrator.db import process_shard
+
+    script = (
+        "import os, sys\n"
+        "from dippy_studio.orchestrator.db import process_shard\n"
+        "print(process_shard(), flush=True)\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    print(process_shard(), flush=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(child, 0)\n"
+        "print(process_shard(), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    parent, forked, parent_again = (int(line) for line in out.stdout.split())
+    assert parent == parent_again  # a process keeps its shard
+    assert len({process_shard(), parent, forked}) == 3
+
+
 def test_a_quota_check_does_not_wait_for_rows_another_replica_added_for_the_key(pg_databases):
     """The quota check locks the key's row so that replicas take turns; a row another replica
     inserted for the key (its job, usage or rate window) holds a foreign-key lock on it, which the
