@@ -6,7 +6,7 @@ was asked for: the request's `steps`, as written into its payload). Requested, n
 a miner's own count of the steps it ran is the word of the party paid for the job, so the bill
 follows what the client asked for and the result was checked against.
 
-Exact across replicas, with no counter in any process:
+Exact across replicas, with no counter in any process's memory:
 
 - A job's units are fixed when it is queued (`job_units`, in the row: `jobs.units_*`).
 - The transaction that marks a job succeeded adds its units to the key's row for that UTC day
