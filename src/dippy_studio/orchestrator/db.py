@@ -43,7 +43,7 @@ PG_CONNECT_TIMEOUT_S = 10
 # A pooled PostgreSQL connection idle this long is pinged before use (`_ping_when_idle`).
 PG_IDLE_PING_S = 10.0
 # The newest migration in migrations/versions (a test keeps the two equal).
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 # Execution option a connection carries when its transaction will write (see module docstring).
 WRITE_OPTION = "dippy_write"
 

@@ -179,8 +179,9 @@ class Job(Base):
 
 # The webhook sender's scan for due deliveries (migration 0002).
 Index("ix_jobs_webhook_state_webhook_next_at", Job.webhook_state, Job.webhook_next_at)
-# A key's unfinished jobs, for its quota check (migration 0005).
-Index("ix_jobs_api_key_id_status", Job.api_key_id, Job.status)
+# A key's unfinished jobs, for its quota check (migration 0005), and a key's queue in order, for
+# the claim's turns on PostgreSQL (`store._candidates_by_key`; migration 0010).
+Index("ix_jobs_queue_by_key", Job.api_key_id, Job.status, Job.created_at, Job.id)
 # Owed audits, oldest first (migration 0008). Partial: it holds only the few jobs still owed, so
 # the audits leader's look at every turn costs the same after years of history as on day one.
 _OWED = Job.audit_owed.is_(true())

@@ -111,6 +111,7 @@ T = TypeVar("T")
 M = TypeVar("M", ApiKey, Job)
 _JOBS = Job.__table__
 _ATTEMPTS = JobAttempt.__table__
+_KEYS = ApiKey.__table__
 _JOB_COLUMNS = tuple(_JOBS.columns)
 # Picked for an audit and not judged yet: the partial index `ix_jobs_audit_owed` holds these.
 _OWED = _JOBS.c.audit_owed.is_(true())
@@ -129,11 +130,12 @@ def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[
 # lock serializes claims anyway): the limit applies after the skip, so replicas claiming at once
 # take different jobs rather than waiting on the same first few.
 #
-# The turns are worked out once per claim, for the first `CLAIM_CANDIDATES` x limit jobs only, and
-# PostgreSQL is told to materialize them (the CTEs below) rather than plan them into a join. Its
-# statistics of `jobs` lag far behind a burst of submissions; planned for the few queued jobs they
-# expect, the window over the queue ran again for every queued job, and a claim with a thousand
-# queued took a quarter of a second on the store's writer thread (bench/README.md, throughput).
+# Only the first `CLAIM_CANDIDATES` x limit jobs by turn are candidates. On PostgreSQL they come
+# from each key's first few queued jobs, read in index order (`_candidates_by_key`), so a claim
+# costs the same however long the queue; a window over the whole queue, planned with statistics
+# that lag far behind a burst of submissions, once took a quarter of a second per claim on the
+# store's writer thread (bench/README.md, throughput). SQLite has no LATERAL join; with one process
+# and no statistics of its own, it numbers its queue in one statement (`_queue`).
 CLAIM_CANDIDATES = 4
 _UNDER_WAY = (
     select(_JOBS.c.api_key_id, func.count().label("jobs"))
@@ -144,9 +146,10 @@ _UNDER_WAY = (
 )
 
 
-def _queue(by_model: bool) -> Select[Any]:
-    """The queue scan; `by_model`: of the wanted models (`b_models`) too, so jobs of a model no
-    miner serves now do not fill the batch ahead of those that can go."""
+def _wanted(by_model: bool) -> list[ColumnElement[bool]]:
+    """Queued jobs that still have time, of the wanted kinds (`b_kinds`) and, `by_model`, models
+    (`b_models`), so jobs of a model no miner serves now do not fill the batch ahead of those
+    that can go."""
     wanted = [
         _JOBS.c.status == RequestStatus.queued.value,
         _JOBS.c.deadline > bindparam("b_now"),
@@ -154,6 +157,12 @@ def _queue(by_model: bool) -> Select[Any]:
     ]
     if by_model:
         wanted.append(_JOBS.c.model.in_(bindparam("b_models", expanding=True)))
+    return wanted
+
+
+def _queue(by_model: bool) -> Select[Any]:
+    """SQLite's claim: the candidates numbered by a window over the queue, then the first
+    `b_limit` of them."""
     turn = (
         func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
         + func.coalesce(_UNDER_WAY.c.jobs, 0)
@@ -161,25 +170,61 @@ def _queue(by_model: bool) -> Select[Any]:
     waiting = (
         select(_JOBS.c.id, turn)
         .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
-        .where(*wanted)
+        .where(*_wanted(by_model))
         .order_by(turn, _JOBS.c.created_at, _JOBS.c.id)
         .limit(bindparam("b_candidates"))
         .cte("waiting")
-        .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     return (
         select(*_JOB_COLUMNS)
         .join(waiting, waiting.c.id == _JOBS.c.id)
-        # Checked again on the row itself: PostgreSQL re-reads a row another claim just changed.
         .where(_JOBS.c.status == RequestStatus.queued.value)
         .order_by(waiting.c.turn, _JOBS.c.created_at, _JOBS.c.id)
         .limit(bindparam("b_limit"))
-        .with_for_update(of=_JOBS, skip_locked=True)
     )
 
 
 _QUEUE = _queue(by_model=False)
 _QUEUE_OF_MODELS = _queue(by_model=True)
+
+
+def _candidates_by_key(by_model: bool) -> Select[Any]:
+    """PostgreSQL's candidates: the same turns as `_queue`, from each key's first few queued jobs
+    only (a LATERAL join per key, in the order of the index `ix_jobs_queue_by_key`). Returns their
+    ids, best turn first; `_LOCK_CANDIDATES` then claims from them."""
+    firsts = (
+        select(
+            _JOBS.c.id,
+            _JOBS.c.created_at,
+            func.row_number().over(order_by=(_JOBS.c.created_at, _JOBS.c.id)).label("place"),
+        )
+        .where(_JOBS.c.api_key_id == _KEYS.c.id, *_wanted(by_model))
+        .order_by(_JOBS.c.created_at, _JOBS.c.id)
+        .limit(bindparam("b_candidates"))
+        .lateral("firsts")
+    )
+    turn = firsts.c.place + func.coalesce(_UNDER_WAY.c.jobs, 0)
+    return (
+        select(firsts.c.id)
+        .select_from(_KEYS.join(firsts, true()).outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _KEYS.c.id))
+        .order_by(turn, firsts.c.created_at, firsts.c.id)
+        .limit(bindparam("b_candidates"))
+    )
+
+
+_CANDIDATES = _candidates_by_key(by_model=False)
+_CANDIDATES_OF_MODELS = _candidates_by_key(by_model=True)
+# The first `b_limit` of the candidates (`b_ids`, best first) that are still queued (checked on
+# the row itself: PostgreSQL re-reads a row another claim just changed) and that no other replica
+# is claiming, looked up by primary key.
+_IDS = bindparam("b_ids", type_=postgresql.ARRAY(_JOBS.c.id.type))
+_LOCK_CANDIDATES = (
+    select(*_JOB_COLUMNS)
+    .where(_JOBS.c.id == func.any(_IDS), _JOBS.c.status == RequestStatus.queued.value)
+    .order_by(func.array_position(_IDS, _JOBS.c.id))
+    .limit(bindparam("b_limit"))
+    .with_for_update(of=_JOBS, skip_locked=True)
+)
 # What each miner holds of ours, per kind (`Store.active_counts`), once per dispatch round.
 _HELD = (
     select(_JOBS.c.miner_hotkey, _JOBS.c.kind, func.count())
@@ -756,17 +801,25 @@ class Store:
             "b_limit": limit,
             "b_candidates": limit * CLAIM_CANDIDATES,
         }
-        queue = _QUEUE
+        queue, candidates = _QUEUE, _CANDIDATES
         if models is not None:
             params["b_models"] = list(models)
-            queue = _QUEUE_OF_MODELS
+            queue, candidates = _QUEUE_OF_MODELS, _CANDIDATES_OF_MODELS
             if not params["b_models"]:
                 params["b_kinds"] = []
+
+        def queued(conn: Connection) -> Iterable[Any]:
+            if not params["b_kinds"]:
+                return ()
+            if self.dialect != "postgresql":
+                return conn.execute(queue, params)
+            ids = list(conn.scalars(candidates, params))
+            return conn.execute(_LOCK_CANDIDATES, {"b_ids": ids, "b_limit": limit}) if ids else ()
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
             # cost more than everything else the dispatcher does per job.
-            jobs = [detached(Job, row._mapping) for row in conn.execute(queue, params)] if params["b_kinds"] else []
+            jobs = [detached(Job, row._mapping) for row in queued(conn)]
             tried = _tried(conn, [job.id for job in jobs if job.attempts > 0]) if assign else {}
             taken, claims, attempts = [], [], []
             for job in jobs:
