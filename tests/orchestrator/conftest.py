@@ -106,6 +106,14 @@ def store(db_url: str) -> Iterator[Store]:
     store.close()
 
 
+@pytest.fixture
+def pg_store(pg_databases: Callable[[], str]) -> Iterator[Store]:
+    """A store on a fresh PostgreSQL database, for what only PostgreSQL does (plans, row locks)."""
+    store = Store.open(pg_databases())
+    yield store
+    store.close()
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[S3Server]:
     """moto's S3 server on a loopback port for the session, with credentials in the environment

@@ -577,21 +577,13 @@ def test_a_new_process_reads_rows_before_any_other_database_work(tmp_path):
     assert (done.returncode, done.stdout.strip()) == (0, "kept None"), done.stderr
 
 
-@pytest.fixture
-def pg_store(pg_databases) -> Iterator[Store]:
-    store = Store.open(pg_databases())
-    yield store
-    store.close()
-
-
 def test_a_claim_reads_a_few_jobs_per_key_however_long_the_queue_and_stale_the_statistics(pg_store: Store):
-    """A burst of submissions leaves PostgreSQL's statistics of `jobs` far behind the queue. The
-    claim's fair turns once came from a window over the whole queue, planned for the few rows
-    the statistics expected: it ran again for every queued job, and a claim with a thousand
-    queued took a quarter of a second on the writer thread, which every submit and callback of
-    the replica waits for. The turns now come from each key's first few queued jobs, read in
-    index order, whatever the statistics say. (PostgreSQL only: SQLite keeps no statistics
-    unless asked to, and claims with one statement over its queue.)"""
+    """A burst of submissions leaves PostgreSQL's statistics of `jobs` far behind the queue. A
+    window over the whole queue, planned for the few rows the statistics expect, can run again
+    for every queued job, on the writer thread that every submit and callback of the replica
+    waits for. The turns must come from each key's first few queued jobs, whatever the
+    statistics say. (PostgreSQL only: SQLite keeps no statistics unless asked to, and claims
+    with one statement over its queue.)"""
     store = pg_store
     keys = [store.create_api_key(f"client {n}").key.id for n in range(3)]
     queued = 1500

@@ -251,22 +251,19 @@ def test_every_process_counts_on_a_shard_of_its_own_forked_replicas_too():
     assert len({process_shard(), parent, forked}) == 3
 
 
-def test_a_quota_check_does_not_wait_for_rows_another_replica_added_for_the_key(pg_databases):
+def test_a_quota_check_does_not_wait_for_rows_another_replica_added_for_the_key(pg_store: Store):
     """The quota check locks the key's row so that replicas take turns; a row another replica
     inserted for the key (its job, usage or rate window) holds a foreign-key lock on it, which the
     check must not wait for: two replicas' groups, each holding one, would deadlock."""
-    store = Store.open(pg_databases())
-    try:
-        key = store.create_api_key("client").key
-        store.set_api_key_quota(key.id, Quota(day=Limits(images=10)))
-        job = submit(store, key.id, T0)
-        with store.engine.connect() as first, store.engine.connect() as second, second.begin():
-            usage.record_success(second, job.id, T0, shard=5)  # a row referencing the key
-            with first.begin():
-                first.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
-                assert usage.refusal(first, key.id, usage.Units(images=1), T0) is None
-    finally:
-        store.close()
+    store = pg_store
+    key = store.create_api_key("client").key
+    store.set_api_key_quota(key.id, Quota(day=Limits(images=10)))
+    job = submit(store, key.id, T0)
+    with store.engine.connect() as first, store.engine.connect() as second, second.begin():
+        usage.record_success(second, job.id, T0, shard=5)  # a row referencing the key
+        with first.begin():
+            first.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+            assert usage.refusal(first, key.id, usage.Units(images=1), T0) is None
 
 
 def test_counters_become_per_process_and_are_summed_back_on_the_way_down(empty_url: str):

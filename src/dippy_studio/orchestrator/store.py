@@ -132,10 +132,11 @@ def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[
 #
 # Only the first `CLAIM_CANDIDATES` x limit jobs by turn are candidates. On PostgreSQL they come
 # from each key's first few queued jobs, read in index order (`_candidates_by_key`), so a claim
-# costs the same however long the queue; a window over the whole queue, planned with statistics
-# that lag far behind a burst of submissions, once took a quarter of a second per claim on the
-# store's writer thread (bench/README.md, throughput). SQLite has no LATERAL join; with one process
-# and no statistics of its own, it numbers its queue in one statement (`_queue`).
+# costs the same however long the queue: a window over the whole queue grows with the backlog,
+# and PostgreSQL, planning it with statistics that lag far behind a burst of submissions, could
+# run it again for every queued job, on the store's writer thread that every write waits for
+# (bench/README.md, throughput). SQLite has no LATERAL join; with one process and no statistics
+# of its own, it numbers its queue in one statement (`_queue`).
 CLAIM_CANDIDATES = 4
 _UNDER_WAY = (
     select(_JOBS.c.api_key_id, func.count().label("jobs"))
