@@ -215,13 +215,16 @@ def _candidates_by_key(by_model: bool) -> Select[Any]:
 
 _CANDIDATES = _candidates_by_key(by_model=False)
 _CANDIDATES_OF_MODELS = _candidates_by_key(by_model=True)
-# The first `b_limit` of the candidates (`b_ids`, best first) that are still queued (checked on
-# the row itself: PostgreSQL re-reads a row another claim just changed) and that no other replica
-# is claiming, looked up by primary key.
+# The first `b_limit` of the candidates (`b_ids`, best first) that no other replica is claiming,
+# locked and looked up by primary key alone. Whether each is still queued is checked on the locked
+# row, in Python (`claim_for_dispatch`): with `status = 'queued'` in this WHERE, statistics that
+# still count the queue as nearly empty make PostgreSQL read every queued job through a status
+# index and test each against the whole id list. A candidate another replica took in the meantime
+# only makes this batch smaller.
 _IDS = bindparam("b_ids", type_=postgresql.ARRAY(_JOBS.c.id.type))
 _LOCK_CANDIDATES = (
     select(*_JOB_COLUMNS)
-    .where(_JOBS.c.id == func.any(_IDS), _JOBS.c.status == RequestStatus.queued.value)
+    .where(_JOBS.c.id == func.any(_IDS))
     .order_by(func.array_position(_IDS, _JOBS.c.id))
     .limit(bindparam("b_limit"))
     .with_for_update(of=_JOBS, skip_locked=True)
@@ -815,7 +818,8 @@ class Store:
             if self.dialect != "postgresql":
                 return conn.execute(queue, params)
             ids = list(conn.scalars(candidates, params))
-            return conn.execute(_LOCK_CANDIDATES, {"b_ids": ids, "b_limit": limit}) if ids else ()
+            locked = conn.execute(_LOCK_CANDIDATES, {"b_ids": ids, "b_limit": limit}) if ids else ()
+            return [row for row in locked if row.status == RequestStatus.queued.value]
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
