@@ -99,7 +99,7 @@ def test_serve_settings_come_from_flags_env_and_a_file(tmp_path, monkeypatch):
         built.append(settings)
         raise typer.Exit(0)
 
-    monkeypatch.setattr(cli, "_build_app", capture)
+    monkeypatch.setattr(cli, "_opened", lambda open_service, settings: capture(settings))
     monkeypatch.delenv("DIPPY_ORCH_PUBLIC_URL", raising=False)
     config = tmp_path / "orchestrator.toml"
     config.write_text('port = 9100\nprofile = "flux-dev"\nmax_attempts = 5\ndev_key = "//Alice"\n')

@@ -18,7 +18,8 @@ How a request flows (`POST /v1/images`, four hops to its committed row):
 Then `dispatch.Dispatcher` claims queued jobs and picks a miner for each (`routing`), sends the
 kind's wire request, signed; the miner calls back (`callbacks.CallbackHandler`): the result is
 checked by its kind, stored (`blobs`), and the job moves to `succeeded`; waiters, webhooks
-(`webhooks`) and the audit queue (`auditing`, verdicts in `audit`) are told after that commit.
+(`webhooks`) and the audit queue (`auditing`, verdicts in `audit`; judged in the API replicas or
+in a process of its own, `service.AuditsProcess`) are told after that commit.
 `scoring` turns attempts and audits into per-miner scores for validators (`GET /v1/scores`).
 
 Layout: `kinds` (job kinds as data; `image_inputs` reads the image tasks' input images),

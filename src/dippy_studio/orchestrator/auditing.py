@@ -66,6 +66,7 @@ class AuditQueue:
         clock: Callable[[], datetime] = utcnow,
         leadership: Leadership | None = None,
         poll_s: float = 2.0,
+        judges: bool = True,
     ) -> None:
         self.store = store
         self.results = results
@@ -82,6 +83,8 @@ class AuditQueue:
         self._signer = signer  # signs re-runs sent to reference workers
         self.clock = clock
         self.leadership = leadership  # None: this queue alone audits (one process on its database)
+        # False: only pick and flag, never audit (`OrchestratorSettings.judge_audits`).
+        self.judges = judges
         self.poll_s = poll_s
         self._lock = threading.Lock()
         self._picked: deque[str] = deque()  # picks not flagged in the database yet
@@ -119,7 +122,7 @@ class AuditQueue:
 
     def leading(self) -> bool:
         """Whether this replica runs the audits now (checked live: fencing)."""
-        return self.leadership is None or self.leadership.lead(ROLE)
+        return self.judges and (self.leadership is None or self.leadership.lead(ROLE))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -135,8 +138,8 @@ class AuditQueue:
             except Exception:
                 # A database blip must not end the loop for good.
                 log.exception("audit loop failed; trying again")
-            # A follower asks for the role this often, so it takes over within the bound.
-            follow_s = self.leadership.retry_s if self.leadership is not None else self.poll_s
+            # A follower that may judge asks for the role this often, so it takes over within the bound.
+            follow_s = self.leadership.retry_s if self.leadership is not None and self.judges else self.poll_s
             self._wake.wait(self.poll_s if leading else min(self.poll_s, follow_s))
 
     def _flag_picked(self) -> None:
@@ -192,6 +195,8 @@ class AuditQueue:
             return True
         if outcome.verdict.label == "fail":
             log.warning("miner %s failed the audit of %s: %s", job.miner_hotkey, job.id, outcome.verdict.reason)
+        else:
+            log.info("audit of %s (%s, miner %s): %s", job.id, job.kind, job.miner_hotkey, outcome.verdict.label)
         return True
 
     def _learn_failures(self) -> None:

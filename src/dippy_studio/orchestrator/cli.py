@@ -1,15 +1,17 @@
 """`dippy-studio orchestrator ...`: run the server, and administration that needs no running server.
 
-`serve` runs the orchestrator API. `keys create|list|revoke|quota|usage` work on the same database as the
-server (`--data-dir` or `--db`), and bring its schema up to date first, so they also work before
-the server has ever started.
+`serve` runs the orchestrator API; `audits` judges its audits in a process of its own.
+`keys create|list|revoke|quota|usage` work on the same database as the server (`--data-dir` or
+`--db`), and bring its schema up to date first, so they also work before the server has ever
+started.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +26,7 @@ orchestrator_app = typer.Typer(help="The orchestrator: the subnet's front door f
 keys_app = typer.Typer(help="Client API keys: create, list, revoke, quotas, usage.", no_args_is_help=True)
 orchestrator_app.add_typer(keys_app, name="keys")
 
+T = TypeVar("T")
 err = Console(stderr=True)
 out = Console()
 
@@ -252,16 +255,29 @@ def key_usage(
     out.print(table)
 
 
+DevKeyOpt = Annotated[str | None, typer.Option("--dev-key", help="Dev key URI such as //Alice (local use).")]
+WalletOpt = Annotated[str | None, typer.Option("--wallet", help="Bittensor wallet name.")]
+HotkeyOpt = Annotated[str | None, typer.Option("--hotkey", help="Hotkey name in the wallet.")]
+WalletPathOpt = Annotated[Path | None, typer.Option("--wallet-path", help="Wallets directory.")]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="Default model (a profile) for requests naming none. Default: tiny")
+]
+ModelsOpt = Annotated[
+    str | None, typer.Option("--models", help="Further models served, comma-separated (e.g. tiny-kontext).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file.")]
+
+
 @orchestrator_app.command("serve")
 def serve(
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Interface to listen on. Default: 127.0.0.1")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port to listen on. Default: 8090")] = None,
-    dev_key: Annotated[str | None, typer.Option("--dev-key", help="Dev key URI such as //Alice (local use).")] = None,
-    wallet: Annotated[str | None, typer.Option("--wallet", help="Bittensor wallet name.")] = None,
-    hotkey: Annotated[str | None, typer.Option("--hotkey", help="Hotkey name in the wallet.")] = None,
-    wallet_path: Annotated[Path | None, typer.Option("--wallet-path", help="Wallets directory.")] = None,
+    dev_key: DevKeyOpt = None,
+    wallet: WalletOpt = None,
+    hotkey: HotkeyOpt = None,
+    wallet_path: WalletPathOpt = None,
     public_url: Annotated[
         str | None,
         typer.Option("--public-url", help="URL miners use to reach this server. Default: http://HOST:PORT"),
@@ -270,12 +286,8 @@ def serve(
         Path | None,
         typer.Option("--chain-data-dir", help="Local chain (DIR/chain.sqlite) to sync miners from."),
     ] = None,
-    profile: Annotated[
-        str | None, typer.Option("--profile", help="Default model (a profile) for requests naming none. Default: tiny")
-    ] = None,
-    models: Annotated[
-        str | None, typer.Option("--models", help="Further models served, comma-separated (e.g. tiny-kontext).")
-    ] = None,
+    profile: ProfileOpt = None,
+    models: ModelsOpt = None,
     allow_loopback: Annotated[
         bool | None,
         typer.Option("--allow-loopback/--no-allow-loopback", help="Allow loopback URLs (local subnets)."),
@@ -284,50 +296,35 @@ def serve(
         int | None,
         typer.Option("--workers", help="Processes serving the port, each a whole orchestrator. Default: 1"),
     ] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Serve the orchestrator API until interrupted. Settings: flags > DIPPY_ORCH_* env > --config file."""
-
-    from pydantic import ValidationError
-
-    from dippy_studio.orchestrator.settings import OrchestratorSettings
-    from dippy_studio.protocol.keys import SigningKeyError
-
     chain_path = None
     if chain_data_dir is not None:
         chain_path = chain_data_dir / "chain.sqlite"
         if not chain_path.is_file():
             _fail(f"no local chain in {chain_data_dir}; create one with `dippy-studio chain init --data-dir DIR`", 2)
-    overrides = {
-        "data_dir": data_dir,
-        "db_url": db,
-        "host": host,
-        "port": port,
-        "dev_key": dev_key,
-        "wallet_name": wallet,
-        "wallet_hotkey": hotkey,
-        "wallet_path": wallet_path,
-        "public_url": public_url,
-        "chain_path": chain_path,
-        "profile": profile,
-        "models": models,
-        "allow_loopback_urls": allow_loopback,
-        "workers": workers,
-    }
-    try:
-        settings = OrchestratorSettings.load(config, **overrides)
-        if "public_url" not in settings.model_fields_set:
-            settings = settings.model_copy(update={"public_url": f"http://{settings.host}:{settings.port}"})
-        if not (settings.dev_key or settings.wallet_name):
-            _fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use", 2)
-        app = _build_app(settings)
-    except ValidationError as exc:
-        from dippy_studio.cli_support import describe_validation
-
-        _fail(describe_validation(exc), 2)
-    except (ValueError, SigningKeyError) as exc:
-        _fail(str(exc), 2)
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        db_url=db,
+        host=host,
+        port=port,
+        dev_key=dev_key,
+        wallet_name=wallet,
+        wallet_hotkey=hotkey,
+        wallet_path=wallet_path,
+        public_url=public_url,
+        chain_path=chain_path,
+        profile=profile,
+        models=models,
+        allow_loopback_urls=allow_loopback,
+        workers=workers,
+    )
     from dippy_studio.logs import configure_logging
+    from dippy_studio.orchestrator.app import create_app
+
+    app = _opened(create_app, settings)
 
     configure_logging()
     orch = app.state.orchestrator
@@ -346,16 +343,96 @@ def serve(
         _fail(str(exc), 1)
 
 
-def _build_app(settings: Any) -> Any:
-    from sqlalchemy.exc import SQLAlchemyError
+@orchestrator_app.command("audits")
+def audits(
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    dev_key: DevKeyOpt = None,
+    wallet: WalletOpt = None,
+    hotkey: HotkeyOpt = None,
+    wallet_path: WalletPathOpt = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option("--public-url", help="The API replicas' URL, which reference workers fetch LoRAs from."),
+    ] = None,
+    profile: ProfileOpt = None,
+    models: ModelsOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Judge the audits of the API replicas on this database until interrupted: the replicas, run
+    with DIPPY_ORCH_JUDGE_AUDITS=false, pick and flag the jobs; this process re-runs or measures
+    them, and loads the reference models, on a machine of its own. Settings as for `serve`."""
+    import signal
+    import threading
 
-    from dippy_studio.orchestrator.app import create_app
-    from dippy_studio.orchestrator.db import DatabaseUrlError, safe_url
+    settings = _settings(
+        config,
+        data_dir=data_dir,
+        db_url=db,
+        dev_key=dev_key,
+        wallet_name=wallet,
+        wallet_hotkey=hotkey,
+        wallet_path=wallet_path,
+        public_url=public_url,
+        profile=profile,
+        models=models,
+    )
+    from dippy_studio.logs import configure_logging
+    from dippy_studio.orchestrator.db import safe_url
+    from dippy_studio.orchestrator.service import AuditsProcess
+
+    process = _opened(AuditsProcess, settings)
+    configure_logging()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    typer.echo(
+        f"audits for {safe_url(settings.database_url)} (models {', '.join(settings.served_models)}); "
+        "each verdict is logged; Ctrl-C stops",
+        err=True,
+    )
+    process.start()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        process.stop()
+
+
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    """The orchestrator's settings: flags (`overrides`, None where not given) > DIPPY_ORCH_* env >
+    the --config file > defaults; a message and exit 2 when they are wrong or name no signing key."""
+    from pydantic import ValidationError
+
+    from dippy_studio.orchestrator.settings import OrchestratorSettings
 
     try:
-        return create_app(settings)
-    except DatabaseUrlError as exc:
+        settings = OrchestratorSettings.load(config, **overrides)
+    except ValidationError as exc:
+        from dippy_studio.cli_support import describe_validation
+
+        _fail(describe_validation(exc), 2)
+    except ValueError as exc:
         _fail(str(exc), 2)
+    if "public_url" not in settings.model_fields_set:
+        settings = settings.model_copy(update={"public_url": f"http://{settings.host}:{settings.port}"})
+    if not (settings.dev_key or settings.wallet_name):
+        _fail("no signing key: pass --wallet NAME --hotkey NAME, or --dev-key //Alice for local use", 2)
+    return settings
+
+
+def _opened(open_service: Callable[[Any], T], settings: Any) -> T:
+    """`open_service(settings)` (the app, the audits process), or a message and exit 2 when what
+    the settings name cannot be opened: the database, the bucket, the signing key."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dippy_studio.orchestrator.db import safe_url
+    from dippy_studio.protocol.keys import SigningKeyError
+
+    try:
+        return open_service(settings)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         _fail(f"cannot open database {safe_url(settings.database_url)}: {reason}", 2)
+    except (ValueError, SigningKeyError) as exc:  # a bad database URL or bucket, audits off, no such wallet
+        _fail(str(exc), 2)

@@ -4,7 +4,8 @@ API calls. No HTTP here: refusals are `errors` exceptions, which `api` maps to s
 `Orchestrator` holds the store, the blob stores, the miner registry, the dispatcher, the callback
 handler, the webhook sender, the audit queue and the score snapshot, and is the `JobEvents` they
 report to once their writes have committed. Every part takes the store and a clock, so several
-orchestrators can share one database and tests can build one in-process.
+orchestrators can share one database and tests can build one in-process. `AuditsProcess` is the
+audit queue alone, for `dippy-studio orchestrator audits`.
 """
 
 from __future__ import annotations
@@ -85,24 +86,9 @@ class Orchestrator:
         self.settings = settings
         self.clock = clock
         self.rng = rng or random.Random()
-        self.signer = signer or load_signer(
-            uri=settings.dev_key,
-            wallet_name=settings.wallet_name,
-            hotkey=settings.wallet_hotkey,
-            **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
-        )
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        # Results (client images) are private; assets (datasets, LoRAs) are served to miners;
-        # held-out parts of training datasets are read by audits only, never served to anyone.
+        self.signer = signer or signer_for(settings)
         # First: a bucket that cannot be used stops startup before anything else is opened.
-        self.results, self.assets, self.heldout = open_stores(
-            ("results", "assets", "heldout"),
-            settings.data_dir,
-            settings.blob_url,
-            endpoint_url=settings.s3_endpoint_url,
-            region=settings.s3_region,
-            cache_max_bytes=settings.blob_cache_max_bytes,
-        )
+        self.results, self.assets, self.heldout = blob_stores(settings)
         self._owns_store = store is None
         self.store = store or Store.open(settings.database_url, default_model=settings.profile)
         # Which singleton loops (sweep, sync, probe, scores, audits) this replica runs now.
@@ -133,17 +119,15 @@ class Orchestrator:
         self.listener: Listener | None = None
         self._http = guarded_client(self.url_policy, timeout=settings.download_timeout_s)
         self.audits = (
-            AuditQueue(
+            audit_queue(
+                settings,
                 self.store,
-                self.results,
-                self.assets,
-                sampler or AuditSampler(sampler_policy(settings)),
-                auditor or settings,
-                heldout=self.heldout,
-                signer=self.signer,
+                (self.results, self.assets, self.heldout),
+                self.signer,
+                self.leadership,
                 clock=clock,
-                leadership=self.leadership,
-                poll_s=settings.audit_poll_s,
+                sampler=sampler,
+                auditor=auditor,
             )
             if settings.audit or auditor is not None
             else None
@@ -429,12 +413,92 @@ class Orchestrator:
         return self._scores
 
 
-def sampler_policy(settings: OrchestratorSettings) -> SamplerPolicy:
-    return SamplerPolicy(
+class AuditsProcess:
+    """`dippy-studio orchestrator audits`: the audit queue's loop and nothing else, on the API
+    replicas' database and blob store. The replicas, run with `judge_audits` off, pick the jobs
+    they receive and flag them; this process leads the "audits" role and judges them, so the
+    reference models (and torch) load here, on a machine chosen for them, never in a replica
+    that serves the API. Several such processes on one database take turns as any replicas do:
+    one judges, the others wait to take over."""
+
+    def __init__(self, settings: OrchestratorSettings) -> None:
+        if not settings.audit:
+            raise ValueError("audits are off (audit = false): there is nothing for this process to judge")
+        settings = settings.model_copy(update={"judge_audits": True})
+        self.settings = settings
+        self.signer = signer_for(settings)  # signs the re-runs sent to reference workers
+        stores = blob_stores(settings)
+        self.store = Store.open(settings.database_url, default_model=settings.profile)
+        self.leadership = for_store(self.store, settings.leader_takeover_s)
+        self.queue = audit_queue(settings, self.store, stores, self.signer, self.leadership)
+
+    def start(self) -> None:
+        self.queue.start()
+
+    def stop(self) -> None:
+        self.queue.stop()
+        self.leadership.close()
+        self.store.close()
+
+
+def signer_for(settings: OrchestratorSettings) -> Signer:
+    """The orchestrator's signing key, from a dev URI or a bittensor wallet."""
+    return load_signer(
+        uri=settings.dev_key,
+        wallet_name=settings.wallet_name,
+        hotkey=settings.wallet_hotkey,
+        **({"wallet_path": settings.wallet_path} if settings.wallet_path else {}),
+    )
+
+
+def blob_stores(settings: OrchestratorSettings) -> tuple[BlobStore, BlobStore, BlobStore]:
+    """The results, assets and held-out blob stores. Results (client images) are private; assets
+    (datasets, LoRAs) are served to miners; held-out parts of training datasets are read by
+    audits only, never served to anyone."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    results, assets, heldout = open_stores(
+        ("results", "assets", "heldout"),
+        settings.data_dir,
+        settings.blob_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        cache_max_bytes=settings.blob_cache_max_bytes,
+    )
+    return results, assets, heldout
+
+
+def audit_queue(
+    settings: OrchestratorSettings,
+    store: Store,
+    stores: tuple[BlobStore, BlobStore, BlobStore],
+    signer: Signer,
+    leadership: Leadership,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    sampler: AuditSampler | None = None,
+    auditor: Auditor | None = None,
+) -> AuditQueue:
+    """The audit queue of an API replica or of the audits process, from the settings (tests may
+    pass their own sampler or auditor)."""
+    results, assets, heldout = stores
+    policy = SamplerPolicy(
         base_rate=settings.audit_base_rate,
         probation_jobs=settings.audit_probation_jobs,
         probation_rate=settings.audit_probation_rate,
         max_gap=settings.audit_max_gap,
+    )
+    return AuditQueue(
+        store,
+        results,
+        assets,
+        sampler or AuditSampler(policy),
+        auditor or settings,
+        heldout=heldout,
+        signer=signer,
+        clock=clock,
+        leadership=leadership,
+        poll_s=settings.audit_poll_s,
+        judges=settings.judge_audits,
     )
 
 

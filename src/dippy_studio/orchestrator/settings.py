@@ -120,6 +120,11 @@ class OrchestratorSettings(ServiceSettings):
     # inference by re-running it, training by the LoRA's loss on held-out images.
     audit: bool = True
     audit_model_path: Path | None = None
+    # Whether this process may judge the audits (hold the "audits" role and build reference
+    # models). False on API replicas when `dippy-studio orchestrator audits` runs on a machine
+    # of its own (a GPU machine, say, for training audits of large models): they still pick
+    # the jobs they receive and flag them in the database, where that process finds them.
+    judge_audits: bool = True
     # Reference workers: trusted miner processes (`dippy-studio miner serve` of `profile`, run by
     # the subnet owner) that inference audits re-run on instead of the in-process engine, as
     # "HOTKEY@URL" (env: a JSON list). They get no client jobs. A worker on the miners' hardware
