@@ -122,7 +122,7 @@ class OrchestratorSettings(ServiceSettings):
     audit_model_path: Path | None = None
     # Whether this process may judge the audits (hold the "audits" role and build reference
     # models). False on API replicas when `dippy-studio orchestrator audits` runs on a machine
-    # of its own (a GPU machine, say, for training audits of large models): they still pick
+    # of its own (one with the memory for a large model's training audits, say): they still pick
     # the jobs they receive and flag them in the database, where that process finds them.
     judge_audits: bool = True
     # Reference workers: trusted miner processes (`dippy-studio miner serve` of `profile`, run by
