@@ -94,7 +94,7 @@ DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 TERMINAL = ("succeeded", "failed", "canceled")
 # How often the harness asks how many requests finished: often enough to time a run of seconds to
 # within 1%, rarely enough that its own GROUP BY over the key's jobs does not load the database it
-# measures (every 20 ms, it took a tenth of a core on PostgreSQL, more the slower the variant).
+# measures, and load it more for the slower variant (bench/README.md, throughput).
 POLL_S = 0.1
 START_TIMEOUT_S = 180.0
 

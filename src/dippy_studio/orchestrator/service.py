@@ -417,8 +417,8 @@ class AuditsProcess:
     """`dippy-studio orchestrator audits`: the audit queue's loop and nothing else, on the API
     replicas' database and blob store. The replicas, run with `judge_audits` off, pick the jobs
     they receive and flag them; this process leads the "audits" role and judges them, so the
-    reference models (and torch) load here, on a machine chosen for them, never in a replica
-    that serves the API. Several such processes on one database take turns as any replicas do:
+    reference models load here, on a machine chosen for them, never in a replica that serves
+    the API. Several such processes on one database take turns as any replicas do:
     one judges, the others wait to take over."""
 
     def __init__(self, settings: OrchestratorSettings) -> None:
