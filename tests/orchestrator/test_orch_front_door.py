@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import operator
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from dippy_studio.orchestrator import model_code, results
 
 STARTUP = textwrap.dedent(
     """
@@ -36,3 +40,53 @@ def test_starting_the_orchestrator_imports_no_model_code(tmp_path: Path):
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     # Served, and refused an unauthenticated submission, with no torch, diffusers, transformers or peft.
     assert seen == {"health": 200, "refused": 401, "heavy": []}
+
+
+LORA_CHECKS = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from dippy_studio.orchestrator.results import check_lora, check_lora_fit
+
+    good, misfit = (Path(p).read_bytes() for p in sys.argv[1:3])
+    seen = {
+        "fits": check_lora_fit(good, "tiny"),
+        "misfit": check_lora_fit(misfit, "tiny"),
+        "trained": check_lora(good, 2, ["to_q"]),
+        "wrong_rank": check_lora(good, 4, ["to_q"]),
+        "pickle": check_lora_fit(b"\\x80\\x04 pickle", "tiny"),
+    }
+    seen["heavy"] = sorted(name for name in ("torch", "diffusers", "transformers", "peft") if name in sys.modules)
+    print(json.dumps(seen))
+    """
+)
+
+
+def tiny_lora(width: int) -> bytes:
+    """A LoRA of rank 2 on one attention layer; the tiny profile's layers are 32 wide."""
+    import torch
+    from safetensors.torch import save
+
+    layer = "transformer.transformer_blocks.0.attn.to_q"
+    return save({f"{layer}.lora_A.weight": torch.zeros(2, width), f"{layer}.lora_B.weight": torch.zeros(width, 2)})
+
+
+@pytest.mark.timeout(120)
+def test_a_lora_is_checked_without_loading_model_code_in_the_orchestrator(tmp_path: Path):
+    """A client's LoRA (fitted to the profile's layers) and a miner's trained one (its promised
+    shape) are checked as before, in a child process: the replica still holds no torch."""
+    (tmp_path / "good").write_bytes(tiny_lora(width=32))
+    (tmp_path / "misfit").write_bytes(tiny_lora(width=8))
+    args = [sys.executable, "-c", LORA_CHECKS, str(tmp_path / "good"), str(tmp_path / "misfit")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=100, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["fits"] is None and seen["trained"] is None, seen
+    assert "does not fit this profile" in seen["misfit"] and "needs (2, 32)" in seen["misfit"]
+    assert "rank" in seen["wrong_rank"] and "pickle" in seen["pickle"]
+    assert seen["heavy"] == []
+
+
+def test_a_lora_that_kills_the_checking_process_is_refused_and_the_next_is_checked():
+    assert "could not be checked" in (results._in_child(os._exit, 3) or "")
+    assert model_code.run(operator.add, "still ", "answering") == "still answering"

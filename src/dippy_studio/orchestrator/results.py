@@ -1,20 +1,23 @@
-"""Checks of what miners deliver: pure functions from the result's bytes to why it is not
-acceptable (None when it is). Job kinds (`kinds`) pick theirs."""
+"""Checks of what miners and clients deliver: functions from the bytes to why they are not
+acceptable (None when they are). Job kinds (`kinds`) pick theirs. The LoRA checks need torch,
+so they run in the model-code child process (`model_code`)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from PIL import Image, UnidentifiedImageError
 
+from dippy_studio.orchestrator import model_code
 from dippy_studio.orchestrator.audit import lora_shape, lora_shape_problem
 
 log = logging.getLogger("dippy_studio.orchestrator.results")
+P = ParamSpec("P")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An image whose every channel spans at most this many levels is one flat colour: blank.
@@ -45,10 +48,37 @@ def check_image(data: bytes, width: int, height: int) -> str | None:
     return None
 
 
+def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | None = None) -> str | None:
+    """Why this is not the promised LoRA, or None: a diffusers-format Flux LoRA (what our miners
+    train) of rank `rank` on exactly the `targets` layers when given. The same shape rule as a
+    training audit's (`audit.lora_shape_problem`), checked at delivery, in the model-code child
+    process (`model_code`)."""
+    return _in_child(_check_lora, data, rank, targets)
+
+
+def check_lora_fit(data: bytes, profile: str, model_path: Path | None = None) -> str | None:
+    """Why a client's LoRA cannot be used on `profile`, or None: it must read as a LoRA
+    (`read_lora_bytes`), and every tensor must fit a layer of the profile's transformer or text
+    encoder, shapes included: the check a miner's engine makes before it loads a LoRA
+    (`engine.lora.lora_fit_problem`), made on the profile's layers without weights, in the
+    model-code child process (`model_code`). The architecture of a profile that loads from a
+    directory is read from `model_path`; without one only the first part is checked."""
+    return _in_child(_check_lora_fit, data, profile, model_path)
+
+
+def _in_child(check: Callable[P, str | None], *args: P.args, **kwargs: P.kwargs) -> str | None:
+    try:
+        return model_code.run(check, *args, **kwargs)
+    except model_code.ModelCodeDied as exc:
+        return f"the LoRA could not be checked: {exc}"
+
+
+# What follows runs in the model-code child process: it imports torch.
+
+
 def read_lora_bytes(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
     """The tensors of a .safetensors LoRA (refusing pickles, bad headers, non-finite or
     non-float values), or None and why not."""
-    # Imported here: torch is needed only when a LoRA arrives.
     from dippy_studio.engine.errors import LoraError
     from dippy_studio.engine.lora import read_lora
 
@@ -61,10 +91,7 @@ def read_lora_bytes(data: bytes) -> tuple[dict[str, Any] | None, str | None]:
             return None, str(exc).replace(str(path), "LoRA")
 
 
-def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | None = None) -> str | None:
-    """Why this is not the promised LoRA, or None: a diffusers-format Flux LoRA (what our miners
-    train) of rank `rank` on exactly the `targets` layers when given. The same shape rule as a
-    training audit's (`audit.lora_shape_problem`), checked at delivery."""
+def _check_lora(data: bytes, rank: int | None, targets: Sequence[str] | None) -> str | None:
     tensors, problem = read_lora_bytes(data)
     if tensors is None:
         return problem
@@ -75,17 +102,10 @@ def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | No
     return lora_shape_problem(shape, rank, targets)
 
 
-def check_lora_fit(data: bytes, profile: str, model_path: Path | None = None) -> str | None:
-    """Why a client's LoRA cannot be used on `profile`, or None: it must read as a LoRA
-    (`read_lora_bytes`), and every tensor must fit a layer of the profile's transformer or text
-    encoder, shapes included: the check a miner's engine makes before it loads a LoRA
-    (`engine.lora.lora_fit_problem`), made here on the profile's layers without weights. The
-    architecture of a profile that loads from a directory is read from `model_path`; without one
-    only the first part is checked."""
+def _check_lora_fit(data: bytes, profile: str, model_path: Path | None) -> str | None:
     tensors, problem = read_lora_bytes(data)
     if tensors is None:
         return problem
-    # Imported here: torch is needed only when a LoRA arrives.
     from dippy_studio.engine.errors import ProfileError
     from dippy_studio.engine.lora import lora_fit_problem
     from dippy_studio.engine.profiles import layer_models
