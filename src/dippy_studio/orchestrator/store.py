@@ -1199,11 +1199,17 @@ def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | Orch
     if secret is None:
         return Unauthorized("missing Authorization: Bearer <API key>")
     key_id = _key_id(secret)
-    row = conn.execute(_KEYS_BY_ID, {"b_id": key_id}).first() if key_id else None
-    key = _live(secret, None if row is None else detached(ApiKey, row._mapping))
-    if key is None:
+    if key_id is None:
         return Unauthorized("invalid or revoked API key")
-    if _count_request(conn, key.id, now) > key.rate_limit_per_minute:
+    if conn.dialect.name == "postgresql":
+        key, requests = _read_and_count(conn, key_id, secret, now)
+    else:
+        row = conn.execute(_KEYS_BY_ID, {"b_id": key_id}).first()
+        key = _live(secret, None if row is None else detached(ApiKey, row._mapping))
+        requests = None if key is None else _count_request(conn, key.id, now)
+    if key is None or requests is None:
+        return Unauthorized("invalid or revoked API key")
+    if requests > key.rate_limit_per_minute:
         reason = f"rate limit of {key.rate_limit_per_minute} requests per minute reached"
         return RateLimited(reason, _until_next_window(now))
     return key
@@ -1218,13 +1224,28 @@ def _count_request(conn: Connection, api_key_id: str, now: datetime, shard: int 
     that replicas admit at the same instant count each other once committed: a replica does not
     wait for another's uncommitted count (module `db`), so together they may pass the limit by
     what was in flight."""
-    shard = process_shard() if shard is None else shard
-    params = {"b_key": api_key_id, "b_window": now.replace(second=0, microsecond=0), "b_shard": shard}
+    params = _window_params(api_key_id, now, shard)
     total = conn.scalar(_count_statement(conn.dialect.name), params)
     if total == 1:
         # The first request of a new window: the key's older windows will never be read again.
         conn.execute(_PRUNE_WINDOWS, params)
     return total
+
+
+def _read_and_count(conn: Connection, key_id: str, secret: str, now: datetime) -> tuple[ApiKey | None, int | None]:
+    """PostgreSQL's admission in one round trip, on the path of every request: the key, and the
+    request counted as `_count_request` does, only when the key is live and this is its secret.
+    (None, None) for a key that is not."""
+    params = _window_params(key_id, now) | {"b_hash": hash_secret(secret)}
+    row = conn.execute(_ADMIT_POSTGRES, params).first()
+    if row is None:
+        return None, None
+    values = dict(row._mapping)
+    requests = values.pop("requests")
+    key = _live(secret, detached(ApiKey, values))
+    if key is not None and requests == 1:
+        conn.execute(_PRUNE_WINDOWS, params)
+    return key, requests
 
 
 _RATES = RateWindow.__table__
@@ -1233,26 +1254,62 @@ _PRUNE_WINDOWS = _RATES.delete().where(
 )
 
 
+def _window_params(api_key_id: str, now: datetime, shard: int | None = None) -> dict[str, Any]:
+    """The key, the window of `now` and the process's row (`shard`: another, for tests)."""
+    shard = process_shard() if shard is None else shard
+    return {"b_key": api_key_id, "b_window": now.replace(second=0, microsecond=0), "b_shard": shard}
+
+
+_WINDOW_KEY = bindparam("b_key", type_=_RATES.c.api_key_id.type)
+_WINDOW = bindparam("b_window", type_=_RATES.c.window_start.type)
+_SHARD = bindparam("b_shard", type_=_RATES.c.shard.type)
+
+
+def _others_count() -> Any:
+    """The window's count on the other processes' rows."""
+    others = _RATES.alias("others")
+    return (
+        select(func.coalesce(func.sum(others.c.count), 0))
+        .where(others.c.api_key_id == _WINDOW_KEY, others.c.window_start == _WINDOW, others.c.shard != _SHARD)
+        .scalar_subquery()
+    )
+
+
+def _counted(upsert: Any) -> Any:
+    """`upsert` (a dialect's INSERT of one request on this process's row) adding to the row
+    already there."""
+    return upsert.on_conflict_do_update(
+        index_elements=[_RATES.c.api_key_id, _RATES.c.window_start, _RATES.c.shard],
+        set_={"count": _RATES.c.count + 1},
+    )
+
+
 @cache
 def _count_statement(dialect: str) -> Any:
     """The upsert counting a request on this process's row, returning the window's count with
     the other processes' rows added (one statement, on the path of every request), built once per
     dialect."""
     upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_RATES)
-    key = bindparam("b_key", type_=_RATES.c.api_key_id.type)
-    window = bindparam("b_window", type_=_RATES.c.window_start.type)
-    shard = bindparam("b_shard", type_=_RATES.c.shard.type)
-    others = _RATES.alias("others")
-    theirs = (
-        select(func.coalesce(func.sum(others.c.count), 0))
-        .where(others.c.api_key_id == key, others.c.window_start == window, others.c.shard != shard)
-        .scalar_subquery()
+    upsert = upsert.values(api_key_id=_WINDOW_KEY, window_start=_WINDOW, shard=_SHARD, count=1)
+    return _counted(upsert).returning(_RATES.c.count + _others_count())
+
+
+def _admit_postgres() -> Any:
+    """The key's row with a `requests` column: the window's count after this request, counted
+    (as `_count_statement` counts) only when the key is live and `b_hash` is its secret's hash;
+    NULL otherwise. A data-modifying CTE, which SQLite does not have."""
+    keys = ApiKey.__table__
+    key = select(*keys.columns).where(keys.c.id == _WINDOW_KEY).cte("key")
+    live = select(key.c.id, _WINDOW, _SHARD, literal(1)).where(
+        key.c.key_hash == bindparam("b_hash"), key.c.revoked_at.is_(None)
     )
-    upsert = upsert.values(api_key_id=key, window_start=window, shard=shard, count=1)
-    return upsert.on_conflict_do_update(
-        index_elements=[_RATES.c.api_key_id, _RATES.c.window_start, _RATES.c.shard],
-        set_={"count": _RATES.c.count + 1},
-    ).returning(_RATES.c.count + theirs)
+    upsert = postgresql.insert(_RATES).from_select(["api_key_id", "window_start", "shard", "count"], live)
+    counted = _counted(upsert).returning(_RATES.c.count).cte("counted")
+    requests = select(counted.c.count).scalar_subquery() + _others_count()
+    return select(*key.columns, requests.label("requests"))
+
+
+_ADMIT_POSTGRES = _admit_postgres()
 
 
 def _transition_op(
