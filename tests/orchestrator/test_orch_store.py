@@ -582,8 +582,8 @@ def test_a_claim_reads_a_few_jobs_per_key_however_long_the_queue_and_stale_the_s
     window over the whole queue, planned for the few rows the statistics expect, can run again
     for every queued job, on the writer thread that every submit and callback of the replica
     waits for. The turns must come from each key's first few queued jobs, whatever the
-    statistics say. (PostgreSQL only: SQLite keeps no statistics unless asked to, and claims
-    with one statement over its queue.)"""
+    statistics say. (PostgreSQL: SQLite keeps no statistics unless asked to; its claim has a
+    test of its own.)"""
     store = pg_store
     keys = [store.create_api_key(f"client {n}").key.id for n in range(3)]
     queued = 1500
@@ -632,6 +632,57 @@ def test_a_claim_reads_a_few_jobs_per_key_however_long_the_queue_and_stale_the_s
     # what must not be on offer is a path through the queue, whose length the statistics miss.)
     read, explained = jobs_read(lock, lock_parameters, seqscan=False)
     assert read <= len(lock_parameters["b_ids"]), explained
+
+
+def test_a_sqlite_claim_costs_the_same_however_long_the_queue(tmp_path):
+    """SQLite's claim takes each key's first few queued jobs through the key's index, as
+    PostgreSQL's does: a window over the whole queue would make every claim, on the writer that
+    every submit and callback waits for, grow with the backlog. Measured in SQLite's virtual
+    machine steps (its progress handler), which do not depend on the machine's speed."""
+    store = Store.open(f"sqlite:///{tmp_path / 'queue.db'}")
+    keys = [store.create_api_key(f"client {n}").key.id for n in range(3)]
+    sent: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany) -> None:
+        sent.append((statement, parameters))
+
+    inserted = 0
+
+    def steps_of_a_claim_read(queued: int) -> int:
+        nonlocal inserted
+        rows = [
+            job_row(keys[n % 3], "inference", {"prompt": "a cat"}, sec(600), 30, now=sec(n / 1000))
+            for n in range(inserted, queued)
+        ]
+        store.insert_jobs(rows)
+        inserted = queued
+        sent.clear()
+        event.listen(store.engine, "before_cursor_execute", capture)
+        try:  # a claim that gives no job a miner: it reads the queue and leaves it as it was
+            store.claim_for_dispatch(32, now=sec(1), kinds=["inference"], assign=lambda job, tried: None)
+        finally:
+            event.remove(store.engine, "before_cursor_execute", capture)
+        [(statement, parameters)] = [(sql, params) for sql, params in sent if "row_number()" in sql]
+        with store.engine.connect() as conn:
+            raw = conn.connection.driver_connection
+            counted = [0]
+
+            def count() -> int:
+                counted[0] += 1
+                return 0
+
+            raw.set_progress_handler(count, 100)
+            try:
+                rows_read = len(raw.execute(statement, parameters).fetchall())
+            finally:
+                raw.set_progress_handler(None, 100)
+        assert rows_read == 32
+        return counted[0]
+
+    small, large = steps_of_a_claim_read(200), steps_of_a_claim_read(4000)
+    # The turns still need the jobs under way and the candidates (4 x 32 per key): not 20x the work.
+    assert large < 2 * small, (small, large)
+    store.close()
 
 
 def test_a_candidate_another_replica_took_after_the_pick_is_not_claimed_again(pg_store: Store):

@@ -135,8 +135,8 @@ def _one_of(column: ColumnElement[str], values: Iterable[str]) -> ColumnElement[
 # costs the same however long the queue: a window over the whole queue grows with the backlog,
 # and PostgreSQL, planning it with statistics that lag far behind a burst of submissions, could
 # run it again for every queued job, on the store's writer thread that every write waits for
-# (bench/README.md, throughput). SQLite has no LATERAL join; with one process and no statistics
-# of its own, it numbers its queue in one statement (`_queue`).
+# (bench/README.md, throughput). SQLite has no LATERAL join: it reads each key's first few with
+# a correlated subquery instead, and numbers only those, in one statement (`_queue`).
 CLAIM_CANDIDATES = 4
 _UNDER_WAY = (
     select(_JOBS.c.api_key_id, func.count().label("jobs"))
@@ -147,31 +147,41 @@ _UNDER_WAY = (
 )
 
 
-def _wanted(by_model: bool) -> list[ColumnElement[bool]]:
+def _wanted(by_model: bool, jobs: Any = _JOBS) -> list[ColumnElement[bool]]:
     """Queued jobs that still have time, of the wanted kinds (`b_kinds`) and, `by_model`, models
     (`b_models`), so jobs of a model no miner serves now do not fill the batch ahead of those
     that can go."""
     wanted = [
-        _JOBS.c.status == RequestStatus.queued.value,
-        _JOBS.c.deadline > bindparam("b_now"),
-        _JOBS.c.kind.in_(bindparam("b_kinds", expanding=True)),
+        jobs.c.status == RequestStatus.queued.value,
+        jobs.c.deadline > bindparam("b_now"),
+        jobs.c.kind.in_(bindparam("b_kinds", expanding=True)),
     ]
     if by_model:
-        wanted.append(_JOBS.c.model.in_(bindparam("b_models", expanding=True)))
+        wanted.append(jobs.c.model.in_(bindparam("b_models", expanding=True)))
     return wanted
 
 
 def _queue(by_model: bool) -> Select[Any]:
-    """SQLite's claim: the candidates numbered by a window over the queue, then the first
-    `b_limit` of them."""
+    """SQLite's claim: each key's first few queued jobs (a correlated subquery per key, in the
+    order of the index `ix_jobs_queue_by_key`: SQLite has no LATERAL), numbered into turns, then
+    the first `b_limit` of them."""
+    mine = _JOBS.alias("mine")
+    firsts = (
+        select(mine.c.id)
+        .where(mine.c.api_key_id == _KEYS.c.id, *_wanted(by_model, mine))
+        .order_by(mine.c.created_at, mine.c.id)
+        .limit(bindparam("b_candidates"))
+        .correlate(_KEYS)
+    )
     turn = (
         func.row_number().over(partition_by=_JOBS.c.api_key_id, order_by=(_JOBS.c.created_at, _JOBS.c.id))
         + func.coalesce(_UNDER_WAY.c.jobs, 0)
     ).label("turn")
     waiting = (
         select(_JOBS.c.id, turn)
-        .select_from(_JOBS.outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _JOBS.c.api_key_id))
-        .where(*_wanted(by_model))
+        .select_from(
+            _KEYS.join(_JOBS, _JOBS.c.id.in_(firsts)).outerjoin(_UNDER_WAY, _UNDER_WAY.c.api_key_id == _KEYS.c.id)
+        )
         .order_by(turn, _JOBS.c.created_at, _JOBS.c.id)
         .limit(bindparam("b_candidates"))
         .cte("waiting")
