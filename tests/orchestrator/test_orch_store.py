@@ -688,8 +688,10 @@ def test_a_sqlite_claim_costs_the_same_however_long_the_queue(tmp_path):
 def test_a_candidate_another_replica_took_after_the_pick_is_not_claimed_again(pg_store: Store):
     """Between reading its candidates and locking them, a replica can lose some to another
     replica that claims and commits in that moment. Those come back locked but no longer queued:
-    they must be left out, not sent to a second miner with a second attempt. (PostgreSQL only:
-    SQLite claims in one statement under its write lock.)"""
+    they must be left out, not sent to a second miner with a second attempt, and the batch
+    filled from the candidates still queued: a claim that comes back short while jobs wait
+    leaves the replica idle until its next round. (PostgreSQL only: SQLite claims in one
+    statement under its write lock.)"""
     store = pg_store
     key = store.create_api_key("client").key.id
     jobs = [make_job(store, key, created_s=n / 100) for n in range(6)]
@@ -702,15 +704,16 @@ def test_a_candidate_another_replica_took_after_the_pick_is_not_claimed_again(pg
 
     event.listen(store.engine, "before_cursor_execute", other_replica_claims_first)
     try:
-        mine = claim(store, 6, 1, assign=lambda job, tried: ("hk-a", 1))
+        mine = claim(store, 3, 1, assign=lambda job, tried: ("hk-a", 1))
     finally:
         event.remove(store.engine, "before_cursor_execute", other_replica_claims_first)
         other.close()
     assert [job.id for job in taken_by_other] == [job.id for job in jobs[:2]]
-    assert [job.id for job in mine] == [job.id for job in jobs[2:]]
-    for job in jobs:
+    assert [job.id for job in mine] == [job.id for job in jobs[2:5]]
+    for job in jobs[:5]:
         [attempt] = store.list_attempts(job.id)
         assert attempt.miner_hotkey == ("hk-b" if job in jobs[:2] else "hk-a")
+    assert store.load_job(jobs[5].id).status == "queued" and store.list_attempts(jobs[5].id) == []
     assert {job.miner_hotkey for job in store.load_jobs([job.id for job in jobs[:2]]).values()} == {"hk-b"}
 
 

@@ -17,7 +17,8 @@ How a request flows (`POST /v1/images`, four hops to its committed row):
 
 Then `dispatch.Dispatcher` claims queued jobs and picks a miner for each (`routing`), sends the
 kind's wire request, signed; the miner calls back (`callbacks.CallbackHandler`): the result is
-checked by its kind, stored (`blobs`), and the job moves to `succeeded`; waiters, webhooks
+checked by its kind (`results`; a LoRA in the model-code child process, `model_code`, so the
+replica never imports torch), stored (`blobs`), and the job moves to `succeeded`; waiters, webhooks
 (`webhooks`) and the audit queue (`auditing`, verdicts in `audit`; judged in the API replicas or
 in a process of its own, `service.AuditsProcess`) are told after that commit.
 `scoring` turns attempts and audits into per-miner scores for validators (`GET /v1/scores`).

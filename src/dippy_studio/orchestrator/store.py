@@ -230,7 +230,7 @@ _CANDIDATES_OF_MODELS = _candidates_by_key(by_model=True)
 # row, in Python (`claim_for_dispatch`): with `status = 'queued'` in this WHERE, statistics that
 # still count the queue as nearly empty make PostgreSQL read every queued job through a status
 # index and test each against the whole id list. A candidate another replica took in the meantime
-# only makes this batch smaller.
+# is left out and the batch filled from the next ones.
 _IDS = bindparam("b_ids", type_=postgresql.ARRAY(_JOBS.c.id.type))
 _LOCK_CANDIDATES = (
     select(*_JOB_COLUMNS)
@@ -828,8 +828,17 @@ class Store:
             if self.dialect != "postgresql":
                 return conn.execute(queue, params)
             ids = list(conn.scalars(candidates, params))
-            locked = conn.execute(_LOCK_CANDIDATES, {"b_ids": ids, "b_limit": limit}) if ids else ()
-            return [row for row in locked if row.status == RequestStatus.queued.value]
+            rows: list[Any] = []
+            # Locked rows another replica took since the pick are left out, and the batch is
+            # filled from the candidates after them; each pass drops the ids it locked.
+            while ids and len(rows) < limit:
+                locked = list(conn.execute(_LOCK_CANDIDATES, {"b_ids": ids, "b_limit": limit - len(rows)}))
+                if not locked:
+                    break  # the rest are being claimed by other replicas
+                rows += [row for row in locked if row.status == RequestStatus.queued.value]
+                seen = {row.id for row in locked}
+                ids = [job_id for job_id in ids if job_id not in seen]
+            return rows
 
         def claim(conn: Connection) -> list[Job]:
             # Core statements, one UPDATE and one INSERT for the whole batch: the ORM's unit of work
