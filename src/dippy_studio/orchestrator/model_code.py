@@ -6,6 +6,10 @@ fitting them to a profile's layers through diffusers' conversion of other traine
 They run in one child process per replica (`run`), started with the first LoRA and kept for the
 next, so only the first pays for loading torch. A LoRA that kills the child (a crafted file, say)
 gets a refusal, and the next call starts a new child.
+
+The child is spawned, so, as with any spawned process, it imports the program's main module
+again: a script that builds and serves the app itself must do so under
+`if __name__ == "__main__":` (the `dippy-studio` commands do).
 """
 
 from __future__ import annotations
