@@ -15,12 +15,12 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 from sqlalchemy.engine import make_url
 
 import orchestrator.orch_kit as kit
 from dippy_studio.orchestrator.errors import InvalidRequest, RateLimited, Unauthorized
-from dippy_studio.orchestrator.models import ApiKey, Base, Job
+from dippy_studio.orchestrator.models import ApiKey, Base, Job, RateWindow
 from dippy_studio.orchestrator.store import (
     IllegalTransition,
     Store,
@@ -216,6 +216,17 @@ def test_rate_limit_is_shared_by_every_process_on_the_database(store: Store, db_
             store.admit(free.secret, now=base)
     finally:
         second.close()
+
+
+def test_admitting_in_a_new_minute_drops_the_keys_older_windows(store: Store):
+    """Through `admit` (PostgreSQL reads the key and counts in one statement): a key keeps one
+    minute's window, not one row per minute it was ever used."""
+    key = store.create_api_key("steady")
+    for minute in range(3):
+        assert store.admit(key.secret, now=T0 + timedelta(minutes=minute, seconds=5)).id == key.key.id
+    with store.engine.connect() as conn:
+        windows = conn.execute(select(RateWindow.window_start)).scalars().all()
+    assert [w.replace(tzinfo=UTC) for w in windows] == [T0 + timedelta(minutes=2)]
 
 
 def test_replicas_count_a_keys_requests_on_rows_of_their_own_without_waiting(store: Store):

@@ -1244,11 +1244,7 @@ def _count_request(conn: Connection, api_key_id: str, now: datetime, shard: int 
     wait for another's uncommitted count (module `db`), so together they may pass the limit by
     what was in flight."""
     params = _window_params(api_key_id, now, shard)
-    total = conn.scalar(_count_statement(conn.dialect.name), params)
-    if total == 1:
-        # The first request of a new window: the key's older windows will never be read again.
-        conn.execute(_PRUNE_WINDOWS, params)
-    return total
+    return _pruned(conn, conn.scalar(_count_statement(conn.dialect.name), params), params)
 
 
 def _read_and_count(conn: Connection, key_id: str, secret: str, now: datetime) -> tuple[ApiKey | None, int | None]:
@@ -1262,9 +1258,15 @@ def _read_and_count(conn: Connection, key_id: str, secret: str, now: datetime) -
     values = dict(row._mapping)
     requests = values.pop("requests")
     key = _live(secret, detached(ApiKey, values))
-    if key is not None and requests == 1:
+    return key, None if requests is None else _pruned(conn, requests, params)
+
+
+def _pruned(conn: Connection, total: int, params: Mapping[str, Any]) -> int:
+    """`total`, the window's count after this request; the first request of a new window also
+    deletes the key's older windows, which will never be read again."""
+    if total == 1:
         conn.execute(_PRUNE_WINDOWS, params)
-    return key, requests
+    return total
 
 
 _RATES = RateWindow.__table__
@@ -1317,8 +1319,7 @@ def _admit_postgres() -> Any:
     """The key's row with a `requests` column: the window's count after this request, counted
     (as `_count_statement` counts) only when the key is live and `b_hash` is its secret's hash;
     NULL otherwise. A data-modifying CTE, which SQLite does not have."""
-    keys = ApiKey.__table__
-    key = select(*keys.columns).where(keys.c.id == _WINDOW_KEY).cte("key")
+    key = select(*_KEYS.columns).where(_KEYS.c.id == _WINDOW_KEY).cte("key")
     live = select(key.c.id, _WINDOW, _SHARD, literal(1)).where(
         key.c.key_hash == bindparam("b_hash"), key.c.revoked_at.is_(None)
     )
