@@ -192,8 +192,11 @@ def test_deadlines(make_miner, tmp_path, tiny_engine, server):
 
     client = make_miner(inference_runner=runner)
 
-    assert client.post("/v1/inference", inference_job("slow", server, deadline=deadline(1.0))).status_code == 202
-    assert client.post("/v1/inference", inference_job("late", server, deadline=deadline(0.5))).status_code == 202
+    # Both deadlines are fixed before either post, so "late" is due before "slow" is abandoned
+    # however long the posts take: the one worker is busy with "slow" until "late" has expired.
+    slow_deadline, late_deadline = deadline(3.0), deadline(1.5)
+    assert client.post("/v1/inference", inference_job("slow", server, deadline=slow_deadline)).status_code == 202
+    assert client.post("/v1/inference", inference_job("late", server, deadline=late_deadline)).status_code == 202
     slow = client.wait_status("slow", {"expired"}, timeout=10)
     assert "abandoned" in slow["error"]
     late = client.wait_status("late", {"expired"}, timeout=10)
