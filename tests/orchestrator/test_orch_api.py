@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import miner_kit
 import orchestrator.orch_kit as kit
 from dippy_studio.chain.local import LocalChain
+from dippy_studio.orchestrator import model_code
 from dippy_studio.orchestrator.api import prefer_wait
 from dippy_studio.orchestrator.app import create_app
 from dippy_studio.orchestrator.cli import orchestrator_app
@@ -290,6 +291,20 @@ def test_loras_by_url_are_fetched_checked_and_stored(make_api, server):
     assert nowhere.status_code == 422 and "targets no layer" in nowhere.json()["detail"]
     # Nothing refused was kept for miners to download.
     assert not api.orch.assets.exists(kit.sha256(lora_file(width=8)))
+
+
+def test_a_client_lora_that_cannot_be_checked_now_is_answered_503_and_not_kept(make_api, server, monkeypatch):
+    api = make_api(allow_loopback_urls=True)
+    server.files = {"/good.safetensors": lora_file()}
+
+    def gone(fn, args, time_limit):
+        raise model_code.ModelCodeUnavailable("the LoRA could not be checked: the process checking it stopped")
+
+    monkeypatch.setattr(model_code, "run", gone)
+    body = image_body(loras=[{"url": server.url("/good.safetensors")}])
+    refused = api.call("POST", "/v1/images", api.key(), json=body)
+    assert refused.status_code == 503 and "could not be checked" in refused.json()["detail"]
+    assert not api.orch.assets.exists(kit.sha256(lora_file()))
 
 
 def test_scores_are_signed_by_the_orchestrator(make_api):

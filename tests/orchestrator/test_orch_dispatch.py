@@ -17,6 +17,7 @@ from PIL import Image
 import orchestrator.orch_kit as kit
 from dippy_studio.engine.errors import BadLoraError
 from dippy_studio.engine.images import encode_png
+from dippy_studio.orchestrator import model_code
 from dippy_studio.orchestrator.callbacks import failure_outcome
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.models import Job
@@ -265,6 +266,35 @@ def test_callback_bodies_are_read_only_after_the_signature_and_never_replayed(su
     replayed = callbacks.post(request_id, body, headers)
     assert replayed.status_code == 401 and "already accepted" in replayed.json()["detail"]
     assert len(silent.received) == 1 and client.get(f"/v1/requests/{request_id}").json()["status"] == "running"
+
+
+def test_a_result_this_replica_cannot_check_is_answered_503_and_judged_when_sent_again(subnet, monkeypatch):
+    """When the LoRA checker gives no answer (it died or overran its time limit), that is the
+    orchestrator's fault: the miner is told to send again (5xx, which it retries), and nothing is
+    recorded against it until a check has run."""
+    subnet.add_stub_miner("//Dave")
+    orch = subnet.start_orchestrator()
+    client = subnet.client(orch, subnet.new_key(orch))
+    files = {"dataset": ("d.zip", kit.dataset_zip(), "application/zip")}
+    request_id = client.post("/v1/loras", data={"trigger_word": "sks"}, files=files).json()["request_id"]
+    wait_status(client, request_id, {"running"})
+    miner, callbacks = signer_from_uri("//Dave"), CallbackSender(orch.url)
+    lora = b"not a safetensors file"
+    meta = view_meta(f"{request_id}-1", lora, kind="training")
+
+    def gone(fn, args, time_limit):
+        raise model_code.ModelCodeUnavailable("the LoRA could not be checked: the check took longer than 1 s")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(model_code, "run", gone)
+        unchecked = callbacks.send(request_id, miner, meta, lora)
+    assert unchecked.status_code == 503 and "could not be checked" in unchecked.json()["detail"]
+    assert client.get(f"/v1/requests/{request_id}").json()["status"] == "running"
+    assert [a.outcome for a in orch.store.list_attempts(request_id)] == [None]  # nothing judged
+
+    judged = callbacks.send(request_id, miner, meta, lora)  # the miner's retry, now checked
+    assert judged.status_code == 422 and "invalid result" in judged.json()["detail"]
+    assert [a.outcome for a in orch.store.list_attempts(request_id)] == ["invalid"]
 
 
 def test_a_failure_reported_by_the_miner_sends_the_job_elsewhere(subnet):

@@ -20,6 +20,7 @@ import orchestrator.orch_kit as kit
 from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.errors import InvalidRequest
 from dippy_studio.orchestrator.models import ApiKey, Job
+from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import RequestStatus
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
@@ -50,7 +51,7 @@ def _echo_request(job: Job, common: Mapping[str, Any], _blob_url: Any) -> EchoJo
     return EchoJob(**common, text=job.payload["text"])
 
 
-def _echo_check(job: Job, data: bytes) -> str | None:
+def _echo_check(job: Job, data: bytes, settings: OrchestratorSettings) -> str | None:
     expected = job.payload["text"][::-1].encode()
     return None if data == expected else f"expected {expected!r}, got {data[:40]!r}"
 

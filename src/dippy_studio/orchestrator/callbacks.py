@@ -16,7 +16,9 @@ result's bytes). In order:
    are left). A reported success needs a `result` whose sha256 (recomputed here) matches what
    the miner claims and which passes its kind's check (`kinds.JobKindSpec.check_result`); an
    invalid result is refused with 422 and treated like a failure of that miner (the attempt is
-   recorded as `invalid`).
+   recorded as `invalid`). A result this replica cannot check now (its LoRA checker stopped or
+   overran its time limit: `errors.Unavailable`) is answered 503, and judged when the miner
+   sends it again.
 5. The bytes are stored content-addressed, then the request moves to `succeeded` (a
    compare-and-set, so two copies of one callback cannot both win) together with what its kind
    registers (a training request's LoRA), and only after that commit are waiters, the webhook
@@ -232,6 +234,7 @@ class CallbackHandler:
             status = await self._take_back(job, reason, outcome)
             return Reply(200, {"status": status or job.status})
         spec = kinds.get(job.kind)
+        # A check that cannot run now raises `errors.Unavailable` (503): nothing is judged.
         problem = await self._check(spec, job, meta, result)
         if problem is not None:
             log.warning("invalid result for %s from uid %s: %s", job.id, job.miner_uid, problem)
@@ -251,8 +254,8 @@ class CallbackHandler:
             return f"a {meta.kind} result for a {job.kind} request"
         if len(result) > SMALL_RESULT_BYTES:
             # Large results (LoRAs) take time to check: off the event loop.
-            return await asyncio.to_thread(spec.check_result, job, result)
-        return spec.check_result(job, result)
+            return await asyncio.to_thread(spec.check_result, job, result, self.settings)
+        return spec.check_result(job, result, self.settings)
 
     async def _succeed(self, spec: kinds.JobKindSpec, job: Job, meta: JobView, result: bytes) -> Reply:
         # Stored first (a blob's fsync waits on the disk: on a worker thread): a durable blob

@@ -46,5 +46,6 @@ class QuotaExceeded(OrchestratorError):
 
 
 class Unavailable(OrchestratorError):
-    """This replica cannot serve what exists (a result stored where it cannot read it): a
-    deployment fault, not the client's. The reason tells the operator what to fix."""
+    """This replica cannot serve what exists (a result stored where it cannot read it) or cannot
+    check what arrived (`model_code`): a fault on this side, not the sender's. The reason says
+    what went wrong."""

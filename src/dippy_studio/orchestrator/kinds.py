@@ -82,8 +82,9 @@ class JobKindSpec:
     build_payload: Callable[[SubmitContext, ApiKey, Any, datetime], dict[str, Any]]
     # The wire request for the current attempt: `common` holds job_id, callback_url and deadline.
     miner_request: Callable[[Job, Mapping[str, Any], Callable[[str], str]], BaseModel]
-    # Why the miner's result is not acceptable for this job, or None.
-    check_result: Callable[[Job, bytes], str | None]
+    # Why the miner's result is not acceptable for this job, or None; `errors.Unavailable` when it
+    # cannot be checked now (nothing is judged: the miner is asked to send it again).
+    check_result: Callable[[Job, bytes, OrchestratorSettings], str | None]
     # The most bytes a result for this job can take: a callback declaring more is refused before
     # its body is read.
     max_result_bytes: Callable[[Job, OrchestratorSettings], int] = lambda job, settings: settings.max_result_bytes
@@ -249,7 +250,7 @@ def _resolve_lora(ctx: SubmitContext, key: ApiKey, lora: LoraInput, model: str) 
     # Checked here, as a miner's engine would: a LoRA that cannot work is the client's to fix, and
     # must not fail on miners as if they were at fault.
     model_path = ctx.settings.audit_model_path if model == ctx.settings.profile else None
-    problem = check_lora_fit(data, model, model_path)
+    problem = check_lora_fit(data, model, model_path, time_limit=ctx.settings.lora_check_timeout_s)
     if problem is not None:
         raise InvalidRequest(f"the LoRA at {lora.url} is not usable with model {model}: {problem}")
     ctx.assets.put(data)  # idempotent: a LoRA fetched before is not stored again
@@ -299,7 +300,7 @@ def _image_kind(name: str, task: str, label: str, weight: Callable[[KindWeights]
         if task in IMAGE_TASKS
         else (lambda body: any(lora.url is not None for lora in body.loras)),
         miner_request=_image_request,
-        check_result=lambda job, data: check_image(data, job.payload["width"], job.payload["height"]),
+        check_result=lambda job, data, settings: check_image(data, job.payload["width"], job.payload["height"]),
         max_result_bytes=lambda job, settings: min(
             settings.max_result_bytes, largest_png(job.payload["width"], job.payload["height"])
         ),
@@ -407,7 +408,9 @@ TRAINING = register(
         build_payload=_training_payload,
         blocking=lambda body: True,
         miner_request=_training_request,
-        check_result=lambda job, data: check_lora(data, int(job.payload["rank"]), job.payload["targets"]),
+        check_result=lambda job, data, settings: check_lora(
+            data, int(job.payload["rank"]), job.payload["targets"], time_limit=settings.lora_check_timeout_s
+        ),
         filename="lora.safetensors",
         shared_result=True,
         audit=audit_training_job,

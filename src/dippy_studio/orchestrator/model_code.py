@@ -3,9 +3,11 @@
 A replica is a front door: it never imports torch or diffusers. Two checks still need them, both
 on a LoRA that arrives (a miner's trained one, a client's by URL): reading its tensors, and
 fitting them to a profile's layers through diffusers' conversion of other trainers' formats.
-They run in one child process per replica (`run`), started with the first LoRA and kept for the
-next, so only the first pays for loading torch. A LoRA that kills the child (a crafted file, say)
-gets a refusal, and the next call starts a new child.
+They run in one child process per replica (`run`, a pebble `ProcessPool` of one worker), started
+with the first LoRA and kept for the next, so only the first pays for loading torch (in the
+child's initializer, outside any check's time limit). A check that kills the child (a crafted
+file, say) or overruns its time limit (the child is then killed) raises `ModelCodeUnavailable`,
+and the next check gets a new child.
 
 The child is spawned, so, as with any spawned process, it imports the program's main module
 again: a script that builds and serves the app itself must do so under
@@ -14,55 +16,56 @@ again: a script that builds and serves the app itself must do so under
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import signal
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import ParamSpec
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
-P = ParamSpec("P")
+from pebble import ProcessExpired, ProcessPool
 
+from dippy_studio.orchestrator.errors import Unavailable
+
+log = logging.getLogger("dippy_studio.orchestrator.model_code")
 _lock = threading.Lock()
-_pool: ProcessPoolExecutor | None = None
+_pool: ProcessPool | None = None
 
 
-class ModelCodeDied(RuntimeError):
-    """The child process running model code stopped before it answered."""
+class ModelCodeUnavailable(Unavailable):
+    """The child process gave no answer: it stopped, or ran past its time limit. Nothing was
+    judged: whoever sent the LoRA is told to send it again later (HTTP 503)."""
 
 
-def run(fn: Callable[P, str | None], *args: P.args, **kwargs: P.kwargs) -> str | None:
-    """`fn(*args, **kwargs)` in the child process (a module-level function: it is sent by
-    name). `ModelCodeDied` when the child stopped twice in a row."""
-    for _ in range(2):
-        pool = _current()
-        try:
-            return pool.submit(fn, *args, **kwargs).result()
-        except BrokenProcessPool:
-            _forget(pool)
-    raise ModelCodeDied("the process checking it stopped while reading it")
+def run(fn: Callable[..., str | None], args: tuple[Any, ...], timeout: float) -> str | None:
+    """`fn(*args)` in the child process (a module-level function: it is sent by name), given at
+    most `timeout` seconds once the child has started it."""
+    future = _current().schedule(fn, args=args, timeout=timeout)
+    try:
+        return future.result()
+    except FutureTimeout:
+        why = f"the check took longer than {timeout:g} s and was stopped"
+    except ProcessExpired:
+        why = "the process checking it stopped while reading it"
+    log.warning("%s gave no answer: %s", fn.__name__, why)
+    raise ModelCodeUnavailable(f"the LoRA could not be checked: {why}")
 
 
-def _current() -> ProcessPoolExecutor:
+def _current() -> ProcessPool:
     global _pool
     with _lock:
         if _pool is None:
             # Spawned, not forked: the replica runs threads (and maybe an event loop) that a
             # fork would copy half-way through.
             context = multiprocessing.get_context("spawn")
-            _pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_ignore_interrupts)
+            _pool = ProcessPool(max_workers=1, initializer=_start_child, context=context)
         return _pool
 
 
-def _forget(pool: ProcessPoolExecutor) -> None:
-    global _pool
-    with _lock:
-        if _pool is pool:
-            _pool = None
-    pool.shutdown(wait=False)
-
-
-def _ignore_interrupts() -> None:
+def _start_child() -> None:
     # Ctrl-C reaches the whole process group; the replica stops its child itself, at exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Model code is loaded here, before the first check's clock starts.
+    import dippy_studio.engine.lora
+    import dippy_studio.engine.profiles  # noqa: F401

@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -17,7 +17,6 @@ from dippy_studio.orchestrator import model_code
 from dippy_studio.orchestrator.audit import lora_shape, lora_shape_problem
 
 log = logging.getLogger("dippy_studio.orchestrator.results")
-P = ParamSpec("P")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An image whose every channel spans at most this many levels is one flat colour: blank.
@@ -48,29 +47,23 @@ def check_image(data: bytes, width: int, height: int) -> str | None:
     return None
 
 
-def check_lora(data: bytes, rank: int | None = None, targets: Sequence[str] | None = None) -> str | None:
+def check_lora(data: bytes, rank: int | None, targets: Sequence[str] | None, *, time_limit: float) -> str | None:
     """Why this is not the promised LoRA, or None: a diffusers-format Flux LoRA (what our miners
     train) of rank `rank` on exactly the `targets` layers when given. The same shape rule as a
     training audit's (`audit.lora_shape_problem`), checked at delivery, in the model-code child
-    process (`model_code`)."""
-    return _in_child(_check_lora, data, rank, targets)
+    process (`model_code`; `ModelCodeUnavailable` when it gives no answer within `time_limit`)."""
+    return model_code.run(_check_lora, (data, rank, targets), time_limit)
 
 
-def check_lora_fit(data: bytes, profile: str, model_path: Path | None = None) -> str | None:
+def check_lora_fit(data: bytes, profile: str, model_path: Path | None, *, time_limit: float) -> str | None:
     """Why a client's LoRA cannot be used on `profile`, or None: it must read as a LoRA
     (`read_lora_bytes`), and every tensor must fit a layer of the profile's transformer or text
     encoder, shapes included: the check a miner's engine makes before it loads a LoRA
     (`engine.lora.lora_fit_problem`), made on the profile's layers without weights, in the
-    model-code child process (`model_code`). The architecture of a profile that loads from a
-    directory is read from `model_path`; without one only the first part is checked."""
-    return _in_child(_check_lora_fit, data, profile, model_path)
-
-
-def _in_child(check: Callable[P, str | None], *args: P.args, **kwargs: P.kwargs) -> str | None:
-    try:
-        return model_code.run(check, *args, **kwargs)
-    except model_code.ModelCodeDied as exc:
-        return f"the LoRA could not be checked: {exc}"
+    model-code child process (`model_code`; `ModelCodeUnavailable` when it gives no answer within
+    `time_limit`). The architecture of a profile that loads from a directory is read from
+    `model_path`; without one only the first part is checked."""
+    return model_code.run(_check_lora_fit, (data, profile, model_path), time_limit)
 
 
 # What follows runs in the model-code child process: it imports torch.

@@ -172,6 +172,10 @@ class OrchestratorSettings(ServiceSettings):
     max_lora_bytes: int = Field(default=512 << 20, ge=1024)
     max_result_bytes: int = Field(default=512 << 20, ge=1024)
     download_timeout_s: float = Field(default=60.0, gt=0)
+    # A LoRA's check (read and fit to the model's layers, in the model-code child process) that
+    # takes longer is stopped and answered 503: it bounds a check that hangs, far above the few
+    # seconds the largest allowed LoRA takes.
+    lora_check_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("public_url")
     @classmethod
