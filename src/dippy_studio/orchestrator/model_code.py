@@ -22,11 +22,12 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
-
-from pebble import ProcessExpired, ProcessPool
+from typing import TYPE_CHECKING, Any
 
 from dippy_studio.orchestrator.errors import Unavailable
+
+if TYPE_CHECKING:
+    from pebble import ProcessPool
 
 log = logging.getLogger("dippy_studio.orchestrator.model_code")
 _lock = threading.Lock()
@@ -41,6 +42,8 @@ class ModelCodeUnavailable(Unavailable):
 def run(fn: Callable[..., str | None], args: tuple[Any, ...], timeout: float) -> str | None:
     """`fn(*args)` in the child process (a module-level function: it is sent by name), given at
     most `timeout` seconds once the child has started it."""
+    from pebble import ProcessExpired
+
     future = _current().schedule(fn, args=args, timeout=timeout)
     try:
         return future.result()
@@ -53,6 +56,9 @@ def run(fn: Callable[..., str | None], args: tuple[Any, ...], timeout: float) ->
 
 
 def _current() -> ProcessPool:
+    # Imported with the first LoRA, like the child itself: a replica that never sees one stays lean.
+    from pebble import ProcessPool
+
     global _pool
     with _lock:
         if _pool is None:
