@@ -195,6 +195,10 @@ def test_cancel_refusals_and_their_reasons(subnet):
     asyncio.run(refused())
 
     # A spent rate limit whose Retry-After is longer than the client waits is raised at once.
+    # The limit counts per clock minute: stay clear of a minute's end, where the two calls could
+    # fall in different minutes, or the Retry-After be a second (waited, then admitted).
+    if (into_minute := time.time() % 60) > 45:
+        time.sleep(60.5 - into_minute)
     slow = subnet.new_key(orch, rate=1)
     with Client(orch.url, slow.secret, max_retry_wait_s=1) as client:
         list(client.list_requests())
@@ -202,7 +206,9 @@ def test_cancel_refusals_and_their_reasons(subnet):
         with pytest.raises(RateLimited) as limited:
             list(client.list_requests())
         assert limited.value.status == 429 and limited.value.retry_after > 1
-        assert time.monotonic() - started < 1
+        # Well under the Retry-After (ten seconds or more here): not waited out, whatever a
+        # loaded machine adds to the request itself.
+        assert time.monotonic() - started < 5
 
 
 # ---- retries (a fake server) ----------------------------------------------------------------------

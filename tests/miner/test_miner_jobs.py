@@ -6,6 +6,7 @@ import hashlib
 import math
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -91,8 +92,20 @@ def test_a_lora_that_does_not_fit_is_reported_as_bad_input_without_the_miners_pa
     assert str(tmp_path) not in meta["error"] and "downloads" not in meta["error"]
 
 
+class PausableClock:
+    """The miner's clock (time.time) that can be held still: while held, no time passes for the
+    miner however long the test's requests take."""
+
+    def __init__(self) -> None:
+        self.held: float | None = None
+
+    def __call__(self) -> float:
+        return time.time() if self.held is None else self.held
+
+
 def test_a_lane_takes_no_more_jobs_than_it_can_finish_by_their_deadline(make_miner, tmp_path):
     gate = threading.Event()
+    clock = PausableClock()
 
     def runner(record, check):  # the first job takes a second; the others wait for the gate
         if record.job_id == "warm":
@@ -103,15 +116,19 @@ def test_a_lane_takes_no_more_jobs_than_it_can_finish_by_their_deadline(make_min
         path.write_bytes(b"x")
         return Outcome(str(path), hashlib.sha256(b"x").hexdigest(), 1, "fp")
 
-    client = make_miner(inference_runner=runner)
+    client = make_miner(inference_runner=runner, clock=clock)
     assert client.get("/v1/capacity").json()["inference"]["seconds_per_job"] is None  # no pace yet
     assert client.post("/v1/inference", inference_job("warm")).status_code == 202
     client.wait_status("warm", {"succeeded"})
     pace = client.get("/v1/capacity").json()["inference"]["seconds_per_job"]
     assert 1.0 <= pace < 5.0
     try:
+        # The miner's clock stands still while the jobs go in: the window left is the same at each
+        # post, however long the posts take on a loaded machine (with real time, posting three
+        # jobs had to take under half a pace, or the third was refused too).
+        clock.held = time.time()
         # At that pace one worker finishes three jobs by this deadline: the one it runs and two more.
-        window = deadline(3.5 * pace)
+        window = datetime.fromtimestamp(clock.held + 3.5 * pace, UTC).isoformat()
         for job_id in ("a", "b", "c"):
             assert client.post("/v1/inference", inference_job(job_id, deadline=window)).status_code == 202
         refused = client.post("/v1/inference", inference_job("d", deadline=window))
@@ -121,6 +138,7 @@ def test_a_lane_takes_no_more_jobs_than_it_can_finish_by_their_deadline(make_min
         # A later deadline leaves time for the jobs ahead: taken.
         assert client.post("/v1/inference", inference_job("e", deadline=deadline(60))).status_code == 202
     finally:
+        clock.held = None
         gate.set()
     client.wait_status("e", {"succeeded"})
     # Started again on the same data, it still knows its pace.

@@ -14,8 +14,10 @@ import orchestrator.orch_kit as kit
 from dippy_studio.chain.base import Neuron
 from dippy_studio.orchestrator import kinds
 from dippy_studio.orchestrator.dashboard import (
+    AUDIT_FAILURES_SHOWN,
     GALLERY_SIZE,
     PLOT_BUCKETS,
+    STREAM_S,
     ChainView,
     DashboardInput,
     build_snapshot,
@@ -256,8 +258,11 @@ def test_the_served_dashboard_shows_real_jobs_audits_and_images(subnet, tmp_path
         assert miners[hotkey]["latency"]["p50"] > 0
     assert miners[cheat.hotkey]["audits"]["fail"] == len(by_miner[cheat.hotkey])
     assert miners[cheat.hotkey]["status"] == "penalized" and miners[honest.hotkey]["audits"]["fail"] == 0
-    assert {item["job_id"] for item in state["gallery"]} == set(ids)
-    assert {f["job_id"] for f in state["audit_failures"]} == set(by_miner[cheat.hotkey])
+    # Every job, and every failure, unless routing took more than the page shows (then the latest).
+    gallery, failures = {item["job_id"] for item in state["gallery"]}, {f["job_id"] for f in state["audit_failures"]}
+    assert gallery <= set(ids) and len(gallery) == min(len(ids), GALLERY_SIZE)
+    cheated = by_miner[cheat.hotkey]
+    assert failures <= set(cheated) and len(failures) == min(len(cheated), AUDIT_FAILURES_SHOWN)
     assert state["totals"]["requests"]["succeeded"] == len(ids)
 
     failure = state["audit_failures"][0]
@@ -464,7 +469,9 @@ def test_event_streams_end_at_once_when_the_server_closes(subnet):
         threading.Timer(0.5, lambda: setattr(AppStatus, "should_exit", True)).start()
         started = time.monotonic()
         lines = list(stream.iter_lines())
-    assert time.monotonic() - started < 2.5, "a closing server must not wait out the stream"
+    # Not after the stream's 15 s (dashboard.STREAM_S): at once, which is the 0.5 s timer, up to
+    # sse-starlette's 0.5 s check of the flag, and what a loaded machine adds to both.
+    assert time.monotonic() - started < STREAM_S / 2, "a closing server must not wait out the stream"
     assert "event: snapshot" in lines and any(line.startswith("data: {") for line in lines)
 
 

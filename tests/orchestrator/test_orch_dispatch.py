@@ -89,12 +89,17 @@ def test_a_miner_that_pushes_back_uses_up_no_attempt_and_gets_the_job_once_it_ha
 
 
 def test_a_job_refused_until_its_deadline_ends_as_expired_not_as_failed_attempts(subnet):
-    subnet.add_stub_miner("//Dave", refusals=[(429, "0.2")] * 1000)
+    # Four quick refusals (more sends than max_attempts), then one that asks for a minute: the
+    # deadline passes while the job waits in the queue, never while a send is out (then the sweeper
+    # could end the attempt as cut short by the deadline, before the refusal came back).
+    subnet.add_stub_miner("//Dave", refusals=[(429, "0.2")] * 4 + [(429, "60")] * 1000)
     orch = subnet.start_orchestrator(max_attempts=3)
     client = subnet.client(orch, subnet.new_key(orch))
-    request_id = client.post("/v1/images", json=image_body(deadline_s=2.5)).json()["request_id"]
-    view = wait_status(client, request_id, {"succeeded", "failed"}, timeout=20)
-    # Ended by its deadline (at the last refusal, or by the sweeper if that came first), not by attempts.
+    # Time for the five refusals (each a send, a 429 and a cool-down) before the deadline, even when
+    # every round trip is slow on a loaded machine.
+    request_id = client.post("/v1/images", json=image_body(deadline_s=6)).json()["request_id"]
+    view = wait_status(client, request_id, {"succeeded", "failed"}, timeout=30)
+    # Ended by its deadline (by the sweeper, or at the last refusal if too little time was left), not by attempts.
     assert view["status"] == "failed" and view["error"].startswith("deadline passed before a miner could")
     assert "attempt" not in view["error"]
     attempts = orch.store.list_attempts(request_id)
@@ -341,7 +346,9 @@ def test_a_deadline_shorter_than_the_attempt_is_the_clients_expiry_not_a_miner_t
     silent = subnet.add_stub_miner("//Dave")  # accepts, never calls back
     orch = subnet.start_orchestrator(inference_attempt_timeout_s=60)
     client = subnet.client(orch, subnet.new_key(orch))
-    short = client.post("/v1/images", json=image_body(deadline_s=1.5)).json()["request_id"]
+    # Far shorter than the 60 s attempt, yet long enough that the job is surely sent before less
+    # than `min_attempt_s` (0.5 s) is left, however slow the first dispatch on a loaded machine.
+    short = client.post("/v1/images", json=image_body(deadline_s=4)).json()["request_id"]
     view = wait_status(client, short, {"succeeded", "failed"}, timeout=15)
     assert view["status"] == "failed" and view["error"].startswith("deadline passed before the job could finish")
     [attempt] = orch.store.list_attempts(short)
@@ -470,8 +477,13 @@ def test_a_send_accepted_while_a_replica_holds_its_row_still_shows_running(pg_da
             await asyncio.sleep(0.2)
             seen = [store.load_job(job.id).status]
             holder.rollback()  # the replica's transaction ends
-            await asyncio.sleep(0.6)
-            return [*seen, store.load_job(job.id).status]
+            # The retry comes a dispatch interval (0.3 s) after the first try's write: wait for it
+            # (up to 10 s on a loaded machine) rather than for a fixed time.
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if (status := store.load_job(job.id).status) != "dispatched":
+                    break
+            return [*seen, status]
         finally:
             await dispatcher.stop()
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import insert
+from sqlalchemy.engine import make_url
 
 from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.store import Store, job_row
@@ -28,6 +29,23 @@ class Heard:
             return self._cond.wait_for(lambda: event in self.events, timeout)
 
 
+def wait_listening(url: str, timeout: float = 30.0) -> None:
+    """Wait until a session on this database has run its LISTEN (the listener's thread connects
+    and listens in its own time, which a loaded machine may make long)."""
+    import psycopg
+
+    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    query = (
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND state = 'idle' AND query LIKE 'LISTEN %'"
+    )
+    end = time.monotonic() + timeout
+    with psycopg.connect(admin, autocommit=True) as conn:  # each query sees the activity anew
+        while not conn.execute(query).fetchone()[0]:
+            assert time.monotonic() < end, "the listener never listened"
+            time.sleep(0.05)
+
+
 @pytest.mark.timeout(60)
 def test_a_replica_hears_jobs_queued_and_finished_by_another_after_commit(pg_databases):
     url = pg_databases()
@@ -36,7 +54,7 @@ def test_a_replica_hears_jobs_queued_and_finished_by_another_after_commit(pg_dat
     listener = reader.listen(heard)
     assert listener is not None
     try:
-        time.sleep(0.5)  # the listener has its connection
+        wait_listening(url)  # the listener has its connection
         key = writer.create_api_key("client").key.id
         deadline = datetime.now(UTC) + timedelta(minutes=5)
         (job,) = writer.insert_jobs([job_row(key, "inference", {"prompt": "x"}, deadline, 60)])

@@ -115,7 +115,8 @@ def test_a_wait_that_times_out_answers_the_current_status(subnet):
     subnet.add_stub_miner("//Bob")  # takes the job and never calls back: it stays running
     orch = subnet.start_orchestrator()
     client = subnet.client(orch, subnet.new_key(orch))
-    answer = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=1.5"})
+    # Long enough for the job to be sent and taken (running) however slow that is on a loaded machine.
+    answer = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=4"})
     assert answer.status_code == 202
     assert answer.json()["status"] == "running"
 

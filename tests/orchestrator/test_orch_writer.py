@@ -37,6 +37,18 @@ def db() -> _Transactions:
     return _Transactions()
 
 
+def _queued(writer: Writer, count: int) -> None:
+    """Wait until `count` calls wait in the writer's queue (up to 10 s), rather than sleeping a
+    fixed time that a loaded machine may not give a thread to get there."""
+    end = time.monotonic() + 10
+    while True:
+        with writer._cond:
+            if len(writer._queue) >= count:
+                return
+        assert time.monotonic() < end, f"{count} calls never queued"
+        time.sleep(0.005)
+
+
 @pytest.fixture
 def writer(db: _Transactions) -> Iterator[Writer]:
     writer = Writer(db.begin)  # type: ignore[arg-type]
@@ -70,11 +82,12 @@ def test_each_caller_gets_its_result_after_fewer_commits_than_calls(db: _Transac
 
 
 def test_a_failing_call_fails_only_its_own_caller(db: _Transactions, writer: Writer) -> None:
-    gate = threading.Event()
+    gate, held = threading.Event(), threading.Event()
     outcomes: dict[str, object] = {}
 
     def first(conn: list[str]) -> str:
-        gate.wait(5)  # hold the first transaction open until the others have queued
+        held.set()
+        gate.wait(30)  # hold the first transaction open until the others have queued
         conn.append("first")
         return "first"
 
@@ -94,11 +107,11 @@ def test_a_failing_call_fails_only_its_own_caller(db: _Transactions, writer: Wri
 
     threads = [threading.Thread(target=call, args=("first", first))]
     threads[0].start()
-    time.sleep(0.05)
+    assert held.wait(10)  # the writer is in the first transaction
     threads += [threading.Thread(target=call, args=(name, fn)) for name, fn in (("good", good), ("bad", bad))]
     for thread in threads[1:]:
         thread.start()
-    time.sleep(0.05)
+    _queued(writer, 2)  # both wait for the next group
     gate.set()
     for thread in threads:
         thread.join()
@@ -134,14 +147,20 @@ def test_a_call_writes_once(db: _Transactions, writer: Writer) -> None:
 def _queued_behind_a_held_transaction(writer: Writer, calls: list[tuple[str, str]]) -> None:
     """Run calls that write their name (name, lock key), each from its own thread in this order,
     while the writer's first transaction ("first") is held open, so they all queue for the next."""
-    gate = threading.Event()
-    threads = [threading.Thread(target=writer.run, args=(lambda conn: gate.wait(5) and conn.append("first"),))]
+    gate, held = threading.Event(), threading.Event()
+
+    def first(conn: list[str]) -> None:
+        held.set()
+        gate.wait(30)
+        conn.append("first")
+
+    threads = [threading.Thread(target=writer.run, args=(first,))]
     threads[0].start()
-    time.sleep(0.05)
-    for name, key in calls:
+    assert held.wait(10)  # the writer is in the first transaction
+    for n, (name, key) in enumerate(calls, start=1):
         threads.append(threading.Thread(target=writer.run, args=(lambda conn, name=name: conn.append(name), key)))
         threads[-1].start()
-        time.sleep(0.02)
+        _queued(writer, n)  # queued in this order, whatever the machine's load
     gate.set()
     for thread in threads:
         thread.join()
