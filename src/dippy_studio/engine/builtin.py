@@ -1,7 +1,7 @@
 """Built-in Flux-architecture pipelines with seeded random weights.
 
 `tiny` is the engine's default and the tests': the real Flux code path (transformer,
-VAE, CLIP and T5 encoders, flow-matching scheduler) at about 130k parameters. `tiny-kontext`
+VAE, CLIP and T5 encoders, flow-matching scheduler) at about 150k parameters. `tiny-kontext`
 is tiny's architecture with its own seed, built as a FluxKontextPipeline (Kontext's
 architecture is FLUX.1's; only the pipeline feeds the input image's latents beside the noise).
 `small` is a CPU benchmark size (about 9M transformer parameters, a 4-level VAE like the real one).

@@ -191,7 +191,7 @@ PROFILE_LIMITS: dict[str, ProfileLimits] = {
     for limits in (
         ProfileLimits(
             name="tiny",
-            description="Flux architecture, ~130k seeded random parameters; the engine's default and the fastest",
+            description="Flux architecture, ~150k seeded random parameters; the engine's default and the fastest",
             max_sequence_length=32,
             default_steps=4,
             default_guidance=3.5,
