@@ -166,9 +166,9 @@ def test_invalid_results_are_refused_recorded_and_retried_until_attempts_run_out
 class CallbackSender:
     """Plays the miner's side of a callback by hand, to test what the orchestrator accepts."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
         self.url = url
-        self.http = httpx.Client(timeout=10)
+        self.http = httpx.Client(timeout=timeout)
 
     def send(self, job_id: str, signer, meta: dict[str, Any] | None, result: bytes | None, *, tamper: bool = False):
         files = {}
@@ -283,7 +283,8 @@ def test_a_result_this_replica_cannot_check_is_answered_503_and_judged_when_sent
     files = {"dataset": ("d.zip", kit.dataset_zip(), "application/zip")}
     request_id = client.post("/v1/loras", data={"trigger_word": "sks"}, files=files).json()["request_id"]
     wait_status(client, request_id, {"running"})
-    miner, callbacks = signer_from_uri("//Dave"), CallbackSender(orch.url)
+    # The first real check starts the model-code child (torch's import): slow on a loaded machine.
+    miner, callbacks = signer_from_uri("//Dave"), CallbackSender(orch.url, timeout=120)
     lora = b"not a safetensors file"
     meta = view_meta(f"{request_id}-1", lora, kind="training")
 
