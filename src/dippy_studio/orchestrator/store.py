@@ -43,6 +43,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    FromClause,
     Select,
     Update,
     and_,
@@ -147,7 +148,7 @@ _UNDER_WAY = (
 )
 
 
-def _wanted(by_model: bool, jobs: Any = _JOBS) -> list[ColumnElement[bool]]:
+def _wanted(by_model: bool, jobs: FromClause = _JOBS) -> list[ColumnElement[bool]]:
     """Queued jobs that still have time, of the wanted kinds (`b_kinds`) and, `by_model`, models
     (`b_models`), so jobs of a model no miner serves now do not fill the batch ahead of those
     that can go."""
