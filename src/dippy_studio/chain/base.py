@@ -206,10 +206,6 @@ class Metagraph:
     def validator_permits(self) -> list[bool]:
         return [n.validator_permit for n in self.neurons]
 
-    @property
-    def validators(self) -> list[Neuron]:
-        return [n for n in self.neurons if n.validator_permit]
-
     def neuron(self, uid: int) -> Neuron:
         for n in self.neurons:
             if n.uid == uid:

@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from skimage.metrics import structural_similarity
 
-HASH_BITS = 64  # ImageHash's default 8x8 hashes
 # The SSIM Gaussian window (sigma 1.5) spans 11 pixels; smaller images have no full window.
 MIN_SIDE = 11
 

@@ -45,17 +45,6 @@ class Scene:
         return f"a {self.colour} {self.shape} on a {self.background} background"
 
 
-def all_scenes() -> list[Scene]:
-    """Every (colour, shape, background) the vocabulary describes, background != colour."""
-    return [
-        Scene(colour, shape, background)
-        for colour in COLOURS
-        for shape in SHAPES
-        for background in COLOURS
-        if background != colour
-    ]
-
-
 def random_scene(rng: np.random.Generator) -> Scene:
     colour, background = rng.choice(len(COLOURS), size=2, replace=False)
     names = list(COLOURS)
