@@ -299,3 +299,16 @@ def test_an_audit_that_cannot_read_the_result_says_why_and_blames_nobody(db_url,
     finally:
         queue.stop()
         store.close()
+
+
+def test_postgres_a_connection_error_without_a_message_is_logged_not_raised(monkeypatch, caplog):
+    """A driver error whose text is blank still reads as "not leading", with the error logged."""
+    leadership = PostgresLeadership(make_url("postgresql://nobody@127.0.0.1:1/none"), TAKEOVER_S)
+
+    def fails() -> None:
+        raise psycopg.OperationalError(" \n ")
+
+    monkeypatch.setattr(leadership, "_connection", fails)
+    with caplog.at_level("WARNING", logger="dippy_studio.orchestrator.leader"):
+        assert leadership.lead("sweeper") is False
+    assert "leadership connection failed: OperationalError" in caplog.text

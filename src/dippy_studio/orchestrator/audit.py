@@ -205,10 +205,6 @@ class LoraShape:
 
     ranks: Mapping[str, int]
 
-    @property
-    def layers(self) -> tuple[str, ...]:
-        return tuple(sorted(self.ranks))
-
     def matching(self, target: str) -> list[str]:
         """Layers a PEFT `target_modules` entry like "to_q" or "attn.to_out.0" selects (by suffix)."""
         return [layer for layer in self.ranks if layer == target or layer.endswith(f".{target}")]
@@ -256,7 +252,9 @@ def lora_shape_problem(
     if promised_rank is not None and ranks != [promised_rank]:
         return f"rank {ranks} instead of the promised {promised_rank}"
     if promised_targets:
-        missing = [t for t in promised_targets if not any(_in_transformer(shape.matching(t)))]
+        missing = [
+            t for t in promised_targets if not any(layer.startswith("transformer.") for layer in shape.matching(t))
+        ]
         if missing:
             return f"the LoRA does not adapt the promised layers {missing}"
         chosen = {layer for t in promised_targets for layer in shape.matching(t)}
@@ -309,10 +307,6 @@ def training_verdict(
             metrics,
         )
     return Verdict(True, f"held-out loss {evaluation.improvement:.1%} lower with the LoRA", metrics)
-
-
-def _in_transformer(layers: list[str]) -> list[bool]:
-    return [layer.startswith("transformer.") for layer in layers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +371,7 @@ class Auditor:
             for reference in self.references:
                 if not _is_worker(reference):
                     for threads in range(1, MAX_THREADS + 1):
-                        if _fingerprint_with_threads(reference, threads) == fingerprint:
+                        if replace(reference.fingerprint_parts, threads=threads).id == fingerprint:
                             return reference.with_threads(threads)
         return self.primary
 
@@ -427,14 +421,14 @@ class Auditor:
             # The reference cannot run it (a LoRA file gone, limits of this profile, a reference
             # worker down or failing): no verdict, and never the miner's fault.
             verdict = Verdict(False, f"the reference could not re-run the job: {exc}", conclusive=False)
-            return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
+            return _outcome(verdict, evidence)
         evidence["reference"].update(
             fingerprint=result.fingerprint, sha256=result.sha256, bytes=len(result.png), loras=result.loras
         )
         verdict = inference_verdict(
             result.png, result.fingerprint, miner_png, miner_sha256, miner_fingerprint, request, self.thresholds
         )
-        return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)}, result.png)
+        return _outcome(verdict, evidence, result.png)
 
     def audit_training(
         self,
@@ -444,19 +438,16 @@ class Auditor:
         promised_targets: Sequence[str] | None,
         *,
         trigger: str | None = None,
-        resolution: int | None = None,
         seeds: Sequence[int] = (0, 1, 2),
-        min_improvement: float | None = None,
         job: Mapping[str, Any] | None = None,
     ) -> AuditOutcome:
         """Load the miner's LoRA and measure its held-out loss improvement on the primary profile.
 
         `heldout` holds images of what the client asked for that the miner never saw; `job` is
         the training request as the client sent it, kept in the evidence. Pass the job's trigger
-        word and resolution (default: the profile's training resolution): the LoRA's own
-        metadata was written by the miner, who could bend it to flatter the LoRA. Without
-        held-out images only the LoRA's loading and shape are judged: a pass there is
-        inconclusive, a failure is not.
+        word: the LoRA's own metadata was written by the miner, who could bend it to flatter the
+        LoRA. The loss is measured at the profile's training resolution. Without held-out images
+        only the LoRA's loading and shape are judged: a pass there is inconclusive, a failure is not.
         """
         from dippy_studio.engine.errors import DatasetError, LoraError, RequestError
         from dippy_studio.engine.evaluation import evaluate_lora
@@ -467,7 +458,7 @@ class Auditor:
         engine = self.training_engine()
         defaults = TrainConfig(profile=engine.spec.name)
 
-        threshold = self.thresholds.min_improvement if min_improvement is None else min_improvement
+        threshold = self.thresholds.min_improvement
         evidence: dict[str, Any] = {
             "kind": "training",
             "request": dict(job or {}),
@@ -476,7 +467,7 @@ class Auditor:
         }
         if lora is None:
             verdict = training_verdict(None, None, promised_rank, promised_targets, threshold, "no LoRA was delivered")
-            return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
+            return _outcome(verdict, evidence)
         shape: LoraShape | None = None
         evaluation: LoraEvaluation | None = None
         load_error: str | None = None
@@ -491,14 +482,14 @@ class Auditor:
                     lora,
                     heldout,
                     seeds,
-                    resolution=resolution or defaults.resolution,
+                    resolution=defaults.resolution,
                     # Without a trigger word in the job, evaluate_lora falls back on the LoRA's metadata.
                     trigger=trigger,
                     guidance=defaults.guidance,
                 )
         except (DatasetError, RequestError) as exc:  # our held-out data or settings, not the miner's LoRA
             verdict = Verdict(False, f"the evaluation could not run: {exc}", conclusive=False)
-            return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
+            return _outcome(verdict, evidence)
         except (LoraError, ValueError) as exc:
             load_error = str(exc)
         if evaluation is not None:
@@ -506,7 +497,7 @@ class Auditor:
         verdict = training_verdict(evaluation, shape, promised_rank, promised_targets, threshold, load_error)
         if heldout is None and not verdict.conclusive:
             verdict = replace(verdict, reason="no held-out images to measure the LoRA on (the dataset was too small)")
-        return AuditOutcome(verdict, {**evidence, "verdict": _verdict_dict(verdict)})
+        return _outcome(verdict, evidence)
 
 
 class AuditContext(Protocol):
@@ -524,7 +515,7 @@ class AuditContext(Protocol):
 def unreadable(reason: str) -> AuditOutcome:
     """The inconclusive verdict of an audit that cannot read the job's result or inputs."""
     verdict = Verdict(False, f"the job cannot be judged here: {reason}", conclusive=False)
-    return AuditOutcome(verdict, {"verdict": _verdict_dict(verdict)})
+    return _outcome(verdict, {})
 
 
 def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
@@ -598,10 +589,6 @@ def _diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"not a Flux LoRA diffusers can read: {exc}") from None
 
 
-def _fingerprint_with_threads(engine: Engine, threads: int) -> str:
-    return replace(engine.fingerprint_parts, threads=threads).id
-
-
 def _is_worker(reference: Engine | ReferenceWorker) -> TypeGuard[ReferenceWorker]:
     # Imported here: engines load torch, and this module must load without it (see inference_verdict).
     from dippy_studio.orchestrator.references import ReferenceWorker
@@ -609,8 +596,10 @@ def _is_worker(reference: Engine | ReferenceWorker) -> TypeGuard[ReferenceWorker
     return isinstance(reference, ReferenceWorker)
 
 
-def _verdict_dict(verdict: Verdict) -> dict[str, Any]:
-    return {"label": verdict.label, "reason": verdict.reason, "metrics": verdict.metrics}
+def _outcome(verdict: Verdict, evidence: Mapping[str, Any], reference_png: bytes | None = None) -> AuditOutcome:
+    """The verdict with its evidence, the verdict itself included (as `Audit.evidence` keeps it)."""
+    verdict_dict = {"label": verdict.label, "reason": verdict.reason, "metrics": verdict.metrics}
+    return AuditOutcome(verdict, {**evidence, "verdict": verdict_dict}, reference_png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,18 +692,16 @@ class AuditSampler:
     def record_failure(self, hotkey: str) -> None:
         """A failed audit puts the miner back on probation, for every job kind."""
         # Kinds it has no state for yet start on probation anyway (`_state`).
-        for kind in {k for h, k in self._states if h == hotkey}:
-            self._state(hotkey, kind).probation_left = self.policy.probation_jobs
+        for (miner, _kind), state in self._states.items():
+            if miner == hotkey:
+                state.probation_left = self.policy.probation_jobs
 
     def state(self, hotkey: str, kind: str) -> MinerAuditState:
         """A copy of what the sampler knows about this miner and kind (new miners start on probation)."""
         return replace(self._state(hotkey, kind))
 
     def _state(self, hotkey: str, kind: str) -> MinerAuditState:
-        key = (hotkey, kind)
-        if key not in self._states:
-            self._states[key] = MinerAuditState(probation_left=self.policy.probation_jobs)
-        return self._states[key]
+        return self._states.setdefault((hotkey, kind), MinerAuditState(probation_left=self.policy.probation_jobs))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dippy_studio.orchestrator.blobs import SHARE_ONE_STORE, BlobStore, MissingB
 from dippy_studio.orchestrator.dispatch import blob_url
 from dippy_studio.orchestrator.leader import Leadership
 from dippy_studio.orchestrator.models import Job, utcnow
-from dippy_studio.orchestrator.references import ReferenceWorker
+from dippy_studio.orchestrator.references import ReferenceUnavailable, ReferenceWorker
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.keys import Signer
@@ -251,8 +251,6 @@ class AuditQueue:
         Each is asked which profile it serves (signed `/v1/capacity`): those serving another are
         left out; those that do not answer are kept, so their audits are inconclusive as they
         would be for a single model (never the miner's fault, never re-run elsewhere unasked)."""
-        from dippy_studio.orchestrator.references import ReferenceUnavailable
-
         assert self._signer is not None, "reference workers need the orchestrator's signer"
         serving: list[ReferenceWorker] = []
         silent: list[ReferenceWorker] = []
@@ -267,7 +265,7 @@ class AuditQueue:
                 request_timeout_s=settings.dispatch_timeout_s,
             )
             try:
-                profile = worker.served_profile()
+                profile = worker.capacity().profile
             except ReferenceUnavailable as exc:
                 log.warning("reference worker %s did not say which model it serves: %s", hotkey, exc)
                 silent.append(worker)

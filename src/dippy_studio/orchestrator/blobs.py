@@ -178,19 +178,16 @@ class S3BlobStore(BlobStore):
     """Blobs in a bucket under `prefix`, read through `cache`. `client` is a boto3 S3 client
     (thread-safe; the stores of one orchestrator share it)."""
 
-    def __init__(
-        self, client: Any, bucket: str, prefix: str, cache: FileBlobStore, budget: CacheBudget | None = None
-    ) -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str, cache: FileBlobStore, budget: CacheBudget) -> None:
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.cache = cache
-        self.budget = budget  # None: the cache is never pruned
+        self.budget = budget
 
     def _cached(self, sha256: str, chunks: Iterable[bytes], source: str = "data") -> Path:
         path = self.cache.write(sha256, chunks, source=source)
-        if self.budget is not None:
-            self.budget.added(path.stat().st_size)
+        self.budget.added(path.stat().st_size)
         return path
 
     def key(self, sha256: str) -> str:
@@ -223,8 +220,7 @@ class S3BlobStore(BlobStore):
         key = self.key(sha256)
         with contextlib.suppress(FileNotFoundError):
             path = self.cache.local_path(sha256)
-            if self.budget is not None:
-                self.budget.touch(path)
+            self.budget.touch(path)
             return path
         from botocore.exceptions import ClientError
 

@@ -36,7 +36,7 @@ import logging
 import re
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -49,7 +49,14 @@ from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.states import RequestStatus
 from dippy_studio.orchestrator.store import Store, Success, cut_short_by_deadline
-from dippy_studio.protocol.auth import AuthError, Checked, SenderPolicy, check_headers, check_nonce_window
+from dippy_studio.protocol.auth import (
+    AuthError,
+    Checked,
+    SenderPolicy,
+    SignedHeaders,
+    check_headers,
+    check_nonce_window,
+)
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.multipart import FormError, parse_form
 from dippy_studio.protocol.nonces import NonceStore
@@ -75,7 +82,7 @@ class JobEvents(Protocol):
 @dataclass(frozen=True)
 class Reply:
     status_code: int
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any]
 
 
 def miner_job_id(job_id: str, attempt: int) -> str:
@@ -114,14 +121,7 @@ class CallbackHandler:
         over `IN_MEMORY_BYTES`, the job: its miner and its kind's size limit). Database work runs on
         the store's writer thread; hashing, spooling, result checks and blob writes on workers."""
         try:
-            signed = check_headers(
-                headers,
-                method="POST",
-                path=target,
-                receiver_ss58=self.signer.ss58_address,
-                max_age=self.settings.max_signature_age,
-                allowed_skew=self.settings.allowed_clock_skew,
-            )
+            signed = self._signed_headers(headers, target)
         except AuthError as exc:
             return Reply(exc.status_code, {"detail": exc.reason})
         size = content_length(headers)
@@ -169,14 +169,7 @@ class CallbackHandler:
         signature, 404 unknown job, 403 another miner's job, 413 over `MAX_PROGRESS_BYTES`, 422 not
         a report, 410 not the current attempt, 409 no longer active."""
         try:
-            signed = check_headers(
-                headers,
-                method="POST",
-                path=target,
-                receiver_ss58=self.signer.ss58_address,
-                max_age=self.settings.max_signature_age,
-                allowed_skew=self.settings.allowed_clock_skew,
-            )
+            signed = self._signed_headers(headers, target)
             checked = signed.check_body(hashlib.sha256(body).hexdigest(), self._policy)
             job = await self.store.call(self._claim_and_load, checked, job_id)
         except AuthError as exc:
@@ -198,6 +191,16 @@ class CallbackHandler:
         if not recorded:
             return Reply(409, {"detail": f"request {job.id} is no longer at this miner"})
         return Reply(200, {"status": "recorded"})
+
+    def _signed_headers(self, headers: Mapping[str, str], target: str) -> SignedHeaders:
+        return check_headers(
+            headers,
+            method="POST",
+            path=target,
+            receiver_ss58=self.signer.ss58_address,
+            max_age=self.settings.max_signature_age,
+            allowed_skew=self.settings.allowed_clock_skew,
+        )
 
     def _refusal(self, job: Job | None, job_id: str, sender: str, size: int) -> Reply | None:
         """Why `sender` may not deliver a body of `size` bytes for this job, if it may not."""
@@ -283,17 +286,9 @@ class CallbackHandler:
         return Reply(200, {"status": "succeeded", "sha256": sha256})
 
     async def _take_back(self, job: Job, reason: str, outcome: str) -> str | None:
-        status = await self.store.call(
-            self.store.take_back,
-            job,
-            reason,
-            outcome=outcome,
-            now=self.clock(),
-            min_attempt_s=self.settings.min_attempt_s,
-            lock_key=job.id,
+        return await take_back(
+            self.store, self.events, job, reason, outcome, now=self.clock(), min_attempt_s=self.settings.min_attempt_s
         )
-        announce(self.events, job, status)
-        return status
 
 
 # Results up to this size are checked on the event loop (a small PNG decodes in well under a ms).
@@ -309,6 +304,18 @@ def content_length(headers: Mapping[str, str]) -> int | None:
     """The declared body size, or None when there is no usable Content-Length."""
     raw = headers.get("content-length")
     return int(raw) if raw is not None and raw.isascii() and raw.isdigit() else None
+
+
+async def take_back(
+    store: Store, events: JobEvents, job: Job, reason: str, outcome: str, *, now: datetime, min_attempt_s: float
+) -> str | None:
+    """Take a job back from its miner (`Store.take_back`, on the writer thread), announce where it
+    went, and return that status."""
+    status = await store.call(
+        store.take_back, job, reason, outcome=outcome, now=now, min_attempt_s=min_attempt_s, lock_key=job.id
+    )
+    announce(events, job, status)
+    return status
 
 
 def announce(events: JobEvents, job: Job, status: str | None) -> None:

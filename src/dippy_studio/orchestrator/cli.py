@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
@@ -52,6 +53,15 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _unknown_key(key_id: str) -> NoReturn:
+    _fail(f"no API key with id {key_id!r} (see `keys list`)")
+
+
+def _database_reason(exc: Exception) -> str:
+    """The driver's first line, which says what went wrong (host unreachable, auth failed, ...)."""
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
 def _open_store(data_dir: Path | None, db: str | None) -> Store:
     # Imported here so `dippy-studio --help` does not pay for SQLAlchemy and Alembic.
     from sqlalchemy.exc import SQLAlchemyError
@@ -65,9 +75,7 @@ def _open_store(data_dir: Path | None, db: str | None) -> Store:
     except DatabaseUrlError as exc:
         _fail(str(exc), 2)
     except SQLAlchemyError as exc:
-        # The driver's first line says what went wrong (host unreachable, auth failed, ...).
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        _fail(f"cannot open database {safe_url(url)}: {reason}", 2)
+        _fail(f"cannot open database {safe_url(url)}: {_database_reason(exc)}", 2)
     except OSError as exc:
         _fail(f"cannot open database {safe_url(url)}: {exc}", 2)
 
@@ -95,11 +103,8 @@ def create_key(
     """Create a key. Its secret and webhook signing secret are printed once and never again."""
     if not name.strip():
         _fail("--name must not be empty", 2)
-    store = _open_store(data_dir, db)
-    try:
+    with closing(_open_store(data_dir, db)) as store:
         created = store.create_api_key(name, rate_limit_per_minute=rate_limit)
-    finally:
-        store.close()
     key = created.key
     if as_json:
         print(json.dumps({**_public(key), "key": created.secret, "webhook_secret": key.webhook_secret}))
@@ -114,11 +119,8 @@ def create_key(
 @keys_app.command("list")
 def list_keys(as_json: JsonOpt = False, data_dir: DataDirOpt = None, db: DbOpt = None) -> None:
     """List keys (never their secrets)."""
-    store = _open_store(data_dir, db)
-    try:
+    with closing(_open_store(data_dir, db)) as store:
         keys = store.list_api_keys()
-    finally:
-        store.close()
     if as_json:
         print(json.dumps([_public(k) for k in keys]))
         return
@@ -142,13 +144,11 @@ def revoke_key(
     """Revoke a key: requests with it fail from now on. Its jobs and LoRAs are kept."""
     from dippy_studio.orchestrator.store import UnknownApiKey
 
-    store = _open_store(data_dir, db)
-    try:
-        revoked = store.revoke_api_key(key_id)
-    except UnknownApiKey:
-        _fail(f"no API key with id {key_id!r} (see `keys list`)")
-    finally:
-        store.close()
+    with closing(_open_store(data_dir, db)) as store:
+        try:
+            revoked = store.revoke_api_key(key_id)
+        except UnknownApiKey:
+            _unknown_key(key_id)
     typer.echo(f"Revoked {key_id}." if revoked else f"{key_id} was already revoked.")
 
 
@@ -173,11 +173,10 @@ def set_quota(
     from dippy_studio.orchestrator.store import UnknownApiKey
     from dippy_studio.orchestrator.usage import Quota, quota_of
 
-    store = _open_store(data_dir, db)
-    try:
+    with closing(_open_store(data_dir, db)) as store:
         key = store.get_api_key(key_id)
         if key is None:
-            _fail(f"no API key with id {key_id!r} (see `keys list`)")
+            _unknown_key(key_id)
         if day or month or clear:
             current = Quota() if clear else (quota_of(key.quota) or Quota())
             wanted = current.model_dump()
@@ -190,9 +189,7 @@ def set_quota(
             try:
                 key = store.set_api_key_quota(key_id, quota)
             except UnknownApiKey:
-                _fail(f"no API key with id {key_id!r} (see `keys list`)")
-    finally:
-        store.close()
+                _unknown_key(key_id)
     quota = quota_of(key.quota)
     if as_json:
         print(json.dumps({"id": key.id, "quota": None if quota is None else quota.model_dump(mode="json")}))
@@ -238,14 +235,11 @@ def key_usage(
     db: DbOpt = None,
 ) -> None:
     """A key's metered units per UTC day (succeeded requests), as GET /v1/usage answers it."""
-    store = _open_store(data_dir, db)
-    try:
+    with closing(_open_store(data_dir, db)) as store:
         key = store.get_api_key(key_id)
         if key is None:
-            _fail(f"no API key with id {key_id!r} (see `keys list`)")
+            _unknown_key(key_id)
         report = store.key_usage(key, days)
-    finally:
-        store.close()
     if as_json:
         print(json.dumps(report))
         return
@@ -432,7 +426,6 @@ def _opened(open_service: Callable[[Any], T], settings: Any) -> T:
     try:
         return open_service(settings)
     except SQLAlchemyError as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        _fail(f"cannot open database {safe_url(settings.database_url)}: {reason}", 2)
+        _fail(f"cannot open database {safe_url(settings.database_url)}: {_database_reason(exc)}", 2)
     except (ValueError, SigningKeyError) as exc:  # a bad database URL or bucket, audits off, no such wallet
         _fail(str(exc), 2)

@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -174,13 +174,13 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
                 "endpoint": miner.endpoint,
                 "profile": miner.capacity.get("profile"),
                 "status": "penalized" if penalized else "healthy" if miner.healthy else "unreachable",
-                "penalized_until": penalized.isoformat() if penalized else None,
+                "penalized_until": _iso(penalized),
                 "last_probe_at": _iso(miner.last_probe_at),
                 "outcomes": dict(sorted(Counter(a.outcome or "running" for a in mine).items())),
                 "jobs": len(mine),
-                "latency": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95)},
+                "latency": _latency(latencies),
                 "series": _latency_series(mine, plot_start, bucket),
-                "audits": {v: verdicts_by_miner[miner.hotkey].get(v, 0) for v in ("pass", "fail", "inconclusive")},
+                "audits": _verdict_counts(verdicts_by_miner[miner.hotkey]),
                 "score": data.scores.get(miner.hotkey),
                 "stake": neuron.stake if neuron else None,
                 "weight": data.chain.weights.get(neuron.uid, 0.0) if neuron else None,
@@ -204,7 +204,7 @@ def build_snapshot(data: DashboardInput) -> dict[str, Any]:
         "miners": miners,
         "kinds": _kinds(data.jobs),
         "models": _models(data, plot_start, bucket),
-        "profiles": _profiles(data.jobs, data.miners),
+        "profiles": _profiles(data.jobs),
         "gallery": _gallery(data.jobs, data.audits) if data.gallery else None,
         "audit_failures": _audit_failures(data.audits, jobs, {m.hotkey: m.uid for m in data.miners}),
     }
@@ -214,6 +214,14 @@ def _iso(when: datetime | None) -> str | None:
     return when.isoformat() if when else None
 
 
+def _latency(seconds: Sequence[float]) -> dict[str, float | None]:
+    return {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95)}
+
+
+def _verdict_counts(verdicts: Counter[str]) -> dict[str, int]:
+    return {verdict: verdicts[verdict] for verdict in ("pass", "fail", "inconclusive")}
+
+
 def _latency_series(attempts: Iterable[JobAttempt], start: datetime, bucket: timedelta) -> list[dict[str, Any]]:
     """p50/p95 latency of succeeded attempts per time bucket (None where a bucket is empty)."""
     buckets: list[list[float]] = [[] for _ in range(PLOT_BUCKETS)]
@@ -221,10 +229,7 @@ def _latency_series(attempts: Iterable[JobAttempt], start: datetime, bucket: tim
         if a.outcome == "succeeded" and a.latency_s is not None and a.finished_at is not None:
             index = int((a.finished_at - start) / bucket)
             buckets[min(max(index, 0), PLOT_BUCKETS - 1)].append(a.latency_s)
-    return [
-        {"t": (start + bucket * (i + 1)).isoformat(), "n": len(b), "p50": percentile(b, 50), "p95": percentile(b, 95)}
-        for i, b in enumerate(buckets)
-    ]
+    return [{"t": (start + bucket * (i + 1)).isoformat(), "n": len(b), **_latency(b)} for i, b in enumerate(buckets)]
 
 
 def _totals(jobs: Sequence[Job], audits: Sequence[Audit], start: datetime) -> dict[str, Any]:
@@ -245,7 +250,7 @@ def _volume(members: Sequence[Job]) -> dict[str, Any]:
         "jobs": len(members),
         "succeeded": len(done),
         "failed": sum(j.status == RequestStatus.failed.value for j in members),
-        "latency": {"p50": percentile(seconds, 50), "p95": percentile(seconds, 95)},
+        "latency": _latency(seconds),
     }
 
 
@@ -291,7 +296,7 @@ def _models(data: DashboardInput, plot_start: datetime, bucket: timedelta) -> li
                 **volume,
                 "success_rate": volume["succeeded"] / ended if ended else None,
                 "series": _latency_series(attempts.get(name, []), plot_start, bucket),
-                "audits": {v: verdicts[name].get(v, 0) for v in ("pass", "fail", "inconclusive")},
+                "audits": _verdict_counts(verdicts[name]),
                 "miners": [m.uid for m in miners],
                 "healthy_miners": sum(m.healthy for m in miners),
             }
@@ -299,20 +304,17 @@ def _models(data: DashboardInput, plot_start: datetime, bucket: timedelta) -> li
     return rows
 
 
-def _profiles(jobs: Sequence[Job], miners: Sequence[Miner]) -> list[dict[str, Any]]:
+def _profiles(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     """Volume and latency per model and profile fingerprint (the build miners advertise) and
     job kind. Jobs no miner has answered yet have no fingerprint."""
     groups: dict[tuple[str, str | None, str], list[Job]] = defaultdict(list)
     for job in jobs:
         groups[(job.model, job.fingerprint, job.kind)].append(job)
-    rows = []
-    for (name, fingerprint, kind), members in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] or "")
-    ):
-        rows.append(
-            {"profile": name, "fingerprint": fingerprint, "kind": kind, "label": _label(kind), **_volume(members)}
-        )
-    return rows
+    ordered = sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][1] or ""))
+    return [
+        {"profile": name, "fingerprint": fingerprint, "kind": kind, "label": _label(kind), **_volume(members)}
+        for (name, fingerprint, kind), members in ordered
+    ]
 
 
 def input_url(job: Job, role: str) -> str | None:
@@ -396,15 +398,14 @@ def _audit_failures(audits: Sequence[Audit], jobs: Mapping[str, Job], uids: Mapp
 class Dashboard:
     """One cached snapshot for every viewer, refreshed at most every `refresh_s` seconds."""
 
-    def __init__(self, orch: Orchestrator, *, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.orch = orch
-        self.refresh_s = orch.settings.dashboard_refresh_s
-        self.window = timedelta(seconds=orch.settings.dashboard_window_s)
+    def __init__(self, orch: Orchestrator) -> None:
         settings = orch.settings
+        self.orch = orch
+        self.refresh_s = settings.dashboard_refresh_s
+        self.window = timedelta(seconds=settings.dashboard_window_s)
         self.lookback = timedelta(
             seconds=max(settings.inference_attempt_timeout_s, settings.training_attempt_timeout_s)
         )
-        self.monotonic = monotonic
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] | None = None
         self._version = ""
@@ -415,20 +416,20 @@ class Dashboard:
     def snapshot(self) -> tuple[str, dict[str, Any]]:
         """The current snapshot and its version (a hash of everything but the time it was taken)."""
         with self._lock:
-            if self._snapshot is None or self.monotonic() - self._taken >= self.refresh_s:
+            if self._snapshot is None or time.monotonic() - self._taken >= self.refresh_s:
                 self._snapshot = build_snapshot(self._read())
                 content = {k: v for k, v in self._snapshot.items() if k != "now"}
                 self._version = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-                self._taken = self.monotonic()
+                self._taken = time.monotonic()
             return self._version, self._snapshot
 
     def _read(self) -> DashboardInput:
         orch, store = self.orch, self.orch.store
         now = orch.clock()
         start = now - self.window
-        if self.monotonic() - self._chain_taken >= CHAIN_REFRESH_S:
+        if time.monotonic() - self._chain_taken >= CHAIN_REFRESH_S:
             self._chain = read_chain(orch.chain)
-            self._chain_taken = self.monotonic()
+            self._chain_taken = time.monotonic()
         # Every audit in the window; before it only failures, which still decide whether a
         # penalty is running (reading weeks of passes on every refresh would be wasted work).
         history = min(start, now - DEFAULT_PENALTY.horizon - DEFAULT_PENALTY.max_cooldown)
@@ -458,12 +459,12 @@ class Dashboard:
             audits_owed=store.count_owed_audits(),
         )
 
-    async def events(self, stream_s: float = STREAM_S) -> AsyncIterator[ServerSentEvent]:
+    async def events(self) -> AsyncIterator[ServerSentEvent]:
         """`snapshot` events, one whenever the snapshot changes. sse-starlette sends keep-alive
         pings in between and ends the stream when the client leaves or the server shuts down.
-        Ends after `stream_s`; the browser reconnects after `retry`."""
+        Ends after `STREAM_S`; the browser reconnects after `retry`."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + stream_s
+        deadline = loop.time() + STREAM_S
         sent = None
         while loop.time() < deadline:
             version, snapshot = await run_in_threadpool(self.snapshot)
@@ -473,11 +474,10 @@ class Dashboard:
             await asyncio.sleep(min(self.refresh_s, max(0.0, deadline - loop.time())))
 
 
-def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
+def mount(app: FastAPI, orch: Orchestrator) -> None:
     """Add the dashboard's routes to the orchestrator app: the page and its assets, the snapshot
     as JSON (`/dashboard/api/state`) and as an event stream, and the images it shows."""
     dashboard = Dashboard(orch)
-    app.state.dashboard = dashboard
     app.mount("/dashboard/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
 
     @app.get("/dashboard", include_in_schema=False)
@@ -533,8 +533,6 @@ def mount(app: FastAPI, orch: Orchestrator) -> Dashboard:
         if not blob or not orch.results.exists(blob):
             raise HTTPException(404, detail="no reference image for this audit")
         return FileResponse(orch.results.local_path(blob), media_type="image/png")
-
-    return dashboard
 
 
 def _label(kind: str) -> str:

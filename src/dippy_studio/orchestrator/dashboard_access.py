@@ -56,14 +56,12 @@ class DashboardGuard:
         self.enabled = enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_dashboard_path(scope["path"]):
-            await self.app(scope, receive, send)
-            return
-        refusal = self.answer(Request(scope))
-        if refusal is None:
-            await self.app(scope, receive, send)
-        else:
-            await refusal(scope, receive, send)
+        if scope["type"] == "http" and is_dashboard_path(scope["path"]):
+            response = self.answer(Request(scope))
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
     def answer(self, request: Request) -> Response | None:
         """The answer the guard gives instead of the app, or None to let the request through."""

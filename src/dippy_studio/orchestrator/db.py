@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, make_url
@@ -99,14 +99,21 @@ def parse_url(url: str | URL) -> URL:
 
 def make_engine(url: str | URL) -> Engine:
     parsed = parse_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(parsed)
-    try:
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    if is_sqlite:
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        connect_args: dict[str, Any] = {"factory": _WriteLockedConnection}
+    else:
         connect_args = {} if "connect_timeout" in parsed.query else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    try:
         engine = create_engine(parsed, connect_args=connect_args)
     except NoSuchModuleError as exc:
         raise DatabaseUrlError(f"no driver for {parsed.drivername!r}") from exc
-    _ping_when_idle(engine, PG_IDLE_PING_S)
+    if is_sqlite:
+        _write_locked_sqlite(engine, _write_lock_for(parsed.database))
+    else:
+        _ping_when_idle(engine, PG_IDLE_PING_S)
     return engine
 
 
@@ -167,7 +174,7 @@ class _WriteLockedConnection(sqlite3.Connection):
             self.write_lock.release()
 
 
-_write_locks: dict[str, WriteLock] = {}
+_write_locks: dict[Path, WriteLock] = {}
 _write_locks_guard = threading.Lock()
 
 
@@ -177,19 +184,14 @@ def _write_lock_for(database: str | None) -> WriteLock:
         return WriteLock(None)  # private to its engine
     path = Path(database).resolve()
     with _write_locks_guard:
-        if str(path) not in _write_locks:
-            _write_locks[str(path)] = WriteLock.beside(path)
-        return _write_locks[str(path)]
+        if path not in _write_locks:
+            _write_locks[path] = WriteLock.beside(path)
+        return _write_locks[path]
 
 
-def _sqlite_engine(url: URL) -> Engine:
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        engine = create_engine(url, connect_args={"factory": _WriteLockedConnection})
-    except NoSuchModuleError as exc:
-        raise DatabaseUrlError(f"no driver for {url.drivername!r}") from exc
-    write_lock = _write_lock_for(url.database)
+def _write_locked_sqlite(engine: Engine, write_lock: WriteLock) -> None:
+    """Set up each new SQLite connection (module docstring) and start its write transactions on
+    `write_lock`."""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_connection, _record) -> None:
@@ -219,8 +221,6 @@ def _sqlite_engine(url: URL) -> Engine:
         except BaseException:
             dbapi_connection._release()
             raise
-
-    return engine
 
 
 def alembic_config(engine: Engine, default_model: str | None = None) -> Config:

@@ -38,7 +38,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from dippy_studio.orchestrator import kinds
-from dippy_studio.orchestrator.callbacks import JobEvents, announce, miner_job_id, scrub_paths
+from dippy_studio.orchestrator.callbacks import JobEvents, miner_job_id, scrub_paths, take_back
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.registry import Registry, endpoint_url
 from dippy_studio.orchestrator.routing import Candidate, choose_miner, eligible
@@ -58,15 +58,11 @@ def blob_url(public_url: str, sha256: str) -> str:
     return f"{public_url}/v1/blobs/{sha256}"
 
 
-def callback_url(public_url: str, job_id: str) -> str:
-    return f"{public_url}/v1/miner-callbacks/{job_id}"
-
-
 def miner_request(job: Job, public_url: str) -> BaseModel:
     """The wire request for the current attempt of a dispatched job (its kind builds the rest)."""
     common: dict[str, Any] = {
         "job_id": miner_job_id(job.id, job.attempts),
-        "callback_url": callback_url(public_url, job.id),
+        "callback_url": f"{public_url}/v1/miner-callbacks/{job.id}",
         # The miner stops when our patience ends, not the client's: then we try elsewhere.
         "deadline": job.dispatch_deadline or job.deadline,
     }
@@ -347,16 +343,9 @@ class Dispatcher:
         log.info("%s: %s", job.id, reason)
         with self._lock:
             self._cooldown[miner.hotkey] = time.monotonic() + cooldown_s
-        status = await self.store.call(
-            self.store.take_back,
-            job,
-            reason,
-            outcome=outcome,
-            now=self.clock(),
-            min_attempt_s=self.settings.min_attempt_s,
-            lock_key=job.id,
+        await take_back(
+            self.store, self.events, job, reason, outcome, now=self.clock(), min_attempt_s=self.settings.min_attempt_s
         )
-        announce(self.events, job, status)
 
     def _cooling(self) -> set[str]:
         now = time.monotonic()

@@ -53,7 +53,7 @@ class StoredInputs:
 
 def decode_data_uri(uri: str, max_bytes: int, what: str) -> bytes:
     """The bytes of a base64 `data:` URI, refused (TooLarge) before decoding when they would be
-    over `max_bytes`."""
+    over `max_bytes` (the caller checks the decoded size)."""
     match = _DATA_URI.match(uri)
     if match is None:
         raise InvalidRequest(f"the {what} is not a base64 data: URI (data:image/png;base64,...)")
@@ -64,8 +64,6 @@ def decode_data_uri(uri: str, max_bytes: int, what: str) -> bytes:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"the {what}'s data: URI is not valid base64") from None
-    if len(data) > max_bytes:
-        raise TooLarge(f"the {what} is over the {max_bytes}-byte limit")
     if not data:
         raise InvalidRequest(f"the {what} is empty")
     return data
@@ -80,8 +78,6 @@ def input_bytes(
     if upload is not None and source is not None:
         raise InvalidRequest(f"give the {what} once: as a file part or as a URL or data: URI, not both")
     if upload is not None:
-        if len(upload) > limit:
-            raise TooLarge(f"the {what} is over the {limit}-byte limit")
         data = upload
     elif source is None:
         if sha256 is not None:
@@ -93,6 +89,8 @@ def input_bytes(
         data = ctx.fetch(source, limit, what)
     else:
         raise InvalidRequest(f"the {what} must be an http(s):// URL, a data: URI or an uploaded file")
+    if len(data) > limit:
+        raise TooLarge(f"the {what} is over the {limit}-byte limit")
     actual = hashlib.sha256(data).hexdigest()
     if sha256 is not None and actual != sha256:
         raise InvalidRequest(f"the {what} has sha256 {actual}, not the {sha256} given")

@@ -11,6 +11,7 @@ kinds `inference` (text-to-image), `edit`, `img2img` and `inpaint` (one per publ
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -169,16 +170,8 @@ def new_seed() -> int:
 # ---- image kinds: inference (text-to-image), edit, img2img, inpaint -----------------------------
 
 
-def _image_payload_for(task: str) -> Callable[[SubmitContext, ApiKey, ImageRequest, datetime], dict[str, Any]]:
-    """The payload builder of the kind that runs `task` (`image_inputs.TASK_KINDS`)."""
-
-    def build(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime) -> dict[str, Any]:
-        return _image_payload(ctx, key, body, task)
-
-    return build
-
-
-def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, task: str) -> dict[str, Any]:
+def _image_payload(ctx: SubmitContext, key: ApiKey, body: ImageRequest, now: datetime, *, task: str) -> dict[str, Any]:
+    """The payload of the image kind that runs `task` (`image_inputs.TASK_KINDS`)."""
     # The model the request names, resolved by the service (`Orchestrator.submit`) to one served.
     model = body.model or ctx.settings.profile
     limits = profile_limits(model)
@@ -294,7 +287,7 @@ def _image_kind(name: str, task: str, label: str, weight: Callable[[KindWeights]
         default_deadline_s=lambda settings: settings.inference_deadline_s,
         attempt_timeout_s=lambda settings: settings.inference_attempt_timeout_s,
         request_model=ImageRequest,
-        build_payload=_image_payload_for(task),
+        build_payload=functools.partial(_image_payload, task=task),
         # Input images are fetched or decoded and stored: off the event loop and the writer.
         blocking=(lambda body: True)
         if task in IMAGE_TASKS

@@ -181,35 +181,28 @@ class PostgresLeadership(Leadership):
             self._unreachable = False
         return self._conn
 
-    def _acquire(self, role: str) -> bool:
+    def _query(self, sql: str, params: list[Any] | None = None) -> tuple[Any, ...] | None:
+        """The first row of `sql` on the leadership connection; None when the connection fails
+        (`_drop`: every role held on it is gone)."""
         import psycopg
 
         try:
-            row = self._connection().execute("SELECT pg_try_advisory_lock(%s)", [role_key(role)]).fetchone()
+            return self._connection().execute(sql, params).fetchone()
         except psycopg.Error as exc:
             self._drop(exc)
-            return False
+            return None
+
+    def _acquire(self, role: str) -> bool:
+        row = self._query("SELECT pg_try_advisory_lock(%s)", [role_key(role)])
         return bool(row and row[0])
 
     def _alive(self) -> bool:
-        import psycopg
-
-        try:
-            self._connection().execute("SELECT 1").fetchone()
-        except psycopg.Error as exc:
-            self._drop(exc)
-            return False
-        return True
+        return self._query("SELECT 1") is not None
 
     def _release(self, role: str) -> None:
-        import psycopg
-
-        if self._conn is None:
-            return
-        try:
-            self._conn.execute("SELECT pg_advisory_unlock(%s)", [role_key(role)])
-        except psycopg.Error as exc:
-            self._drop(exc)  # the lock went with the session
+        if self._conn is not None:
+            # On failure the lock went with the session.
+            self._query("SELECT pg_advisory_unlock(%s)", [role_key(role)])
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -219,7 +212,7 @@ class PostgresLeadership(Leadership):
     def _drop(self, exc: Exception) -> None:
         """The connection failed: every role held on it is gone. The next `lead` reconnects."""
         if not self._unreachable:
-            log.warning("leadership connection failed: %s", str(exc).strip().splitlines()[0] if str(exc) else exc)
+            log.warning("leadership connection failed: %s", next(iter(str(exc).strip().splitlines()), repr(exc)))
         self._unreachable = True
         if self._conn is not None:
             # Closing a broken connection may fail too; it is discarded anyway.

@@ -43,11 +43,6 @@ from dippy_studio.protocol.progress import MAX_PROGRESS_BYTES
 PING_S = 15.0
 
 
-def models(orch: Orchestrator) -> list[dict[str, Any]]:
-    """Every model this orchestrator serves (the default first), with the limits it checks."""
-    return [model_info(name, default=name == orch.settings.profile) for name in orch.settings.served_models]
-
-
 def model_info(name: str, *, default: bool) -> dict[str, Any]:
     """A model's `ModelInfo`: its limits (`protocol.limits`) and the job kinds it serves (a kind
     with an image task the model lists, and every kind without one: training)."""
@@ -118,7 +113,7 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
         marked `default`, each with the limits a request for it is checked against: side range
         (multiples of 16), steps, input image size, the tasks `POST /v1/images` accepts and the
         job kinds it serves. LoRA training (`POST /v1/loras`) trains for the `model` it names."""
-        return models(orch)
+        return [model_info(name, default=name == orch.settings.profile) for name in orch.settings.served_models]
 
     @router.get(
         "/v1/requests/{request_id}/events",
@@ -162,15 +157,16 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
     async def miner_progress(job_id: str, request: Request) -> Response:
         """Where miners report progress: a signed POST of a `protocol.progress.ProgressReport`
         (JSON, at most `MAX_PROGRESS_BYTES`), from the job's miner, for its current attempt."""
+        too_large = HTTPException(413, detail=f"a progress report may be at most {MAX_PROGRESS_BYTES} bytes")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_PROGRESS_BYTES:
-            raise HTTPException(413, detail=f"a progress report may be at most {MAX_PROGRESS_BYTES} bytes")
+            raise too_large
         body = bytearray()
         try:
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > MAX_PROGRESS_BYTES:
-                    raise HTTPException(413, detail=f"a progress report may be at most {MAX_PROGRESS_BYTES} bytes")
+                    raise too_large
         except ClientDisconnect:
             return JSONResponse({"detail": "the connection closed before the body ended"}, status_code=400)
         reply = await orch.callbacks.progress(job_id, request.headers, request_target(request.scope), bytes(body))

@@ -213,7 +213,7 @@ class JobAttempt(Base):
     miner_uid: Mapped[int | None] = mapped_column(Integer)
     dispatched_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
-    # None while open; then succeeded | failed | timeout | canceled.
+    # None while open; then how it ended (the outcomes are listed in `states`, above NOT_TAKEN).
     outcome: Mapped[str | None] = mapped_column(String(16))
     latency_s: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)

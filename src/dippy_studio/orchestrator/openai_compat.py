@@ -144,9 +144,8 @@ def error_response(refused: Refused) -> JSONResponse:
     """This API's refusal body with OpenAI's error object beside it."""
     status = refused.status
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    error = {"message": refused.message, "type": kind, "param": refused.param, "code": refused.code}
-    if error["code"] is None:
-        error["code"] = _CODES.get(status)
+    code = refused.code if refused.code is not None else _CODES.get(status)
+    error = {"message": refused.message, "type": kind, "param": refused.param, "code": code}
     return JSONResponse({**error_body(refused.message), "error": error}, status_code=status, headers=refused.headers)
 
 
@@ -374,10 +373,9 @@ def image_requests(
     *,
     task: str,
     size: tuple[int, int] | None,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any],
 ) -> list[ImageRequest]:
     """The native requests of `model` for one call: one per image, seeds following on from `seed`."""
-    n = options.n or 1
     fields: dict[str, Any] = {
         "model": model,
         "task": task,
@@ -385,15 +383,12 @@ def image_requests(
         "steps": options.steps,
         "guidance": options.guidance,
         "deadline_s": options.deadline_s,
-        **(extra or {}),
+        **extra,
     }
     if size is not None:
         fields["width"], fields["height"] = size
-    requests = []
-    for i in range(n):
-        seed = options.seed + i if options.seed is not None else None
-        requests.append(ImageRequest.model_validate({**fields, "seed": seed}))
-    return requests
+    seeds = [options.seed + i if options.seed is not None else None for i in range(options.n or 1)]
+    return [ImageRequest.model_validate({**fields, "seed": seed}) for seed in seeds]
 
 
 # ---- the routes ---------------------------------------------------------------------------------
@@ -538,16 +533,17 @@ async def _edit_form(request: Request, max_bytes: int) -> tuple[EditsForm, bytes
     files: dict[str, bytes] = {}
     for name in form:
         values = form.getlist(name)
+        param = name.removesuffix("[]")
         if len(values) != 1:
             what = "image (one image per edit)" if name.startswith("image") else repr(name)
-            raise Refused(400, f"{what} is given {len(values)} times", param=name.removesuffix("[]"))
+            raise Refused(400, f"{what} is given {len(values)} times", param=param)
         value = values[0]
         if isinstance(value, UploadFile):
             if name not in _FORM_FILES:
                 raise Refused(400, f"form part {name!r} must not be a file", param=name)
-            files[name.removesuffix("[]")] = await _read(value, max_bytes, name.removesuffix("[]"))
+            files[param] = await _read(value, max_bytes, param)
         elif name in _FORM_FILES:
-            raise Refused(400, f"{name} must be a file part", param=name.removesuffix("[]"))
+            raise Refused(400, f"{name} must be a file part", param=param)
         else:
             fields[name] = value
     if "image" in form and "image[]" in form:
@@ -574,18 +570,17 @@ async def _serve(
     """Submit the call's images as native requests, wait for them, answer OpenAI's shape."""
     created = int(orch.clock().timestamp())
     jobs = await _submit_all(orch, caller, bodies)
+    ids = ", ".join(job.id for job in jobs)
     # Checked once the images are accepted, so a bad input is still told apart from an idle
     # subnet; a synchronous caller is not held until its deadline when nobody can serve it.
     if not await run_in_threadpool(orch.store.list_miners, True):
         await _cancel(orch, caller.key, jobs)
-        ids = ", ".join(job.id for job in jobs)
         reason = f"no healthy miner to run images now (requests {ids} canceled); try again shortly"
         raise Refused(503, reason, headers={"Retry-After": "10"})
     spec = kinds.get(jobs[0].kind)
     deadline_s = bodies[0].deadline_s if bodies[0].deadline_s is not None else spec.default_deadline_s(orch.settings)
     wait_s = min(orch.settings.max_wait_s, deadline_s)
     finished = await asyncio.gather(*(orch.wait_finished(job.id, wait_s) for job in jobs))
-    ids = ", ".join(job.id for job in jobs)
     if any(job is None for job in finished):
         raise Refused(
             504,

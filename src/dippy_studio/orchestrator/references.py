@@ -21,7 +21,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,7 @@ class WorkerResult:
     png: bytes
     sha256: str
     fingerprint: str
-    loras: list[dict[str, object]] = field(default_factory=list)
+    loras: list[dict[str, object]]
 
 
 class ReferenceWorker:
@@ -84,27 +84,20 @@ class ReferenceWorker:
         """The worker's profile fingerprint: asked of the worker (signed `/v1/capacity`) the first
         time, ReferenceUnavailable when it cannot be; each re-run then reports its own."""
         if self._fingerprint is None:
-            self._fingerprint = self.capacity().fingerprints[0]
+            capacity = self.capacity()
+            if capacity.profile != self.profile:
+                raise self._unavailable(f"serves profile {capacity.profile!r}, not {self.profile!r}")
+            if not capacity.fingerprints or not capacity.inference.available:
+                raise self._unavailable("does not serve inference right now")
+            self._fingerprint = capacity.fingerprints[0]
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
         """Who the reference is, for an audit's evidence."""
         return {"worker": self.hotkey, "url": self.url, "profile": self.profile, "fingerprint": self._fingerprint}
 
-    def served_profile(self) -> str:
-        """The profile the worker serves (its signed `/v1/capacity`), whichever it is."""
-        return self._signed_capacity().profile
-
     def capacity(self) -> Capacity:
-        """The worker's signed `/v1/capacity`, checked: the configured hotkey, our profile, inference served."""
-        capacity = self._signed_capacity()
-        if capacity.profile != self.profile:
-            raise self._unavailable(f"serves profile {capacity.profile!r}, not {self.profile!r}")
-        if not capacity.fingerprints or not capacity.inference.available:
-            raise self._unavailable("does not serve inference right now")
-        return capacity
-
-    def _signed_capacity(self) -> Capacity:
+        """The worker's signed `/v1/capacity`, checked to come from the configured hotkey."""
         with self._client() as http:
             response = self._call(http, "GET", "/v1/capacity")
         if response.status_code != 200:

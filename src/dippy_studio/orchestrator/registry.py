@@ -52,7 +52,7 @@ def parse_endpoint(commitment: str | None) -> str | None:
 
 def endpoint_url(endpoint: str, path: str) -> tuple[str, str]:
     """The full URL of `path` on a miner, and the request target to sign (the endpoint may have a path)."""
-    target = (urlsplit(endpoint).path.rstrip("/") or "") + path
+    target = urlsplit(endpoint).path.rstrip("/") + path
     return endpoint.rstrip("/") + path, target
 
 
@@ -83,11 +83,6 @@ class Registry:
 
     def close(self) -> None:
         self._http.close()
-
-    def refresh(self) -> None:
-        """Sync from the chain, then probe every miner: what a periodic task runs."""
-        self.sync()
-        self.probe_all()
 
     def sync(self) -> int:
         """Bring the miners table in line with the metagraph; returns the number of miners seen."""

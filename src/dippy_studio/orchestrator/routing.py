@@ -3,10 +3,10 @@
 Only miners that are healthy, serve the job's model (their capacity's `profile`), have a live
 lane for the job's kind (listing its image task in `Capacity.tasks`) and room in its queue are
 eligible. Room counts what the miner already holds of ours (jobs dispatched or running there,
-`held`) against its slots (`Lane.slots`): its workers plus its queue, and no more than its workers finish within the
-attempt timeout at the pace it advertises, so a job we send does not wait out its attempt in the
-miner's queue. Among them, miners that have not tried this job yet come first (a job that failed
-or timed out somewhere goes elsewhere); when every eligible miner
+`held`) against its slots (`Lane.slots`): its workers plus its queue, and no more than its
+workers finish within the attempt timeout at the pace it advertises, so a job we send does not
+wait out its attempt in the miner's queue. Among them, miners that have not tried this job yet
+come first (a job that failed or timed out somewhere goes elsewhere); when every eligible miner
 has tried it, the ones that tried it least are used again rather than letting the job starve.
 
 The weight of a miner is
@@ -18,8 +18,8 @@ work, so a newcomer that got none could never earn one. The score floor is as la
 top score's share on purpose: a score is a sum over the window, so it grows with the work
 routing gave; with a small floor that feedback starves whoever missed the first few jobs (a
 local demo saw an honest miner get none of 21). At 1.0 the best miner gets at most twice the
-share of one that has no score yet. Dividing by the queue depth spreads
-load towards idle miners. The random draw is injectable, so tests and audits can replay it.
+share of one that has no score yet. Dividing by the queue depth spreads load towards idle
+miners. The random draw is injectable, so tests and audits can replay it.
 """
 
 from __future__ import annotations

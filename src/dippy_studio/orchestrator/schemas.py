@@ -108,7 +108,6 @@ class ImageRequest(_Strict):
     _uploads: dict[str, bytes] = PrivateAttr(default_factory=dict)
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"prompt": "a lighthouse at dusk", "width": 256, "height": 256, "seed": 7},

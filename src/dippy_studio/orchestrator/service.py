@@ -85,7 +85,6 @@ class Orchestrator:
             profile_limits(model)
         self.settings = settings
         self.clock = clock
-        self.rng = rng or random.Random()
         self.signer = signer or signer_for(settings)
         # First: a bucket that cannot be used stops startup before anything else is opened.
         self.results, self.assets, self.heldout = blob_stores(settings)
@@ -94,7 +93,7 @@ class Orchestrator:
         # Which singleton loops (sweep, sync, probe, scores, audits) this replica runs now.
         self.leadership = for_store(self.store, settings.leader_takeover_s)
         retention = retention_for(settings.max_signature_age, settings.allowed_clock_skew)
-        self.nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
+        nonces = nonces or SqliteNonceStore(settings.data_dir / NONCE_FILE, retention=retention)
         if chain is None and settings.chain_path is not None:
             from dippy_studio.chain.local import LocalChain
 
@@ -104,10 +103,8 @@ class Orchestrator:
         self.waiters = Waiters()
         self.refusals = Refusals()
         self.registry = Registry(self.store, chain, self.signer, settings, clock=clock)
-        self.dispatcher = Dispatcher(self.store, self.registry, self.signer, settings, self, rng=self.rng, clock=clock)
-        self.callbacks = CallbackHandler(
-            self.store, self.blobs_for, self.signer, self.nonces, settings, self, clock=clock
-        )
+        self.dispatcher = Dispatcher(self.store, self.registry, self.signer, settings, self, rng=rng, clock=clock)
+        self.callbacks = CallbackHandler(self.store, self.blobs_for, self.signer, nonces, settings, self, clock=clock)
         self.webhooks = WebhookSender(
             self.store, settings, lambda job: request_view(job, settings.public_url), clock=clock
         )
@@ -425,12 +422,11 @@ class AuditsProcess:
         if not settings.audit:
             raise ValueError("audits are off (audit = false): there is nothing for this process to judge")
         settings = settings.model_copy(update={"judge_audits": True})
-        self.settings = settings
-        self.signer = signer_for(settings)  # signs the re-runs sent to reference workers
+        signer = signer_for(settings)  # signs the re-runs sent to reference workers
         stores = blob_stores(settings)
         self.store = Store.open(settings.database_url, default_model=settings.profile)
         self.leadership = for_store(self.store, settings.leader_takeover_s)
-        self.queue = audit_queue(settings, self.store, stores, self.signer, self.leadership)
+        self.queue = audit_queue(settings, self.store, stores, signer, self.leadership)
 
     def start(self) -> None:
         self.queue.start()

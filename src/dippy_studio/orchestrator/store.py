@@ -32,8 +32,7 @@ import secrets
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cache, lru_cache
@@ -60,7 +59,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from dippy_studio.orchestrator import usage
 from dippy_studio.orchestrator.db import WRITE_OPTION, make_engine, process_shard, upgrade
@@ -274,7 +273,7 @@ AssignMiner = Callable[[Job, Counter[str]], tuple[str, int | None] | None]
 BuildJob = Callable[[ApiKey], Mapping[str, Any]]
 
 # Columns a transition may set besides the status (the id, owner and request never change).
-_TRANSITION_FIELDS = frozenset(Job.__table__.columns.keys()) - {"id", "api_key_id", "kind", "payload", "status"}
+_TRANSITION_FIELDS = frozenset(_JOBS.columns.keys()) - {"id", "api_key_id", "kind", "payload", "status"}
 # What a transition out of an attempt says about that attempt, unless the caller says otherwise.
 _ATTEMPT_OUTCOME = {
     RequestStatus.queued: "failed",
@@ -349,10 +348,6 @@ def _until_next_window(now: datetime) -> float:
     return (now.replace(second=0, microsecond=0) + RATE_WINDOW - now).total_seconds()
 
 
-def new_job_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
-
-
 def job_row(
     api_key_id: str,
     kind: str,
@@ -374,7 +369,7 @@ def job_row(
         raise ValueError("max_attempts must be at least 1")
     now = now or utcnow()
     return {column.key: None for column in _JOB_COLUMNS} | {
-        "id": job_id or new_job_id(),
+        "id": job_id or f"req_{uuid.uuid4().hex}",
         "api_key_id": api_key_id,
         "kind": str(kind),
         "model": model,
@@ -405,9 +400,9 @@ class Store:
             self.engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else self.engine
         )
         # expire_on_commit=False: returned rows stay readable after their session is gone.
-        self._reads = sessionmaker(reader, expire_on_commit=False)
+        self._read = sessionmaker(reader, expire_on_commit=False)
         self._reader = reader
-        self._writer = Writer(self.engine.execution_options(**{WRITE_OPTION: True}).begin)
+        self.writer = Writer(self.engine.execution_options(**{WRITE_OPTION: True}).begin)
 
     @classmethod
     def open(cls, url: str | URL, migrate: bool = True, *, default_model: str | None = None) -> Store:
@@ -419,7 +414,7 @@ class Store:
         return store
 
     def close(self) -> None:
-        self._writer.close()
+        self.writer.close()
         self.engine.dispose()
 
     async def call(self, method: Callable[..., T], *args: Any, lock_key: str = "", **kwargs: Any) -> T:
@@ -435,32 +430,19 @@ class Store:
                 # A refusal is this call's answer, not a failed write: the group commits.
                 return _Refused(refused)
 
-        outcome = await self._writer.submit(run, lock_key)
+        outcome = await self.writer.submit(run, lock_key)
         if isinstance(outcome, _Refused):
             raise outcome.error
         return outcome
 
-    @property
-    def writer(self) -> Writer:
-        return self._writer
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        with self._reads() as session:
-            yield session
-
     def _write(self, fn: Callable[[Connection], T], lock_key: str = "") -> T:
         """`fn(connection)` as this call's transaction (see the module docstring)."""
         try:
-            return self._writer.run(fn, lock_key)
+            return self.writer.run(fn, lock_key)
         except DBAPIError as exc:
             if is_illegal_transition(exc):
                 raise IllegalTransition(str(exc.orig).splitlines()[0]) from exc
             raise
-
-    def _insert(self, model: type) -> Any:
-        """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
-        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(model)
 
     # ---- API keys ---------------------------------------------------------------------------
 
@@ -483,7 +465,7 @@ class Store:
             "created_at": now or utcnow(),
             "revoked_at": None,
         }
-        self._write(lambda conn: conn.execute(insert(ApiKey.__table__), row))
+        self._write(lambda conn: conn.execute(insert(_KEYS), row))
         return NewApiKey(key=ApiKey(**row), secret=secret)
 
     def list_api_keys(self, include_revoked: bool = True) -> list[ApiKey]:
@@ -498,15 +480,14 @@ class Store:
 
     def revoke_api_key(self, key_id: str, now: datetime | None = None) -> bool:
         """True when this call revoked the key, False when it was already revoked."""
-        table = ApiKey.__table__
         revoke = (
-            update(table).where(table.c.id == key_id, table.c.revoked_at.is_(None)).values(revoked_at=now or utcnow())
+            update(_KEYS).where(_KEYS.c.id == key_id, _KEYS.c.revoked_at.is_(None)).values(revoked_at=now or utcnow())
         )
 
         def write(conn: Connection) -> bool:
             if conn.execute(revoke).rowcount == 1:
                 return True
-            if conn.scalar(select(table.c.id).where(table.c.id == key_id)) is None:
+            if conn.scalar(select(_KEYS.c.id).where(_KEYS.c.id == key_id)) is None:
                 raise UnknownApiKey(key_id)
             return False
 
@@ -614,17 +595,14 @@ class Store:
         api_key_id: str,
         *,
         status: RequestStatus | str | None = None,
-        before: datetime | None = None,
         after: tuple[datetime, str] | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        """A key's jobs, newest first; `before` pages back through older ones, and `after` (a
-        (created_at, id) a page ended at) continues strictly after it in this order."""
+        """A key's jobs, newest first; `after` (a (created_at, id) a page ended at) continues
+        strictly after it in this order."""
         query = select(Job).where(Job.api_key_id == api_key_id)
         if status is not None:
             query = query.where(Job.status == RequestStatus(status).value)
-        if before is not None:
-            query = query.where(Job.created_at < before)
         if after is not None:
             query = query.where(_older_than(Job.created_at, Job.id, *after))
         query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
@@ -656,14 +634,12 @@ class Store:
         attempt; False otherwise. A report says the job started: a job still `dispatched` (its
         accept not yet recorded) moves to `running`. On PostgreSQL every replica hears of it
         (`progress <id>` on the job events channel), as it hears of status changes."""
-        to_running = _transition_op(
-            job_id, RequestStatus.dispatched, RequestStatus.running, now or utcnow(), None, None, None, {}
-        )
+        to_running = _transition_op(job_id, RequestStatus.dispatched, RequestStatus.running, now or utcnow())
         statement = (
             update(_JOBS)
             .where(
                 _JOBS.c.id == job_id,
-                _JOBS.c.status.in_(sorted(s.value for s in ACTIVE)),
+                _one_of(_JOBS.c.status, ACTIVE),
                 _JOBS.c.miner_hotkey == miner_hotkey,
                 _JOBS.c.attempts == attempt,
             )
@@ -706,7 +682,16 @@ class Store:
         to `queued` clears the current miner. Leaving an attempt (re-queue or a terminal state)
         closes the open JobAttempt row with `attempt_outcome` (default: what the new state implies).
         """
-        move = _transition_op(job_id, frm, to, now or utcnow(), attempt_outcome, attempt_error, api_key_id, fields)
+        move = _transition_op(
+            job_id,
+            frm,
+            to,
+            now or utcnow(),
+            attempt_outcome=attempt_outcome,
+            attempt_error=attempt_error,
+            api_key_id=api_key_id,
+            **fields,
+        )
         return self._write(move, lock_key=job_id)
 
     def take_back(
@@ -726,8 +711,8 @@ class Store:
         def write(conn: Connection) -> str | None:
             spent = 0 if outcome in NOT_TAKEN | CLIENTS_DOING else _spent_attempts(conn, [job.id])[job.id] + 1
             target, fields = _after_attempt(job, outcome, reason, now, min_attempt_s, spent)
-            moved = _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)(conn)
-            return target.value if moved else None
+            move = _transition_op(job.id, ACTIVE, target, now, attempt_outcome=outcome, attempt_error=reason, **fields)
+            return target.value if move(conn) else None
 
         return self._write(write, lock_key=job.id)
 
@@ -744,7 +729,7 @@ class Store:
             "timings": success.timings,
             "error": None,
         }
-        move = _transition_op(job_id, ACTIVE, RequestStatus.succeeded, now, None, None, None, fields)
+        move = _transition_op(job_id, ACTIVE, RequestStatus.succeeded, now, **fields)
 
         def write(conn: Connection) -> bool:
             if not move(conn):
@@ -753,7 +738,7 @@ class Store:
                 # A LoRA is for its training job's model unless the registration says otherwise.
                 job_model = select(_JOBS.c.model).where(_JOBS.c.id == job_id).scalar_subquery()
                 lora = {"model": job_model, **success.lora, "created_at": now}
-                conn.execute(self._insert(Lora).values(**lora).on_conflict_do_nothing())
+                conn.execute(_insert(self.dialect, Lora).values(**lora).on_conflict_do_nothing())
             return True
 
         return self._write(write, lock_key=job_id)
@@ -883,15 +868,11 @@ class Store:
         with self._reader.connect() as conn:
             return Counter({(hotkey, kind): count for hotkey, kind, count in conn.execute(_HELD)})
 
-    def list_attempts(
-        self, job_id: str | None = None, *, miner_hotkey: str | None = None, since: datetime | None = None
-    ) -> list[JobAttempt]:
-        """Attempts in dispatch order: one job's (to skip miners that failed it), or a miner's."""
+    def list_attempts(self, job_id: str | None = None, *, since: datetime | None = None) -> list[JobAttempt]:
+        """Attempts in dispatch order: one job's, or every job's (dispatched `since`)."""
         query = select(JobAttempt).order_by(JobAttempt.dispatched_at, JobAttempt.id)
         if job_id is not None:
             query = query.where(JobAttempt.job_id == job_id)
-        if miner_hotkey is not None:
-            query = query.where(JobAttempt.miner_hotkey == miner_hotkey)
         if since is not None:
             query = query.where(JobAttempt.dispatched_at >= since)
         with self._read() as session:
@@ -911,7 +892,7 @@ class Store:
         now = now or utcnow()
         stuck_query = (
             select(*_JOB_COLUMNS)
-            .where(_JOBS.c.status.in_([s.value for s in ACTIVE]), _JOBS.c.dispatch_deadline <= now)
+            .where(_one_of(_JOBS.c.status, ACTIVE), _JOBS.c.dispatch_deadline <= now)
             .order_by(_JOBS.c.dispatch_deadline)
             .limit(SWEEP_BATCH)
             .with_for_update(skip_locked=True)
@@ -934,13 +915,14 @@ class Store:
                     outcome, reason = "timeout", f"no result within {job.attempt_timeout_s:g}s from {_where(job)}"
                 target, fields = _after_attempt(job, outcome, reason, now, min_attempt_s, spent[job.id] + 1)
                 moved = result.requeued if target is RequestStatus.queued else result.failed
-                if _transition_op(job.id, ACTIVE, target, now, outcome, reason, None, fields)(conn):
+                move = _transition_op(
+                    job.id, ACTIVE, target, now, attempt_outcome=outcome, attempt_error=reason, **fields
+                )
+                if move(conn):
                     moved.append(job.id)
             for job_id in list(conn.scalars(expired_query)):
-                error = {"error": "deadline passed before a miner could finish the job"}
-                if _transition_op(job_id, RequestStatus.queued, RequestStatus.failed, now, None, None, None, error)(
-                    conn
-                ):
+                error = "deadline passed before a miner could finish the job"
+                if _transition_op(job_id, RequestStatus.queued, RequestStatus.failed, now, error=error)(conn):
                     result.failed.append(job_id)
             return result
 
@@ -1002,7 +984,7 @@ class Store:
         """Insert or refresh a miner from the metagraph; its health and score are left alone."""
         now = now or utcnow()
         chain = {"uid": uid, "coldkey": coldkey, "endpoint": endpoint, "stake": stake, "updated_at": now}
-        upsert = self._insert(Miner).values(
+        upsert = _insert(self.dialect, Miner).values(
             hotkey=hotkey, healthy=False, capacity={}, fingerprints=[], score=0.0, created_at=now, **chain
         )
         statement = upsert.on_conflict_do_update(index_elements=[Miner.hotkey], set_=chain)
@@ -1097,7 +1079,7 @@ class Store:
             "evidence": dict(evidence or {}),
             "created_at": now or utcnow(),
         }
-        statement = self._insert(Audit).on_conflict_do_nothing(index_elements=["job_id"]).returning(Audit.id)
+        statement = _insert(self.dialect, Audit).on_conflict_do_nothing(index_elements=["job_id"]).returning(Audit.id)
 
         def write(conn: Connection) -> int | None:
             audit_id = conn.execute(statement, row).scalar_one_or_none()
@@ -1202,8 +1184,12 @@ class Listener:
 
 # ---- statements -----------------------------------------------------------------------------------
 
-_KEYS_BY_ID = select(*ApiKey.__table__.columns).where(ApiKey.__table__.c.id == bindparam("b_id"))
 _INSERT_JOB = insert(_JOBS)
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT (the generic one does not)."""
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def _older_than(created_at: Any, row_id: Any, at: datetime, at_id: str) -> ColumnElement[bool]:
@@ -1224,7 +1210,7 @@ def _admit(conn: Connection, secret: str | None, now: datetime) -> ApiKey | Orch
     if conn.dialect.name == "postgresql":
         key, requests = _read_and_count(conn, key_id, secret, now)
     else:
-        row = conn.execute(_KEYS_BY_ID, {"b_id": key_id}).first()
+        row = conn.execute(_by_id_statement(ApiKey), {"b_id": key_id}).first()
         key = _live(secret, None if row is None else detached(ApiKey, row._mapping))
         requests = None if key is None else _count_request(conn, key.id, now)
     if key is None or requests is None:
@@ -1311,8 +1297,7 @@ def _count_statement(dialect: str) -> Any:
     """The upsert counting a request on this process's row, returning the window's count with
     the other processes' rows added (one statement, on the path of every request), built once per
     dialect."""
-    upsert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(_RATES)
-    upsert = upsert.values(api_key_id=_WINDOW_KEY, window_start=_WINDOW, shard=_SHARD, count=1)
+    upsert = _insert(dialect, _RATES).values(api_key_id=_WINDOW_KEY, window_start=_WINDOW, shard=_SHARD, count=1)
     return _counted(upsert).returning(_RATES.c.count + _others_count())
 
 
@@ -1338,10 +1323,11 @@ def _transition_op(
     frm: RequestStatus | str | Iterable[RequestStatus | str],
     to: RequestStatus | str,
     now: datetime,
-    attempt_outcome: str | None,
-    attempt_error: str | None,
-    api_key_id: str | None,
-    fields: Mapping[str, Any],
+    *,
+    attempt_outcome: str | None = None,
+    attempt_error: str | None = None,
+    api_key_id: str | None = None,
+    **fields: Any,
 ) -> Callable[[Connection], bool]:
     """The one way a job's status changes: a compare-and-set UPDATE (see `Store.transition`),
     as a function of the transaction's connection."""
@@ -1480,14 +1466,13 @@ def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...], owne
 
 
 # Closing a job's open attempt (there is at most one: every move out of an attempt closes it).
-def _closing_attempts(jobs: ColumnElement[bool], latency: ColumnElement[float] | None) -> Update:
+def _closing_attempts(jobs: ColumnElement[bool], latency: ColumnElement[float]) -> Update:
     values: dict[str, Any] = {
         "outcome": bindparam("b_attempt_outcome"),
         "error": bindparam("b_attempt_error"),
         "finished_at": bindparam("b_attempt_finished_at", type_=_ATTEMPTS.c.finished_at.type),
+        "latency_s": latency,
     }
-    if latency is not None:
-        values["latency_s"] = latency
     return update(_ATTEMPTS).where(jobs, _ATTEMPTS.c.outcome.is_(None)).values(values)
 
 
@@ -1502,7 +1487,6 @@ _PG_LATENCY = func.greatest(
     ),
 )
 _THIS_JOB = _ATTEMPTS.c.job_id == bindparam("b_job_id")
-_CLOSE_ATTEMPTS_PG = _closing_attempts(_THIS_JOB, _PG_LATENCY)
 _CLOSE_ATTEMPTS_SQLITE = _closing_attempts(_THIS_JOB, bindparam("b_latency_s"))
 _OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(_THIS_JOB, _ATTEMPTS.c.outcome.is_(None))
 
@@ -1527,10 +1511,8 @@ def _attempt_params(job_id: str, outcome: str, error: str | None, now: datetime)
 
 
 def _close_attempt(conn: Connection, job_id: str, outcome: str, error: str | None, now: datetime) -> None:
+    """SQLite's close of the job's open attempt (PostgreSQL's is part of `_transition_closing_statement`)."""
     params = _attempt_params(job_id, outcome, error, now)
-    if conn.dialect.name == "postgresql":
-        conn.execute(_CLOSE_ATTEMPTS_PG, params)
-        return
     dispatched_at = conn.scalar(_OPEN_ATTEMPT, params)
     if dispatched_at is not None:
         latency = max(0.0, (now - dispatched_at).total_seconds())

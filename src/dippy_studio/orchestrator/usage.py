@@ -25,6 +25,7 @@ Exact across replicas, with no counter in any process's memory:
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -139,6 +140,11 @@ def row_units(row: Mapping[str, Any]) -> Units:
     return Units(*(row.get(f"units_{unit}") or 0 for unit in UNITS))
 
 
+def _summed(row: Any) -> Units:
+    """A row of per-unit SQL sums as `Units`, each sum in its unit's Python type."""
+    return Units(int(row.images), float(row.megapixel_steps), int(row.training_steps))
+
+
 # ---- metering --------------------------------------------------------------------------------
 
 
@@ -188,10 +194,7 @@ def day_rows(conn: Connection, api_key_id: str, first: date, last: date) -> dict
         .where(_DAYS.c.api_key_id == api_key_id, _DAYS.c.day >= first, _DAYS.c.day <= last)
         .group_by(_DAYS.c.day)
     )
-    return {
-        row.day: Units(int(row.images), float(row.megapixel_steps), int(row.training_steps))
-        for row in conn.execute(query)
-    }
+    return {row.day: _summed(row) for row in conn.execute(query)}
 
 
 def usage_report(conn: Connection, api_key_id: str, quota: Quota | None, days: int, now: datetime) -> dict[str, Any]:
@@ -244,15 +247,11 @@ def _sums() -> Any:
 _SUMS = _sums()
 
 
-def month_start(day: date) -> date:
-    return day.replace(day=1)
-
-
 def _resets(period: str, today: date) -> str:
     if period == "day":
         following = today + timedelta(days=1)
     else:
-        following = (month_start(today) + timedelta(days=32)).replace(day=1)
+        following = (today.replace(day=1) + timedelta(days=32)).replace(day=1)
     return f"{following.isoformat()}T00:00:00Z"
 
 
@@ -266,18 +265,15 @@ def refusal(
     transaction that inserts them. `quota` is the key's `api_keys.quota` as already read in this
     transaction (left out: read here)."""
     stored = conn.scalar(_QUOTA, {"b_key": api_key_id}) if quota is _READ_IT else quota
-    if quota_of(stored) is None:
-        return None
-    if conn.dialect.name == "postgresql":
-        # Replicas admitting for this key take turns from here to their commit.
-        stored = conn.scalar(_QUOTA_FOR_UPDATE, {"b_key": api_key_id})
     limits = quota_of(stored)
+    if limits is not None and conn.dialect.name == "postgresql":
+        # Replicas admitting for this key take turns from here to their commit.
+        limits = quota_of(conn.scalar(_QUOTA_FOR_UPDATE, {"b_key": api_key_id}))
     if limits is None:
         return None
     today = now.astimezone(UTC).date()
-    params = {"b_key": api_key_id, "b_today": today, "b_month": month_start(today)}
-    parts = {row.part: Units(int(row.images), float(row.megapixel_steps), int(row.training_steps))
-             for row in conn.execute(_SUMS, params)}  # fmt: skip
+    params = {"b_key": api_key_id, "b_today": today, "b_month": today.replace(day=1)}
+    parts = {row.part: _summed(row) for row in conn.execute(_SUMS, params)}
     unfinished = parts.get("unfinished", Units())
     for period in PERIODS:
         spent = parts.get(period, Units())
@@ -305,9 +301,9 @@ def _fmt(value: float) -> str:
 
 def check_rows(conn: Connection, rows: Sequence[Mapping[str, Any]], now: datetime) -> QuotaExceeded | None:
     """`refusal` for new job rows (each key's rows together), in the transaction inserting them."""
-    totals: dict[str, Units] = {}
+    totals: defaultdict[str, Units] = defaultdict(Units)
     for row in rows:
-        totals[row["api_key_id"]] = totals.get(row["api_key_id"], Units()) + row_units(row)
+        totals[row["api_key_id"]] += row_units(row)
     for api_key_id in sorted(totals):
         refused = refusal(conn, api_key_id, totals[api_key_id], now)
         if refused is not None:

@@ -41,10 +41,6 @@ DELIVERY_THREADS = 4
 BATCH = 32
 
 
-def event_type(status: str) -> str:
-    return f"request.{status}"
-
-
 class WebhookSender:
     def __init__(
         self,
@@ -109,7 +105,7 @@ class WebhookSender:
             check_url(job.webhook_url, self.url_policy)
         except OutboundError as exc:
             return False, str(exc), False
-        payload = {"type": event_type(job.status), "timestamp": self.clock().isoformat(), "data": self.render(job)}
+        payload = {"type": f"request.{job.status}", "timestamp": self.clock().isoformat(), "data": self.render(job)}
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = headers_for(key.webhook_secret, f"msg_{job.id}", body)
         try:

@@ -35,6 +35,8 @@ from sqlalchemy import Connection
 log = logging.getLogger("dippy_studio.orchestrator.writer")
 
 T = TypeVar("T")
+# The most calls one transaction takes.
+MAX_GROUP = 256
 
 
 class _Call(Generic[T]):
@@ -54,9 +56,8 @@ class _Call(Generic[T]):
 class Writer:
     """Runs calls on a writer thread, each group of them in one transaction (module docstring)."""
 
-    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]], *, max_group: int = 256) -> None:
+    def __init__(self, begin: Callable[[], AbstractContextManager[Connection]]) -> None:
         self._begin = begin
-        self.max_group = max_group
         self._cond = threading.Condition()
         self._queue: deque[_Call[Any]] = deque()
         self._thread: threading.Thread | None = None
@@ -132,7 +133,7 @@ class Writer:
                 if not self._queue:
                     self._thread = None
                     return
-                group = [self._queue.popleft() for _ in range(min(len(self._queue), self.max_group))]
+                group = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_GROUP))]
             try:
                 self._write(group)
             except Exception as exc:
