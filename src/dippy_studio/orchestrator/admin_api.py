@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from dippy_studio.orchestrator.api import refusals
+from dippy_studio.orchestrator.api import bearer_secret, refusals
 from dippy_studio.orchestrator.models import ApiKey
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.store import DEFAULT_RATE_LIMIT_PER_MINUTE, UnknownApiKey
@@ -98,7 +98,7 @@ def build_usage_router(orch: Orchestrator) -> APIRouter:
     router = APIRouter()
 
     async def client(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> ApiKey:
-        return await orch.admitted(credentials.credentials if credentials is not None else None)
+        return await orch.admitted(bearer_secret(credentials))
 
     @router.get("/v1/usage", response_model=UsageView, responses=refusals(401, 422, 429), tags=["usage"])
     async def my_usage(key: ApiKey = Depends(client), days: Days = DEFAULT_DAYS) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def build_admin_router(orch: Orchestrator) -> APIRouter:
     def operator(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
         if expected is None:
             raise HTTPException(404, detail=ADMIN_OFF)
-        offered = (credentials.credentials if credentials is not None else "").encode("utf-8", "replace")
+        offered = (bearer_secret(credentials) or "").encode("utf-8", "replace")
         if not hmac.compare_digest(offered, expected):
             raise HTTPException(401, detail=ADMIN_WRONG, headers={"WWW-Authenticate": 'Bearer realm="admin"'})
 

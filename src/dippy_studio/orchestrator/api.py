@@ -130,7 +130,8 @@ def prefer_wait(header: str | None, cap: float) -> float:
 bearer = HTTPBearer(auto_error=False, description="Your API key: `Authorization: Bearer dsk_...`")
 
 
-def _secret(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+def bearer_secret(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    """The API key a request offered as `Authorization: Bearer`, if any."""
     return credentials.credentials if credentials is not None else None
 
 
@@ -140,7 +141,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
     settings = orch.settings
 
     async def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
-        return await orch.admitted(_secret(credentials))
+        return await orch.admitted(bearer_secret(credentials))
 
     async def submitted(request: Request, job: Job) -> JSONResponse:
         base = str(request.base_url)
@@ -184,7 +185,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         key = None
         if _is_multipart(request.headers.get("content-type")):
             # Authenticated before the upload is read: a stranger's upload costs us nothing.
-            key = await orch.admitted(_secret(credentials))
+            key = await orch.admitted(bearer_secret(credentials))
             body = await _image_form(request, settings.max_input_image_bytes)
         else:
             raw = await request.body()
@@ -192,7 +193,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
             parse = lambda: _validated(_json_body(raw))  # noqa: E731
             body = parse() if len(raw) < _PARSE_ON_LOOP_BYTES else await run_in_threadpool(parse)
         job = await orch.submit(
-            _secret(credentials),
+            bearer_secret(credentials),
             TASK_KINDS[body.task],
             body,
             webhook_url=body.webhook_url,
@@ -231,7 +232,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         """Queue a LoRA training request. When it succeeds, its status names the new LoRA's id
         (`result.lora_id`), which `/v1/images` accepts in `loras`."""
         # Authenticated before the upload is read: a stranger's upload costs us nothing.
-        key = await orch.admitted(_secret(credentials))
+        key = await orch.admitted(bearer_secret(credentials))
         if (dataset is None) == (not dataset_url):
             raise HTTPException(422, detail="give exactly one of a 'dataset' file or a 'dataset_url'")
         for url in (dataset_url, webhook_url):

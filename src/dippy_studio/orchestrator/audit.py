@@ -39,6 +39,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from dippy_studio.orchestrator.image_inputs import task_inputs
+
 if TYPE_CHECKING:
     from typing import TypeGuard
 
@@ -525,15 +527,7 @@ def audit_inference_job(ctx: AuditContext, job: Job) -> AuditOutcome:
 
     assert job.result_blob is not None
     payload = job.payload
-    inputs: dict[str, Any] = {}
-    if "task" in payload:
-        inputs["task"] = payload["task"]
-        for name in ("image", "mask"):
-            sha256 = payload.get(f"{name}_sha256")
-            if sha256 is not None:
-                inputs[name] = ctx.assets.get(sha256)
-        if payload.get("strength") is not None:
-            inputs["strength"] = payload["strength"]
+    inputs = task_inputs(payload, ctx.assets.get)
     request = GenerationRequest(
         prompt=payload["prompt"],
         seed=payload["seed"],

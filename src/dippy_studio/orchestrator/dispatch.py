@@ -46,7 +46,7 @@ from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.outbound import UrlPolicy, guarded_socket_factory
+from dippy_studio.protocol.outbound import guarded_socket_factory
 
 log = logging.getLogger("dippy_studio.orchestrator.dispatch")
 
@@ -113,7 +113,7 @@ class Dispatcher:
         self._wake, self._room = asyncio.Event(), asyncio.Event()
         timeout = aiohttp.ClientTimeout(total=self.settings.dispatch_timeout_s)
         # No connection cap of aiohttp's own: `dispatch_concurrency` bounds the sends.
-        policy = UrlPolicy(self.settings.allow_loopback_urls, self.settings.allow_private_urls)
+        policy = self.settings.url_policy
         connector = aiohttp.TCPConnector(limit=0, socket_factory=guarded_socket_factory(policy))
         self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         self._task = asyncio.create_task(self._run(), name="orch-dispatch")

@@ -14,8 +14,9 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dippy_studio.orchestrator.errors import InvalidRequest, TooLarge
 from dippy_studio.protocol.images import InputImageError, canonical_png, read_input_image, read_mask
@@ -91,10 +92,32 @@ def input_bytes(
         raise InvalidRequest(f"the {what} must be an http(s):// URL, a data: URI or an uploaded file")
     if len(data) > limit:
         raise TooLarge(f"the {what} is over the {limit}-byte limit")
-    actual = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and actual != sha256:
-        raise InvalidRequest(f"the {what} has sha256 {actual}, not the {sha256} given")
+    check_sha256(data, sha256, f"the {what}")
     return data
+
+
+def check_sha256(data: bytes, expected: str | None, what: str) -> str:
+    """The sha256 of what a client sent, which must be the one it gave, if it gave one."""
+    actual = hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected:
+        raise InvalidRequest(f"{what} has sha256 {actual}, not the {expected} given")
+    return actual
+
+
+def task_inputs(payload: Mapping[str, Any], image: Callable[[str], Any]) -> dict[str, Any]:
+    """An image task's inputs as a job's payload keeps them: the task, the strength, and
+    `image(sha256)` for the input image and the mask (a download for a miner, the bytes for an
+    audit's re-run). None for text-to-image."""
+    if "task" not in payload:
+        return {}
+    inputs: dict[str, Any] = {"task": payload["task"]}
+    for name in ("image", "mask"):
+        sha256 = payload.get(f"{name}_sha256")
+        if sha256 is not None:
+            inputs[name] = image(sha256)
+    if payload.get("strength") is not None:
+        inputs["strength"] = payload["strength"]
+    return inputs
 
 
 def store_inputs(ctx: InputContext, body: ImageRequest, limits: ProfileLimits) -> StoredInputs | None:

@@ -12,7 +12,6 @@ kinds `inference` (text-to-image), `edit`, `img2img` and `inpaint` (one per publ
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 
 from dippy_studio.orchestrator.audit import HELDOUT_KEY, audit_inference_job, audit_training_job
 from dippy_studio.orchestrator.errors import InvalidRequest
-from dippy_studio.orchestrator.image_inputs import store_inputs
+from dippy_studio.orchestrator.image_inputs import check_sha256, store_inputs, task_inputs
 from dippy_studio.orchestrator.results import check_image, check_lora, check_lora_fit, lora_id_for
 from dippy_studio.orchestrator.schemas import MIN_DEADLINE_S, ImageRequest, LoraInput, TrainingRequest
 from dippy_studio.orchestrator.scoring import KindWeights, kind_weights
@@ -156,13 +155,6 @@ def deadline_after(now: datetime, requested_s: float | None, default_s: float, c
     return now + timedelta(seconds=seconds)
 
 
-def check_sha256(data: bytes, expected: str | None, what: str) -> str:
-    actual = hashlib.sha256(data).hexdigest()
-    if expected is not None and actual != expected:
-        raise InvalidRequest(f"{what} has sha256 {actual}, not the {expected} given")
-    return actual
-
-
 def new_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
 
@@ -258,15 +250,7 @@ def _image_request(job: Job, common: Mapping[str, Any], blob_url: Callable[[str]
     ]
     fields = {k: payload[k] for k in ("prompt", "seed", "width", "height", "steps", "guidance")}
     # The image tasks' inputs, as blobs miners download like LoRAs.
-    inputs: dict[str, Any] = {}
-    if "task" in payload:
-        inputs["task"] = payload["task"]
-        for name in ("image", "mask"):
-            sha256 = payload.get(f"{name}_sha256")
-            if sha256 is not None:
-                inputs[name] = InputDownload(url=blob_url(sha256), sha256=sha256)
-        if payload.get("strength") is not None:
-            inputs["strength"] = payload["strength"]
+    inputs = task_inputs(payload, lambda sha256: InputDownload(url=blob_url(sha256), sha256=sha256))
     return InferenceJob(**common, **fields, loras=loras, **inputs)
 
 

@@ -27,7 +27,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 
 from dippy_studio.orchestrator import kinds
-from dippy_studio.orchestrator.api import bearer, refusals
+from dippy_studio.orchestrator.api import bearer, bearer_secret, refusals
 from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.schemas import ModelInfo
 from dippy_studio.orchestrator.service import Orchestrator
@@ -133,7 +133,7 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
     ) -> EventSourceResponse:
         """Follow a request live: its status at once and on each change, its place in the queue
         while queued, and the miner's progress (denoising or training steps) while it runs."""
-        key = await orch.admitted(credentials.credentials if credentials is not None else None)
+        key = await orch.admitted(bearer_secret(credentials))
         job = await asyncio.to_thread(orch.own_job, key, request_id)
         stream = request_events(orch, job, str(request.base_url))
         return EventSourceResponse(stream, ping=PING_S, headers={"Cache-Control": "no-store"})

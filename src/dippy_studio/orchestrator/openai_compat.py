@@ -62,7 +62,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from dippy_studio.orchestrator import errors, kinds
-from dippy_studio.orchestrator.api import bearer, http_error
+from dippy_studio.orchestrator.api import bearer, bearer_secret, http_error
 from dippy_studio.orchestrator.image_inputs import TASK_KINDS
 from dippy_studio.orchestrator.models import ApiKey, Job
 from dippy_studio.orchestrator.schemas import ImageRequest, LoraInput
@@ -440,7 +440,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
 
     async def client(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
         # Admitted before the body is read: a stranger's upload costs us nothing.
-        secret = credentials.credentials if credentials is not None else None
+        secret = bearer_secret(credentials)
         return Caller(await orch.admitted(secret), secret)
 
     @router.post("/v1/images/generations", response_model=ImagesResponse, responses=_responses())

@@ -27,7 +27,7 @@ from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
+from dippy_studio.protocol.outbound import OutboundError, check_url, guarded_client
 from dippy_studio.protocol.schemas import Capacity
 
 log = logging.getLogger("dippy_studio.orchestrator.registry")
@@ -71,7 +71,7 @@ class Registry:
         self.signer = signer
         self.settings = settings
         self.clock = clock
-        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.url_policy = settings.url_policy
         self._http = guarded_client(self.url_policy, timeout=settings.probe_timeout_s)
         self._lock = threading.Lock()
         self._candidates: list[Candidate] | None = None

@@ -45,7 +45,7 @@ from dippy_studio.orchestrator.webhooks import WebhookSender
 from dippy_studio.protocol.keys import Signer, load_signer
 from dippy_studio.protocol.limits import profile_limits
 from dippy_studio.protocol.nonces import NonceStore, SqliteNonceStore, retention_for
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
+from dippy_studio.protocol.outbound import OutboundError, check_url, guarded_client
 
 log = logging.getLogger("dippy_studio.orchestrator")
 
@@ -99,7 +99,7 @@ class Orchestrator:
 
             chain = LocalChain(settings.chain_path, create=False)
         self.chain = chain
-        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.url_policy = settings.url_policy
         self.waiters = Waiters()
         self.refusals = Refusals()
         self.registry = Registry(self.store, chain, self.signer, settings, clock=clock)

@@ -16,6 +16,7 @@ from dippy_studio.orchestrator.blobs import parse_s3_url
 from dippy_studio.orchestrator.db import default_url
 from dippy_studio.orchestrator.models import DEFAULT_MODEL
 from dippy_studio.protocol.limits import PROFILE_LIMITS
+from dippy_studio.protocol.outbound import UrlPolicy
 from dippy_studio.settings import ServiceSettings
 
 # Long enough not to be guessed, and only characters a URL carries unescaped.
@@ -176,6 +177,11 @@ class OrchestratorSettings(ServiceSettings):
     # takes longer is stopped and answered 503: it bounds a check that hangs, far above the few
     # seconds the largest allowed LoRA takes.
     lora_check_timeout_s: float = Field(default=120.0, gt=0)
+
+    @property
+    def url_policy(self) -> UrlPolicy:
+        """Which addresses outbound URLs may reach (`allow_loopback_urls`, `allow_private_urls`)."""
+        return UrlPolicy(self.allow_loopback_urls, self.allow_private_urls)
 
     @field_validator("public_url")
     @classmethod

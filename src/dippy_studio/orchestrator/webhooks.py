@@ -32,7 +32,7 @@ import httpx
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store
-from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
+from dippy_studio.protocol.outbound import OutboundError, check_url, guarded_client
 from dippy_studio.protocol.webhooks import headers_for
 
 log = logging.getLogger("dippy_studio.orchestrator.webhooks")
@@ -54,7 +54,7 @@ class WebhookSender:
         self.settings = settings
         self.render = render
         self.clock = clock
-        self.url_policy = UrlPolicy(settings.allow_loopback_urls, settings.allow_private_urls)
+        self.url_policy = settings.url_policy
         self._http = guarded_client(self.url_policy, timeout=settings.webhook_timeout_s)
         self._pool = ThreadPoolExecutor(DELIVERY_THREADS, thread_name_prefix="webhook")
 
