@@ -46,7 +46,7 @@ def test_allow_list_admits_listed_hotkeys_only(alice: Signer, bob: Signer) -> No
 
 def test_stake_threshold(alice: Signer, bob: Signer, charlie: Signer) -> None:
     stakes = FakeStakes({alice.ss58_address: 1500.0, bob.ss58_address: 999.9})
-    policy = SenderPolicy.registered(stakes, min_stake=1000)
+    policy = SenderPolicy(stake_lookup=stakes, min_stake=1000)
 
     policy.check(alice.ss58_address)
     with pytest.raises(InsufficientStake):
@@ -56,7 +56,7 @@ def test_stake_threshold(alice: Signer, bob: Signer, charlie: Signer) -> None:
 
 
 def test_zero_min_stake_admits_every_registered_hotkey(alice: Signer, bob: Signer) -> None:
-    policy = SenderPolicy.registered(FakeStakes({alice.ss58_address: 0.0}))
+    policy = SenderPolicy(stake_lookup=FakeStakes({alice.ss58_address: 0.0}), min_stake=0.0)
     policy.check(alice.ss58_address)
     with pytest.raises(UnregisteredSender):
         policy.check(bob.ss58_address)
@@ -95,13 +95,13 @@ def test_ambiguous_policies_fail_at_construction(kwargs: dict) -> None:
 def test_chain_errors_propagate_rather_than_refuse(alice: Signer) -> None:
     # An outage is the server's problem (5xx), not the caller's (403).
     with pytest.raises(ConnectionError):
-        SenderPolicy.registered(ChainDown()).check(alice.ss58_address)
+        SenderPolicy(stake_lookup=ChainDown(), min_stake=0.0).check(alice.ss58_address)
 
 
 @pytest.mark.parametrize("scheme", ["btauth", "epistula"])
 def test_verify_request_applies_the_policy(scheme, alice: Signer, bob: Signer, charlie: Signer) -> None:
     stakes = FakeStakes({alice.ss58_address: 2000.0, charlie.ss58_address: 10.0})
-    policy = SenderPolicy.registered(stakes, min_stake=1000)
+    policy = SenderPolicy(stake_lookup=stakes, min_stake=1000)
     store = MemoryNonceStore()
     body = b"{}"
 

@@ -245,10 +245,6 @@ class SenderPolicy:
         return cls(allowed_hotkeys=hotkeys)
 
     @classmethod
-    def registered(cls, stake_lookup: StakeLookup, min_stake: float = 0.0) -> SenderPolicy:
-        return cls(stake_lookup=stake_lookup, min_stake=min_stake)
-
-    @classmethod
     def open(cls) -> SenderPolicy:
         """Admit any correctly signed hotkey (local development)."""
         return cls(allow_any=True)
