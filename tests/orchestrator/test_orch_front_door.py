@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -99,3 +100,44 @@ def test_a_check_that_kills_or_outlasts_the_checking_process_gets_no_answer_and_
         model_code.run(time.sleep, (120,), 0.5)
     assert time.monotonic() - started < 90
     assert model_code.run(operator.add, ("still ", "answering"), 60) == "still answering"
+
+
+STOPPED_BY_SIGNAL = textwrap.dedent(
+    """
+    import sys
+    from dippy_studio.orchestrator import model_code
+    from dippy_studio.orchestrator.serve import run_server
+    from dippy_studio.orchestrator.settings import OrchestratorSettings
+
+    async def app(scope, receive, send):  # a server that has checked a LoRA: its child is up
+        assert scope["type"] == "lifespan"
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            model_code.run(len, (b"a LoRA",), 60)
+            print("checked", flush=True)
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    if __name__ == "__main__":
+        run_server(app, OrchestratorSettings(data_dir=sys.argv[1], dev_key="//Alice", port=0))
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_server_stopped_by_its_signal_stops_the_checking_process_and_leaks_nothing(tmp_path: Path):
+    """uvicorn ends a stopped server by re-raising the signal, which runs no finalizers: the
+    model-code child must be stopped before, or multiprocessing warns of leaked semaphores."""
+    script = tmp_path / "serve.py"
+    script.write_text(STOPPED_BY_SIGNAL)
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "checked"
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == -signal.SIGTERM, stderr[-2000:]
+    assert "leaked semaphore" not in stderr, stderr[-2000:]

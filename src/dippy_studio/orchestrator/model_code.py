@@ -55,6 +55,18 @@ def run(fn: Callable[..., str | None], args: tuple[Any, ...], timeout: float) ->
     raise ModelCodeUnavailable(f"the LoRA could not be checked: {why}")
 
 
+def shutdown() -> None:
+    """Stop the child, if one was started, and free what the pool holds. For the end of the
+    process: a server that ends by re-raising its stop signal runs no finalizers, and the pool's
+    semaphores would be left for multiprocessing's resource tracker to warn about."""
+    global _pool
+    with _lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool.stop()
+        pool.join()
+
+
 def _current() -> ProcessPool:
     # Imported with the first LoRA, like the child itself: a replica that never sees one stays lean.
     from pebble import ProcessPool

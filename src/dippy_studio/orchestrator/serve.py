@@ -24,6 +24,7 @@ import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from dippy_studio.orchestrator import model_code
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger("dippy_studio.orchestrator.serve")
@@ -65,7 +66,8 @@ def run_server(
     """Serve `app` with uvicorn until SIGINT or SIGTERM, on `sock` or on settings.host:port.
 
     `before_exit` runs once the server has stopped and before uvicorn re-raises the signal that
-    stopped it (which ends this process at once, `finally` blocks included)."""
+    stopped it (which ends this process at once, `finally` blocks included), after the LoRA
+    checks' child process is stopped."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -73,6 +75,7 @@ def run_server(
         def capture_signals(self) -> Iterator[None]:
             with super().capture_signals():
                 yield
+                model_code.shutdown()
                 if before_exit is not None:
                     before_exit()
 
