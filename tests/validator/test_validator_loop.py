@@ -16,6 +16,7 @@ from dippy_studio.chain.base import Hyperparameters
 from dippy_studio.chain.local import LocalChain
 from dippy_studio.protocol import signer_from_uri
 from dippy_studio.protocol.auth import sign_request
+from dippy_studio.validator import loop
 from dippy_studio.validator.loop import Validator
 from dippy_studio.validator.settings import ValidatorSettings
 
@@ -77,6 +78,9 @@ def test_sets_weights_from_signed_scores(world):
     orchestrator.scores = {bob: 3.0, charlie: 3.0, dave: 0.0, "5Unknown": 9.0}
     report = validator.run_round()
     assert report.action == "set", report.reason
+    # The orchestrator's window, an hour ending now, told with its length and its date.
+    end = datetime.fromtimestamp(_clock(), UTC)
+    assert f"scores of the 1 h ending {end:%Y-%m-%d %H:%M:%S} from 4 miners" in report.reason
     row = my_row(chain)
     # A tie: equal win rates (0 each), equal softmax shares. Zero score: no weight.
     assert row[uids[bob]] == pytest.approx(0.5, abs=1e-4) and row[uids[charlie]] == pytest.approx(0.5, abs=1e-4)
@@ -139,3 +143,12 @@ def test_dry_run_sets_nothing(world):
     report = validator.run_round(dry_run=True)
     assert report.action == "dry run" and report.weights
     assert my_row(chain) == {}
+
+
+@pytest.mark.parametrize(
+    ("length", "said"),
+    [(timedelta(hours=24), "24 h"), (timedelta(minutes=90), "1.5 h"), (timedelta(minutes=30), "30 min"),
+     (timedelta(seconds=45), "45 s")],
+)  # fmt: skip
+def test_a_scoring_window_is_told_by_its_length(length, said):
+    assert loop._span(length) == said

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,8 @@ class Validator:
             return RoundReport(block, "kept previous", f"chain refused the weights: {exc}", rows)
         self.state = State(round_.smoothed, hotkeys, set_, block)
         self.state.save(self.state_path)
-        window = f"{sheet.window_start:%H:%M:%S}-{sheet.window_end:%H:%M:%S}"
-        return RoundReport(block, "set", f"scores for window {window} from {len(sheet.scores)} miners", rows, set_)
+        window = f"{_span(sheet.window_end - sheet.window_start)} ending {sheet.window_end:%Y-%m-%d %H:%M:%S}"
+        return RoundReport(block, "set", f"scores of the {window} from {len(sheet.scores)} miners", rows, set_)
 
     def _set(self, hotkey: str, row: dict[int, int]) -> dict[int, int]:
         uids = sorted(row)
@@ -215,3 +216,13 @@ class Validator:
             return self.chain.hyperparameters().tempo
         except ChainError:
             return 1
+
+
+def _span(length: timedelta) -> str:
+    """A scoring window's length for the operator: "24 h", "30 min", "45 s"."""
+    seconds = length.total_seconds()
+    if seconds >= 3600:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
