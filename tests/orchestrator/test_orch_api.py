@@ -315,12 +315,12 @@ def test_scores_are_signed_by_the_orchestrator(make_api):
     assert body["scores"] == {"5Miner": 0.75} and body["orchestrator"] == ORCHESTRATOR.ss58_address
     assert body["window"]["start"] < body["window"]["end"]
 
-    def check(content: bytes):
+    def check(content: bytes, path: str = f"/v1/scores?for={VALIDATOR.ss58_address}", headers=response.headers):
         return verify_request(
-            response.headers,
+            headers,
             content,
             method="GET",
-            path=f"/v1/scores?for={VALIDATOR.ss58_address}",
+            path=path,
             receiver_ss58=VALIDATOR.ss58_address,
             nonce_store=MemoryNonceStore(),
             policy=SenderPolicy.allow_list([ORCHESTRATOR.ss58_address]),
@@ -329,6 +329,11 @@ def test_scores_are_signed_by_the_orchestrator(make_api):
     assert check(response.content).hotkey_ss58 == ORCHESTRATOR.ss58_address
     with pytest.raises(BadSignature):
         check(response.content.replace(b"0.75", b"0.99"))
+    # Signed over the target as the validator sent it, as every signed exchange is.
+    encoded = f"/v1/%73cores?for={VALIDATOR.ss58_address}"
+    sent = api.client.get(encoded)
+    assert sent.status_code == 200
+    assert check(sent.content, encoded, sent.headers).hotkey_ss58 == ORCHESTRATOR.ss58_address
     assert api.client.get("/v1/scores?for=not-a-hotkey").status_code == 422
 
 

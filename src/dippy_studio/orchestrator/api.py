@@ -420,8 +420,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
             "netuid": orch.chain.netuid if orch.chain is not None else None,
         }
         body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = sign_request(orch.signer, "GET", target, body, receiver)
+        headers = sign_request(orch.signer, "GET", request_target(request.scope), body, receiver)
         return Response(body, media_type="application/json", headers=headers)
 
     @router.get("/health", tags=["operators"])
