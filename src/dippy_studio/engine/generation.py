@@ -83,9 +83,9 @@ class GenerationRequest(BaseModel):
 @dataclass(frozen=True)
 class Timings:
     """Seconds spent in each stage of one generation. `load` covers what gets the request ready
-    before the models run: LoRA activation, reading and resizing an input image (and the model
-    load, on an engine's first request). Encoding an input image into latents is part of
-    `denoise`, where the pipeline does it."""
+    before the models run: LoRA activation, reading and resizing an input image. The models
+    themselves load before any request (`Engine.load_seconds`). Encoding an input image into
+    latents is part of `denoise`, where the pipeline does it."""
 
     load: float
     text_encode: float
@@ -143,7 +143,6 @@ class Engine:
         self.loras = LoraCache(self.pipe, self.options.lora_cache_size, self.options.lora_dir, self.family.lora_format)
         self.load_seconds = perf_counter() - started
         self._lock = threading.Lock()
-        self._pending_load = self.load_seconds  # the first request reports the model load
 
     @property
     def fingerprint(self) -> str:
@@ -162,7 +161,6 @@ class Engine:
         twin = copy.copy(self)
         twin.options = self.options.model_copy(update={"threads": threads})
         twin.fingerprint_parts = dataclasses.replace(self.fingerprint_parts, threads=threads)
-        twin._pending_load = 0.0
         return twin
 
     def check(self, request: GenerationRequest) -> None:
@@ -213,8 +211,7 @@ class Engine:
         with self.session():
             started = perf_counter()
             active = self.loras.activate(request.loras)
-            load = perf_counter() - started + prepare + self._pending_load
-            self._pending_load = 0.0
+            load = perf_counter() - started + prepare
 
             started = perf_counter()
             text = self.family.encode_prompt(self.pipe, request.prompt, request.guidance, self.spec.max_sequence_length)

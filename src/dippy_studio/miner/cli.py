@@ -68,7 +68,8 @@ def serve(
     miner = app.state.miner
     typer.echo(
         f"miner {miner.signer.ss58_address} on http://{settings.host}:{settings.port} "
-        f"profile {miner.engine.spec.name} fingerprint {miner.engine.fingerprint}",
+        f"profile {miner.engine.spec.name} fingerprint {miner.engine.fingerprint} "
+        f"(model loaded in {miner.engine.load_seconds:.1f} s)",
         err=True,
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
