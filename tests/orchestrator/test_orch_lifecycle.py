@@ -54,7 +54,13 @@ def test_inference_from_submit_to_webhook_result_audit_and_score(subnet, server,
     event = json.loads(hook.body)
     assert event["type"] == "request.succeeded"
     assert event["data"]["request_id"] == request_id and event["data"]["result"]["sha256"] == view["result"]["sha256"]
-    assert wait_status(client, request_id, {"succeeded"})["webhook"] == {"state": "delivered", "attempts": 1}
+    # Recorded once the receiver's answer is in, just after the receiver has the event.
+    webhook = wait_until(
+        lambda: (w := client.get(f"/v1/requests/{request_id}").json()["webhook"])["state"] != "pending" and w,
+        10,
+        "the delivery to be recorded",
+    )
+    assert webhook == {"state": "delivered", "attempts": 1}
 
     # Prefer: wait answers with the image itself; the engine is deterministic, so it is the same PNG.
     waited = client.post("/v1/images", json=image_body(), headers={"Prefer": "wait=30"})
