@@ -176,7 +176,13 @@ def summary_table(layout: SubnetLayout, result: DemoResult, scores: dict[str, fl
     for view in result.requests:
         if view.get("miner_hotkey"):
             per_miner[view["miner_hotkey"]].append(view)
-    table = Table(title="local subnet: per-miner summary", title_justify="left")
+    table = Table(
+        title="local subnet: per-miner summary",
+        title_justify="left",
+        caption="score: the orchestrator's, over its window; weight: the validator's last on-chain weights, "
+        "smoothed over its rounds (EMA), so they lag the scores",
+        caption_justify="left",
+    )
     for column in ("miner", "uid", "cheater", "done", "failed", "p50 s", "p95 s", "audits ok", "audits failed",
                    "score", "weight"):  # fmt: skip
         table.add_column(column, justify="left" if column == "miner" else "right")
