@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dippy_studio.orchestrator.cli import orchestrator_app
+from dippy_studio.orchestrator.db import error_reason
 from dippy_studio.orchestrator.errors import Unauthorized
 from dippy_studio.orchestrator.store import Store
 
@@ -117,3 +118,11 @@ def test_serve_settings_come_from_flags_env_and_a_file(tmp_path, monkeypatch):
 
     missing = runner.invoke(orchestrator_app, ["serve", "--config", str(tmp_path / "missing.toml")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_database_error_is_told_in_one_line_even_when_the_driver_says_nothing():
+    from sqlalchemy.exc import OperationalError
+
+    wrapped = OperationalError("SELECT 1", {}, ConnectionError("connection refused\n\tis the server running?"))
+    assert error_reason(wrapped) == "connection refused"
+    assert error_reason(OperationalError("SELECT 1", {}, ConnectionError(" \n "))) == "OperationalError"

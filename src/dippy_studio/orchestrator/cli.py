@@ -57,16 +57,11 @@ def _unknown_key(key_id: str) -> NoReturn:
     _fail(f"no API key with id {key_id!r} (see `keys list`)")
 
 
-def _database_reason(exc: Exception) -> str:
-    """The driver's first line, which says what went wrong (host unreachable, auth failed, ...)."""
-    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-
-
 def _open_store(data_dir: Path | None, db: str | None) -> Store:
     # Imported here so `dippy-studio --help` does not pay for SQLAlchemy and Alembic.
     from sqlalchemy.exc import SQLAlchemyError
 
-    from dippy_studio.orchestrator.db import DatabaseUrlError, default_url, safe_url
+    from dippy_studio.orchestrator.db import DatabaseUrlError, default_url, error_reason, safe_url
     from dippy_studio.orchestrator.store import Store
 
     url = db or default_url(data_dir or Path(".dippy"))
@@ -75,7 +70,7 @@ def _open_store(data_dir: Path | None, db: str | None) -> Store:
     except DatabaseUrlError as exc:
         _fail(str(exc), 2)
     except SQLAlchemyError as exc:
-        _fail(f"cannot open database {safe_url(url)}: {_database_reason(exc)}", 2)
+        _fail(f"cannot open database {safe_url(url)}: {error_reason(exc)}", 2)
     except OSError as exc:
         _fail(f"cannot open database {safe_url(url)}: {exc}", 2)
 
@@ -420,12 +415,12 @@ def _opened(open_service: Callable[[Any], T], settings: Any) -> T:
     the settings name cannot be opened: the database, the bucket, the signing key."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from dippy_studio.orchestrator.db import safe_url
+    from dippy_studio.orchestrator.db import error_reason, safe_url
     from dippy_studio.protocol.keys import SigningKeyError
 
     try:
         return open_service(settings)
     except SQLAlchemyError as exc:
-        _fail(f"cannot open database {safe_url(settings.database_url)}: {_database_reason(exc)}", 2)
+        _fail(f"cannot open database {safe_url(settings.database_url)}: {error_reason(exc)}", 2)
     except (ValueError, SigningKeyError) as exc:  # a bad database URL or bucket, audits off, no such wallet
         _fail(str(exc), 2)

@@ -72,6 +72,13 @@ class DatabaseUrlError(ValueError):
     """The database URL cannot be used (bad syntax, unknown backend, missing driver)."""
 
 
+def error_reason(exc: BaseException) -> str:
+    """A database error in one line: the driver's first line (host unreachable, auth failed, ...),
+    unwrapped from SQLAlchemy's, or the error's type when it says nothing."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def default_url(data_dir: Path | str) -> str:
     return f"sqlite:///{Path(data_dir) / DB_FILENAME}"
 

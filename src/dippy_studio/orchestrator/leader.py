@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 
+from dippy_studio.orchestrator.db import error_reason
+
 if TYPE_CHECKING:
     from dippy_studio.orchestrator.store import Store
 
@@ -212,7 +214,7 @@ class PostgresLeadership(Leadership):
     def _drop(self, exc: Exception) -> None:
         """The connection failed: every role held on it is gone. The next `lead` reconnects."""
         if not self._unreachable:
-            log.warning("leadership connection failed: %s", next(iter(str(exc).strip().splitlines()), repr(exc)))
+            log.warning("leadership connection failed: %s", error_reason(exc))
         self._unreachable = True
         if self._conn is not None:
             # Closing a broken connection may fail too; it is discarded anyway.
