@@ -209,14 +209,13 @@ class AuditQueue:
                 self.sampler.record_failure(hotkey)
         self._failures_seen = failures[-1][0]
 
-    def auditor(self, model: str | None = None) -> Auditor:
-        """The auditor of `model`'s jobs (None: the default model's): the reference workers that
-        serve it, else an in-process engine of it."""
+    def auditor(self, model: str) -> Auditor:
+        """The auditor of `model`'s jobs: the reference workers that serve it, else an in-process
+        engine of it."""
         if self._auditor is not None:
             return self._auditor
         settings = self._settings
         assert settings is not None
-        model = model or settings.profile
         found = self._auditors.get(model)
         if found is not None:
             return found

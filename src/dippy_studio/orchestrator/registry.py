@@ -120,8 +120,8 @@ class Registry:
         with ThreadPoolExecutor(min(MAX_PROBE_THREADS, len(miners)), thread_name_prefix="probe") as pool:
             list(pool.map(self.probe, miners))
 
-    def probe(self, miner: Miner) -> bool:
-        """Probe one miner and record the result; True when it is healthy."""
+    def probe(self, miner: Miner) -> None:
+        """Probe one miner and record the result."""
         healthy, capacity, reason = self._check(miner)
         if healthy != miner.healthy:
             log.info("miner uid %s %s: %s", miner.uid, "healthy" if healthy else "unhealthy", reason or "ok")
@@ -133,7 +133,6 @@ class Registry:
             now=self.clock(),
         )
         self._forget_candidates()
-        return healthy
 
     def _check(self, miner: Miner) -> tuple[bool, Capacity | None, str | None]:
         if not miner.endpoint:
