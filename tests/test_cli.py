@@ -251,3 +251,13 @@ def test_profile_save_tiny_kontext_loads_as_stock_kontext(tmp_path):
     assert direct.exit_code == 0 and loaded.exit_code == 0, loaded.output
     assert json.loads(direct.output)["sha256"] == json.loads(loaded.output)["sha256"]
     assert json.loads(direct.output)["fingerprint"] == json.loads(loaded.output)["fingerprint"]
+
+
+@pytest.mark.parametrize("service", [["miner", "serve"], ["orchestrator", "serve"], ["validator", "run", "--once"]])
+@pytest.mark.parametrize("content", [b"port = [[[\n", b"\xff\xfe alpha = "], ids=["not-toml", "not-utf8"])
+def test_a_config_file_that_is_not_toml_is_named_by_every_service(tmp_path, service, content):
+    config = tmp_path / "settings.toml"
+    config.write_bytes(content)
+    result = invoke(*service, "--dev-key", "//Alice", "--data-dir", str(tmp_path), "--config", str(config))
+    assert result.exit_code == 2, result.output
+    assert f"config file {config} is not valid TOML" in " ".join(result.output.split()), result.output

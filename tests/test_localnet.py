@@ -274,3 +274,77 @@ def test_a_child_that_stayed_up_starts_its_backoff_again_and_is_never_given_up(t
             supervisor.tend()
     finally:
         supervisor.stop()
+
+
+def _garbage_chain(root: Path) -> None:
+    root.mkdir()
+    (root / "chain.sqlite").write_text("not a database")
+
+
+def _cut_short_layout(root: Path) -> None:
+    root.mkdir()
+    (root / "subnet.json").write_text('{"data_dir": "x", "block_time"')
+
+
+def _layout_of_another_shape(root: Path) -> None:
+    root.mkdir()
+    (root / "subnet.json").write_text("[]")
+
+
+def _layout_with_a_bad_block_time(root: Path) -> None:
+    root.mkdir()
+    (root / "subnet.json").write_text(json.dumps({
+        "data_dir": str(root), "block_time": "fast", "tempo": 20, "orchestrator_port": 8090,
+        "orchestrator_url": "http://127.0.0.1:8090", "orchestrator_hotkey": "5O", "validator_hotkey": "5V",
+        "owner_hotkey": "5W", "miners": [{"name": "miner-0", "port": 9001, "hotkey": "5M"}],
+    }))  # fmt: skip
+
+
+def _a_file(root: Path) -> None:
+    root.write_text("")
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (_garbage_chain, "file is not a database"),
+        (_cut_short_layout, "subnet.json is not a subnet layout"),
+        (_layout_of_another_shape, "subnet.json is not a subnet layout"),
+        (_layout_with_a_bad_block_time, "block_time: Input should be a valid number"),
+        (_a_file, "cannot use"),
+    ],
+    ids=["garbage-chain", "cut-short-layout", "list-layout", "bad-block-time", "data-dir-is-a-file"],
+)
+def test_up_on_a_broken_data_dir_says_what_is_wrong_and_starts_nothing(tmp_path, make, said):
+    root = tmp_path / "subnet"
+    make(root)
+    before = {p: p.read_bytes() for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file()}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dippy_studio.cli", "up", "--data-dir", str(root), "--port", str(free_port())],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and said in output and "Traceback" not in output, output
+    assert "started" not in output
+    # The operator's files are as they were: nothing repaired or replaced behind their back.
+    assert all(path.read_bytes() == data for path, data in before.items())
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--port", "-1"], "--port"),
+        (["--block-time", "nan"], "--block-time must be positive"),
+        (["--block-time", "inf"], "--block-time must be positive"),
+    ],
+)
+def test_up_refuses_impossible_flags_before_it_touches_anything(tmp_path, args, said):
+    from typer.testing import CliRunner
+
+    from dippy_studio.cli import app
+
+    result = CliRunner().invoke(app, ["up", "--data-dir", str(tmp_path / "subnet"), *args])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert said in result.output
+    assert not (tmp_path / "subnet").exists()

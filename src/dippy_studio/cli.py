@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -282,7 +283,9 @@ def up(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="Where the subnet lives; reused if present.")] = Path(
         ".dippy"
     ),
-    port: Annotated[int, typer.Option("--port", help="The orchestrator's port (public API and dashboard).")] = 8090,
+    port: Annotated[
+        int, typer.Option("--port", min=1, max=65535, help="The orchestrator's port (public API and dashboard).")
+    ] = 8090,
     miners: Annotated[int, typer.Option("--miners", min=1, max=16, help="How many miners to start.")] = 3,
     demo: Annotated[bool, typer.Option("--demo", help="Submit a mixed workload and print a summary.")] = False,
     cheater: Annotated[int, typer.Option("--cheater", min=0, help="Make this many miners dishonest.")] = 0,
@@ -298,7 +301,7 @@ def up(
 
     if cheater > miners:
         fail(f"--cheater {cheater} is more than --miners {miners}")
-    if block_time <= 0 or tempo < 2:
+    if not (math.isfinite(block_time) and block_time > 0) or tempo < 2:
         fail("--block-time must be positive and --tempo at least 2")
     # Logs and the summary table are read in files and CI too: don't squeeze them into 80 columns.
     console = out if out.is_terminal else Console(width=160)

@@ -39,10 +39,10 @@ from typing import NoReturn, TypeVar
 import httpx
 from rich.console import Console
 
-from dippy_studio.chain.base import AlreadyRegistered, Hyperparameters
+from dippy_studio.chain.base import AlreadyRegistered, ChainError, Hyperparameters
 from dippy_studio.chain.local import LocalChain
-from dippy_studio.protocol.keys import WalletExistsError, create_dev_wallet, signer_from_wallet
-from dippy_studio.subnet_layout import MinerSpec, SubnetLayout
+from dippy_studio.protocol.keys import SigningKeyError, WalletExistsError, create_dev_wallet, signer_from_wallet
+from dippy_studio.subnet_layout import MinerSpec, SubnetLayout, SubnetLayoutError
 
 COLORS = ["cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "bright_magenta"]
 VALIDATOR_STAKE = 1000.0
@@ -80,7 +80,10 @@ def prepare(
     root: Path, *, port: int, miners: int, cheaters: int, block_time: float, tempo: int, console: Console
 ) -> SubnetLayout:
     """Create the subnet (wallets, chain, registrations, stake, endpoints) or resume it."""
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SubnetDirError(f"cannot use {root} as the subnet's directory: {exc.strerror}") from None
     layout = SubnetLayout.load(root)
     if layout is not None and len(layout.miners) != miners:
         console.print(f"resuming {root}: it has {len(layout.miners)} miners (ignoring --miners {miners})")
@@ -114,6 +117,10 @@ def prepare(
         chain.commit(miner.hotkey, f"http://127.0.0.1:{miner.port}")
     layout.save()
     return layout
+
+
+class SubnetDirError(RuntimeError):
+    """The data directory cannot hold, or resume, a subnet: what is wrong, and where."""
 
 
 @dataclass(frozen=True)
@@ -461,9 +468,13 @@ def run_up(
             soft_wrap=True,
         )
         return 1
-    layout = prepare(
-        root, port=port, miners=miners, cheaters=cheaters, block_time=block_time, tempo=tempo, console=console
-    )
+    try:
+        layout = prepare(
+            root, port=port, miners=miners, cheaters=cheaters, block_time=block_time, tempo=tempo, console=console
+        )
+    except (SubnetDirError, SubnetLayoutError, ChainError, SigningKeyError) as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
     supervisor = Supervisor(root, console)
     try:
         console.print(f"starting a local subnet in {root}: orchestrator, {len(layout.miners)} miners, a validator")

@@ -10,6 +10,7 @@ subclass holds the fields and their defaults and names its own environment prefi
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, Self
 
@@ -51,7 +52,12 @@ class ServiceSettings(BaseSettings):
                     sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
                 return sources
 
-        loaded = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
+        try:
+            loaded = _WithFile(**{k: v for k, v in overrides.items() if v is not None})
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:  # raised by the file's source only
+            raise ValueError(f"config file {config_file} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"config file {config_file} cannot be read: {exc.strerror or exc}") from None
         # Built again as `cls` itself from only what some source gave, so `model_fields_set`
         # still tells a value someone set from a default.
         return cls.model_validate(loaded.model_dump(include=loaded.model_fields_set))

@@ -140,3 +140,53 @@ def test_resolve_address_accepts_uris_and_ss58() -> None:
     assert resolve_address(ALICE) == ALICE
     with pytest.raises(ValueError):
         resolve_address("")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [["--max-weight-limit", "2"], ["--block-time", "-1"], ["--tempo", "-1"], ["--emission-per-block", "nan"]],
+)
+def test_a_reset_with_bad_parameters_keeps_the_existing_chain(data_dir: str, bad: list[str]) -> None:
+    assert chain("register", "//Alice", "--data-dir", data_dir).exit_code == 0
+    result = chain("init", "--data-dir", data_dir, "--reset", *bad)
+    assert result.exit_code == 2, result.output
+    after = chain("metagraph", "--data-dir", data_dir, "--json")
+    assert after.exit_code == 0, after.output
+    assert [n["hotkey"] for n in json.loads(after.stdout)["neurons"]] == [ALICE]
+    assert sorted(p.name for p in Path(data_dir).iterdir() if not p.name.startswith("chain.sqlite-")) == [
+        "chain.sqlite"
+    ]
+
+
+def test_a_reset_replaces_the_chain_with_a_new_one(data_dir: str) -> None:
+    assert chain("register", "//Alice", "--data-dir", data_dir).exit_code == 0
+    reset = chain("init", "--data-dir", data_dir, "--reset", "--block-time", "0.5")
+    assert reset.exit_code == 0, reset.output
+    graph = json.loads(chain("metagraph", "--data-dir", data_dir, "--json").stdout)
+    assert graph["neurons"] == []
+    assert LocalChain(Path(data_dir) / "chain.sqlite", create=False).block_time == 0.5
+
+
+@pytest.mark.parametrize(
+    ("sql", "said"),
+    [
+        ("UPDATE meta SET value = '{bad' WHERE key = 'hyperparameters'", "hyperparameters"),
+        ("UPDATE meta SET value = '{\"foo\": 1}' WHERE key = 'hyperparameters'", "hyperparameters"),
+        ("UPDATE meta SET value = 'abc' WHERE key = 'genesis'", "genesis"),
+        ("UPDATE meta SET value = '0' WHERE key = 'block_time'", "block_time"),
+        ("DELETE FROM meta WHERE key = 'genesis'", "genesis"),
+    ],
+)
+def test_a_chain_with_corrupt_parameters_is_reported_not_repaired(data_dir: str, sql: str, said: str) -> None:
+    import sqlite3
+
+    path = Path(data_dir) / "chain.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(sql)
+    before = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall())
+    result = chain("metagraph", "--data-dir", data_dir)
+    # A message and exit 1, not a traceback (which CliRunner also reports as exit 1).
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"{path} is corrupt" in result.stderr and said in result.stderr
+    # Never quietly given a new genesis or new parameters: the operator decides.
+    assert dict(sqlite3.connect(path).execute("SELECT key, value FROM meta").fetchall()) == before

@@ -338,3 +338,24 @@ def test_a_file_that_is_not_a_chain_is_reported(tmp_path: Path) -> None:
 def test_genesis_comes_from_the_clock(tmp_path: Path) -> None:
     chain = LocalChain(tmp_path / "c.sqlite", 1.0, Clock(T0))
     assert chain.genesis == T0
+
+
+def test_a_chain_of_another_version_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "chain.sqlite"
+    LocalChain(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE commitments")  # as a later version might have reshaped it
+    with pytest.raises(ChainError, match="schema version 2, expected 1"):
+        LocalChain(path)
+    with sqlite3.connect(path) as conn:
+        assert "commitments" not in {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+
+
+def test_a_chain_cut_short_before_its_parameters_were_written_is_completed(tmp_path: Path, clock: Clock) -> None:
+    # The tables exist but the first transaction never committed: still a new chain.
+    path = tmp_path / "chain.sqlite"
+    LocalChain(path, clock=clock).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM meta")
+    assert LocalChain(path, 2.0, clock).block_time == 2.0

@@ -126,3 +126,21 @@ def test_a_database_error_is_told_in_one_line_even_when_the_driver_says_nothing(
     wrapped = OperationalError("SELECT 1", {}, ConnectionError("connection refused\n\tis the server running?"))
     assert error_reason(wrapped) == "connection refused"
     assert error_reason(OperationalError("SELECT 1", {}, ConnectionError(" \n "))) == "OperationalError"
+
+
+IN_MEMORY = ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"]
+
+
+@pytest.mark.parametrize("url", IN_MEMORY)
+def test_an_in_memory_database_is_refused_before_a_key_is_made_and_lost(url: str):
+    result = keys("create", "--name", "acme", "--db", url)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert "in-memory" in result.output and "dsk_" not in result.output
+
+
+@pytest.mark.parametrize("url", IN_MEMORY)
+def test_serve_refuses_an_in_memory_database(tmp_path, monkeypatch, url: str):
+    monkeypatch.setenv("DIPPY_ORCH_DB_URL", url)
+    result = runner.invoke(orchestrator_app, ["serve", "--dev-key", "//Alice", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert "db_url" in result.output and "in-memory" in result.output

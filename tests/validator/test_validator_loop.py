@@ -152,3 +152,60 @@ def test_dry_run_sets_nothing(world):
 )  # fmt: skip
 def test_a_scoring_window_is_told_by_its_length(length, said):
     assert loop._span(length) == said
+
+
+def _serve_raw(validator: Validator, clock: Clock, body_of) -> None:
+    """Answer /v1/scores with `body_of(window_end_iso)`, signed by the real orchestrator."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = body_of(datetime.fromtimestamp(clock(), UTC).isoformat()).encode()
+        receiver = parse_qs(urlsplit(str(request.url)).query)["for"][0]
+        headers = sign_request(ORCHESTRATOR, "GET", request.url.raw_path.decode(), body, receiver, now=clock())
+        return httpx.Response(200, content=body, headers=headers)
+
+    validator.http = httpx.Client(base_url="http://orchestrator", transport=httpx.MockTransport(handler))
+
+
+@pytest.mark.parametrize(
+    ("body_of", "said"),
+    [
+        # A number json reads as an int too large for a float.
+        (lambda end: f'{{"scores": {{"{MINERS[0].ss58_address}": 1{"0" * 400}}}, '
+                     f'"window": {{"start": "{end}", "end": "{end}"}}}}', "OverflowError"),
+        # Nesting deeper than the JSON decoder's recursion limit.
+        (lambda end: '{"scores": ' + "[" * 100_000 + "]" * 100_000 + "}", "RecursionError"),
+    ],
+    ids=["huge-int", "deep-nesting"],
+)  # fmt: skip
+def test_a_payload_python_cannot_read_keeps_the_previous_weights(world, body_of, said):
+    validator, chain, orchestrator, clock, _uids = world
+    orchestrator.scores = {MINERS[0].ss58_address: 3.0, MINERS[1].ss58_address: 2.0}
+    validator.run_round()
+    before_row, before_state = my_row(chain), dict(validator.state.smoothed)
+    clock.advance_blocks(10)
+    _serve_raw(validator, clock, body_of)
+    report = validator.run_round()
+    assert report.action == "kept previous" and "malformed scores payload" in report.reason and said in report.reason
+    assert my_row(chain) == before_row and validator.state.smoothed == before_state
+
+
+def test_the_loop_goes_on_after_a_round_that_failed_unexpectedly(world, tmp_path):
+    validator, _chain, orchestrator, _clock, _uids = world
+    orchestrator.scores = {MINERS[0].ss58_address: 1.0}
+    # The state cannot be saved: its directory is a file.
+    (tmp_path / "blocked").write_text("")
+    validator.state_path = tmp_path / "blocked" / "state.json"
+    reports = []
+    validator.run_forever(0.001, reports.append, stop=lambda: len(reports) >= 2)
+    # The first round set weights, then could not save its state; the loop went on to the next.
+    assert reports[0].action == "failed" and "round failed: FileExistsError" in reports[0].reason
+    assert len(reports) == 2
+
+
+@pytest.mark.parametrize("text", ['{"smoothed": {"0": 0.5', '{"smoothed": [1]}', "[]", '{"chain": {"0": "x"}}'])
+def test_an_unreadable_state_file_is_named_not_a_traceback(world, text):
+    validator, chain, _orchestrator, clock, _uids = world
+    validator.state_path.write_text(text)
+    with pytest.raises(loop.StateError, match=f"validator state {validator.state_path} is unreadable"):
+        Validator(validator.settings, chain, VALIDATOR, http=validator.http, clock=clock)
+    assert validator.state_path.read_text() == text, "the operator's file is left as it was"

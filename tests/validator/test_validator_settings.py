@@ -67,3 +67,36 @@ def test_the_validators_own_data_dir_variable_wins_over_the_generic_one(tmp_path
     own = CliRunner().invoke(validator_app, ["--once", "--dry-run"])
     # Its subnet.json was read: the hotkey is known, and what is missing now is the validator's key.
     assert own.exit_code == 2 and "no signing key" in own.output and "--orchestrator-hotkey" not in own.output
+
+
+@pytest.mark.parametrize(
+    ("subnet", "said"),
+    [
+        ("[]", "is not a JSON object"),
+        ('{"orchestrator_url": 7}', "orchestrator_url must be a string"),
+        ('{"block_time": "abc"}', "block_time must be a positive number of seconds"),
+        ('{"block_time": -1}', "block_time must be a positive number of seconds"),
+    ],
+)
+def test_a_subnet_file_of_the_wrong_shape_is_refused_clearly(tmp_path, subnet, said):
+    (tmp_path / "subnet.json").write_text(subnet)
+    result = CliRunner().invoke(validator_app, ["--once", "--data-dir", str(tmp_path), "--dev-key", "//Alice"])
+    assert result.exit_code == 2 and said in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_a_corrupt_state_file_stops_the_validator_with_its_path(tmp_path):
+    from dippy_studio.chain.local import LocalChain
+
+    LocalChain(tmp_path / "chain.sqlite").close()
+    (tmp_path / "subnet.json").write_text(
+        json.dumps({"orchestrator_url": "http://127.0.0.1:1", "orchestrator_hotkey": "5Orch", "block_time": 1.0})
+    )
+    state = tmp_path / "state.json"
+    state.write_text('{"smoothed": {"0": 0.5')  # cut short
+    result = CliRunner().invoke(
+        validator_app, ["--once", "--data-dir", str(tmp_path), "--dev-key", "//Alice"],
+        env={"DIPPY_VALIDATOR_STATE_PATH": str(state)},
+    )  # fmt: skip
+    assert result.exit_code == 2 and f"validator state {state} is unreadable" in result.output, result.output
+    assert state.read_text() == '{"smoothed": {"0": 0.5'

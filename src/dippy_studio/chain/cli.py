@@ -153,6 +153,13 @@ def _print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=None, sort_keys=False))
 
 
+def _remove_sqlite(path: Path, *, keep_main: bool = False) -> None:
+    """Delete an SQLite database's files (or only its -wal and -shm with `keep_main`)."""
+    suffixes = ("-wal", "-shm") if keep_main else ("", "-wal", "-shm")
+    for suffix in suffixes:
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
 @chain_app.command()
 def init(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
@@ -174,13 +181,15 @@ def init(
 ) -> None:
     """Create a local chain in --data-dir."""
     path = chain_path(data_dir)
-    if path.exists():
-        if not reset:
-            fail(f"{path} exists; pass --reset to replace it with a new chain")
-        for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            leftover.unlink(missing_ok=True)
+    replacing = path.exists()
+    if replacing and not reset:
+        fail(f"{path} exists; pass --reset to replace it with a new chain")
     if not (math.isfinite(max_weight_limit) and 0 < max_weight_limit <= 1):
         fail("--max-weight-limit must be in (0, 1]", code=2)
+    # A reset builds the new chain beside the old one, which goes only once the new one exists:
+    # a bad flag or a failed write leaves the old chain as it was.
+    target = path.with_name(path.name + ".new") if replacing else path
+    _remove_sqlite(target)  # what an interrupted reset left
     try:
         hp = Hyperparameters(
             netuid=netuid,
@@ -193,11 +202,16 @@ def init(
             min_validator_stake=min_validator_stake,
             max_allowed_uids=max_allowed_uids,
         )
-        chain = LocalChain(path, block_time, hyperparameters=hp, emission_per_block=emission_per_block)
-    except ValueError as error:
-        fail(str(error), code=2)
-    except ChainError as error:
-        fail(str(error))
+        chain = LocalChain(target, block_time, hyperparameters=hp, emission_per_block=emission_per_block)
+    except (ValueError, ChainError) as error:
+        if replacing:
+            _remove_sqlite(target)
+        fail(str(error), code=1 if isinstance(error, ChainError) else 2)
+    if replacing:
+        chain.close()  # the last connection checkpoints the new chain into its one file
+        # The old file's WAL must not outlive it: applied to the new file it would corrupt it.
+        _remove_sqlite(path, keep_main=True)
+        target.replace(path)
     if as_json:
         _print_json({"path": str(path), "block_time": chain.block_time, "hyperparameters": hp.to_dict()})
         return

@@ -150,10 +150,7 @@ class LocalChain:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        if block_time is not None and not (math.isfinite(block_time) and block_time > 0):
-            raise ValueError(f"block_time must be a positive number of seconds, got {block_time}")
-        if emission_per_block is not None and not (math.isfinite(emission_per_block) and emission_per_block >= 0):
-            raise ValueError("emission_per_block must be >= 0")
+        self.check_parameters(block_time, emission_per_block)
         if not self.path.exists():
             if not create:
                 raise ChainNotFound(f"no local chain at {self.path}")
@@ -167,9 +164,13 @@ class LocalChain:
             emission_per_block=DEFAULT_EMISSION_PER_BLOCK if emission_per_block is None else emission_per_block,
         )
         meta = self._read_meta()
-        self.genesis = float(meta["genesis"])
-        self.block_time = float(meta["block_time"])
-        self._netuid = Hyperparameters(**json.loads(meta["hyperparameters"])).netuid
+        self.genesis = self._number(meta, "genesis")
+        self.block_time = self._number(meta, "block_time")
+        if self.block_time <= 0:
+            raise self._corrupt(f"its block_time is {self.block_time}")
+        self._netuid = self._parse_hyperparameters(meta.get("hyperparameters")).netuid
+        for key in ("emission_per_block", "last_epoch_block", "epochs"):
+            self._number(meta, key)  # read by every epoch: a bad one is reported now, by name
         if block_time is not None and block_time != self.block_time:
             raise ChainError(f"{self.path} was created with a block time of {self.block_time} s, not {block_time} s")
         if hyperparameters is not None and hyperparameters != self.hyperparameters():
@@ -178,6 +179,15 @@ class LocalChain:
             )
         if emission_per_block is not None and emission_per_block != float(meta["emission_per_block"]):
             raise ChainError(f"{self.path} exists with emission_per_block {meta['emission_per_block']}")
+
+    @staticmethod
+    def check_parameters(block_time: float | None, emission_per_block: float | None) -> None:
+        """ValueError unless `block_time` (None: the default) is a positive number of seconds and
+        `emission_per_block` (None: the default) is a number >= 0."""
+        if block_time is not None and not (math.isfinite(block_time) and block_time > 0):
+            raise ValueError(f"block_time must be a positive number of seconds, got {block_time}")
+        if emission_per_block is not None and not (math.isfinite(emission_per_block) and emission_per_block >= 0):
+            raise ValueError(f"emission_per_block must be a number >= 0, got {emission_per_block}")
 
     def __repr__(self) -> str:
         return f"LocalChain({str(self.path)!r}, block_time={self.block_time})"
@@ -396,11 +406,18 @@ class LocalChain:
             if tables and "meta" not in tables:
                 # Someone else's database: adding our tables to it would be vandalism.
                 raise ChainError(f"{self.path} is an SQLite database but not a local chain")
+            if "meta" in tables:
+                # Checked before anything is written: a file of another version keeps its own shape.
+                self._check_version(self._meta(conn))
             conn.execute("PRAGMA journal_mode = WAL")
             conn.executescript(_SCHEMA)
             conn.execute("BEGIN IMMEDIATE")
-            # First writer wins: a second process creating the same chain at the same
-            # moment keeps the first one's genesis and parameters.
+            if conn.execute("SELECT COUNT(*) FROM meta").fetchone()[0]:
+                # First writer wins: a second process creating the same chain at the same moment
+                # keeps the first one's genesis and parameters. A chain that lost some of them is
+                # corrupt, and reported as such when they are read, never given new ones.
+                conn.execute("COMMIT")
+                return
             defaults = {
                 "schema_version": str(SCHEMA_VERSION),
                 "genesis": repr(self._clock()),
@@ -410,7 +427,7 @@ class LocalChain:
                 "last_epoch_block": "0",
                 "epochs": "0",
             }
-            conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", defaults.items())
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", defaults.items())
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as error:
             if conn.in_transaction:
@@ -418,10 +435,38 @@ class LocalChain:
             raise ChainUnavailable(f"{self.path} is not a usable chain file: {error}") from None
 
     def _read_meta(self) -> dict[str, str]:
-        meta = self._meta(self._connect())
-        if meta.get("schema_version") != str(SCHEMA_VERSION):
-            raise ChainError(f"{self.path} has schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+        try:
+            meta = self._meta(self._connect())
+        except sqlite3.DatabaseError as error:
+            raise ChainUnavailable(f"{self.path} is not a usable chain file: {error}") from None
+        self._check_version(meta)
         return meta
+
+    def _check_version(self, meta: dict[str, str]) -> None:
+        if meta and meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise ChainError(f"{self.path} has schema version {meta.get('schema_version')}, expected {SCHEMA_VERSION}")
+
+    def _corrupt(self, what: str) -> ChainError:
+        return ChainError(
+            f"{self.path} is corrupt: {what}; restore it from a copy, or start again with `chain init --reset`"
+        )
+
+    def _number(self, meta: dict[str, str], key: str) -> float:
+        try:
+            value = float(meta[key])
+        except KeyError:
+            raise self._corrupt(f"its {key} is missing") from None
+        except ValueError:
+            raise self._corrupt(f"its {key} is {meta[key]!r}, not a number") from None
+        if not math.isfinite(value):
+            raise self._corrupt(f"its {key} is {value}")
+        return value
+
+    def _parse_hyperparameters(self, text: str | None) -> Hyperparameters:
+        try:
+            return Hyperparameters(**json.loads(text or ""))
+        except (ValueError, TypeError) as error:
+            raise self._corrupt(f"its hyperparameters cannot be read ({error})") from None
 
     @contextmanager
     def _transaction(self) -> Iterator[tuple[sqlite3.Connection, int]]:
@@ -462,7 +507,7 @@ class LocalChain:
 
     def _hyperparameters(self, conn: sqlite3.Connection) -> Hyperparameters:
         row = conn.execute("SELECT value FROM meta WHERE key = 'hyperparameters'").fetchone()
-        return Hyperparameters(**json.loads(row[0]))
+        return self._parse_hyperparameters(None if row is None else row[0])
 
     @staticmethod
     def _uid(conn: sqlite3.Connection, hotkey: str) -> int | None:

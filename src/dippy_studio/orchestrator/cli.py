@@ -62,9 +62,12 @@ def _open_store(data_dir: Path | None, db: str | None) -> Store:
     from sqlalchemy.exc import SQLAlchemyError
 
     from dippy_studio.orchestrator.db import DatabaseUrlError, default_url, error_reason, safe_url
+    from dippy_studio.orchestrator.settings import IN_MEMORY_REFUSAL, in_memory_database
     from dippy_studio.orchestrator.store import Store
 
     url = db or default_url(data_dir or Path(".dippy"))
+    if in_memory_database(url):
+        _fail(IN_MEMORY_REFUSAL.format(url=safe_url(url)), 2)
     try:
         return Store.open(url)
     except DatabaseUrlError as exc:

@@ -231,6 +231,13 @@ class OrchestratorSettings(ServiceSettings):
             )
         return token
 
+    @field_validator("db_url")
+    @classmethod
+    def _db_url(cls, url: str | None) -> str | None:
+        if url is not None and in_memory_database(url):
+            raise ValueError(IN_MEMORY_REFUSAL.format(url=url))
+        return url
+
     @field_validator("blob_url")
     @classmethod
     def _blob_url(cls, url: str | None) -> str | None:
@@ -279,6 +286,34 @@ class OrchestratorSettings(ServiceSettings):
     @property
     def database_url(self) -> str:
         return self.db_url or default_url(self.data_dir)
+
+
+IN_MEMORY_REFUSAL = (
+    "{url} is an in-memory SQLite database: every connection to it is a new, empty database, so "
+    "nothing (keys, jobs, scores) would be kept; give a file, sqlite:///PATH, or postgresql://..."
+)
+
+
+def in_memory_database(url: str) -> bool:
+    """Whether `url` names an in-memory SQLite database (`sqlite://`, `sqlite:///:memory:`, a
+    `file::memory:` or `mode=memory` URI). False for any other URL, a malformed one included:
+    that is for the database code to refuse, with its own reason."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = parsed.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or "mode=memory" in database
+        or parsed.query.get("mode") == "memory"
+    )
 
 
 def _known_model(name: str, setting: str) -> str:

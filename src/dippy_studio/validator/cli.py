@@ -8,6 +8,7 @@ validator's dev key. Flags override what the file says.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -75,7 +76,7 @@ def run(
     from dippy_studio.chain.cli import open_chain
     from dippy_studio.cli_support import describe_validation, fail
     from dippy_studio.protocol.keys import SigningKeyError, load_signer
-    from dippy_studio.validator.loop import Validator
+    from dippy_studio.validator.loop import StateError, Validator
     from dippy_studio.validator.settings import ValidatorSettings
 
     overrides = {
@@ -119,12 +120,14 @@ def run(
     from dippy_studio.logs import configure_logging
 
     configure_logging()
-    validator = Validator(settings, chain, signer)
+    try:
+        validator = Validator(settings, chain, signer)
+    except StateError as exc:
+        fail(str(exc))
     if once or dry_run:
         show_report(validator.run_round(dry_run=dry_run))
         return
-    block_time = float(local.get("block_time", 12.0))
-    validator.run_forever(block_time, show_report)
+    validator.run_forever(local.get("block_time", 12.0), show_report)
 
 
 def _from_subnet_file(settings, local: dict) -> dict:
@@ -140,12 +143,24 @@ def _from_subnet_file(settings, local: dict) -> dict:
 
 
 def _subnet_file(data_dir: Path) -> dict:
+    """What DATA_DIR/subnet.json says, checked: a message and exit 2 for a file that is not JSON
+    or whose fields are not what `dippy-studio up` writes."""
+    from dippy_studio.cli_support import fail
+
     path = data_dir / SUBNET_FILE
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        from dippy_studio.cli_support import fail
-
-        fail(f"{path} is not valid JSON")
+        local = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        fail(f"{path} is not valid JSON ({exc})")
+    if not isinstance(local, dict):
+        fail(f"{path} is not a JSON object")
+    for key in ("orchestrator_url", "orchestrator_hotkey", "validator_wallet"):
+        if local.get(key) is not None and not isinstance(local[key], str):
+            fail(f"{path}: {key} must be a string")
+    block_time = local.get("block_time", 12.0)
+    # bool is an int to Python, never a block time.
+    if isinstance(block_time, bool) or not isinstance(block_time, int | float) or not 0 < block_time < math.inf:
+        fail(f"{path}: block_time must be a positive number of seconds, got {block_time!r}")
+    return {**local, "block_time": float(block_time)}

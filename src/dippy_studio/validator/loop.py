@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ class RoundReport:
     """What a round did and why; `rows` feed the operator's table."""
 
     block: int
-    action: str  # "set", "kept previous", "waiting", "dry run", "nothing to set"
+    action: str  # "set", "kept previous", "waiting", "dry run", "nothing to set", "failed"
     reason: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     weights: dict[int, int] = field(default_factory=dict)
@@ -54,24 +55,42 @@ class State:
 
     @classmethod
     def load(cls, path: Path) -> State:
+        """The state saved at `path` (empty when there is none); `StateError` when the file cannot
+        be read as one. It is never replaced silently: it holds the EMA the weights move from."""
         if not path.is_file():
             return cls()
-        data = json.loads(path.read_text())
-        return cls(
-            smoothed={int(k): float(v) for k, v in data.get("smoothed", {}).items()},
-            hotkeys={int(k): str(v) for k, v in data.get("hotkeys", {}).items()},
-            chain={int(k): int(v) for k, v in data.get("chain", {}).items()},
-            last_round_block=data.get("last_round_block"),
-        )
+        try:
+            data = json.loads(path.read_text())
+            last_round_block = data.get("last_round_block")
+            return cls(
+                smoothed={int(k): float(v) for k, v in data.get("smoothed", {}).items()},
+                hotkeys={int(k): str(v) for k, v in data.get("hotkeys", {}).items()},
+                chain={int(k): int(v) for k, v in data.get("chain", {}).items()},
+                last_round_block=None if last_round_block is None else int(last_round_block),
+            )
+        except (OSError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+            raise StateError(
+                f"validator state {path} is unreadable ({type(exc).__name__}: {exc}); "
+                "move it aside to start the weights' moving average afresh"
+            ) from None
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(
+        text = json.dumps(
             {"smoothed": self.smoothed, "hotkeys": self.hotkeys, "chain": self.chain,
              "last_round_block": self.last_round_block}, indent=2, sort_keys=True,
-        ))  # fmt: skip
+        )  # fmt: skip
+        with tmp.open("w") as file:
+            file.write(text)
+            file.flush()
+            # On disk before the rename: a crash must leave the old state or the new, never an empty file.
+            os.fsync(file.fileno())
         tmp.replace(path)
+
+
+class StateError(ValueError):
+    """The validator's saved state cannot be read."""
 
 
 def with_retries(call: Callable[[], Any], *, retries: int, backoff_s: float, retry_on: tuple[type[Exception], ...]):
@@ -204,6 +223,11 @@ class Validator:
                 report = self.run_round()
             except ChainError as exc:
                 report = RoundReport(-1, "waiting", f"chain unavailable: {exc}")
+            except Exception as exc:
+                # Whatever else breaks a round (a full disk, a bug) must not stop the validator:
+                # say what failed, keep the traceback in the log, and try again next block.
+                log.exception("validator round failed")
+                report = RoundReport(-1, "failed", f"round failed: {type(exc).__name__}: {exc}")
             on_report(report)
             tempo = self.settings.tempo or self._tempo()
             blocks = tempo if report.action in ("set", "kept previous") else 1

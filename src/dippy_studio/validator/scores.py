@@ -92,7 +92,9 @@ def verify_scores(
         scores = {str(k): float(v) for k, v in payload["scores"].items()}
         start = datetime.fromisoformat(payload["window"]["start"])
         end = datetime.fromisoformat(payload["window"]["end"])
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    # OverflowError: an integer too large for a float; RecursionError: nesting deeper than the
+    # decoder goes. Both come from the payload, not from this validator.
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
         raise ScoresRejected(f"malformed scores payload: {type(exc).__name__}: {exc}") from None
     if any(v != v or v < 0 or v == float("inf") for v in scores.values()):
         raise ScoresRejected("scores must be finite and non-negative")
