@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -15,8 +16,10 @@ from safetensors.torch import save as save_safetensors
 from dippy_studio.engine import GenerationRequest, LoraRef
 from dippy_studio.engine.synthetic import write_random_lora
 from dippy_studio.miner.runners import InferenceRunner
-from dippy_studio.miner.workers import Outcome
+from dippy_studio.miner.store import JobStore
+from dippy_studio.miner.workers import JobAbandoned, Outcome, WorkerPool
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
+from dippy_studio.protocol.schemas import JobKind, JobStatus
 from miner_kit import MINER, ORCHESTRATOR, deadline, inference_job, miner_settings
 
 
@@ -250,6 +253,79 @@ def test_cancel(make_miner, tmp_path, tiny_engine):
     del real
 
 
+def test_a_cancel_that_meets_the_job_starting_stops_it(tmp_path):
+    # The sender read the job as queued; by the time its cancel lands, a worker has started it.
+    store = JobStore(tmp_path / "jobs.sqlite")
+    started, finished = threading.Event(), []
+    outcome: list[str] = []
+
+    def runner(record, check):
+        started.set()
+        try:
+            for _ in range(500):
+                check()
+                time.sleep(0.02)
+        except JobAbandoned as exc:
+            outcome.append(exc.status.value)
+            raise
+        outcome.append("ran to the end")
+        raise AssertionError("a canceled job ran to the end")
+
+    store.create(job_id="racing", kind=JobKind.inference, sender="s", request={}, callback_url=None,
+                 deadline=time.time() + 60, queue_limit=4)  # fmt: skip
+    read_while_queued = store.get("racing")
+    pool = WorkerPool(store, {JobKind.inference: runner}, {JobKind.inference: 1}, on_finished=finished.append)
+    pool.start()
+    try:
+        assert started.wait(10)
+        pool.cancel(read_while_queued)
+        end = time.monotonic() + 5
+        while not outcome and time.monotonic() < end:
+            time.sleep(0.02)
+        assert outcome == ["canceled"], "the worker must be told, not left running a canceled job"
+        assert store.get("racing").status == JobStatus.canceled
+        assert [record.status for record in finished] == [JobStatus.canceled]
+    finally:
+        pool.stop()
+
+
+def test_a_download_that_trickles_in_does_not_outlast_a_cancel(make_miner):
+    # A LoRA URL that sends its bytes one at a time, each well within the read timeout.
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def trickle() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            connection.recv(1 << 16)
+            try:
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                for _ in range(100_000):
+                    connection.sendall(b"x")
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+    threading.Thread(target=trickle, daemon=True).start()
+    lora = {"url": f"http://127.0.0.1:{listener.getsockname()[1]}/slow.safetensors", "sha256": "a" * 64}
+    client = make_miner()
+    try:
+        assert client.post("/v1/inference", inference_job("trickle", loras=[lora])).status_code == 202
+        client.wait_status("trickle", {"running"})
+        while not connections:
+            time.sleep(0.02)
+        client.post("/v1/jobs/trickle/cancel")
+        assert client.wait_status("trickle", {"canceled"}, timeout=10)["error"] == "canceled by the sender"
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
 def test_callback_is_retried(make_miner, server):
     server.fail_first = 2
     client = make_miner()
@@ -257,6 +333,70 @@ def test_callback_is_retried(make_miner, server):
     (callback,) = server.wait_for(lambda got: len(got) >= 1)
     assert server.attempts == 3
     assert callback.meta()["status"] == "succeeded"
+
+
+def test_a_receivers_answer_is_not_read_past_its_status(make_miner, tmp_path):
+    # A receiver that accepts the callback, then sends a body without end.
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def answer() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            connection.recv(1 << 16)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
+            try:
+                while True:
+                    connection.sendall(b"x" * (1 << 16))
+            except OSError:
+                pass
+
+    threading.Thread(target=answer, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/callback/endless"
+    client = make_miner(miner_settings(tmp_path, callback_timeout=2.0))
+    miner = client.client.app.state.miner
+    try:
+        assert client.post("/v1/inference", inference_job("endless", callback_url=url)).status_code == 202
+        client.wait_status("endless", {"succeeded"})
+        end = time.monotonic() + 10
+        while miner.store.get("endless").callback_state == "pending" and time.monotonic() < end:
+            time.sleep(0.05)
+        assert miner.store.get("endless").callback_state == "delivered"
+        assert len(connections) == 1, "a 200 is delivered; nothing to retry"
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def test_a_callback_that_cannot_be_built_does_not_stop_the_others(make_miner, server, monkeypatch, tmp_path):
+    from dippy_studio.miner import callbacks
+
+    real = callbacks.build_callback
+
+    def build(record, signer, receiver):
+        if record.job_id == "broken":
+            raise RuntimeError("a bug in building this one callback")
+        return real(record, signer, receiver)
+
+    def runner(record, check):
+        path = tmp_path / f"{record.job_id}.png"
+        path.write_bytes(b"x")
+        return Outcome(str(path), hashlib.sha256(b"x").hexdigest(), 1, "fp")
+
+    monkeypatch.setattr(callbacks, "build_callback", build)
+    client = make_miner(inference_runner=runner)
+    assert client.post("/v1/inference", inference_job("broken", server)).status_code == 202
+    client.wait_status("broken", {"succeeded"})
+    assert client.post("/v1/inference", inference_job("after", server)).status_code == 202
+    client.wait_status("after", {"succeeded"})
+    (callback,) = server.wait_for(lambda got: bool(server.callbacks_for("after")), timeout=10)
+    assert callback.meta()["status"] == "succeeded"
+    assert client.client.get("/ready").status_code == 200
 
 
 def test_jobs_are_private_to_their_sender(make_miner, tmp_path):
@@ -284,6 +424,8 @@ def test_jobs_are_private_to_their_sender(make_miner, tmp_path):
         ({"callback_url": "http://169.254.169.254/latest"}, 422, "169.254.169.254 is a cloud metadata address"),
         ({"loras": [{"url": "http://127.0.0.1/x", "sha256": "abc", "scale": 1}]}, 422, "sha256"),
         ({"deadline": "tomorrow"}, 422, "deadline"),
+        # Year 10000 in UTC: no datetime can show it again.
+        ({"deadline": "9999-12-31T23:59:59-14:00"}, 422, "deadline: Value error, must be before 9999-01-01"),
         ({"surprise": 1}, 422, "surprise"),
     ],
 )

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from dippy_studio.miner.net import DownloadCache
+from dippy_studio.miner.net import DownloadCache, DownloadRejected
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url
 
 STRICT = UrlPolicy()
@@ -72,6 +72,19 @@ def test_downloads_are_verified_capped_and_cached(tmp_path, server):
     with pytest.raises(OutboundError, match="HTTP 404"):
         cache.fetch(server.url("/missing"), "2" * 64, max_bytes=100)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [sha], "failed downloads leave nothing behind"
+
+
+def test_a_cached_file_is_held_to_the_limit_of_each_fetch(tmp_path, server):
+    # A file cached for a large limit (a dataset) and asked for again under the same sha256 where
+    # the limit is small (an input image): refused, not read past that limit from the cache.
+    data = b"d" * 5000
+    sha = hashlib.sha256(data).hexdigest()
+    server.files["/dataset.zip"] = data
+    cache = DownloadCache(tmp_path / "cache", max_total_bytes=100_000, policy=UrlPolicy(allow_loopback=True), timeout=5)
+    cache.fetch(server.url("/dataset.zip"), sha, max_bytes=10_000)
+    with pytest.raises(DownloadRejected, match="5000 bytes, over the 100-byte limit"):
+        cache.fetch(server.url("/image.png"), sha, max_bytes=100)
+    assert cache.fetch(server.url("/dataset.zip"), sha, max_bytes=10_000).read_bytes() == data
 
 
 def test_cache_evicts_least_recently_used(tmp_path, server):

@@ -76,6 +76,19 @@ def test_reports_are_throttled_per_job_and_the_newest_wins(server):
         reporter.stop()
 
 
+def test_numbers_a_report_cannot_carry_are_left_out_not_raised_into_the_job(server):
+    # A long training run's first steps can promise more than the report's 30 days; a diverging
+    # loss is not a number. The job goes on; the report says what it can.
+    reporter = ProgressReporter(MINER, UrlPolicy(allow_loopback=True), interval_s=0.01, timeout=5)
+    reporter.start()
+    try:
+        reporter.report(_record(server, "long"), 1, 100_000, loss=float("inf"), eta_s=40 * 24 * 3600.0)
+        received = server.wait_for(lambda got: bool(_progress(got, "long")), timeout=10)
+        assert _progress(received, "long") == [{"job_id": "long", "step": 1, "total": 100_000}]
+    finally:
+        reporter.stop()
+
+
 def test_progress_goes_beside_the_callback():
     assert progress_url("http://o/v1/miner-callbacks/req_1") == "http://o/v1/miner-callbacks/req_1/progress"
     assert progress_url("http://o/cb/req_1/?t=1") == "http://o/cb/req_1/progress?t=1"

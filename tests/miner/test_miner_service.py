@@ -31,6 +31,9 @@ def test_both_signature_schemes_are_accepted(make_miner, scheme):
     assert client.wait_status(f"ok-{scheme}", {"succeeded"})["status"] == "succeeded"
 
 
+TIMESTAMP = {"btauth": "X-Bittensor-Nonce", "epistula": "Epistula-Timestamp"}
+
+
 def _signed(method: str, path: str, body: bytes, *, signer=ORCHESTRATOR, receiver=None, scheme="btauth", now=None):
     headers = sign_request(signer, method, path, body, receiver or MINER.ss58_address, scheme, now=now)
     return {**headers, "content-type": "application/json"}
@@ -52,6 +55,8 @@ def test_authentication_failures(make_miner, scheme):
         "stale": (post(_signed("POST", path, body, scheme=scheme, now=time.time() - 60)), 401),
         "future": (post(_signed("POST", path, body, scheme=scheme, now=time.time() + 60)), 401),
         "unknown sender": (post(_signed("POST", path, body, signer=STRANGER, scheme=scheme)), 403),
+        # Digits enough to pass for a number, too many for a float.
+        "absurd timestamp": (post({**_signed("POST", path, body, scheme=scheme), TIMESTAMP[scheme]: "9" * 400}), 401),
     }  # fmt: skip
     for name, (response, status) in cases.items():
         assert response.status_code == status, (name, response.text)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from dippy_studio.miner.net import send_for_status
 from dippy_studio.miner.store import JobRecord, JobStore
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
@@ -110,7 +111,17 @@ class CallbackSender:
                 if self._stop:
                     return
                 _, _, job_id, attempt = heapq.heappop(self._heap)
-            self._deliver(job_id, attempt)
+            try:
+                self._deliver(job_id, attempt)
+            except Exception:  # a bug must lose this one callback, not stop every later one
+                log.exception("callback for %s could not be sent", job_id)
+                self._give_up(job_id, attempt)
+
+    def _give_up(self, job_id: str, attempt: int) -> None:
+        try:
+            self.store.set_callback_state(job_id, "failed", attempt + 1)
+        except Exception:
+            log.exception("callback state of %s not recorded", job_id)
 
     def _deliver(self, job_id: str, attempt: int) -> None:
         record = self.store.get(job_id)
@@ -118,14 +129,16 @@ class CallbackSender:
             return
         try:
             check_url(record.callback_url, self.policy)
-            response = self._client.send(build_callback(record, self.signer, self.receiver_for(record)))
-            if 200 <= response.status_code < 300:
+            status, preview = send_for_status(
+                self._client, build_callback(record, self.signer, self.receiver_for(record))
+            )
+            if 200 <= status < 300:
                 self.store.set_callback_state(job_id, "delivered", attempt + 1)
                 return
-            reason = f"HTTP {response.status_code}"
-            if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 425, 429):
+            reason = f"HTTP {status}"
+            if 400 <= status < 500 and status not in (408, 409, 425, 429):
                 # The receiver refused this callback for good; retrying cannot help.
-                log.warning("callback for %s refused: %s %s", job_id, reason, response.text[:200])
+                log.warning("callback for %s refused: %s %s", job_id, reason, preview)
                 self.store.set_callback_state(job_id, "failed", attempt + 1)
                 return
         except OutboundError as exc:

@@ -1,5 +1,6 @@
-"""Outbound HTTP for the miner: verified downloads into a content-addressed LRU cache. Every
-outbound URL goes through the SSRF guard (`protocol.outbound.check_url`) first."""
+"""Outbound HTTP for the miner: verified downloads into a content-addressed LRU cache, and posts
+whose answers are read no further than their status. Every outbound URL goes through the SSRF
+guard (`protocol.outbound.check_url`) first."""
 
 from __future__ import annotations
 
@@ -7,11 +8,32 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
+
+# How much of a refusal's body is kept for the log.
+PREVIEW_BYTES = 200
+
+
+def send_for_status(client: httpx.Client, request: httpx.Request) -> tuple[int, str]:
+    """Send `request` and return the answer's status with the start of its body (for a log).
+    The rest is never read: a receiver chosen by a job's sender could answer without end."""
+    response = client.send(request, stream=True)
+    try:
+        if response.is_success:
+            return response.status_code, ""
+        preview = b""
+        for chunk in response.iter_raw(PREVIEW_BYTES):
+            preview += chunk
+            if len(preview) >= PREVIEW_BYTES:
+                break
+        return response.status_code, preview[:PREVIEW_BYTES].decode("utf-8", errors="replace")
+    finally:
+        response.close()
 
 
 class DownloadRejected(OutboundError):
@@ -33,9 +55,15 @@ class DownloadCache:
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
 
-    def fetch(self, url: str, sha256: str, max_bytes: int) -> Path:
+    def fetch(self, url: str, sha256: str, max_bytes: int, abort: Callable[[], None] | None = None) -> Path:
+        """The verified file. `abort` is called as the bytes arrive and stops the download by
+        raising: a job's deadline and cancelation hold however slowly a server sends."""
         target = self.directory / sha256
         if target.is_file():
+            # Cached under another fetch's limit (a dataset's is far above an input image's).
+            size = target.stat().st_size
+            if size > max_bytes:
+                raise DownloadRejected(f"download of {url} is {size} bytes, over the {max_bytes}-byte limit")
             os.utime(target)  # mark as recently used
             self.hits += 1
             return target
@@ -56,7 +84,10 @@ class DownloadCache:
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                     raise DownloadRejected(f"download of {url} is {declared} bytes, over the {max_bytes}-byte limit")
-                for chunk in response.iter_bytes(1 << 16):
+                # As each read arrives: a fixed chunk size would wait for that many bytes first.
+                for chunk in response.iter_bytes():
+                    if abort is not None:
+                        abort()
                     size += len(chunk)
                     if size > max_bytes:
                         raise DownloadRejected(f"download of {url} passed the {max_bytes}-byte limit")

@@ -11,6 +11,7 @@ lost report is simply superseded by the next.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -18,11 +19,12 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from dippy_studio.miner.net import send_for_status
 from dippy_studio.miner.store import JobRecord
 from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.keys import Signer
 from dippy_studio.protocol.outbound import OutboundError, UrlPolicy, check_url, guarded_client
-from dippy_studio.protocol.progress import PROGRESS_SUFFIX, ProgressReport
+from dippy_studio.protocol.progress import MAX_ETA_S, PROGRESS_SUFFIX, ProgressReport
 
 log = logging.getLogger("dippy_studio.miner.progress")
 
@@ -87,9 +89,11 @@ class ProgressReporter:
         if record.callback_url is None or self.interval_s <= 0 or total < 1:
             return
         step = max(0, min(step, total))
-        if loss is not None and loss != loss:  # NaN: the numbers are reported, the loss is not
+        # What the report cannot carry is left out (a loss that is no number, a time left past
+        # its range): the steps are still reported, and nothing is raised into the job.
+        if loss is not None and not math.isfinite(loss):
             loss = None
-        eta = None if eta_s is None else max(0.0, eta_s)
+        eta = max(0.0, eta_s) if eta_s is not None and eta_s <= MAX_ETA_S else None
         report = ProgressReport(job_id=record.job_id, step=step, total=total, loss=loss, eta_s=eta)
         with self._cv:
             if record.job_id in self._refused:
@@ -135,7 +139,7 @@ class ProgressReporter:
         url = progress_url(record.callback_url)
         try:
             check_url(url, self.policy)
-            response = self._client.send(build_report(url, report, self.signer, record.sender))
+            status, _ = send_for_status(self._client, build_report(url, report, self.signer, record.sender))
         except OutboundError as exc:
             log.info("progress for %s not sent: %s", record.job_id, exc)
             self._refuse(record.job_id)
@@ -143,8 +147,8 @@ class ProgressReporter:
         except (httpx.HTTPError, OSError) as exc:
             log.debug("progress for %s not delivered: %s", record.job_id, exc)
             return
-        if 400 <= response.status_code < 500 and response.status_code not in _RETRYABLE:
-            log.info("progress for %s refused (HTTP %d); no more for it", record.job_id, response.status_code)
+        if 400 <= status < 500 and status not in _RETRYABLE:
+            log.info("progress for %s refused (HTTP %d); no more for it", record.job_id, status)
             self._refuse(record.job_id)
 
     def _refuse(self, job_id: str) -> None:

@@ -127,11 +127,11 @@ class InferenceRunner:
         job = InferenceJob.model_validate(record.request)
         loras = []
         for lora in job.loras:
-            path = self.downloads.fetch(lora.url, lora.sha256, self.max_lora_bytes)
+            path = self.downloads.fetch(lora.url, lora.sha256, self.max_lora_bytes, check)
             loras.append(LoraRef(path=path, scale=lora.scale))
             check()
-        image = self._input(job.image, "input image")
-        mask = self._input(job.mask, "mask")
+        image = self._input(job.image, "input image", check)
+        mask = self._input(job.mask, "mask", check)
         check()
         cheat = pick_cheat(job.task, self.engine.tasks, self.cheat_rate, self.rolls)
         if cheat == Cheat.returned_input and image is not None:
@@ -154,11 +154,11 @@ class InferenceRunner:
             timings=result.timings.as_dict(),
         )
 
-    def _input(self, download: InputDownload | None, what: str) -> bytes | None:
+    def _input(self, download: InputDownload | None, what: str, check: AbortCheck) -> bytes | None:
         if download is None:
             return None
         try:
-            path = self.downloads.fetch(download.url, download.sha256, self.max_input_image_bytes)
+            path = self.downloads.fetch(download.url, download.sha256, self.max_input_image_bytes, check)
         except DownloadRejected as exc:
             raise BadInput(f"the {what}: {exc}") from None
         return path.read_bytes()
@@ -222,7 +222,7 @@ class TrainingRunner:
         from dippy_studio.engine.training import TrainConfig, TrainProgress, train_lora
 
         job = TrainJob.model_validate(record.request)
-        archive = self.downloads.fetch(job.dataset_url, job.dataset_sha256, self.max_dataset_bytes)
+        archive = self.downloads.fetch(job.dataset_url, job.dataset_sha256, self.max_dataset_bytes, check)
         check()
         limits = DatasetLimits(max_total_bytes=self.max_dataset_bytes)
         dataset = load_dataset(archive, limits, name=f"dataset {job.dataset_sha256[:12]}")

@@ -256,6 +256,11 @@ class JobStore:
             input_error=int(input_error),
         )
 
+    def cancel_queued(self, job_id: str, error: str) -> JobRecord | None:
+        """Cancel a job that no worker has taken yet; None once one has (then only the worker
+        running it can stop it)."""
+        return self._transition(job_id, frm=(JobStatus.queued,), to=JobStatus.canceled, error=error)
+
     def recover(self) -> list[JobRecord]:
         """After a restart: jobs that were running are queued again (work is deterministic,
         so re-running gives the same result) unless their deadline passed (then expired)."""

@@ -168,7 +168,9 @@ class WorkerPool:
     def cancel(self, record: JobRecord) -> JobRecord | None:
         """Cancel a queued job now, or ask a running one to stop at its next check."""
         if record.status == JobStatus.queued:
-            ended = self.store.end(record.job_id, JobStatus.canceled, "canceled by the sender")
+            # Only while still queued: a worker may have taken it since `record` was read, and
+            # then it must be told to stop, not have its job ended under it.
+            ended = self.store.cancel_queued(record.job_id, "canceled by the sender")
             if ended is not None:
                 self.on_finished(ended)
                 return ended

@@ -527,10 +527,12 @@ def _epistula_headers(
         raise WrongReceiver("request was signed for a different receiving hotkey")
 
     timestamp_ms = int(timestamp_raw)
-    now_ms = now_ns / 1e6
-    if now_ms - timestamp_ms > max_age * 1000:
+    # Compared in integer nanoseconds, as btauth's nonce is: any number of digits passes the
+    # digit check, and one past a float's range would overflow a float subtraction.
+    timestamp_ns = timestamp_ms * 1_000_000
+    if now_ns - timestamp_ns > max_age * 1e9:
         raise StaleRequest(f"timestamp is older than the {max_age:g}s freshness window")
-    if timestamp_ms - now_ms > allowed_skew * 1000:
+    if timestamp_ns - now_ns > allowed_skew * 1e9:
         raise FutureRequest(f"timestamp is more than {allowed_skew:g}s in the future")
 
     target = lowered.get(HEADER_EPISTULA_TARGET.lower())

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from dippy_studio.protocol.schemas import JobId
 
 MAX_PROGRESS_BYTES = 1024
+# The furthest ahead a report's time left may be.
+MAX_ETA_S = 30 * 24 * 3600
 # The path a miner posts progress to, under the orchestrator's callback URL of the job.
 PROGRESS_SUFFIX = "/progress"
 
@@ -24,7 +26,7 @@ class ProgressReport(BaseModel):
     step: int = Field(ge=0, le=10_000_000)
     total: int = Field(ge=1, le=10_000_000)
     loss: float | None = Field(default=None, allow_inf_nan=False)
-    eta_s: float | None = Field(default=None, ge=0, le=30 * 24 * 3600, allow_inf_nan=False)
+    eta_s: float | None = Field(default=None, ge=0, le=MAX_ETA_S, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _within_total(self) -> ProgressReport:

@@ -8,7 +8,7 @@ checked by the engine, not here.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -40,6 +40,23 @@ def _http_url(url: str) -> str:
 
 
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+# A deadline is kept as unix seconds (a float) and shown again as a datetime: within Python's
+# years (up to 9999) in UTC whatever its offset, with room for the float's rounding at the end.
+LATEST_DEADLINE = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def _representable(deadline: datetime) -> datetime:
+    try:
+        in_utc = deadline.astimezone(UTC)
+    except OverflowError:
+        in_utc = LATEST_DEADLINE
+    if in_utc >= LATEST_DEADLINE:
+        raise ValueError(f"must be before {LATEST_DEADLINE.isoformat()}")
+    return deadline
+
+
+Deadline = Annotated[AwareDatetime, AfterValidator(_representable)]
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, description="Letters, digits, '_' and '-'; at most 128.")]
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN, description="Lower-case hex sha256.")]
 
@@ -99,7 +116,7 @@ class InferenceJob(_Strict):
     mask: InputDownload | None = None
     strength: Strength | None = None
     callback_url: HttpUrl | None = None
-    deadline: AwareDatetime
+    deadline: Deadline
 
     @model_validator(mode="after")
     def _inputs_fit_task(self) -> InferenceJob:
@@ -125,7 +142,7 @@ class TrainJob(_Strict):
     seed: Seed = 0
     max_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     callback_url: HttpUrl | None = None
-    deadline: AwareDatetime
+    deadline: Deadline
 
 
 class Accepted(BaseModel):
