@@ -341,7 +341,7 @@ def trained_lora(
     (claimed,) = store.claim_for_dispatch(1, kinds=["training"], assign=lambda job, tried: ("miner", 1))
     assert claimed.id == job.id
     success = Success(sha256, 1, None, {}, lora=kinds.get("training").registers(claimed, sha256))
-    assert store.succeed(job.id, success)
+    assert store.succeed(job.id, success, attempt=claimed.attempts)
     lora = store.get_lora(lora_id_for(job.id), api_key_id)
     assert lora is not None
     return lora

@@ -59,6 +59,21 @@ def test_the_admin_api_answers_only_to_its_token(make_client):
     assert client.get("/v1/admin/keys", headers=ADMIN).status_code == 200
 
 
+def test_key_ids_and_names_no_database_can_hold_are_refused_not_crashed(make_client, db_url: str):
+    client = make_client(admin_token=TOKEN, db_url=db_url)
+    for method, path in (
+        ("GET", "/v1/admin/keys/key_%00"),
+        ("POST", "/v1/admin/keys/key_%00/revoke"),
+        ("GET", "/v1/admin/keys/key_%00/usage"),
+    ):
+        refused = client.request(method, path, headers=ADMIN)
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("path.key_id"), refused.text
+    named = client.post("/v1/admin/keys", json={"name": "build\x00er"}, headers=ADMIN)
+    assert named.status_code == 422 and "control character" in named.json()["detail"], named.text
+    assert client.post("/v1/admin/keys", json={"name": "builder"}, headers=ADMIN).status_code == 201
+    assert [key["name"] for key in client.get("/v1/admin/keys", headers=ADMIN).json()] == ["builder"]
+
+
 def test_keys_quotas_and_usage_through_the_admin_api(make_client):
     client = make_client(admin_token=TOKEN, allow_loopback_urls=True)
     made = client.post("/v1/admin/keys", json={"name": "builder", "rate_limit_per_minute": 30}, headers=ADMIN)

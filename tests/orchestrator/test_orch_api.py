@@ -208,6 +208,69 @@ def test_malformed_and_oversized_bodies(make_api):
     assert api.call("GET", "/v1/requests/req_nope", key).status_code == 404
 
 
+def test_json_nested_deeper_than_the_parser_goes_is_a_422_not_a_crash(api: Api):
+    key = api.key()
+    deep = "[" * 100_000 + "]" * 100_000
+    body = api.call("POST", "/v1/images", key, content=deep.encode(), headers={"content-type": "application/json"})
+    assert body.status_code == 422 and "JSON decode error" in json.dumps(body.json()), body.text
+    form = {k: str(v) for k, v in image_body(loras=deep).items()}
+    part = api.call("POST", "/v1/images", key, files={"image": ("in.png", b"png", "image/png")}, data=form)
+    assert part.status_code == 422 and "form part 'loras' is not JSON" in part.json()["detail"], part.text
+    # The key's next request is served as ever.
+    assert api.call("POST", "/v1/images", key, json=image_body()).status_code == 202
+
+
+def test_ids_and_urls_no_database_or_client_can_hold_are_refused_not_crashed(make_api, db_url: str):
+    # PostgreSQL takes no NUL in any text, and httpx no control character in a URL: such input
+    # gets a 4xx with the reason on every database, and a good request beside it still goes in.
+    api = make_api(db_url=db_url, allow_loopback_urls=True)
+    key = api.key()
+    for method, path in (
+        ("GET", "/v1/requests/req_%00x"),
+        ("GET", "/v1/requests/req_%00x/result"),
+        ("POST", "/v1/requests/req_%00x/cancel"),
+        ("GET", "/v1/requests/req_%00x/events"),
+        ("GET", "/v1/loras/lora_%00x"),
+    ):
+        refused = api.call(method, path, key)
+        assert refused.status_code == 422 and refused.json()["detail"].startswith("path."), (path, refused.text)
+    bad_bodies = [
+        (image_body(loras=[{"id": "lora_\x00"}]), "body.loras.0.id"),
+        (image_body(webhook_url="http://127.0.0.1:9/hook\x00"), "control characters"),
+        (image_body(webhook_url="http://127.0.0.1:9/a\nb"), "control characters"),
+        (image_body(loras=[{"url": "http://127.0.0.1:9/a\x7f.safetensors"}]), "control characters"),
+        (image_body(loras=[{"url": "http://[::1/a.safetensors"}]), "body.loras.0.url"),
+        ({"task": "edit", "prompt": "night", "image": "http://127.0.0.1:9/a\nb.png"}, "control characters"),
+        ({"task": "edit", "prompt": "night", "image": "http://[::1/a.png"}, "body.image"),
+    ]
+    for body, reason in bad_bodies:
+        refused = api.call("POST", "/v1/images", key, json=body)
+        assert refused.status_code == 422 and reason in refused.json()["detail"], (body, refused.text)
+    good = api.call("POST", "/v1/images", key, json=image_body())
+    assert good.status_code == 202
+    assert [view["request_id"] for view in api.call("GET", "/v1/requests", key).json()] == [good.json()["request_id"]]
+
+
+def test_a_training_form_that_does_not_validate_gets_422_naming_the_field(make_api, db_url: str):
+    api = make_api(db_url=db_url)
+    key = api.key()
+
+    def submit(**data: str):
+        return api.call("POST", "/v1/loras", key, data={"trigger_word": "sks", **data})
+
+    for data, reason in (
+        ({"dataset_url": "http://"}, "body.dataset_url"),
+        ({"dataset_url": "http:// x"}, "body.dataset_url"),
+        ({"dataset_url": "http://example.com/d\x00.zip"}, "control characters"),
+        ({"dataset_url": "http://example.com/d.zip", "webhook_url": "http://example.com/a\nb"}, "control characters"),
+        # Both go into the LoRA's row when the training succeeds: refused now, not lost then.
+        ({"dataset_url": "http://example.com/d.zip", "name": "sun\x00sets"}, "body.name"),
+        ({"dataset_url": "http://example.com/d.zip", "trigger_word": "s\x00ks"}, "body.trigger_word"),
+    ):
+        refused = submit(**data)
+        assert refused.status_code == 422 and reason in refused.json()["detail"], (data, refused.text)
+
+
 def test_prefer_wait_falls_back_to_202_when_not_done(api: Api):
     assert prefer_wait("respond-async, wait=5", 60) == 5 and prefer_wait("wait=600", 60) == 60
     assert prefer_wait(None, 60) == 0 and prefer_wait("handling=lenient", 60) == 0

@@ -35,7 +35,7 @@ def finished_job(store: Store, key: str, hotkey: str, png: bytes, fingerprint: s
     assert store.claim_for_dispatch(1, kinds=["inference"], assign=lambda job, tried: (hotkey, 1))
     sha256 = results.put(png)
     success = Success(result_sha256=sha256, result_bytes=len(png), fingerprint=fingerprint, timings={})
-    assert store.succeed(job.id, success)
+    assert store.succeed(job.id, success, attempt=1)
     return job.id
 
 

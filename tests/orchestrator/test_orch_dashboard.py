@@ -325,7 +325,7 @@ def finished_image_job(orch, key_id: str, kind: str, payload: dict, result: byte
     (claimed,) = store.claim_for_dispatch(1, kinds=[kind], assign=lambda job, tried: ("5Miner", 1))
     assert claimed.id == queued.id
     blob = orch.orch.results.put(result)
-    assert store.succeed(queued.id, Success(blob, len(result), "fp-miner", {}))
+    assert store.succeed(queued.id, Success(blob, len(result), "fp-miner", {}), attempt=1)
     return queued.id
 
 

@@ -288,7 +288,9 @@ def test_an_audit_that_cannot_read_the_result_says_why_and_blames_nobody(db_url,
         (job,) = store.insert_jobs([job_row(key, "inference", payload, deadline, 60)])
         assert store.claim_for_dispatch(1, kinds=["inference"], assign=lambda job, tried: ("5Miner", 1))
         result = "ab" * 32  # stored by the replica on the other machine
-        assert store.succeed(job.id, Success(result_sha256=result, result_bytes=100, fingerprint=None, timings={}))
+        assert store.succeed(
+            job.id, Success(result_sha256=result, result_bytes=100, fingerprint=None, timings={}), attempt=1
+        )
         queue.start()
         assert queue.offer(store.load_job(job.id))
         [audit] = wait_until(lambda: store.list_audits(job_id=job.id), 20, "the verdict")

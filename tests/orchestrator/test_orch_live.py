@@ -3,6 +3,7 @@ times out, miners' signed progress reports, and the server-sent event stream of 
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from collections.abc import Iterator
@@ -70,7 +71,12 @@ def test_a_bad_cursor_is_refused_with_a_reason(subnet):
     orch = subnet.start_orchestrator()
     client = subnet.client(orch, subnet.new_key(orch))
     for path in ("/v1/requests", "/v1/loras"):
-        for cursor in ("not-a-cursor", "eyJ4Ijo1fQ", "x" * 300):
+        # Times whose offset carries them past the years a datetime holds, and an id with a NUL
+        # (PostgreSQL takes none): cursors we never handed out, not crashes.
+        odd = [["0001-01-01T00:00:00+14:00", "req_1"], ["9999-12-31T23:59:59-14:00", "req_1"]]
+        odd.append(["2030-01-01T00:00:00+00:00", "req_\x00"])
+        forged = [base64.urlsafe_b64encode(json.dumps(position).encode()).decode() for position in odd]
+        for cursor in ("not-a-cursor", "eyJ4Ijo1fQ", "x" * 300, *forged):
             refused = client.get(path, params={"cursor": cursor})
             assert refused.status_code == 422, refused.text
             assert "cursor" in refused.json()["detail"]

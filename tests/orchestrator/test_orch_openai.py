@@ -228,6 +228,18 @@ def test_with_no_healthy_miner_a_call_is_refused_at_once_not_held(bare):
     assert listed["status"] == "canceled"
 
 
+def test_an_edit_whose_loras_nest_past_the_parser_is_a_400_not_a_crash(bare):
+    client, secret = bare
+    answer = client.post(
+        "/v1/images/edits",
+        data={"prompt": "make it night", "loras": "[" * 100_000 + "]" * 100_000},
+        files={"image": ("in.png", noise_png(), "image/png")},
+        headers={"Authorization": f"Bearer {secret}"},
+    )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "loras" and "not a JSON array" in answer.json()["error"]["message"]
+
+
 def test_docs_and_redoc_load_only_assets_the_orchestrator_serves(bare):
     client, _ = bare
     assert_docs_load_only_served_assets(client)

@@ -427,6 +427,31 @@ def test_sweeper_fails_jobs_when_the_client_deadline_leaves_no_room(store: Store
     assert store.list_attempts(tight.id)[0].outcome == "timeout"
 
 
+def test_a_late_report_about_an_earlier_attempt_never_lands_on_the_next(store: Store, key_id: str):
+    """A callback is read, checked (a LoRA check takes seconds), then written. If meanwhile the
+    job was taken back and sent to another miner, the first miner's result or failure must not
+    finish the second miner's attempt: the result, its score and any audit would name the wrong
+    miner."""
+    job = make_job(store, key_id, deadline_s=600, max_attempts=3)
+    dispatch(store, job.id, "hk1", 1, at=0)
+    first = store.load_job(job.id)  # what hk1's callback read
+    assert store.take_back(first, "timed out", outcome="timeout", now=sec(1), min_attempt_s=5) == "queued"
+    dispatch(store, job.id, "hk2", 2, at=2)
+    late = Success("ab" * 32, 10, "fp-hk1", {})
+    assert not store.succeed(job.id, late, now=sec(3), attempt=first.attempts)
+    assert store.take_back(first, "crashed", outcome="failed", now=sec(3), min_attempt_s=5) is None
+    current = store.load_job(job.id)
+    assert (current.status, current.miner_hotkey, current.attempts, current.result_sha256) == (
+        "dispatched", "hk2", 2, None
+    )  # fmt: skip
+    assert store.succeed(job.id, Success("cd" * 32, 10, "fp-hk2", {}), now=sec(4), attempt=current.attempts)
+    done = store.load_job(job.id)
+    assert (done.status, done.miner_hotkey, done.result_sha256) == ("succeeded", "hk2", "cd" * 32)
+    assert [(a.miner_hotkey, a.outcome) for a in store.list_attempts(job.id)] == [
+        ("hk1", "timeout"), ("hk2", "succeeded")
+    ]  # fmt: skip
+
+
 def test_a_job_taken_back_from_its_miner_is_retried_while_attempts_and_time_allow(store: Store, key_id: str):
     job = make_job(store, key_id, deadline_s=600, max_attempts=2)
     dispatch(store, job.id, "hk1", 1, at=0)
@@ -505,8 +530,8 @@ def test_a_success_stores_the_result_and_registers_its_lora_once(store: Store, k
         "source_job_id": job.id,
     }
     success = Success("ef" * 32, 123, "fp", {"train_s": 2.5}, lora=lora)
-    assert store.succeed(job.id, success, now=sec(4))
-    assert not store.succeed(job.id, success, now=sec(5))  # the callback again: nothing changes
+    assert store.succeed(job.id, success, now=sec(4), attempt=1)
+    assert not store.succeed(job.id, success, now=sec(5), attempt=1)  # the callback again: nothing changes
     done = store.load_job(job.id)
     assert (done.status, done.result_sha256, done.result_bytes, done.fingerprint) == ("succeeded", "ef" * 32, 123, "fp")
     assert (done.timings, done.finished_at) == ({"train_s": 2.5}, sec(4))

@@ -41,7 +41,7 @@ def finish(store: Store, job: Job, at: datetime, ok: bool = True) -> None:
     claimed = store.claim_for_dispatch(10, now=at, kinds=KINDS, assign=lambda job, tried: ("miner", 1))
     assert job.id in [j.id for j in claimed]
     if ok:
-        assert store.succeed(job.id, Success("ab" * 32, 10, None, {}), now=at)
+        assert store.succeed(job.id, Success("ab" * 32, 10, None, {}), now=at, attempt=1)
     else:
         assert store.transition(job.id, RequestStatus.dispatched, RequestStatus.failed, now=at, error="miner failed")
 

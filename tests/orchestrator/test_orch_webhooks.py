@@ -6,12 +6,15 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 import miner_kit
 from dippy_studio.orchestrator.settings import OrchestratorSettings
@@ -168,3 +171,36 @@ def test_a_delivery_in_flight_is_leased_to_one_sender(setup):
     assert len(taken) == 1 and second._take_due(10) == []
     clock.advance(60)  # the lease ran out (the first sender died): someone else may retry it
     assert len(second._take_due(10)) == 1
+
+
+def test_a_receiver_that_answers_with_an_endless_body_holds_neither_memory_nor_the_sender(setup):
+    # The receiver is the client's to choose: its answer's body is never read, so a body that
+    # never ends (trickled within every read timeout) cannot grow the orchestrator's memory or
+    # keep a delivery thread, and the status it answered with is what counts.
+    store, _clock, make_sender, finished_job = setup
+    stop = threading.Event()
+    app = FastAPI()
+
+    @app.post("/hook")
+    def endless() -> StreamingResponse:
+        def chunks() -> Iterator[bytes]:
+            while not stop.is_set():
+                yield b"x" * (64 << 10)
+                time.sleep(0.05)
+
+        return StreamingResponse(chunks(), media_type="application/octet-stream")
+
+    served = Served(app)
+    job_id, _ = finished_job(f"{served.url}/hook")
+    sender = make_sender()
+    delivery = threading.Thread(target=sender.deliver_due, daemon=True)
+    try:
+        delivery.start()
+        delivery.join(10)
+        assert not delivery.is_alive(), "the delivery is still reading the receiver's body"
+    finally:
+        stop.set()
+        delivery.join(10)
+        served.stop()
+    job = store.load_job(job_id)
+    assert (job.webhook_state, job.webhook_attempts, job.webhook_error) == ("delivered", 1, None)

@@ -24,13 +24,14 @@ import hmac
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from dippy_studio.orchestrator.api import bearer_secret, refusals
 from dippy_studio.orchestrator.models import ApiKey
+from dippy_studio.orchestrator.schemas import ID_PATTERN, Label
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.store import DEFAULT_RATE_LIMIT_PER_MINUTE, UnknownApiKey
 from dippy_studio.orchestrator.usage import MAX_DAYS, Quota, quota_of
@@ -41,6 +42,7 @@ ADMIN_WRONG = "wrong or missing admin token: send Authorization: Bearer <DIPPY_O
 DEFAULT_DAYS = 30
 
 Days = Annotated[int, Query(ge=1, le=MAX_DAYS, description="How many UTC days, today last.")]
+KeyId = Annotated[str, Path(pattern=ID_PATTERN, description="The key's id (`key_...`).")]
 
 
 class UsageDayView(BaseModel):
@@ -66,7 +68,7 @@ class KeyView(BaseModel):
 
 
 class NewKey(BaseModel):
-    name: str = Field(min_length=1, max_length=200, pattern=r"\S")
+    name: Label = Field(min_length=1, max_length=200, pattern=r"\S")
     rate_limit_per_minute: int = Field(default=DEFAULT_RATE_LIMIT_PER_MINUTE, ge=1, le=1_000_000)
     quota: Quota | None = None
 
@@ -149,11 +151,11 @@ def build_admin_router(orch: Orchestrator) -> APIRouter:
         return [key_view(key) for key in store.list_api_keys(include_revoked=include_revoked)]
 
     @router.get("/keys/{key_id}", response_model=KeyView)
-    def get_key(key_id: str) -> KeyView:
+    def get_key(key_id: KeyId) -> KeyView:
         return key_view(existing(key_id))
 
     @router.post("/keys/{key_id}/revoke", response_model=KeyView)
-    def revoke_key(key_id: str) -> KeyView:
+    def revoke_key(key_id: KeyId) -> KeyView:
         """Revoke a key (again: no change). Its requests are refused from now on, on every replica."""
         try:
             store.revoke_api_key(key_id, now=orch.clock())
@@ -162,7 +164,7 @@ def build_admin_router(orch: Orchestrator) -> APIRouter:
         return key_view(existing(key_id))
 
     @router.put("/keys/{key_id}/quota", response_model=KeyView)
-    def set_quota(key_id: str, body: Quota) -> KeyView:
+    def set_quota(key_id: KeyId, body: Quota) -> KeyView:
         """Replace the key's quota; limits left out or null are unlimited. Takes effect at the
         key's next submission."""
         try:
@@ -171,7 +173,7 @@ def build_admin_router(orch: Orchestrator) -> APIRouter:
             raise HTTPException(404, detail=f"no API key {key_id}") from None
 
     @router.get("/keys/{key_id}/usage", response_model=UsageView)
-    def key_usage(key_id: str, days: Days = DEFAULT_DAYS) -> dict[str, Any]:
+    def key_usage(key_id: KeyId, days: Days = DEFAULT_DAYS) -> dict[str, Any]:
         return store.key_usage(existing(key_id), days, orch.clock())
 
     return router

@@ -43,14 +43,14 @@ import json
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Path, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from dippy_studio.orchestrator import errors, kinds
@@ -58,7 +58,9 @@ from dippy_studio.orchestrator.image_inputs import TASK_KINDS
 from dippy_studio.orchestrator.models import ApiKey, Job
 from dippy_studio.orchestrator.paging import BadCursor, decode_cursor, encode_cursor, next_link
 from dippy_studio.orchestrator.schemas import (
+    ID_PATTERN,
     MIN_DEADLINE_S,
+    ClientUrl,
     ImageRequest,
     LoraView,
     Readiness,
@@ -74,6 +76,10 @@ from dippy_studio.protocol.auth import sign_request
 from dippy_studio.protocol.http_errors import error_responses
 from dippy_studio.protocol.limits import MAX_SEED
 from dippy_studio.protocol.schemas import SHA256_PATTERN
+
+# An id in a path: one this API could have handed out, else 422 before any lookup.
+RequestId = Annotated[str, Path(pattern=ID_PATTERN, description="The request's id (`req_...`).")]
+LoraId = Annotated[str, Path(pattern=ID_PATTERN, description="The LoRA's id (`lora_...`).")]
 
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 _SS58 = r"^[1-9A-HJ-NP-Za-km-z]{46,48}$"
@@ -190,7 +196,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         else:
             raw = await request.body()
             # A body with data: URIs can be tens of megabytes: parsed off the event loop.
-            parse = lambda: _validated(_json_body(raw))  # noqa: E731
+            parse = lambda: _validated(ImageRequest, _json_body(raw))  # noqa: E731
             body = parse() if len(raw) < _PARSE_ON_LOOP_BYTES else await run_in_threadpool(parse)
         job = await orch.submit(
             bearer_secret(credentials),
@@ -235,23 +241,23 @@ def build_router(orch: Orchestrator) -> APIRouter:
         key = await orch.admitted(bearer_secret(credentials))
         if (dataset is None) == (not dataset_url):
             raise HTTPException(422, detail="give exactly one of a 'dataset' file or a 'dataset_url'")
-        for url in (dataset_url, webhook_url):
-            if url is not None and not url.startswith(("http://", "https://")):
-                raise HTTPException(422, detail=f"{url!r} is not an http:// or https:// URL")
+        if webhook_url is not None:
+            _validated(_WebhookForm, {"webhook_url": webhook_url})
         data = await _read_upload(dataset, settings.max_dataset_bytes) if dataset is not None else None
-        body = TrainingRequest(
-            trigger_word=trigger_word,
-            model=model or None,
-            name=name,
-            dataset=data,
-            dataset_url=dataset_url or None,
-            rank=rank,
-            alpha=alpha,
-            steps=steps,
-            lr=lr,
-            seed=seed,
-            max_seconds=max_seconds,
-        )
+        fields = {
+            "trigger_word": trigger_word,
+            "model": model or None,
+            "name": name,
+            "dataset": data,
+            "dataset_url": dataset_url or None,
+            "rank": rank,
+            "alpha": alpha,
+            "steps": steps,
+            "lr": lr,
+            "seed": seed,
+            "max_seconds": max_seconds,
+        }
+        body = _validated(TrainingRequest, fields)
         job = await orch.submit(None, "training", body, webhook_url=webhook_url, deadline_s=deadline_s, key=key)
         return await submitted(request, job)
 
@@ -282,7 +288,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         responses=refusals(401, 404, 422, 429),
         tags=["requests"],
     )
-    def get_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
+    def get_request(request_id: RequestId, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
         """The request's status; while queued, `queue_position`; while at a miner, `progress`."""
         job = orch.own_job(key, request_id)
         return request_view(job, str(request.base_url), queue_position(store, job))
@@ -296,7 +302,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         response_class=Response,
         tags=["requests"],
     )
-    def get_result(request_id: str, key: ApiKey = Depends(client)) -> FileResponse:
+    def get_result(request_id: RequestId, key: ApiKey = Depends(client)) -> FileResponse:
         """The PNG (inference) or .safetensors (training); 409 until the request has succeeded."""
         job = orch.own_job(key, request_id)
         spec = kinds.get(job.kind)
@@ -313,7 +319,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         responses=refusals(401, 404, 409, 422, 429),
         tags=["requests"],
     )
-    def cancel_request(request_id: str, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
+    def cancel_request(request_id: RequestId, request: Request, key: ApiKey = Depends(client)) -> dict[str, Any]:
         """Cancel a request that has not finished; 409 when it already has."""
         return request_view(orch.cancel(key, request_id), str(request.base_url))
 
@@ -336,7 +342,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         return [lora_view(lora) for lora in loras[:limit]]
 
     @router.get("/v1/loras/{lora_id}", response_model=LoraView, responses=refusals(401, 404, 422, 429), tags=["loras"])
-    def get_lora(lora_id: str, key: ApiKey = Depends(client)) -> dict[str, Any]:
+    def get_lora(lora_id: LoraId, key: ApiKey = Depends(client)) -> dict[str, Any]:
         lora = store.get_lora(lora_id, key.id)
         if lora is None:
             raise HTTPException(404, detail=f"no LoRA {lora_id}")
@@ -384,7 +390,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
             }
         ),
     )
-    async def miner_callback(job_id: str, request: Request) -> Response:
+    async def miner_callback(job_id: RequestId, request: Request) -> Response:
         """Where miners deliver results: a signed multipart POST (`meta` JobView, `result` file) with
         a Content-Length. The signature headers, the job's miner and the size are checked before
         the body is read."""
@@ -518,7 +524,7 @@ async def _image_form(request: Request, max_image_bytes: int) -> ImageRequest:
         if isinstance(value, str):
             if name in _JSON_PARTS:
                 try:
-                    fields[name] = json.loads(value)
+                    fields[name] = json_value(value)
                 except ValueError:
                     raise HTTPException(422, detail=f"form part {name!r} is not JSON") from None
             else:
@@ -527,25 +533,44 @@ async def _image_form(request: Request, max_image_bytes: int) -> ImageRequest:
             uploads[name] = await _read_upload(value, max_image_bytes, name)
         else:
             raise HTTPException(422, detail=f"form part {name!r} must not be a file")
-    return _validated(fields).with_uploads(**uploads)
+    return _validated(ImageRequest, fields).with_uploads(**uploads)
+
+
+def json_value(text: str | bytes) -> Any:
+    """`json.loads` of a client's text, every way it can fail a ValueError: nesting deeper than the
+    parser recurses (a few kilobytes of brackets) is bad JSON too, not a crash."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _json_body(raw: bytes) -> Any:
     """The JSON body, refused as FastAPI refuses a body it cannot parse."""
     try:
-        return json.loads(raw)
+        return json_value(raw)
     except ValueError as exc:
         position = getattr(exc, "pos", 0)
         error = {"type": "json_invalid", "loc": ("body", position), "msg": "JSON decode error", "input": {}}
         raise RequestValidationError([{**error, "ctx": {"error": str(exc)}}]) from None
 
 
-def _validated(fields: Any) -> ImageRequest:
-    """An `ImageRequest`, its problems refused as FastAPI refuses a body that does not validate."""
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _validated(model: type[_Model], fields: Any) -> _Model:
+    """`model` from a client's fields, its problems refused as FastAPI refuses a body that does
+    not validate."""
     try:
-        return ImageRequest.model_validate(fields)
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+class _WebhookForm(BaseModel):
+    """The `webhook_url` form field of `POST /v1/loras`, checked as `ImageRequest` checks its own."""
+
+    webhook_url: ClientUrl
 
 
 _COMPONENTS = "#/components/schemas/{model}"

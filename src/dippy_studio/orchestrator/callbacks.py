@@ -33,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import tempfile
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -232,7 +234,8 @@ class CallbackHandler:
             )
             return Reply(200, {"status": "running"})
         if meta.status != JobStatus.succeeded:
-            reason = scrub_paths(f"miner reported {meta.status.value}: {meta.error or 'no reason given'}")[:1000]
+            said = meta.error or "no reason given"
+            reason = printable(scrub_paths(f"miner reported {meta.status.value}: {said}"))[:1000]
             outcome = failure_outcome(job, meta, self.clock(), self.settings.allowed_clock_skew)
             status = await self._take_back(job, reason, outcome)
             return Reply(200, {"status": status or job.status})
@@ -249,6 +252,8 @@ class CallbackHandler:
     async def _check(self, spec: kinds.JobKindSpec, job: Job, meta: JobView, result: bytes | None) -> str | None:
         if result is None:
             return "the callback says succeeded but has no result part"
+        if meta.fingerprint is not None and (problem := fingerprint_problem(meta.fingerprint)) is not None:
+            return problem
         sha256 = hashlib.sha256(result).hexdigest()
         if meta.result_sha256 is not None and meta.result_sha256 != sha256:
             return f"sha256 of the bytes is {sha256}, the miner claimed {meta.result_sha256}"
@@ -270,11 +275,11 @@ class CallbackHandler:
             result_sha256=sha256,
             result_bytes=len(result),
             fingerprint=meta.fingerprint,
-            timings={"miner": dict(meta.timings), "latency_s": latency},
+            timings={"miner": finite(meta.timings), "latency_s": latency},
             lora=spec.registers(job, sha256) if spec.registers is not None else None,
         )
-        if not await self.store.call(self.store.succeed, job.id, success, now, lock_key=job.id):
-            # Another copy of this callback, or a cancel, got there first.
+        if not await self.store.call(self.store.succeed, job.id, success, now, attempt=job.attempts, lock_key=job.id):
+            # Another copy of this callback, a cancel, or the next attempt got there first.
             current = await self.store.call(self.store.load_job, job.id)
             return already_finished(current or job, result)
         # The row now holds what was just written: hand that on rather than read it back.
@@ -298,6 +303,30 @@ META_BYTES = 1 << 20
 # While its signature waits to be checked, a callback body is kept in memory up to this size; past
 # it, it goes to a temporary file in batches of this size.
 IN_MEMORY_BYTES = 1 << 20
+
+
+# The longest fingerprint the jobs table keeps (an engine's is a short id).
+MAX_FINGERPRINT_CHARS = 128
+
+
+def fingerprint_problem(fingerprint: str) -> str | None:
+    """Why a reported fingerprint is none an engine gives (too long to keep, or with control
+    characters, which PostgreSQL's text refuses), or None."""
+    if len(fingerprint) > MAX_FINGERPRINT_CHARS or any(unicodedata.category(c) == "Cc" for c in fingerprint):
+        return f"the fingerprint is not an engine's: at most {MAX_FINGERPRINT_CHARS} printable characters"
+    return None
+
+
+def finite(timings: Mapping[str, float]) -> dict[str, float]:
+    """The miner's timings that are numbers: NaN and infinities time nothing, and neither a JSON
+    answer to the client nor PostgreSQL's json holds them."""
+    return {name: value for name, value in timings.items() if math.isfinite(value)}
+
+
+def printable(text: str) -> str:
+    """A miner's text as it is kept and shown to the client: control characters (a NUL, which
+    PostgreSQL's text refuses) as spaces, line breaks and tabs kept."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else " " for c in text)
 
 
 def content_length(headers: Mapping[str, str]) -> int | None:

@@ -27,7 +27,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 
 from dippy_studio.orchestrator import kinds
-from dippy_studio.orchestrator.api import bearer, bearer_secret, refusals
+from dippy_studio.orchestrator.api import RequestId, bearer, bearer_secret, refusals
 from dippy_studio.orchestrator.models import Job
 from dippy_studio.orchestrator.schemas import ModelInfo
 from dippy_studio.orchestrator.service import Orchestrator
@@ -129,7 +129,7 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
         tags=["requests"],
     )
     async def request_events_route(
-        request_id: str, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+        request_id: RequestId, request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> EventSourceResponse:
         """Follow a request live: its status at once and on each change, its place in the queue
         while queued, and the miner's progress (denoising or training steps) while it runs."""
@@ -154,7 +154,7 @@ def build_live_router(orch: Orchestrator) -> APIRouter:
             }
         ),
     )
-    async def miner_progress(job_id: str, request: Request) -> Response:
+    async def miner_progress(job_id: RequestId, request: Request) -> Response:
         """Where miners report progress: a signed POST of a `protocol.progress.ProgressReport`
         (JSON, at most `MAX_PROGRESS_BYTES`), from the job's miner, for its current attempt."""
         too_large = HTTPException(413, detail=f"a progress report may be at most {MAX_PROGRESS_BYTES} bytes")

@@ -44,7 +44,6 @@ import asyncio
 import base64
 import contextlib
 import io
-import json
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -62,7 +61,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from dippy_studio.orchestrator import errors, kinds
-from dippy_studio.orchestrator.api import bearer, bearer_secret, http_error
+from dippy_studio.orchestrator.api import bearer, bearer_secret, http_error, json_value
 from dippy_studio.orchestrator.image_inputs import TASK_KINDS
 from dippy_studio.orchestrator.models import ApiKey, Job
 from dippy_studio.orchestrator.schemas import ImageRequest, LoraInput
@@ -471,7 +470,7 @@ def build_router(orch: Orchestrator) -> APIRouter:
         extra: dict[str, Any] = {}
         if form.loras:
             try:
-                extra["loras"] = json.loads(form.loras)
+                extra["loras"] = json_value(form.loras)
             except ValueError:
                 raise Refused(400, "loras is not a JSON array", param="loras") from None
         if mask is not None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from dippy_studio.orchestrator.schemas import ID_PATTERN
 
 # A cursor this long is not one of ours (they are about 80 characters).
 MAX_CURSOR_CHARS = 256
@@ -40,14 +43,19 @@ def decode_cursor(cursor: str) -> Position:
     """The position a cursor names; `BadCursor` (with the reason) for anything else."""
     if len(cursor) > MAX_CURSOR_CHARS:
         raise BadCursor(f"cursor is over {MAX_CURSOR_CHARS} characters: pass back an X-Next-Cursor as given")
+    not_ours = BadCursor("cursor is not one this API handed out: pass back an X-Next-Cursor as given")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, item_id = json.loads(raw)
-        position = Position(datetime.fromisoformat(created), item_id)
-    except (binascii.Error, ValueError, TypeError):
-        raise BadCursor("cursor is not one this API handed out: pass back an X-Next-Cursor as given") from None
-    if not isinstance(item_id, str) or position.created_at.tzinfo is None:
-        raise BadCursor("cursor is not one this API handed out: pass back an X-Next-Cursor as given")
+        created_at = datetime.fromisoformat(created)
+        # In UTC, as the database compares it: a time with an offset that carries it past
+        # year 1 or 9999 is no time any item was created at.
+        position = Position(created_at.astimezone(UTC), item_id) if created_at.tzinfo is not None else None
+    except (binascii.Error, ValueError, TypeError, OverflowError):
+        raise not_ours from None
+    # Only ids we hand out: anything else (a NUL, which PostgreSQL refuses) never reaches a query.
+    if position is None or not isinstance(item_id, str) or not re.match(ID_PATTERN, item_id):
+        raise not_ours
     return position
 
 

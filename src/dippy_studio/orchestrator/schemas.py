@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+import httpx
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from dippy_studio.orchestrator.states import RequestStatus
 from dippy_studio.protocol.limits import (
@@ -25,6 +36,54 @@ from dippy_studio.protocol.schemas import HttpUrl, Sha256
 # No job can be dispatched, run and called back in less (a shorter deadline is refused).
 MIN_DEADLINE_S = 1.0
 
+# What every id this API hands out looks like (`req_...`, `lora_...`, `key_...`). A path or field
+# that cannot be one is refused before it reaches the database: PostgreSQL takes no NUL in text.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character (Unicode category Cc: NUL, newlines, DEL, ...) in `text`."""
+    return next((char for char in text if unicodedata.category(char) == "Cc"), None)
+
+
+def _one_line(text: str) -> str:
+    if (char := _control_character(text)) is not None:
+        raise ValueError(f"has a control character ({char!r}): give one line of text")
+    return text
+
+
+def _usable_url(url: str) -> str:
+    """An http(s) URL an HTTP client can request as given: no whitespace or control characters
+    (none is part of a URL: percent-encode them) and a host that parses. Anything else would be
+    stored now and fail when fetched or posted to."""
+    if (char := _control_character(url)) is not None or (char := next((c for c in url if c.isspace()), None)):
+        raise ValueError(f"has whitespace or control characters ({char!r}): percent-encode them")
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"is not a URL we can request: {exc}") from None
+    if not host:
+        raise ValueError("names no host")
+    return url
+
+
+# A single-line label a client names something by (kept in the database, shown back).
+Label = Annotated[str, AfterValidator(_one_line)]
+# A URL the orchestrator fetches (inputs, LoRAs, datasets) or posts to (webhooks).
+ClientUrl = Annotated[HttpUrl, AfterValidator(_usable_url)]
+_CLIENT_URL: TypeAdapter[str] = TypeAdapter(ClientUrl)
+
+
+def _image_source(source: str) -> str:
+    """An input image given as a URL must be a usable one; a data: URI is read later."""
+    if source.startswith(("http://", "https://")):
+        try:
+            return _CLIENT_URL.validate_python(source)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+    return source
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,8 +92,8 @@ class _Strict(BaseModel):
 class LoraInput(_Strict):
     """A LoRA to apply: one of yours by `id`, or a .safetensors file at `url` (fetched once, by us)."""
 
-    id: str | None = Field(default=None, max_length=64)
-    url: HttpUrl | None = None
+    id: Identifier | None = Field(default=None, max_length=64)
+    url: ClientUrl | None = None
     sha256: Sha256 | None = Field(default=None, description="With `url`: the file's sha256, checked after download.")
     scale: LoraScale = 1.0
 
@@ -72,14 +131,14 @@ class ImageRequest(_Strict):
     )
     task: Task = Field(default="generate", description="generate (default), edit, img2img or inpaint.")
     prompt: Prompt
-    image: str | None = Field(
+    image: Annotated[str, AfterValidator(_image_source)] | None = Field(
         default=None,
         description="edit, img2img, inpaint: the input image (PNG, JPEG or WebP) as an http(s):// URL "
         "(fetched once, by us) or a `data:image/png;base64,...` URI. EXIF orientation is applied.",
         examples=["https://example.com/photo.jpg", _EXAMPLE_IMAGE],
     )
     image_sha256: Sha256 | None = Field(default=None, description="The image's sha256 as sent, checked when given.")
-    mask: str | None = Field(
+    mask: Annotated[str, AfterValidator(_image_source)] | None = Field(
         default=None,
         description="inpaint: the mask, the image's size, as a URL or data: URI; white is repainted, black kept.",
         examples=[_EXAMPLE_MASK],
@@ -98,7 +157,7 @@ class ImageRequest(_Strict):
     steps: Steps | None = Field(default=None, description="The profile's default when left out.")
     guidance: Guidance | None = None
     loras: list[LoraInput] = Field(default_factory=list, max_length=MAX_LORAS)
-    webhook_url: HttpUrl | None = None
+    webhook_url: ClientUrl | None = None
     deadline_s: float | None = Field(
         default=None,
         ge=MIN_DEADLINE_S,
@@ -223,11 +282,11 @@ class LoraView(BaseModel):
 class TrainingRequest(_Strict):
     """A LoRA training request (the multipart form of `POST /v1/loras`, with the upload read)."""
 
-    trigger_word: str = Field(min_length=1, max_length=64)
+    trigger_word: Label = Field(min_length=1, max_length=64)
     model: str | None = Field(default=None, max_length=64)
-    name: str | None = Field(default=None, max_length=200)
+    name: Label | None = Field(default=None, max_length=200)
     dataset: bytes | None = None
-    dataset_url: HttpUrl | None = None
+    dataset_url: ClientUrl | None = None
     rank: int | None = Field(default=None, ge=1, le=256)
     alpha: float | None = Field(default=None, gt=0, le=1024)
     steps: int | None = Field(default=None, ge=1, le=100_000)

@@ -711,15 +711,24 @@ class Store:
         def write(conn: Connection) -> str | None:
             spent = 0 if outcome in NOT_TAKEN | CLIENTS_DOING else _spent_attempts(conn, [job.id])[job.id] + 1
             target, fields = _after_attempt(job, outcome, reason, now, min_attempt_s, spent)
-            move = _transition_op(job.id, ACTIVE, target, now, attempt_outcome=outcome, attempt_error=reason, **fields)
+            move = _transition_op(
+                job.id,
+                ACTIVE,
+                target,
+                now,
+                attempt_outcome=outcome,
+                attempt_error=reason,
+                attempt=job.attempts,
+                **fields,
+            )
             return target.value if move(conn) else None
 
         return self._write(write, lock_key=job.id)
 
-    def succeed(self, job_id: str, success: Success, now: datetime | None = None) -> bool:
-        """An active job's result is in: store it and move the job to `succeeded`, registering its
-        LoRA (`success.lora`) in the same transaction. False when the job had already moved on
-        (another copy of the callback, a cancel)."""
+    def succeed(self, job_id: str, success: Success, now: datetime | None = None, *, attempt: int) -> bool:
+        """The result of the job's `attempt` is in: store it and move the job to `succeeded`,
+        registering its LoRA (`success.lora`) in the same transaction. False when the job had
+        already moved on (another copy of the callback, a cancel, a later attempt at another miner)."""
         now = now or utcnow()
         fields = {
             "result_sha256": success.result_sha256,
@@ -729,7 +738,7 @@ class Store:
             "timings": success.timings,
             "error": None,
         }
-        move = _transition_op(job_id, ACTIVE, RequestStatus.succeeded, now, **fields)
+        move = _transition_op(job_id, ACTIVE, RequestStatus.succeeded, now, attempt=attempt, **fields)
 
         def write(conn: Connection) -> bool:
             if not move(conn):
@@ -1327,10 +1336,12 @@ def _transition_op(
     attempt_outcome: str | None = None,
     attempt_error: str | None = None,
     api_key_id: str | None = None,
+    attempt: int | None = None,
     **fields: Any,
 ) -> Callable[[Connection], bool]:
     """The one way a job's status changes: a compare-and-set UPDATE (see `Store.transition`),
-    as a function of the transaction's connection."""
+    as a function of the transaction's connection. With `attempt`, only while the job is still
+    on that attempt: what a miner reports about its attempt must not land on the next one."""
     sources = {RequestStatus(frm)} if isinstance(frm, str) else {RequestStatus(s) for s in frm}
     target = RequestStatus(to)
     illegal = sorted(s.value for s in sources if not can_transition(s, target))
@@ -1340,10 +1351,17 @@ def _transition_op(
     if unknown:
         raise TypeError(f"transition cannot set {', '.join(sorted(unknown))}")
     values = {**_implied_fields(target, now), **fields, "status": target.value, "updated_at": now}
-    statement_key = (tuple(sorted(s.value for s in sources)), tuple(sorted(values)), api_key_id is not None)
+    statement_key = (
+        tuple(sorted(s.value for s in sources)),
+        tuple(sorted(values)),
+        api_key_id is not None,
+        attempt is not None,
+    )
     params = {"b_id": job_id} | {f"b_{name}": value for name, value in values.items()}
     if api_key_id is not None:
         params["b_api_key_id"] = api_key_id
+    if attempt is not None:
+        params["b_on_attempt"] = attempt
     closes = target in _ATTEMPT_OUTCOME
     outcome = attempt_outcome or _ATTEMPT_OUTCOME.get(target, "")
     # Metered in the transaction that finishes the job: exact on any number of replicas.
@@ -1456,12 +1474,15 @@ def _by_id_statement(model: type[Base]) -> Select[Any]:
 
 
 @lru_cache(maxsize=256)
-def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool) -> Update:
-    """`UPDATE jobs SET <names> WHERE id = :b_id AND status IN <sources> [AND api_key_id = :b_api_key_id]`,
-    built once per shape (a handful in all): building and keying a statement costs more than running it."""
+def _transition_statement(sources: tuple[str, ...], names: tuple[str, ...], owned: bool, on_attempt: bool) -> Update:
+    """`UPDATE jobs SET <names> WHERE id = :b_id AND status IN <sources> [AND api_key_id = :b_api_key_id]
+    [AND attempts = :b_on_attempt]`, built once per shape (a handful in all): building and keying a
+    statement costs more than running it."""
     where = [_JOBS.c.id == bindparam("b_id"), _one_of(_JOBS.c.status, sources)]
     if owned:
         where.append(_JOBS.c.api_key_id == bindparam("b_api_key_id"))
+    if on_attempt:
+        where.append(_JOBS.c.attempts == bindparam("b_on_attempt"))
     return update(_JOBS).where(*where).values({name: bindparam(f"b_{name}") for name in names})
 
 
@@ -1493,12 +1514,16 @@ _OPEN_ATTEMPT = select(_ATTEMPTS.c.dispatched_at).where(_THIS_JOB, _ATTEMPTS.c.o
 
 @lru_cache(maxsize=256)
 def _transition_closing_statement(
-    sources: tuple[str, ...], names: tuple[str, ...], owned: bool, metered: bool
+    sources: tuple[str, ...], names: tuple[str, ...], owned: bool, on_attempt: bool, metered: bool
 ) -> Select[Any]:
     """PostgreSQL: `_transition_statement`, the close of the job's attempt and, for a success,
     its metering as one statement (data-modifying CTEs), which counts the jobs moved (0 or 1): on
     the path of every callback."""
-    moved = _transition_statement(sources, names, owned).returning(_JOBS.c.id, *usage.METERED_COLUMNS).cte("moved")
+    moved = (
+        _transition_statement(sources, names, owned, on_attempt)
+        .returning(_JOBS.c.id, *usage.METERED_COLUMNS)
+        .cte("moved")
+    )
     closed = _closing_attempts(_ATTEMPTS.c.job_id.in_(select(moved.c.id)), _PG_LATENCY).cte("closed")
     statement = select(func.count()).select_from(moved).add_cte(closed)
     if metered:

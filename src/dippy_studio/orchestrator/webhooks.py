@@ -109,12 +109,15 @@ class WebhookSender:
         body = json.dumps(payload, separators=(",", ":")).encode()
         headers = headers_for(key.webhook_secret, f"msg_{job.id}", body)
         try:
-            response = self._http.post(job.webhook_url, content=body, headers=headers)
+            # Streamed and left unread: the status is the answer, and a receiver's body (endless,
+            # or trickled within each read timeout) must not hold memory or a delivery thread.
+            with self._http.stream("POST", job.webhook_url, content=body, headers=headers) as response:
+                status = response.status_code
         except OutboundError as exc:  # the name resolves elsewhere now (DNS rebinding)
             return False, str(exc), False
         except httpx.HTTPError as exc:
             return False, f"{type(exc).__name__}: {exc}"[:500], True
-        if 200 <= response.status_code < 300:
+        if 200 <= status < 300:
             return True, None, False
         # 410 Gone: the receiver says this endpoint will never take it (Standard Webhooks' advice).
-        return False, f"HTTP {response.status_code}", response.status_code != 410
+        return False, f"HTTP {status}", status != 410
