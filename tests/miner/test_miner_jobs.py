@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -289,12 +291,15 @@ def test_a_cancel_that_meets_the_job_starting_stops_it(tmp_path):
         pool.stop()
 
 
-def test_a_download_that_trickles_in_does_not_outlast_a_cancel(make_miner):
-    # A LoRA URL that sends its bytes one at a time, each well within the read timeout.
+@contextlib.contextmanager
+def answering_without_end(head: bytes, chunk: bytes, pause_s: float) -> Iterator[tuple[str, list[socket.socket]]]:
+    """A loopback HTTP server that answers every request with `head`, then `chunk` again and
+    again, `pause_s` apart, until it is closed: a receiver or file server that never finishes.
+    Yields its base URL and the connections it accepted."""
     listener = socket.create_server(("127.0.0.1", 0))
     connections: list[socket.socket] = []
 
-    def trickle() -> None:
+    def serve() -> None:
         while True:
             try:
                 connection, _ = listener.accept()
@@ -303,27 +308,34 @@ def test_a_download_that_trickles_in_does_not_outlast_a_cancel(make_miner):
             connections.append(connection)
             connection.recv(1 << 16)
             try:
-                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-                for _ in range(100_000):
-                    connection.sendall(b"x")
-                    time.sleep(0.05)
+                connection.sendall(head)
+                while True:
+                    connection.sendall(chunk)
+                    time.sleep(pause_s)
             except OSError:
                 pass
 
-    threading.Thread(target=trickle, daemon=True).start()
-    lora = {"url": f"http://127.0.0.1:{listener.getsockname()[1]}/slow.safetensors", "sha256": "a" * 64}
-    client = make_miner()
+    threading.Thread(target=serve, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def test_a_download_that_trickles_in_does_not_outlast_a_cancel(make_miner):
+    # A LoRA whose bytes come one at a time, each well within the read timeout.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    with answering_without_end(head, b"x", 0.05) as (url, connections):
+        lora = {"url": f"{url}/slow.safetensors", "sha256": "a" * 64}
+        client = make_miner()
         assert client.post("/v1/inference", inference_job("trickle", loras=[lora])).status_code == 202
         client.wait_status("trickle", {"running"})
         while not connections:
             time.sleep(0.02)
         client.post("/v1/jobs/trickle/cancel")
         assert client.wait_status("trickle", {"canceled"}, timeout=10)["error"] == "canceled by the sender"
-    finally:
-        listener.close()
-        for connection in connections:
-            connection.close()
 
 
 def test_callback_is_retried(make_miner, server):
@@ -337,40 +349,20 @@ def test_callback_is_retried(make_miner, server):
 
 def test_a_receivers_answer_is_not_read_past_its_status(make_miner, tmp_path):
     # A receiver that accepts the callback, then sends a body without end.
-    listener = socket.create_server(("127.0.0.1", 0))
-    connections: list[socket.socket] = []
-
-    def answer() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            connections.append(connection)
-            connection.recv(1 << 16)
-            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n")
-            try:
-                while True:
-                    connection.sendall(b"x" * (1 << 16))
-            except OSError:
-                pass
-
-    threading.Thread(target=answer, daemon=True).start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}/callback/endless"
-    client = make_miner(miner_settings(tmp_path, callback_timeout=2.0))
-    miner = client.client.app.state.miner
-    try:
-        assert client.post("/v1/inference", inference_job("endless", callback_url=url)).status_code == 202
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000000\r\n\r\n"
+    with answering_without_end(head, b"x" * (1 << 16), 0) as (url, connections):
+        client = make_miner(miner_settings(tmp_path, callback_timeout=2.0))
+        miner = client.client.app.state.miner
+        assert (
+            client.post("/v1/inference", inference_job("endless", callback_url=f"{url}/callback/endless")).status_code
+            == 202
+        )
         client.wait_status("endless", {"succeeded"})
         end = time.monotonic() + 10
         while miner.store.get("endless").callback_state == "pending" and time.monotonic() < end:
             time.sleep(0.05)
         assert miner.store.get("endless").callback_state == "delivered"
         assert len(connections) == 1, "a 200 is delivered; nothing to retry"
-    finally:
-        listener.close()
-        for connection in connections:
-            connection.close()
 
 
 def test_a_callback_that_cannot_be_built_does_not_stop_the_others(make_miner, server, monkeypatch, tmp_path):
