@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import signal
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -218,6 +220,36 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_422_not_a_crash(api: Api):
     assert part.status_code == 422 and "form part 'loras' is not JSON" in part.json()["detail"], part.text
     # The key's next request is served as ever.
     assert api.call("POST", "/v1/images", key, json=image_body()).status_code == 202
+
+
+def test_a_large_body_is_read_only_for_a_live_key(api: Api):
+    """A JSON body large enough to cost something (data: URIs run to tens of megabytes) is read
+    only once its key is admitted: a stranger's upload costs a header check, not a read and a
+    parse. A live key's large body still goes in, counted once against its limit."""
+    parts_sent = 0
+
+    async def whitespace() -> AsyncIterator[bytes]:  # chunked: no Content-Length to go by
+        nonlocal parts_sent
+        for _ in range(16):
+            parts_sent += 1
+            yield b" " * (256 << 10)
+
+    async def post(headers: dict[str, str], content: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=api.client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/images", content=content, headers=headers)
+
+    stranger = {"Authorization": f"Bearer dsk_{'0' * 16}_{'x' * 40}", "content-type": "application/json"}
+    refused = asyncio.run(post(stranger, whitespace()))
+    assert refused.status_code == 401, refused.text
+    assert parts_sent <= 2, f"{parts_sent} of 16 parts were read for a key that does not exist"
+
+    key = api.key(rate=2)
+    padded = json.dumps({"prompt": "a red cat", "width": 64, "height": 64}).encode() + b" " * (300 << 10)
+    headers = {"Authorization": key["Authorization"], "content-type": "application/json"}
+    assert asyncio.run(post(headers, padded)).status_code == 202
+    assert asyncio.run(post(headers, padded)).status_code == 202
+    assert asyncio.run(post(headers, padded)).status_code == 429  # two a minute: each counted once
 
 
 def test_ids_and_urls_no_database_or_client_can_hold_are_refused_not_crashed(make_api, db_url: str):

@@ -189,9 +189,12 @@ def build_router(orch: Orchestrator) -> APIRouter:
         uploaded as a file part (multipart/form-data, the same fields). Send `Prefer: wait=N` to
         get the image in this response when it is ready within N seconds."""
         key = None
-        if _is_multipart(request.headers.get("content-type")):
-            # Authenticated before the upload is read: a stranger's upload costs us nothing.
+        multipart = _is_multipart(request.headers.get("content-type"))
+        if multipart or not _small_body(request):
+            # Authenticated before a body worth reading is read: a stranger's upload (or data: URI)
+            # costs us nothing. Small bodies are admitted with their job, in one transaction.
             key = await orch.admitted(bearer_secret(credentials))
+        if multipart:
             body = await _image_form(request, settings.max_input_image_bytes)
         else:
             raw = await request.body()
@@ -501,6 +504,14 @@ def _is_multipart(content_type: str | None) -> bool:
 
 # A JSON body up to this size is parsed on the event loop; larger ones (data: URIs) on a thread.
 _PARSE_ON_LOOP_BYTES = 256 << 10
+
+
+def _small_body(request: Request) -> bool:
+    """Whether the request declares a body under `_PARSE_ON_LOOP_BYTES` (a chunked one declares none)."""
+    length = request.headers.get("content-length", "")
+    return length.isdigit() and int(length) < _PARSE_ON_LOOP_BYTES
+
+
 # Form parts that hold JSON (a list), and those that are files.
 _JSON_PARTS = frozenset({"loras"})
 _FILE_PARTS = ("image", "mask")
