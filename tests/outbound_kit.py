@@ -3,8 +3,10 @@ whose answers turn from a public address to 127.0.0.1 (DNS rebinding)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -86,3 +88,36 @@ def rebinding(monkeypatch: pytest.MonkeyPatch, public_answers: int) -> Rebinding
     stub = Rebinding(public_answers)
     monkeypatch.setattr(socket, "getaddrinfo", stub)
     return stub
+
+
+@contextlib.contextmanager
+def answering_without_end(head: bytes, chunk: bytes, pause_s: float) -> Iterator[tuple[str, list[socket.socket]]]:
+    """A loopback HTTP server that answers every request with `head`, then `chunk` again and
+    again, `pause_s` apart, until it is closed: a receiver or file server that never finishes.
+    Yields its base URL and the connections it accepted."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            connection.recv(1 << 16)
+            try:
+                connection.sendall(head)
+                while True:
+                    connection.sendall(chunk)
+                    time.sleep(pause_s)
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()

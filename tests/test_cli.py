@@ -261,3 +261,18 @@ def test_a_config_file_that_is_not_toml_is_named_by_every_service(tmp_path, serv
     result = invoke(*service, "--dev-key", "//Alice", "--data-dir", str(tmp_path), "--config", str(config))
     assert result.exit_code == 2, result.output
     assert f"config file {config} is not valid TOML" in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
+    ("service", "variable"),
+    [
+        (["miner", "serve"], "DIPPY_MINER_CALLBACK_TIMEOUT"),
+        (["orchestrator", "serve"], "DIPPY_ORCH_DOWNLOAD_TIMEOUT_S"),
+        (["validator", "run", "--once"], "DIPPY_VALIDATOR_MAX_SCORES_AGE_S"),
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_an_infinite_or_nan_setting_is_refused_by_every_service(tmp_path, service, variable, value):
+    result = runner.invoke(app, [*service, "--dev-key", "//Alice", "--data-dir", str(tmp_path)], env={variable: value})
+    assert result.exit_code == 2, result.output
+    assert "finite number" in result.output, result.output

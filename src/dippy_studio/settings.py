@@ -30,6 +30,9 @@ class ServiceSettings(BaseSettings):
     """Settings of a service. `load` reads them, highest first: keyword arguments (the
     command-line flags), environment variables, an optional TOML file, the class's defaults."""
 
+    # A timeout, interval or limit of inf or nan is a typo, never a setting: `x > inf` never holds.
+    model_config = SettingsConfigDict(allow_inf_nan=False)
+
     @classmethod
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Self:
         """Overrides that are None are left out: a flag not given hides neither the environment

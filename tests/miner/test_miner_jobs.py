@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -23,6 +20,7 @@ from dippy_studio.miner.workers import JobAbandoned, Outcome, WorkerPool
 from dippy_studio.protocol import MemoryNonceStore, SenderPolicy, verify_request
 from dippy_studio.protocol.schemas import JobKind, JobStatus
 from miner_kit import MINER, ORCHESTRATOR, deadline, inference_job, miner_settings
+from outbound_kit import answering_without_end
 
 
 def test_inference_round_trip(make_miner, server, tiny_engine):
@@ -289,39 +287,6 @@ def test_a_cancel_that_meets_the_job_starting_stops_it(tmp_path):
         assert [record.status for record in finished] == [JobStatus.canceled]
     finally:
         pool.stop()
-
-
-@contextlib.contextmanager
-def answering_without_end(head: bytes, chunk: bytes, pause_s: float) -> Iterator[tuple[str, list[socket.socket]]]:
-    """A loopback HTTP server that answers every request with `head`, then `chunk` again and
-    again, `pause_s` apart, until it is closed: a receiver or file server that never finishes.
-    Yields its base URL and the connections it accepted."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    connections: list[socket.socket] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            connections.append(connection)
-            connection.recv(1 << 16)
-            try:
-                connection.sendall(head)
-                while True:
-                    connection.sendall(chunk)
-                    time.sleep(pause_s)
-            except OSError:
-                pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", connections
-    finally:
-        listener.close()
-        for connection in connections:
-            connection.close()
 
 
 def test_a_download_that_trickles_in_does_not_outlast_a_cancel(make_miner):

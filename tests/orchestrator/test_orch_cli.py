@@ -67,6 +67,15 @@ def test_the_orchestrators_own_data_dir_variable_wins_over_the_generic_one(tmp_p
     assert (generic / "orchestrator.sqlite").is_file()
 
 
+@pytest.mark.parametrize("name", ["", "   ", "ops\x00team", "two\nlines"])
+def test_a_key_name_no_database_can_keep_is_refused_and_no_key_made(db_url: str, name: str):
+    # PostgreSQL refuses a NUL in text; a name over lines would break every listing.
+    made = keys("create", "--name", name, "--db", db_url)
+    assert made.exit_code == 2 and "one line of printable text" in made.output, made.output
+    assert "Traceback" not in made.output
+    assert json.loads(keys("list", "--json", "--db", db_url).stdout) == []
+
+
 def test_unknown_key_id_fails_clearly(tmp_path):
     result = keys("revoke", "key_0123456789abcdef", "--data-dir", str(tmp_path))
     assert result.exit_code != 0

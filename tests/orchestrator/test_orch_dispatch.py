@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +19,7 @@ from PIL import Image
 import orchestrator.orch_kit as kit
 from dippy_studio.engine.errors import BadLoraError
 from dippy_studio.engine.images import encode_png
-from dippy_studio.orchestrator import model_code
+from dippy_studio.orchestrator import kinds, model_code
 from dippy_studio.orchestrator.callbacks import failure_outcome
 from dippy_studio.orchestrator.dispatch import Dispatcher
 from dippy_studio.orchestrator.models import Job
@@ -204,6 +206,34 @@ def view_meta(miner_job_id: str, result: bytes | None, status: str = "succeeded"
         "timings": {"total": 0.5},
     }
     return {**meta, **overrides}
+
+
+def test_a_lora_results_check_never_stalls_the_orchestrator(subnet, monkeypatch):
+    """A LoRA's check waits on the model-code process, seconds on a loaded machine: it runs on a
+    worker thread however small the LoRA, so clients' requests are answered while it runs."""
+    checking = threading.Event()
+
+    def slow_check(data: bytes, rank: int, targets: list[str], *, time_limit: float) -> None:
+        checking.set()
+        time.sleep(3)
+
+    monkeypatch.setattr(kinds, "check_lora", slow_check)
+    subnet.add_stub_miner("//Dave")
+    orch = subnet.start_orchestrator()
+    client = subnet.client(orch, subnet.new_key(orch))
+    files = {"dataset": ("d.zip", kit.dataset_zip())}
+    request_id = client.post("/v1/loras", data={"trigger_word": "sks", "steps": 1}, files=files).json()["request_id"]
+    wait_status(client, request_id, {"running"})
+    lora = b"a small LoRA"  # any bytes: the check is the stand-in above
+    meta = view_meta(f"{request_id}-1", lora, kind="training")
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(CallbackSender(orch.url).send, request_id, signer_from_uri("//Dave"), meta, lora)
+        assert checking.wait(10)
+        started = time.monotonic()
+        assert client.get(f"/v1/requests/{request_id}").json()["status"] == "running"
+        assert time.monotonic() - started < 1.5, "a client's request waited for the LoRA's check"
+        assert answer.result().status_code == 200
+    assert client.get(f"/v1/requests/{request_id}").json()["status"] == "succeeded"
 
 
 def test_callbacks_must_come_from_the_assigned_miner_and_are_idempotent(subnet):

@@ -14,13 +14,14 @@ from fastapi.testclient import TestClient
 
 import outbound_kit
 from dippy_studio.orchestrator.app import create_app
+from dippy_studio.orchestrator.errors import InvalidRequest
 from dippy_studio.orchestrator.models import Job, utcnow
 from dippy_studio.orchestrator.service import Orchestrator
 from dippy_studio.orchestrator.settings import OrchestratorSettings
 from dippy_studio.orchestrator.store import Store, job_row
 from dippy_studio.orchestrator.webhooks import WebhookSender
 from orchestrator.orch_kit import ORCHESTRATOR, image_body
-from outbound_kit import REBINDING_HOST, Listener, rebinding
+from outbound_kit import REBINDING_HOST, Listener, answering_without_end, rebinding
 
 listener = outbound_kit.listener  # fixture: a loopback listener that counts connections
 
@@ -114,3 +115,18 @@ def test_a_webhook_connects_to_the_address_its_check_passed(monkeypatch, tmp_pat
     assert dns.lookups == 2 and listener.connections == 0
     assert (failed.webhook_state, failed.webhook_attempts) == ("failed", 1)
     assert failed.webhook_error == f"refused a connection to {REBINDING_HOST}: 127.0.0.1 is a loopback address"
+
+
+def test_a_download_that_trickles_in_is_cut_off_at_its_time_limit(tmp_path):
+    """Each byte comes well within the read timeout; the whole download still has its limit."""
+    settings = OrchestratorSettings(data_dir=tmp_path / "orch", allow_loopback_urls=True, download_timeout_s=1.0)
+    with TestClient(create_app(settings, signer=ORCHESTRATOR)) as client:
+        orch: Orchestrator = client.app.state.orchestrator
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"  # 5 s at a byte per 50 ms
+        with answering_without_end(head, b"x", 0.05) as (url, _):
+            started = time.monotonic()
+            with pytest.raises(InvalidRequest, match="took longer than 1 s"):
+                orch.fetch(f"{url}/slow.safetensors", 1 << 20, "LoRA")
+        assert time.monotonic() - started < 5
+        with pytest.raises(InvalidRequest, match="InvalidURL"):
+            orch.fetch("http://127.0.0.1:1/a\x00b", 1 << 20, "LoRA")

@@ -260,10 +260,9 @@ class CallbackHandler:
         # Miners name their lane: every image task (edit, img2img, ...) runs on "inference".
         if meta.kind not in (job.kind, spec.lane):
             return f"a {meta.kind} result for a {job.kind} request"
-        if len(result) > SMALL_RESULT_BYTES:
-            # Large results (LoRAs) take time to check: off the event loop.
-            return await asyncio.to_thread(spec.check_result, job, result, self.settings)
-        return spec.check_result(job, result, self.settings)
+        if spec.quick_check and len(result) <= SMALL_RESULT_BYTES:
+            return spec.check_result(job, result, self.settings)
+        return await asyncio.to_thread(spec.check_result, job, result, self.settings)
 
     async def _succeed(self, spec: kinds.JobKindSpec, job: Job, meta: JobView, result: bytes) -> Reply:
         # Stored first (a blob's fsync waits on the disk: on a worker thread): a durable blob
@@ -296,7 +295,8 @@ class CallbackHandler:
         )
 
 
-# Results up to this size are checked on the event loop (a small PNG decodes in well under a ms).
+# Results up to this size of a kind with a quick check are checked on the event loop (a small PNG
+# decodes in well under a ms).
 SMALL_RESULT_BYTES = 1 << 20
 # Room in a callback for its `meta` part and the form's framing, beside the result.
 META_BYTES = 1 << 20

@@ -99,10 +99,11 @@ def create_key(
     db: DbOpt = None,
 ) -> None:
     """Create a key. Its secret and webhook signing secret are printed once and never again."""
-    if not name.strip():
-        _fail("--name must not be empty", 2)
     with closing(_open_store(data_dir, db)) as store:
-        created = store.create_api_key(name, rate_limit_per_minute=rate_limit)
+        try:
+            created = store.create_api_key(name, rate_limit_per_minute=rate_limit)
+        except ValueError as exc:
+            _fail(f"--name: {exc}", 2)
     key = created.key
     if as_json:
         print(json.dumps({**_public(key), "key": created.secret, "webhook_secret": key.webhook_secret}))

@@ -85,6 +85,10 @@ class JobKindSpec:
     # Why the miner's result is not acceptable for this job, or None; `errors.Unavailable` when it
     # cannot be checked now (nothing is judged: the miner is asked to send it again).
     check_result: Callable[[Job, bytes, OrchestratorSettings], str | None]
+    # A check that takes well under a millisecond on a small result (decoding a PNG) runs on the
+    # event loop, saving a thread hop per callback; any other (a LoRA's waits on the model-code
+    # process) runs on a worker thread, so the loop never waits for it.
+    quick_check: bool = False
     # The most bytes a result for this job can take: a callback declaring more is refused before
     # its body is read.
     max_result_bytes: Callable[[Job, OrchestratorSettings], int] = lambda job, settings: settings.max_result_bytes
@@ -278,6 +282,7 @@ def _image_kind(name: str, task: str, label: str, weight: Callable[[KindWeights]
         else (lambda body: any(lora.url is not None for lora in body.loras)),
         miner_request=_image_request,
         check_result=lambda job, data, settings: check_image(data, job.payload["width"], job.payload["height"]),
+        quick_check=True,
         max_result_bytes=lambda job, settings: min(
             settings.max_result_bytes, largest_png(job.payload["width"], job.payload["height"])
         ),

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -328,21 +329,28 @@ class Orchestrator:
         return await asyncio.to_thread(self.store.load_job, job_id)
 
     def fetch(self, url: str, max_bytes: int, what: str) -> bytes:
-        """Download a client-given URL (SSRF-checked, size-capped); `InvalidRequest` on failure."""
+        """Download a client-given URL (SSRF-checked, size-capped, done within `download_timeout_s`);
+        `InvalidRequest` on failure."""
+        limit_s = self.settings.download_timeout_s
+        # A whole download, not only each read: a server that trickles its bytes in within every
+        # read's timeout must not hold a thread (and the client's submission) for hours.
+        deadline = time.monotonic() + limit_s
         try:
             check_url(url, self.url_policy)
             with self._http.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise InvalidRequest(f"{what} download from {url} failed: HTTP {response.status_code}")
                 chunks, size = [], 0
-                for chunk in response.iter_bytes(1 << 16):
+                for chunk in response.iter_bytes():  # as each read arrives
+                    if time.monotonic() > deadline:
+                        raise InvalidRequest(f"{what} download from {url} took longer than {limit_s:g} s")
                     size += len(chunk)
                     if size > max_bytes:
                         raise InvalidRequest(f"{what} at {url} is over the {max_bytes}-byte limit")
                     chunks.append(chunk)
         except OutboundError as exc:
             raise InvalidRequest(f"{what} URL refused: {exc}") from None
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise InvalidRequest(f"{what} download from {url} failed: {type(exc).__name__}") from None
         return b"".join(chunks)
 

@@ -172,6 +172,7 @@ class OrchestratorSettings(ServiceSettings):
     max_dataset_bytes: int = Field(default=256 << 20, ge=1024)
     max_lora_bytes: int = Field(default=512 << 20, ge=1024)
     max_result_bytes: int = Field(default=512 << 20, ge=1024)
+    # A client-given URL's download (input image, LoRA, dataset), from connecting to its last byte.
     download_timeout_s: float = Field(default=60.0, gt=0)
     # A LoRA's check (read and fit to the model's layers, in the model-code child process) that
     # takes longer is stopped and answered 503: it bounds a check that hangs, far above the few

@@ -449,8 +449,9 @@ class Store:
     def create_api_key(
         self, name: str, rate_limit_per_minute: int = DEFAULT_RATE_LIMIT_PER_MINUTE, now: datetime | None = None
     ) -> NewApiKey:
-        if not name.strip():
-            raise ValueError("an API key needs a name")
+        if not name.strip() or not name.isprintable():
+            # isprintable: one line, no control characters (PostgreSQL takes no NUL in text).
+            raise ValueError("an API key needs a name: one line of printable text")
         if rate_limit_per_minute < 1:
             raise ValueError("rate_limit_per_minute must be at least 1")
         short_id = secrets.token_hex(8)
