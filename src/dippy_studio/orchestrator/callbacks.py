@@ -312,7 +312,7 @@ MAX_FINGERPRINT_CHARS = 128
 def fingerprint_problem(fingerprint: str) -> str | None:
     """Why a reported fingerprint is none an engine gives (too long to keep, or with control
     characters, which PostgreSQL's text refuses), or None."""
-    if len(fingerprint) > MAX_FINGERPRINT_CHARS or any(unicodedata.category(c) == "Cc" for c in fingerprint):
+    if len(fingerprint) > MAX_FINGERPRINT_CHARS or not fingerprint.isprintable():
         return f"the fingerprint is not an engine's: at most {MAX_FINGERPRINT_CHARS} printable characters"
     return None
 

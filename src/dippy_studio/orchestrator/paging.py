@@ -54,7 +54,7 @@ def decode_cursor(cursor: str) -> Position:
     except (binascii.Error, ValueError, TypeError, OverflowError):
         raise not_ours from None
     # Only ids we hand out: anything else (a NUL, which PostgreSQL refuses) never reaches a query.
-    if position is None or not isinstance(item_id, str) or not re.match(ID_PATTERN, item_id):
+    if position is None or not isinstance(item_id, str) or not re.fullmatch(ID_PATTERN, item_id):
         raise not_ours
     return position
 
